@@ -1,0 +1,414 @@
+"""
+Our own batched KV-cache sampler, with the NPR fork/join engine (NPR.md section 5).
+
+    python sampler.py --model DIR --prompt "Compute 23*4 + 17*6." --mode parallel -n 4
+
+serial mode: ordinary decoding; the tags are just text.
+parallel mode: when a row's trunk emits </guideline>, count its numbered plans (k); 0 or more than
+  the cap ends the row as malformed; else fork k branches, each opened with the forced header
+  "<step>\nN:", all at the same RoPE position. Every live branch of every row is decoded in the
+  same forward. A branch ends at </step> (plus one forced "\n" separator that belongs to it).
+  When all branches of a row have ended they are joined: "<takeaway>\n" is forced in the trunk at
+  1 + the largest branch position, and decoding goes on.
+
+No KV copying: every row owns one cache row; branch tokens are appended to it interleaved (one
+slot per token, in the order they are decoded) and the branch mask is applied from per-slot
+metadata (parallel_attention.py). Several new tokens per row go through one forward: one per
+live branch, or a whole forced header. Slots and RoPE positions are separate quantities.
+
+Output per sample, in the trainer's layout: response ids in canonical order (trunk, step 1 ..
+step k, trunk ...), per-token block / branch / position, a sampled-vs-forced mask, the log-prob of
+every token under the model's own distribution (temperature 1, no top-p: what a training forward
+computes; forced tokens get 0), the finish reason and stats.
+"""
+import argparse
+import time
+from dataclasses import dataclass, field
+
+import torch
+import torch.nn.functional as F
+
+import npr
+from model import KVCache, Qwen, Tokenizer
+from parallel_attention import Layout
+
+
+@dataclass
+class SamplingParams:
+    mode: str = "parallel"           # "serial" | "parallel"
+    temperature: float = 1.0         # 0 = greedy
+    top_p: float = 1.0
+    top_k: int = 0                   # 0 = off
+    max_new_tokens: int = 512        # budget on the critical path (longest chain of dependent tokens)
+    max_total_tokens: int = 0        # budget on all tokens of all branches; 0 = max_branches x max_new_tokens
+    max_branches: int = 5            # more numbered plans than this ends the sample as malformed
+    fork_min_tokens: int = 8         # near the budget (less than this left per branch) do not fork
+    repetition_penalty: float = 1.0  # inside branches only (official engine: 1.02)
+    seed: int = 0
+
+
+@dataclass
+class Sample:
+    prompt_ids: list
+    ids: list = field(default_factory=list)       # response tokens, canonical order
+    block: list = field(default_factory=list)     # per token, NPR.md section 3
+    branch: list = field(default_factory=list)
+    pos: list = field(default_factory=list)       # RoPE positions (the prompt holds 0..P-1)
+    sampled: list = field(default_factory=list)   # True: drawn from the model; False: forced by the engine
+    logprobs: list = field(default_factory=list)  # log p(token) under the model (0.0 for forced tokens)
+    finish_reason: str = ""                       # "eos" | "budget" | "malformed: <why>"
+    text: str = ""
+    stats: dict = field(default_factory=dict)
+
+    def full_layout(self, doc=0):
+        """ids, positions and Layout (1, P + T) of prompt + response: what the trainer feeds."""
+        P = len(self.prompt_ids)
+        ids = torch.tensor([self.prompt_ids + self.ids])
+        pos = torch.tensor([list(range(P)) + self.pos])
+        t = lambda xs: torch.tensor([[0] * P + xs], dtype=torch.int32)
+        return ids, pos, Layout(doc=torch.full_like(t(self.block), doc), block=t(self.block), branch=t(self.branch))
+
+
+class Stream:
+    """One line of decoding: the trunk, or one branch of a fork."""
+
+    def __init__(self, seg, block, branch, pos):
+        self.seg = seg         # the output segment this stream appends its token records to
+        self.block, self.branch = block, branch
+        self.next_pos = pos    # RoPE position of the next token
+        self.feed = []         # records waiting to be written into the KV cache (the next forward)
+        self.text = ""         # decoded text so far (tag detection works on text, tags special or not)
+        self.ids = []          # tokens this stream produced (repetition penalty)
+        self.closed = False    # no more sampling (a branch after </step>, a suspended trunk)
+
+    def push(self, tok, sampled, logp, piece):
+        rec = [tok, sampled, logp, self.block, self.branch, self.next_pos]
+        self.next_pos += 1
+        self.seg.append(rec)
+        self.feed.append(rec)
+        self.ids.append(tok)
+        start = len(self.text)
+        self.text += piece
+        return start
+
+
+class Row:
+    def __init__(self, prompt, index):
+        self.prompt, self.index = prompt, index
+        self.trunk = Stream([], 0, 0, len(prompt))
+        self.segs = [self.trunk.seg]
+        self.streams = [self.trunk]
+        self.next_slot = len(prompt)
+        self.finish = None
+        self.total = self.crit = 0      # tokens so far: all of them / on the critical path
+        self.blocks = 0                 # guideline blocks opened
+        self.guide_start = None         # index in trunk.text where the open guideline starts
+        self.unforked = False           # the open block's steps are written serially (budget)
+        self.forks = []                 # branches per fork
+        self.fork_streams = []          # the branches of the open fork
+        self.t_end = None
+
+
+class Sampler:
+    def __init__(self, model: Qwen, tokenizer: Tokenizer):
+        self.model, self.tok = model, tokenizer
+        self.stop_ids = set(tokenizer.stop_ids)
+        self.newline = tokenizer.encode("\n")
+
+    # ---- the engine's decisions ------------------------------------------------------------
+    def finish(self, row, reason):
+        if row.finish is None:
+            row.finish, row.t_end = reason, time.perf_counter()
+
+    def fork(self, row, numbers, p):
+        """Open one branch per numbered plan, all at the position after the trunk's last token."""
+        headers = [self.tok.encode(f"<step>\n{n}:") for n in numbers]
+        longest = max(len(h) for h in headers)
+        need_total = sum(len(h) for h in headers) + len(numbers) * p.fork_min_tokens
+        if row.total + need_total > p.max_total_tokens or row.crit + longest + p.fork_min_tokens > p.max_new_tokens:
+            row.unforked = True                                     # too close to a budget: stay serial
+            return
+        row.forks.append(len(numbers))
+        row.trunk.closed = True                                     # suspended until the join
+        row.fork_streams = []
+        for i, header in enumerate(headers, 1):
+            st = Stream([], row.blocks, i, row.trunk.next_pos)
+            for t in header:
+                st.push(t, False, 0.0, self.tok.decode_piece(t))
+            row.segs.append(st.seg)
+            row.streams.append(st)
+            row.fork_streams.append(st)
+        self.count(row)
+
+    def join(self, row):
+        """All branches closed: the takeaway opens in the trunk at 1 + the largest branch position."""
+        trunk = Stream([], row.blocks, 0, max(s.next_pos for s in row.fork_streams))
+        for t in self.tok.encode("<takeaway>\n"):
+            trunk.push(t, False, 0.0, self.tok.decode_piece(t))
+        trunk.text = row.trunk.text + trunk.text                    # tag state continues from the old trunk
+        row.trunk = trunk
+        row.segs.append(trunk.seg)
+        row.streams.append(trunk)                                   # after the branches' pending tokens
+        self.count(row)
+
+    def count(self, row):
+        """Token totals: all tokens, and the critical path (each fork counts its longest branch)."""
+        row.total = crit = longest = 0
+        for seg in row.segs:
+            row.total += len(seg)
+            if seg and seg[0][4] > 0:           # a branch segment (field 4 = branch)
+                longest = max(longest, len(seg))
+            else:
+                crit, longest = crit + longest + len(seg), 0
+        row.crit = crit + longest
+
+    def on_token(self, row, st, tok, logp, p):
+        """Record a sampled token and apply the engine's rules to it."""
+        start = st.push(tok, True, logp, self.tok.decode_piece(tok))
+        self.count(row)
+        if tok in self.stop_ids:
+            return self.finish(row, "malformed: eos inside a step" if st.branch else "eos")
+        if p.mode == "parallel":
+            for tag, at in npr.new_tags(st.text, start):
+                if st.branch:
+                    self.on_branch_tag(row, st, tag)
+                else:
+                    self.on_trunk_tag(row, st, tag, at, p)
+                if row.finish or st.closed:
+                    break
+        if row.finish is None and (row.total >= p.max_total_tokens or row.crit >= p.max_new_tokens):
+            self.finish(row, "budget")
+
+    def on_trunk_tag(self, row, st, tag, at, p):
+        if tag == "<guideline>":
+            if row.guide_start is not None:
+                return self.finish(row, "malformed: guideline nested in a guideline")
+            row.blocks += 1
+            st.block = row.blocks
+            st.seg[-1][3] = row.blocks
+            row.guide_start, row.unforked = at, False
+        elif tag == "</guideline>":
+            if row.guide_start is None:
+                return self.finish(row, "malformed: </guideline> without <guideline>")
+            numbers = npr.plan_numbers(st.text[row.guide_start:at])
+            row.guide_start = None
+            if not numbers:
+                return self.finish(row, "malformed: guideline with 0 numbered plans")
+            if len(numbers) > p.max_branches:
+                return self.finish(row, f"malformed: {len(numbers)} plans > cap {p.max_branches}")
+            self.fork(row, numbers, p)
+        elif tag == "<step>" and not row.unforked:
+            return self.finish(row, "malformed: <step> outside a fork")
+        elif tag == "</takeaway>":
+            st.block = 0
+
+    def on_branch_tag(self, row, st, tag):
+        if tag == "</step>":
+            st.closed = True
+            if not st.text[-1:].isspace():       # keep one trailing separator, owned by the branch
+                for t in self.newline:
+                    st.push(t, False, 0.0, "\n")
+            if all(s.closed for s in row.fork_streams):
+                self.join(row)
+        else:
+            self.finish(row, f"malformed: {tag} inside a step")
+
+    # ---- the decoding loop ---------------------------------------------------------------
+    @torch.no_grad()
+    def generate(self, prompts, n=1, params=None, steer=None, progress=False):
+        """prompts: token-id lists (chat already rendered). Returns one list of n Samples per prompt.
+        steer(requests, logits) -> logits, optional: edits the logits a token is drawn from (tests
+        force a structure with it); recorded log-probs stay those of the model."""
+        p = params or SamplingParams()
+        if p.mode not in ("serial", "parallel"):
+            raise ValueError(f"mode must be 'serial' or 'parallel', not {p.mode!r}")
+        if not prompts or any(len(x) == 0 for x in prompts):
+            raise ValueError("every prompt needs at least one token")
+        if not p.max_total_tokens:
+            p = SamplingParams(**{**p.__dict__, "max_total_tokens": p.max_new_tokens *
+                                  (p.max_branches if p.mode == "parallel" else 1)})
+        dev = self.model.output_weight.device
+        rows = [Row(list(x), i) for i, x in enumerate(x for x in prompts for _ in range(n))]
+        R, L = len(rows), max(len(x) for x in prompts)
+        cap = L + p.max_total_tokens + 16 * (p.max_branches + 2) + 1  # room for forced tokens; last slot = scratch
+        cache = KVCache(self.model.config, R, cap, device=dev, dtype=self.model.output_weight.dtype)
+        gen = torch.Generator(device=dev).manual_seed(p.seed)
+        t0 = time.perf_counter()
+        bar = None
+        if progress:
+            from tqdm import tqdm
+            bar = tqdm(total=R, desc=f"sampling ({p.mode})", unit="sample")
+
+        # prefill: prompts right-padded; padding is doc -1 (invisible) in slots overwritten later
+        ids = torch.zeros(R, L, dtype=torch.long)
+        doc = torch.full((R, L), -1, dtype=torch.int32)
+        for r, row in enumerate(rows):
+            ids[r, :len(row.prompt)] = torch.tensor(row.prompt)
+            doc[r, :len(row.prompt)] = 0
+        z = torch.zeros(R, L, dtype=torch.int32)
+        slot = torch.arange(L, dtype=torch.int32).expand(R, L)
+        cache.limit = L
+        logits = self.model(ids.to(dev), slot.long().to(dev), Layout(doc, z, z, slot).to(dev), cache)
+        last = torch.tensor([len(row.prompt) - 1 for row in rows], device=dev)
+        self.sample_step([(row, row.trunk) for row in rows], logits[torch.arange(R, device=dev), last], p, gen, steer)
+
+        done = 0
+        while True:
+            live = [row for row in rows if row.finish is None]
+            if bar is not None:
+                bar.update(R - len(live) - done)
+            done = R - len(live)
+            if not live:
+                break
+            # every pending token of every live row goes into one (R, W) forward
+            items = [[(rec, st) for st in row.streams for rec in st.feed] if row.finish is None else []
+                     for row in rows]
+            W = max(len(x) for x in items)
+            pad = [0, 0, -1, 0, 0, cap - 1]                      # padding: invisible, written to the scratch slot
+            grid = [[pad] * W for _ in range(R)]                 # per token: id, pos, doc, block, branch, slot
+            requests, where = [], []
+            for r, row in enumerate(rows):
+                for j, (rec, st) in enumerate(items[r]):
+                    grid[r][j] = [rec[0], rec[5], 0, rec[3], rec[4], row.next_slot]
+                    row.next_slot += 1
+                    if rec is st.feed[-1] and not st.closed:     # its logits give the stream's next token
+                        requests.append((row, st))
+                        where.append((r, j))
+                for st in row.streams:
+                    st.feed = []
+                row.streams = [st for st in row.streams if not st.closed]
+            g = torch.tensor(grid, dtype=torch.long).to(dev)     # (R, W, 6)
+            ids, pos, meta = g[..., 0], g[..., 1], g[..., 2:].int()
+            cache.limit = max(row.next_slot for row in rows)
+            assert cache.limit < cap, "KV cache overflow: budget accounting is wrong"
+            layout = Layout(meta[..., 0], meta[..., 1], meta[..., 2], meta[..., 3])
+            h = self.model.hidden_states(ids, pos, layout, cache)        # (R, W, hidden)
+            if requests:                                                  # logits only where a token is drawn
+                rr, jj = (torch.tensor(x, device=dev) for x in zip(*where))
+                logits = F.linear(h[rr, jj], self.model.output_weight)
+                self.sample_step(requests, logits, p, gen, steer)
+        if bar is not None:
+            bar.close()
+        out = [self.to_sample(row, t0) for row in rows]
+        return [out[i * n:(i + 1) * n] for i in range(len(prompts))]
+
+    def sample_step(self, requests, logits, p, gen, steer):
+        """Draw one token for each (row, stream) request from its logits (N, V)."""
+        logits = logits.float()
+        logp = torch.log_softmax(logits, dim=-1)                 # the model's own distribution
+        if steer is not None:
+            logits = steer(requests, logits)
+        if p.repetition_penalty != 1.0:
+            for i, (row, st) in enumerate(requests):
+                if st.branch:  # the branch's visible response: trunk segments + its own tokens
+                    seen = {rec[0] for seg in row.segs if seg and seg[0][4] == 0 for rec in seg} | set(st.ids)
+                    idx = torch.tensor(sorted(seen), device=logits.device)
+                    v = logits[i, idx]
+                    logits[i, idx] = torch.where(v > 0, v / p.repetition_penalty, v * p.repetition_penalty)
+        toks = pick(logits, p.temperature, p.top_p, p.top_k, gen)
+        lps = logp.gather(1, toks[:, None]).squeeze(1).tolist()
+        for (row, st), t, lp in zip(requests, toks.tolist(), lps):
+            if row.finish is None:
+                self.on_token(row, st, t, lp, p)
+
+    def to_sample(self, row, t0):
+        recs = [rec for seg in row.segs for rec in seg]
+        col = lambda i: [rec[i] for rec in recs]
+        s = Sample(prompt_ids=row.prompt, ids=col(0), sampled=col(1), logprobs=col(2), block=col(3),
+                   branch=col(4), pos=col(5), finish_reason=row.finish)
+        s.text = self.tok.decode(s.ids)
+        s.stats = dict(total_tokens=len(recs), critical_path_tokens=row.crit, forks=len(row.forks),
+                       branches_per_fork=list(row.forks), time_s=row.t_end - t0)
+        return s
+
+
+def pick(logits, temperature, top_p, top_k, gen):
+    """(N, V) float logits -> (N,) token ids. temperature 0 = argmax."""
+    if temperature <= 0:
+        return logits.argmax(-1)
+    logits = logits / temperature
+    if top_k and top_k < logits.shape[-1]:
+        kth = logits.topk(top_k, dim=-1).values[:, -1:]
+        logits = logits.masked_fill(logits < kth, float("-inf"))
+    if top_p < 1.0:
+        sorted_logits, idx = logits.sort(dim=-1, descending=True)
+        probs = sorted_logits.softmax(-1)
+        drop = probs.cumsum(-1) - probs > top_p                    # keep the smallest set reaching top_p
+        logits = torch.full_like(logits, float("-inf")).scatter(1, idx, sorted_logits.masked_fill(drop, float("-inf")))
+    return torch.multinomial(logits.softmax(-1), 1, generator=gen).squeeze(1)
+
+
+@torch.no_grad()
+def generate_naive(model, prompt, max_new_tokens, stop_ids, temperature=0.0, top_p=1.0, top_k=0, seed=0):
+    """The test oracle: serial decoding without a cache, one full forward per token.
+    Returns (ids, logprobs)."""
+    dev = model.output_weight.device
+    gen = torch.Generator(device=dev).manual_seed(seed)
+    ids, lps = list(prompt), []
+    for _ in range(max_new_tokens):
+        logits = model(torch.tensor([ids], device=dev))[:, -1].float()
+        t = pick(logits, temperature, top_p, top_k, gen)
+        lps.append(torch.log_softmax(logits, -1)[0, t].item())
+        ids.append(t.item())
+        if ids[-1] in stop_ids:
+            break
+    return ids[len(prompt):], lps
+
+
+def segments(sample, tokenizer):
+    """[(branch, text)] runs of the response in canonical order: trunk, step 1 .. step k, trunk ..."""
+    runs = []
+    for t, b in zip(sample.ids, sample.branch):
+        if runs and runs[-1][0] == b:
+            runs[-1][1].append(t)
+        else:
+            runs.append((b, [t]))
+    return [(b, tokenizer.decode(ts)) for b, ts in runs]
+
+
+def show(sample, tokenizer):
+    lines = []
+    for b, text in segments(sample, tokenizer):
+        lines.append(f"  ── branch {b} ──" if b else "  ── trunk ──")
+        lines += ["  " + ln for ln in text.splitlines() or [""]]
+    st = sample.stats
+    lines.append(f"  [{sample.finish_reason}] tokens {st['total_tokens']} | critical path "
+                 f"{st['critical_path_tokens']} | forks {st['forks']} {st['branches_per_fork']} | {st['time_s']:.2f}s")
+    return "\n".join(lines)
+
+
+def main():
+    ap = argparse.ArgumentParser(description="Sample from a Qwen checkpoint, serially or with NPR branches.")
+    ap.add_argument("--model", required=True, help="HF checkpoint folder")
+    ap.add_argument("--prompt", required=True)
+    ap.add_argument("--mode", default="parallel", choices=["serial", "parallel"])
+    ap.add_argument("-n", type=int, default=1, help="samples")
+    ap.add_argument("--temperature", type=float, default=1.0)
+    ap.add_argument("--top-p", type=float, default=1.0)
+    ap.add_argument("--top-k", type=int, default=0)
+    ap.add_argument("--max-new-tokens", type=int, default=512)
+    ap.add_argument("--max-branches", type=int, default=5)
+    ap.add_argument("--repetition-penalty", type=float, default=1.0)
+    ap.add_argument("--seed", type=int, default=0)
+    ap.add_argument("--no-instruction", action="store_true", help="send the prompt without the NPR instruction")
+    ap.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
+    a = ap.parse_args()
+    tok = Tokenizer.from_pretrained(a.model)
+    model = Qwen.from_pretrained(a.model, device=a.device)
+    user = a.prompt if a.no_instruction else npr.build_prompt(a.prompt)
+    prompt = tok.encode(tok.render_chat([{"role": "user", "content": user}]))
+    params = SamplingParams(mode=a.mode, temperature=a.temperature, top_p=a.top_p, top_k=a.top_k,
+                            max_new_tokens=a.max_new_tokens, max_branches=a.max_branches,
+                            repetition_penalty=a.repetition_penalty, seed=a.seed)
+    t0 = time.perf_counter()
+    samples = Sampler(model, tok).generate([prompt], n=a.n, params=params)[0]
+    wall = time.perf_counter() - t0
+    for i, s in enumerate(samples):
+        print(f"=== sample {i} ===")
+        print(show(s, tok))
+    total = sum(s.stats["total_tokens"] for s in samples)
+    print(f"{len(samples)} samples | {total} tokens in {wall:.2f}s | {total / wall:.1f} tokens/s")
+
+
+if __name__ == "__main__":
+    main()

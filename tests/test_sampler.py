@@ -1,0 +1,210 @@
+"""sampler.py: cached == naive, a branch decodes as if alone, sampler log-probs == teacher-forced
+log-probs with the format module's layout, and every malformed case ends with its reason."""
+import pytest
+import torch
+
+import npr
+from helpers import make_checkpoint
+from model import token_logprobs
+from sampler import Sampler, SamplingParams, generate_naive, pick, show
+
+
+@pytest.fixture(scope="module", params=[False, True], ids=["tags-as-text", "tags-special"])
+def ck(request, tmp_path_factory):
+    return make_checkpoint(tmp_path_factory.mktemp("ck"), tags_special=request.param)
+
+
+def chat(tok, q="Compute 2*3 + 4*5."):
+    return tok.encode(tok.render_chat([{"role": "user", "content": q}]))
+
+
+class Script:
+    """A steer that forces scripted tokens: per row for the trunk, per (row, block, branch) for a
+    branch; where a script is missing or used up, the model decodes freely."""
+
+    def __init__(self, trunk=None, branches=None):
+        self.trunk, self.branches = trunk or {}, branches or {}
+
+    def __call__(self, requests, logits):
+        for i, (row, st) in enumerate(requests):
+            if st.branch:
+                script, done = self.branches.get((row.index, st.block, st.branch)), len(st.seg)
+            else:
+                script = self.trunk.get(row.index)
+                done = sum(len(seg) for seg in row.segs if not seg or seg[0][4] == 0)
+            if script is not None and done < len(script):
+                logits[i] = float("-inf")
+                logits[i, script[done]] = 0.0
+        return logits
+
+
+def ids_of(tok, *parts):
+    """Concatenated encodings of the parts (the engine encodes its forced headers on their own)."""
+    return [t for p in parts for t in tok.encode(p)]
+
+
+def teacher_forced(model, s):
+    """Log-prob of each response token given the tokens before it, from ONE forward with the layout."""
+    ids, pos, layout = s.full_layout()
+    targets = torch.cat([ids[:, 1:], torch.full((1, 1), -100)], 1)
+    with torch.no_grad():
+        lp = token_logprobs(model, ids, targets, pos, layout)[0]
+    P = len(s.prompt_ids)
+    return lp[P - 1:P - 1 + len(s.ids)]
+
+
+def check_exact(model, tok, s):
+    """The sampler's layout is the format module's, and its log-probs are the trainer's."""
+    lay = npr.token_layout([tok.decode_piece(t) for t in s.ids], start_pos=len(s.prompt_ids))
+    assert lay.branch == s.branch and lay.pos == s.pos, (lay, s)
+    assert all(a == b for a, b, br in zip(lay.block, s.block, s.branch) if br > 0)
+    sampled = torch.tensor(s.sampled)
+    diff = (teacher_forced(model, s) - torch.tensor(s.logprobs))[sampled].abs().max().item()
+    assert diff <= 1e-4, diff
+    return lay
+
+
+def block_script(tok, plans, eos=True, answer="\\boxed{26}"):
+    """Trunk: guideline with the given plan numbers; after the join: a takeaway and the answer."""
+    guide = "<guideline>\n" + "".join(f"<plan>{n}: do part {n}</plan>\n" for n in plans) + "</guideline>"
+    return ids_of(tok, guide, "<takeaway>\n", f"6+20=26\n</takeaway>\n{answer}") + ([tok.eos_id] if eos else [])
+
+
+def step_script(tok, n, body):
+    return ids_of(tok, f"<step>\n{n}:", f" {body}</step>")
+
+
+def test_serial_cached_equals_naive(ck):
+    model, tok = ck
+    prompt = chat(tok)
+    s = Sampler(model, tok).generate([prompt], params=SamplingParams(mode="serial", temperature=0, max_new_tokens=40))[0][0]
+    ids, lps = generate_naive(model, prompt, 40, tok.stop_ids)
+    assert s.ids == ids
+    assert max(abs(a - b) for a, b in zip(s.logprobs, lps)) <= 1e-4
+    assert set(s.branch) == {0} and s.pos == list(range(len(prompt), len(prompt) + len(ids)))
+
+
+def test_serial_sampling_equals_naive_with_the_same_seed(ck):
+    model, tok = ck
+    prompt = chat(tok)
+    p = SamplingParams(mode="serial", temperature=1.0, top_p=0.9, top_k=50, max_new_tokens=30, seed=3)
+    s = Sampler(model, tok).generate([prompt], params=p)[0][0]
+    ids, _ = generate_naive(model, prompt, 30, tok.stop_ids, temperature=1.0, top_p=0.9, top_k=50, seed=3)
+    assert s.ids == ids
+
+
+def test_forced_structure_logprobs_equal_teacher_forced(ck):
+    model, tok = ck
+    steer = Script({0: block_script(tok, ["1", "2", "3"])},
+                   {(0, 1, 1): step_script(tok, 1, "2*3=6"), (0, 1, 2): step_script(tok, 2, "4*5=20 and then some"),
+                    (0, 1, 3): step_script(tok, 3, "x = 1 + 1")})
+    s = Sampler(model, tok).generate([chat(tok)], params=SamplingParams(temperature=1.0), steer=steer)[0][0]
+    assert s.finish_reason == "eos", show(s, tok)
+    assert s.stats["forks"] == 1 and s.stats["branches_per_fork"] == [3]
+    lay = check_exact(model, tok, s)
+    assert lay.problems == [] and npr.format_score(s.text)[0] == 0.0, (lay.problems, npr.format_score(s.text))
+    # forced = the three step headers, their separators (when </step> is its own token) and the takeaway header
+    header = len(tok.encode("<step>\n1:"))
+    assert sum(not x for x in s.sampled) >= 3 * header + len(tok.encode("<takeaway>\n"))
+    # totals: the longest branch is the critical path of the block
+    lens = [s.branch.count(i) for i in (1, 2, 3)]
+    assert s.stats["total_tokens"] == len(s.ids)
+    assert s.stats["critical_path_tokens"] == len(s.ids) - sum(lens) + max(lens)
+
+
+def test_branch_decodes_as_if_alone(ck):
+    """Greedy branches of one fork equal decoding each branch alone with its siblings absent."""
+    model, tok = ck
+    prompt = chat(tok)
+    trunk = ids_of(tok, "<guideline>\n<plan>1: a</plan>\n<plan>2: b</plan>\n<plan>3: c</plan>\n</guideline>")
+    p = SamplingParams(temperature=0, max_new_tokens=60, max_total_tokens=len(trunk) + 3 * 20, fork_min_tokens=1)
+    s = Sampler(model, tok).generate([prompt], params=p, steer=Script({0: trunk}))[0][0]
+    assert s.stats["branches_per_fork"] == [3], show(s, tok)
+    for i in (1, 2, 3):
+        mine = [t for t, b in zip(s.ids, s.branch) if b == i]
+        header = tok.encode(f"<step>\n{i}:")
+        assert mine[:len(header)] == header
+        alone, _ = generate_naive(model, prompt + trunk + header, len(mine) - len(header), tok.stop_ids)
+        assert mine[len(header):] == alone[:len(mine) - len(header)], i
+
+
+def test_rows_fork_at_different_times_and_widths(ck):
+    model, tok = ck
+    prompts = [chat(tok, "a"), chat(tok, "a longer question"), chat(tok, "b")]
+    trunks = {0: block_script(tok, ["1", "2"]),
+              1: ids_of(tok, "Let me think. ") + block_script(tok, ["1", "2", "3", "4"]),
+              2: ids_of(tok, "serial answer \\boxed{3}") + [tok.eos_id]}
+    branches = {(0, 1, 1): step_script(tok, 1, "one"), (0, 1, 2): step_script(tok, 2, "two two two two")}
+    branches.update({(1, 1, i): step_script(tok, i, "w" * (2 * i)) for i in (1, 2, 3, 4)})
+    out = Sampler(model, tok).generate(prompts, params=SamplingParams(temperature=0.7), steer=Script(trunks, branches))
+    got = [o[0] for o in out]
+    assert [s.finish_reason for s in got] == ["eos"] * 3
+    assert [s.stats["branches_per_fork"] for s in got] == [[2], [4], []]
+    for s in got:
+        check_exact(model, tok, s)
+
+
+def test_two_blocks_in_one_sample(ck):
+    model, tok = ck
+    first = block_script(tok, ["1", "2"], eos=False, answer="")
+    trunk = first + block_script(tok, ["1", "2"])
+    branches = {(0, b, i): step_script(tok, i, f"block {b} step {i}") for b in (1, 2) for i in (1, 2)}
+    s = Sampler(model, tok).generate([chat(tok)], params=SamplingParams(), steer=Script({0: trunk}, branches))[0][0]
+    assert s.finish_reason == "eos" and s.stats["branches_per_fork"] == [2, 2], show(s, tok)
+    assert {b for b, br in zip(s.block, s.branch) if br} == {1, 2}
+    check_exact(model, tok, s)
+
+
+@pytest.mark.parametrize("case,reason", [
+    ("zero plans", "0 numbered plans"), ("over cap", "6 plans > cap 5"), ("nested guideline", "guideline nested"),
+    ("guideline in step", "<guideline> inside a step"), ("step in step", "<step> inside a step"),
+    ("eos in step", "eos inside a step"), ("budget in step", "budget")])
+def test_malformed_and_edge_cases_end_with_their_reason(ck, case, reason):
+    model, tok = ck
+    two = "<guideline>\n<plan>1: a</plan>\n<plan>2: b</plan>\n</guideline>"
+    trunk = {"zero plans": "<guideline>\n<plan>first</plan>\n</guideline>",
+             "over cap": "<guideline>\n" + "".join(f"<plan>{i}: p</plan>\n" for i in range(1, 7)) + "</guideline>",
+             "nested guideline": "<guideline>\n<plan>1: a</plan>\n<guideline>"}.get(case, two)
+    branch = {"guideline in step": step_script(tok, 1, "x <guideline>"), "step in step": step_script(tok, 1, "x <step>"),
+              "eos in step": ids_of(tok, "<step>\n1:", " x") + [tok.eos_id]}.get(case)
+    p = SamplingParams(max_new_tokens=40 if case == "budget in step" else 200, fork_min_tokens=1)
+    steer = Script({0: ids_of(tok, trunk)}, {(0, 1, 1): branch} if branch else {})
+    s = Sampler(model, tok).generate([chat(tok)], params=p, steer=steer)[0][0]
+    assert reason in s.finish_reason, (s.finish_reason, show(s, tok))
+    if case == "budget in step":
+        assert s.branch[-1] > 0 and s.stats["critical_path_tokens"] == 40
+
+
+def test_no_fork_near_the_budget(ck):
+    """With too little budget left, the guideline's steps are written serially (no fork)."""
+    model, tok = ck
+    trunk = ids_of(tok, "<guideline>\n<plan>1: a</plan>\n<plan>2: b</plan>\n</guideline>")
+    p = SamplingParams(max_new_tokens=len(trunk) + 5, fork_min_tokens=8)
+    serial_steps = ids_of(tok, "<step>\n1: a b c d e f g h i j k l m n")   # allowed: this block did not fork
+    s = Sampler(model, tok).generate([chat(tok)], params=p, steer=Script({0: trunk + serial_steps}))[0][0]
+    assert s.stats["forks"] == 0 and set(s.branch) == {0} and s.finish_reason == "budget"
+
+
+def test_seeded_runs_repeat_and_batch_rows_differ(ck):
+    model, tok = ck
+    p = SamplingParams(temperature=3.0, max_new_tokens=25, seed=7)  # the random model is peaked
+    a = Sampler(model, tok).generate([chat(tok)], n=3, params=p)[0]
+    b = Sampler(model, tok).generate([chat(tok)], n=3, params=p)[0]
+    assert [s.ids for s in a] == [s.ids for s in b]
+    assert len({tuple(s.ids) for s in a}) > 1
+
+
+def test_serial_mode_treats_tags_as_text(ck):
+    model, tok = ck
+    trunk = block_script(tok, ["1", "2"])
+    s = Sampler(model, tok).generate([chat(tok)], params=SamplingParams(mode="serial"), steer=Script({0: trunk}))[0][0]
+    assert s.stats["forks"] == 0 and set(s.branch) == {0} and s.ids == trunk and s.finish_reason == "eos"
+
+
+def test_pick():
+    logits = torch.tensor([[0.0, 3.0, 1.0, 2.9]])
+    g = torch.Generator().manual_seed(0)
+    assert pick(logits, 0, 1.0, 0, g).item() == 1
+    assert all(pick(logits, 1.0, 1.0, 1, g).item() == 1 for _ in range(20))            # top-k 1
+    assert all(pick(logits, 1.0, 1e-3, 0, g).item() == 1 for _ in range(20))           # tiny top-p
+    assert {pick(logits, 1.0, 1.0, 2, g).item() for _ in range(50)} == {1, 3}          # top-k 2
