@@ -223,3 +223,33 @@ def test_token_logprobs_chunked_equals_full(qwen3):
     ref_lp.sum().backward()
     assert (qwen3.model.layers[0].mlp.up_proj.weight.grad - g1).abs().max() <= 1e-4
     qwen3.zero_grad()
+
+
+@pytest.mark.parametrize("tied", [True, False])
+def test_add_tag_tokens_mean_init_and_reload(tmp_path, tied):
+    from helpers import make_checkpoint
+    from model import Tokenizer
+    import npr
+    model, tok = make_checkpoint(tmp_path / "base", tied=tied)
+    V = model.config.vocab_size
+    sub = {t: tok.encode(name) for t, name in npr.TAG_NAMES.items()}
+    old = model.model.embed_tokens.weight.detach().clone()
+    ids = add_special_tokens(model, tok, npr.TAG_NAMES)
+    assert len(set(ids)) == 8 and min(ids) >= V and model.config.vocab_size == V + 8
+    for t, i in zip(npr.TAGS, ids):
+        assert tok.encode(f"a {t} b").count(i) == 1                       # one id, also inside text
+        assert torch.allclose(model.model.embed_tokens.weight[i], old[sub[t]].mean(0))
+        if not tied:
+            assert torch.allclose(model.lm_head.weight[i], model.lm_head.weight[sub[t]].mean(0))
+    assert torch.equal(model.model.embed_tokens.weight[:V], old)         # old rows untouched
+    model.save_pretrained(str(tmp_path / "tagged"))
+    tok.save_pretrained(str(tmp_path / "tagged"))
+    ours = Qwen.from_pretrained(str(tmp_path / "tagged"))
+    hf = transformers.AutoModelForCausalLM.from_pretrained(str(tmp_path / "tagged"), dtype=torch.float32)
+    hf_tok = transformers.AutoTokenizer.from_pretrained(str(tmp_path / "tagged"))
+    text = "<guideline>\n<plan>1: x</plan>\n</guideline>\n<step>\n1: 2*3=6\n</step>"
+    x = Tokenizer.from_pretrained(str(tmp_path / "tagged")).encode(text)
+    assert x == hf_tok.encode(text, add_special_tokens=False)
+    ids_t = torch.tensor([x])
+    with torch.no_grad():
+        assert (ours(ids_t) - hf(input_ids=ids_t).logits).abs().max() <= 1e-4

@@ -1,0 +1,572 @@
+"""Tokenizer tests: a tiny Qwen-style byte-level BPE is built in-process and written as a HF
+checkpoint folder; transformers (AutoTokenizer, apply_chat_template) is the oracle."""
+
+import json
+
+import pytest
+from tokenizers import AddedToken, Regex, decoders, models, normalizers, pre_tokenizers, trainers
+from tokenizers import Tokenizer as HFTokenizer
+
+from tokenizer import Tokenizer, detect_chat_variant
+
+transformers = pytest.importorskip("transformers")
+
+# ---------------------------------------------------------------------------------------------
+# Chat templates as shipped in Qwen checkpoints' tokenizer_config.json (the test-time oracle).
+# Qwen2, Qwen3 v1 and Thinking-2507 are copied from public copies of those files; Qwen2.5 matches
+# several public copies; Instruct-2507 was not found verbatim and is reconstructed (the Qwen3
+# template without think handling), so treat that one as the weakest oracle.
+
+# Qwen2-*-Instruct
+QWEN2 = ("{% for message in messages %}{% if loop.first and messages[0]['role'] != 'system' %}"
+         "{{ '<|im_start|>system\\nYou are a helpful assistant.<|im_end|>\\n' }}{% endif %}"
+         "{{'<|im_start|>' + message['role'] + '\\n' + message['content'] + '<|im_end|>' + '\\n'}}"
+         "{% endfor %}{% if add_generation_prompt %}{{ '<|im_start|>assistant\\n' }}{% endif %}")
+
+# Qwen2.5-*-Instruct
+QWEN25 = r"""{%- if tools %}
+    {{- '<|im_start|>system\n' }}
+    {%- if messages[0]['role'] == 'system' %}
+        {{- messages[0]['content'] }}
+    {%- else %}
+        {{- 'You are Qwen, created by Alibaba Cloud. You are a helpful assistant.' }}
+    {%- endif %}
+    {{- "\n\n# Tools\n\nYou may call one or more functions to assist with the user query.\n\nYou are provided with function signatures within <tools></tools> XML tags:\n<tools>" }}
+    {%- for tool in tools %}
+        {{- "\n" }}
+        {{- tool | tojson }}
+    {%- endfor %}
+    {{- "\n</tools>\n\nFor each function call, return a json object with function name and arguments within <tool_call></tool_call> XML tags:\n<tool_call>\n{\"name\": <function-name>, \"arguments\": <args-json-object>}\n</tool_call><|im_end|>\n" }}
+{%- else %}
+    {%- if messages[0]['role'] == 'system' %}
+        {{- '<|im_start|>system\n' + messages[0]['content'] + '<|im_end|>\n' }}
+    {%- else %}
+        {{- '<|im_start|>system\nYou are Qwen, created by Alibaba Cloud. You are a helpful assistant.<|im_end|>\n' }}
+    {%- endif %}
+{%- endif %}
+{%- for message in messages %}
+    {%- if (message.role == "user") or (message.role == "system" and not loop.first) or (message.role == "assistant" and not message.tool_calls) %}
+        {{- '<|im_start|>' + message.role + '\n' + message.content + '<|im_end|>' + '\n' }}
+    {%- elif message.role == "assistant" %}
+        {{- '<|im_start|>' + message.role }}
+        {%- if message.content %}
+            {{- '\n' + message.content }}
+        {%- endif %}
+        {%- for tool_call in message.tool_calls %}
+            {%- if tool_call.function is defined %}
+                {%- set tool_call = tool_call.function %}
+            {%- endif %}
+            {{- '\n<tool_call>\n{"name": "' }}
+            {{- tool_call.name }}
+            {{- '", "arguments": ' }}
+            {{- tool_call.arguments | tojson }}
+            {{- '}\n</tool_call>' }}
+        {%- endfor %}
+        {{- '<|im_end|>\n' }}
+    {%- elif message.role == "tool" %}
+        {%- if (loop.index0 == 0) or (messages[loop.index0 - 1].role != "tool") %}
+            {{- '<|im_start|>user' }}
+        {%- endif %}
+        {{- '\n<tool_response>\n' }}
+        {{- message.content }}
+        {{- '\n</tool_response>' }}
+        {%- if loop.last or (messages[loop.index0 + 1].role != "tool") %}
+            {{- '<|im_end|>\n' }}
+        {%- endif %}
+    {%- endif %}
+{%- endfor %}
+{%- if add_generation_prompt %}
+    {{- '<|im_start|>assistant\n' }}
+{%- endif %}"""
+
+# Qwen2.5-Math-*-Instruct: same template, another default system (with a jinja escape in it)
+QWEN25_MATH = QWEN25.replace(
+    "You are Qwen, created by Alibaba Cloud. You are a helpful assistant.",
+    "Please reason step by step, and put your final answer within \\\\boxed{}.")
+
+# Qwen3 hybrid thinking, first release (April 2025)
+QWEN3_V1 = r"""{%- if tools %}
+    {{- '<|im_start|>system\n' }}
+    {%- if messages[0].role == 'system' %}
+        {{- messages[0].content + '\n\n' }}
+    {%- endif %}
+    {{- "# Tools\n\nYou may call one or more functions to assist with the user query.\n\nYou are provided with function signatures within <tools></tools> XML tags:\n<tools>" }}
+    {%- for tool in tools %}
+        {{- "\n" }}
+        {{- tool | tojson }}
+    {%- endfor %}
+    {{- "\n</tools>\n\nFor each function call, return a json object with function name and arguments within <tool_call></tool_call> XML tags:\n<tool_call>\n{\"name\": <function-name>, \"arguments\": <args-json-object>}\n</tool_call><|im_end|>\n" }}
+{%- else %}
+    {%- if messages[0].role == 'system' %}
+        {{- '<|im_start|>system\n' + messages[0].content + '<|im_end|>\n' }}
+    {%- endif %}
+{%- endif %}
+{%- set ns = namespace(multi_step_tool=true, last_query_index=messages|length - 1) %}
+{%- for message in messages[::-1] %}
+    {%- set index = (messages|length - 1) - loop.index0 %}
+    {%- if ns.multi_step_tool and message.role == "user" and not(message.content.startswith('<tool_response>') and message.content.endswith('</tool_response>')) %}
+        {%- set ns.multi_step_tool = false %}
+        {%- set ns.last_query_index = index %}
+    {%- endif %}
+{%- endfor %}
+{%- for message in messages %}
+    {%- if (message.role == "user") or (message.role == "system" and not loop.first) %}
+        {{- '<|im_start|>' + message.role + '\n' + message.content + '<|im_end|>' + '\n' }}
+    {%- elif message.role == "assistant" %}
+        {%- set content = message.content %}
+        {%- set reasoning_content = '' %}
+        {%- if message.reasoning_content is defined and message.reasoning_content is not none %}
+            {%- set reasoning_content = message.reasoning_content %}
+        {%- else %}
+            {%- if '</think>' in message.content %}
+                {%- set content = message.content.split('</think>')[-1].lstrip('\n') %}
+                {%- set reasoning_content = message.content.split('</think>')[0].rstrip('\n').split('<think>')[-1].lstrip('\n') %}
+            {%- endif %}
+        {%- endif %}
+        {%- if loop.index0 > ns.last_query_index %}
+            {%- if loop.last or (not loop.last and reasoning_content) %}
+                {{- '<|im_start|>' + message.role + '\n<think>\n' + reasoning_content.strip('\n') + '\n</think>\n\n' + content.lstrip('\n') }}
+            {%- else %}
+                {{- '<|im_start|>' + message.role + '\n' + content }}
+            {%- endif %}
+        {%- else %}
+            {{- '<|im_start|>' + message.role + '\n' + content }}
+        {%- endif %}
+        {%- if message.tool_calls %}
+            {%- for tool_call in message.tool_calls %}
+                {%- if (loop.first and content) or (not loop.first) %}
+                    {{- '\n' }}
+                {%- endif %}
+                {%- if tool_call.function %}
+                    {%- set tool_call = tool_call.function %}
+                {%- endif %}
+                {{- '<tool_call>\n{"name": "' }}
+                {{- tool_call.name }}
+                {{- '", "arguments": ' }}
+                {%- if tool_call.arguments is string %}
+                    {{- tool_call.arguments }}
+                {%- else %}
+                    {{- tool_call.arguments | tojson }}
+                {%- endif %}
+                {{- '}\n</tool_call>' }}
+            {%- endfor %}
+        {%- endif %}
+        {{- '<|im_end|>\n' }}
+    {%- elif message.role == "tool" %}
+        {%- if loop.first or (messages[loop.index0 - 1].role != "tool") %}
+            {{- '<|im_start|>user' }}
+        {%- endif %}
+        {{- '\n<tool_response>\n' }}
+        {{- message.content }}
+        {{- '\n</tool_response>' }}
+        {%- if loop.last or (messages[loop.index0 + 1].role != "tool") %}
+            {{- '<|im_end|>\n' }}
+        {%- endif %}
+    {%- endif %}
+{%- endfor %}
+{%- if add_generation_prompt %}
+    {{- '<|im_start|>assistant\n' }}
+    {%- if enable_thinking is defined and enable_thinking is false %}
+        {{- '<think>\n\n</think>\n\n' }}
+    {%- endif %}
+{%- endif %}"""
+
+# Qwen3-*-Thinking-2507: always thinks; same history rules as the hybrid template
+QWEN3_THINKING_2507 = r"""{%- if tools %}
+    {{- '<|im_start|>system\n' }}
+    {%- if messages[0].role == 'system' %}
+        {{- messages[0].content + '\n\n' }}
+    {%- endif %}
+    {{- "# Tools\n\nYou may call one or more functions to assist with the user query.\n\nYou are provided with function signatures within <tools></tools> XML tags:\n<tools>" }}
+    {%- for tool in tools %}
+        {{- "\n" }}
+        {{- tool | tojson }}
+    {%- endfor %}
+    {{- "\n</tools>\n\nFor each function call, return a json object with function name and arguments within <tool_call></tool_call> XML tags:\n<tool_call>\n{\"name\": <function-name>, \"arguments\": <args-json-object>}\n</tool_call><|im_end|>\n" }}
+{%- else %}
+    {%- if messages[0].role == 'system' %}
+        {{- '<|im_start|>system\n' + messages[0].content + '<|im_end|>\n' }}
+    {%- endif %}
+{%- endif %}
+{%- set ns = namespace(multi_step_tool=true, last_query_index=messages|length - 1) %}
+{%- for message in messages[::-1] %}
+    {%- set index = (messages|length - 1) - loop.index0 %}
+    {%- if ns.multi_step_tool and message.role == "user" and message.content is string and not(message.content.startswith('<tool_response>') and message.content.endswith('</tool_response>')) %}
+        {%- set ns.multi_step_tool = false %}
+        {%- set ns.last_query_index = index %}
+    {%- endif %}
+{%- endfor %}
+{%- for message in messages %}
+    {%- if message.content is string %}
+        {%- set content = message.content %}
+    {%- else %}
+        {%- set content = '' %}
+    {%- endif %}
+    {%- if (message.role == "user") or (message.role == "system" and not loop.first) %}
+        {{- '<|im_start|>' + message.role + '\n' + content + '<|im_end|>' + '\n' }}
+    {%- elif message.role == "assistant" %}
+        {%- set reasoning_content = '' %}
+        {%- if message.reasoning_content is string %}
+            {%- set reasoning_content = message.reasoning_content %}
+        {%- else %}
+            {%- if '</think>' in content %}
+                {%- set reasoning_content = content.split('</think>')[0].rstrip('\n').split('<think>')[-1].lstrip('\n') %}
+                {%- set content = content.split('</think>')[-1].lstrip('\n') %}
+            {%- endif %}
+        {%- endif %}
+        {%- if loop.index0 > ns.last_query_index %}
+            {%- if loop.last or (not loop.last and reasoning_content) %}
+                {{- '<|im_start|>' + message.role + '\n<think>\n' + reasoning_content.strip('\n') + '\n</think>\n\n' + content.lstrip('\n') }}
+            {%- else %}
+                {{- '<|im_start|>' + message.role + '\n' + content }}
+            {%- endif %}
+        {%- else %}
+            {{- '<|im_start|>' + message.role + '\n' + content }}
+        {%- endif %}
+        {%- if message.tool_calls %}
+            {%- for tool_call in message.tool_calls %}
+                {%- if (loop.first and content) or (not loop.first) %}
+                    {{- '\n' }}
+                {%- endif %}
+                {%- if tool_call.function %}
+                    {%- set tool_call = tool_call.function %}
+                {%- endif %}
+                {{- '<tool_call>\n{"name": "' }}
+                {{- tool_call.name }}
+                {{- '", "arguments": ' }}
+                {%- if tool_call.arguments is string %}
+                    {{- tool_call.arguments }}
+                {%- else %}
+                    {{- tool_call.arguments | tojson }}
+                {%- endif %}
+                {{- '}\n</tool_call>' }}
+            {%- endfor %}
+        {%- endif %}
+        {{- '<|im_end|>\n' }}
+    {%- elif message.role == "tool" %}
+        {%- if loop.first or (messages[loop.index0 - 1].role != "tool") %}
+            {{- '<|im_start|>user' }}
+        {%- endif %}
+        {{- '\n<tool_response>\n' }}
+        {{- content }}
+        {{- '\n</tool_response>' }}
+        {%- if loop.last or (messages[loop.index0 + 1].role != "tool") %}
+            {{- '<|im_end|>\n' }}
+        {%- endif %}
+    {%- endif %}
+{%- endfor %}
+{%- if add_generation_prompt %}
+    {{- '<|im_start|>assistant\n<think>\n' }}
+{%- endif %}"""
+
+# Qwen3 hybrid thinking, current release: the 2507 rules plus the enable_thinking switch
+QWEN3 = QWEN3_THINKING_2507.replace(
+    "    {{- '<|im_start|>assistant\\n<think>\\n' }}\n",
+    "    {{- '<|im_start|>assistant\\n' }}\n"
+    "    {%- if enable_thinking is defined and enable_thinking is false %}\n"
+    "        {{- '<think>\\n\\n</think>\\n\\n' }}\n"
+    "    {%- endif %}\n")
+
+# Qwen3-*-Instruct-2507 (non-thinking only), reconstructed: the Qwen3 template minus think handling
+QWEN3_INSTRUCT_2507 = r"""{%- if tools %}
+    {{- '<|im_start|>system\n' }}
+    {%- if messages[0].role == 'system' %}
+        {{- messages[0].content + '\n\n' }}
+    {%- endif %}
+    {{- "# Tools\n\nYou may call one or more functions to assist with the user query.\n\nYou are provided with function signatures within <tools></tools> XML tags:\n<tools>" }}
+    {%- for tool in tools %}
+        {{- "\n" }}
+        {{- tool | tojson }}
+    {%- endfor %}
+    {{- "\n</tools>\n\nFor each function call, return a json object with function name and arguments within <tool_call></tool_call> XML tags:\n<tool_call>\n{\"name\": <function-name>, \"arguments\": <args-json-object>}\n</tool_call><|im_end|>\n" }}
+{%- else %}
+    {%- if messages[0].role == 'system' %}
+        {{- '<|im_start|>system\n' + messages[0].content + '<|im_end|>\n' }}
+    {%- endif %}
+{%- endif %}
+{%- for message in messages %}
+    {%- if message.content is string %}
+        {%- set content = message.content %}
+    {%- else %}
+        {%- set content = '' %}
+    {%- endif %}
+    {%- if (message.role == "user") or (message.role == "system" and not loop.first) %}
+        {{- '<|im_start|>' + message.role + '\n' + content + '<|im_end|>' + '\n' }}
+    {%- elif message.role == "assistant" %}
+        {{- '<|im_start|>' + message.role + '\n' + content }}
+        {%- if message.tool_calls %}
+            {%- for tool_call in message.tool_calls %}
+                {%- if (loop.first and content) or (not loop.first) %}
+                    {{- '\n' }}
+                {%- endif %}
+                {%- if tool_call.function %}
+                    {%- set tool_call = tool_call.function %}
+                {%- endif %}
+                {{- '<tool_call>\n{"name": "' }}
+                {{- tool_call.name }}
+                {{- '", "arguments": ' }}
+                {%- if tool_call.arguments is string %}
+                    {{- tool_call.arguments }}
+                {%- else %}
+                    {{- tool_call.arguments | tojson }}
+                {%- endif %}
+                {{- '}\n</tool_call>' }}
+            {%- endfor %}
+        {%- endif %}
+        {{- '<|im_end|>\n' }}
+    {%- elif message.role == "tool" %}
+        {%- if loop.first or (messages[loop.index0 - 1].role != "tool") %}
+            {{- '<|im_start|>user' }}
+        {%- endif %}
+        {{- '\n<tool_response>\n' }}
+        {{- content }}
+        {{- '\n</tool_response>' }}
+        {%- if loop.last or (messages[loop.index0 + 1].role != "tool") %}
+            {{- '<|im_end|>\n' }}
+        {%- endif %}
+    {%- endif %}
+{%- endfor %}
+{%- if add_generation_prompt %}
+    {{- '<|im_start|>assistant\n' }}
+{%- endif %}"""
+
+TEMPLATES = {  # name -> (template, the variant render_chat should detect)
+    "qwen2": (QWEN2, "qwen2"),
+    "qwen2.5": (QWEN25, "qwen2"),
+    "qwen2.5-math": (QWEN25_MATH, "qwen2"),
+    "qwen3-v1": (QWEN3_V1, "qwen3"),
+    "qwen3": (QWEN3, "qwen3"),
+    "qwen3-thinking-2507": (QWEN3_THINKING_2507, "qwen3_thinking"),
+    "qwen3-instruct-2507": (QWEN3_INSTRUCT_2507, "qwen3_instruct"),
+}
+
+THINK = "<think>\nLet me add.\n</think>\n\n"
+CONVERSATIONS = {
+    "user": [{"role": "user", "content": "What is 2+3?"}],
+    "system+user": [{"role": "system", "content": "Be brief."},
+                    {"role": "user", "content": "What is 2+3?"}],
+    "multi-turn": [{"role": "user", "content": "What is 2+3?"},
+                   {"role": "assistant", "content": "5"},
+                   {"role": "user", "content": "And 5+5? Größer, 更大."}],
+    # SFT-style: ends on the answer; Qwen3 drops think blocks before the last query only
+    "sft": [{"role": "system", "content": "Solve it."},
+            {"role": "user", "content": "What is 2+3?"},
+            {"role": "assistant", "content": THINK + "5"},
+            {"role": "user", "content": "And 5+5?"},
+            {"role": "assistant", "content": "<guideline>add</guideline> 10"}],
+    "think-after-query": [{"role": "user", "content": "What is 2+3?"},
+                          {"role": "assistant", "content": THINK + "5"},
+                          {"role": "assistant", "content": "\nDone."}],
+    "mid-system": [{"role": "user", "content": "hi"},
+                   {"role": "system", "content": "Answer in French."},
+                   {"role": "user", "content": "hello"}],
+}
+
+QWEN_SPECIALS = ["<|endoftext|>", "<|im_start|>", "<|im_end|>"]
+NPR_TAGS = ["<guideline>", "</guideline>", "<plan>", "</plan>",
+            "<step>", "</step>", "<takeaway>", "</takeaway>"]
+TEXTS = ["Hello world, the answer is 42.",
+         "  leading spaces\n\nand\ttabs  ",
+         "naïve café — Größe, 你好世界, emoji 🙂!",
+         "<|im_start|>user\nWhat is 2+3?<|im_end|>\n<|im_start|>assistant\n",
+         "text<|endoftext|>more"]
+CORPUS = TEXTS + ["The quick brown fox jumps over the lazy dog.", "What is 2+3? The answer is 5.",
+                  "You are a helpful assistant. Please reason step by step, plan and take away.",
+                  "Hello world! Größe naïve café 你好世界 🙂", "def f(x):\n    return x + 1\n"]
+
+
+def build_tiny_qwen_tokenizer():
+    """A byte-level BPE with Qwen2's exact pipeline (NFC, Qwen's split regex, byte-level, no
+    prefix space) so transformers' Qwen2Tokenizer, which rebuilds that pipeline around the
+    vocab and merges, gives the same ids. Specials are appended after the BPE vocab, as in Qwen."""
+    regex = (r"(?i:'s|'t|'re|'ve|'m|'ll|'d)|[^\r\n\p{L}\p{N}]?\p{L}+|\p{N}"
+             r"| ?[^\s\p{L}\p{N}]+[\r\n]*|\s*[\r\n]+|\s+(?!\S)|\s+")
+    tk = HFTokenizer(models.BPE())
+    tk.normalizer = normalizers.NFC()
+    tk.pre_tokenizer = pre_tokenizers.Sequence([
+        pre_tokenizers.Split(Regex(regex), behavior="isolated"),
+        pre_tokenizers.ByteLevel(add_prefix_space=False, use_regex=False)])
+    tk.decoder = decoders.ByteLevel()
+    trainer = trainers.BpeTrainer(vocab_size=600, initial_alphabet=pre_tokenizers.ByteLevel.alphabet(),
+                                  show_progress=False)
+    tk.train_from_iterator(CORPUS, trainer)
+    tk.add_special_tokens([AddedToken(t, special=True, normalized=False) for t in QWEN_SPECIALS])
+    # Qwen3 ships <think> as non-special added tokens (kept by skip_special_tokens)
+    tk.add_tokens([AddedToken(t, special=False, normalized=False) for t in ["<think>", "</think>"]])
+    return tk
+
+
+def write_checkpoint(path, template=None, config=True, eos="<|im_end|>"):
+    """A HF tokenizer folder: tokenizer.json + a Qwen-like tokenizer_config.json."""
+    path.mkdir(parents=True, exist_ok=True)
+    tk = build_tiny_qwen_tokenizer()
+    tk.save(str(path / "tokenizer.json"))
+    if config:
+        added = {str(i): {"content": t.content, "lstrip": False, "normalized": False, "rstrip": False,
+                          "single_word": False, "special": t.special}
+                 for i, t in tk.get_added_tokens_decoder().items()}
+        cfg = {"add_bos_token": False, "add_prefix_space": False, "added_tokens_decoder": added,
+               "bos_token": None, "clean_up_tokenization_spaces": False, "eos_token": eos,
+               "errors": "replace", "model_max_length": 32768, "pad_token": "<|endoftext|>",
+               "split_special_tokens": False, "tokenizer_class": "Qwen2Tokenizer", "unk_token": None}
+        if template is not None:
+            cfg["chat_template"] = template
+        (path / "tokenizer_config.json").write_text(json.dumps(cfg, indent=2))
+    return path
+
+
+@pytest.fixture(scope="module")
+def checkpoints(tmp_path_factory):
+    """One checkpoint folder per template, loaded by both tokenizers (built once per module)."""
+    out = {}
+    for name, (template, _) in TEMPLATES.items():
+        path = write_checkpoint(tmp_path_factory.mktemp(name), template)
+        out[name] = (Tokenizer.from_pretrained(path), transformers.AutoTokenizer.from_pretrained(path))
+    return out
+
+
+# ---------------------------------------------------------------------------------------------
+# chat rendering
+
+@pytest.mark.parametrize("name", TEMPLATES)
+def test_variant_detected(name, checkpoints):
+    assert checkpoints[name][0].chat_variant == TEMPLATES[name][1]
+
+
+@pytest.mark.parametrize("conv", CONVERSATIONS)
+@pytest.mark.parametrize("name", TEMPLATES)
+def test_render_chat_matches_template(name, conv, checkpoints):
+    ours, hf = checkpoints[name]
+    messages = CONVERSATIONS[conv]
+    for gen in (True, False):
+        want = hf.apply_chat_template(messages, tokenize=False, add_generation_prompt=gen,
+                                      enable_thinking=False)
+        assert ours.render_chat(messages, add_generation_prompt=gen) == want, (name, conv, gen)
+        # the rendered prompt also tokenizes identically
+        assert ours.encode(want) == hf.encode(want, add_special_tokens=False)
+
+
+def test_qwen3_generation_prompts(checkpoints):
+    ours, hf = checkpoints["qwen3"]
+    msgs = CONVERSATIONS["user"]
+    assert ours.render_chat(msgs).endswith("<|im_start|>assistant\n<think>\n\n</think>\n\n")
+    # thinking on: no pre-filled think block, as in the template
+    want = hf.apply_chat_template(msgs, tokenize=False, add_generation_prompt=True, enable_thinking=True)
+    assert ours.render_chat(msgs, enable_thinking=True) == want
+    assert ours.render_chat(msgs, enable_thinking=True).endswith("<|im_start|>assistant\n")
+    # reasoning_content given as a field instead of inside the content
+    msgs = CONVERSATIONS["user"] + [{"role": "assistant", "content": "5", "reasoning_content": "\nadd\n"}]
+    want = hf.apply_chat_template(msgs, tokenize=False, add_generation_prompt=False)
+    assert ours.render_chat(msgs, add_generation_prompt=False) == want
+
+
+def test_default_system_sentences(checkpoints):
+    assert checkpoints["qwen2"][0].default_system == "You are a helpful assistant."
+    assert checkpoints["qwen2.5"][0].default_system == (
+        "You are Qwen, created by Alibaba Cloud. You are a helpful assistant.")
+    assert detect_chat_variant(None) == ("chatml", None)
+    assert detect_chat_variant("{{ messages }}")[0] == "unknown"
+
+
+def test_render_chat_rejects_what_it_does_not_render(checkpoints):
+    ours = checkpoints["qwen3"][0]
+    with pytest.raises(ValueError):
+        ours.render_chat([{"role": "tool", "content": "42"}])
+    with pytest.raises(ValueError):
+        ours.render_chat([])
+
+
+# ---------------------------------------------------------------------------------------------
+# ids
+
+def test_encode_decode_matches_transformers(checkpoints):
+    ours, hf = checkpoints["qwen3"]
+    for text in TEXTS:
+        ids = ours.encode(text)
+        assert ids == hf.encode(text, add_special_tokens=False), text
+        assert ours.decode(ids) == text == hf.decode(ids)
+        assert ours.decode(ids, skip_special_tokens=True) == hf.decode(ids, skip_special_tokens=True)
+        if text.isascii():  # byte-level pieces of a multi-byte character decode to U+FFFD alone
+            assert "".join(ours.decode_piece(i) for i in ids) == text
+    assert len(ours) == len(hf) == ours.vocab_size
+
+
+def test_special_ids(checkpoints):
+    ours, _ = checkpoints["qwen3"]
+    assert ours.encode("<|im_start|>") == [ours.im_start_id]
+    assert ours.encode("<|im_end|>") == [ours.im_end_id]
+    assert ours.eos_id == ours.im_end_id  # instruct checkpoints: eos_token is <|im_end|>
+    assert ours.pad_id == ours.token_to_id("<|endoftext|>")
+    assert ours.stop_ids == {ours.im_end_id, ours.token_to_id("<|endoftext|>")}
+    assert ours.token_to_id("<definitely-not-a-token>") is None
+
+
+def test_defaults_without_config(tmp_path):
+    tok = Tokenizer.from_pretrained(write_checkpoint(tmp_path, config=False))
+    assert tok.chat_variant == "chatml"
+    assert tok.eos_id == tok.pad_id == tok.token_to_id("<|endoftext|>")
+    assert tok.im_end_id in tok.stop_ids
+    msgs = CONVERSATIONS["system+user"]
+    assert tok.render_chat(msgs) == ("<|im_start|>system\nBe brief.<|im_end|>\n"
+                                     "<|im_start|>user\nWhat is 2+3?<|im_end|>\n<|im_start|>assistant\n")
+
+
+def test_chat_template_jinja_file(tmp_path):
+    path = write_checkpoint(tmp_path, template=None)
+    (path / "chat_template.jinja").write_text(QWEN3)
+    assert Tokenizer.from_pretrained(path).chat_variant == "qwen3"
+
+
+def test_missing_folder_or_file(tmp_path):
+    with pytest.raises(FileNotFoundError, match="nope"):
+        Tokenizer.from_pretrained(tmp_path / "nope")
+    with pytest.raises(FileNotFoundError, match="tokenizer.json"):
+        Tokenizer.from_pretrained(tmp_path)
+
+
+# ---------------------------------------------------------------------------------------------
+# NPR tags and saving
+
+def test_npr_tags_are_single_ids(checkpoints, tmp_path):
+    tok = Tokenizer.from_pretrained(write_checkpoint(tmp_path, QWEN3))
+    n = len(tok)
+    ids = tok.add_special_tokens(NPR_TAGS)
+    assert ids == list(range(n, n + 8)) and len(tok) == n + 8
+    assert tok.add_special_tokens(NPR_TAGS + ["<|im_end|>"]) == ids + [tok.im_end_id]  # reused
+    for tag, i in zip(NPR_TAGS, ids):
+        assert tok.encode(tag) == [i]
+        assert i in tok.encode(f"Some text{tag}more text") and tok.decode_piece(i) == tag
+    text = "<plan>add</plan><step>2+3=5</step><takeaway>5</takeaway>"
+    assert tok.decode(tok.encode(text)) == text
+    assert tok.decode(tok.encode(text), skip_special_tokens=True) == "add2+3=55"
+
+
+def test_save_pretrained_roundtrip(tmp_path):
+    tok = Tokenizer.from_pretrained(write_checkpoint(tmp_path / "src", QWEN3))
+    tag_ids = tok.add_special_tokens(NPR_TAGS)
+    tok.save_pretrained(tmp_path / "out")
+    ours = Tokenizer.from_pretrained(tmp_path / "out")
+    hf = transformers.AutoTokenizer.from_pretrained(tmp_path / "out")
+    assert len(ours) == len(tok) == len(hf)
+    assert (ours.eos_id, ours.pad_id, ours.chat_variant) == (tok.eos_id, tok.pad_id, "qwen3")
+    texts = TEXTS + [" <guideline>Split the sum.</guideline>\n<plan>a</plan><step>2+3 = 5</step>",
+                     "x<takeaway>naïve 你好</takeaway>y", "".join(NPR_TAGS)]
+    for text in texts:
+        ids = ours.encode(text)
+        assert ids == tok.encode(text) == hf.encode(text, add_special_tokens=False), text
+        assert ours.decode(ids) == hf.decode(ids) == text
+    assert ours.encode("".join(NPR_TAGS)) == tag_ids
+    msgs = CONVERSATIONS["sft"]
+    assert ours.render_chat(msgs) == hf.apply_chat_template(msgs, tokenize=False, add_generation_prompt=True,
+                                                            enable_thinking=False)
+
+
+def test_save_pretrained_without_config(tmp_path):
+    """A bare tokenizer.json still saves into a folder transformers can load."""
+    tok = Tokenizer.from_pretrained(write_checkpoint(tmp_path / "src", config=False))
+    tok.add_special_tokens(NPR_TAGS)
+    tok.save_pretrained(tmp_path / "out")
+    hf = transformers.AutoTokenizer.from_pretrained(tmp_path / "out")
+    text = "<|im_start|>user\n<plan>naïve</plan><|im_end|>"
+    assert tok.encode(text) == hf.encode(text, add_special_tokens=False)
+    assert hf.decode(tok.encode(text)) == text
