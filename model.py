@@ -14,7 +14,6 @@ Qwen2 / Qwen2.5 / Qwen3 dense decoder, loaded from (and saved to) a Hugging Face
 - token_logprobs() gives per-token log-probs without materialising (T, vocab) logits.
 """
 import json
-import math
 import os
 from dataclasses import dataclass, field
 
@@ -398,8 +397,10 @@ def token_logprobs(model, input_ids, targets, positions=None, layout=None, chunk
 def add_special_tokens(model, tokenizer, names: dict):
     """Add each key of `names` (e.g. "<step>") as one special token; initialise its embedding row
     (and untied lm_head row) to the mean of the rows of the sub-tokens of its name ("step").
-    Grows the matrices when an id falls past the current vocab. Returns the new ids."""
-    sub_ids = {tok: tokenizer.encode(name) for tok, name in names.items()}  # before adding: plain text
+    Grows the matrices when an id falls past the current vocab (Qwen's files have spare rows:
+    151936 rows for 151669 ids). Tokens already in the vocabulary keep their rows. Returns the ids."""
+    fresh = [t for t in names if tokenizer.token_to_id(t) is None]         # existing ones keep their rows
+    sub_ids = {tok: tokenizer.encode(names[tok]) for tok in fresh}          # before adding: plain text
     ids = tokenizer.add_special_tokens(list(names))
     cfg = model.config
     new_vocab = max(cfg.vocab_size, max(ids) + 1)
@@ -416,6 +417,8 @@ def add_special_tokens(model, tokenizer, names: dict):
         cfg.vocab_size = new_vocab
     mats = [model.model.embed_tokens.weight] + ([] if cfg.tie_word_embeddings else [model.lm_head.weight])
     for tok, i in zip(names, ids):
+        if tok not in sub_ids:
+            continue
         for W in mats:
             W[i] = W[sub_ids[tok]].float().mean(0).to(W.dtype)
     return ids
