@@ -259,8 +259,14 @@ class Qwen(nn.Module):
                 x = layer(x, cos, sin, layout, kv_cache, self.attn_impl)
         return self.model.norm(x)
 
-    def forward(self, input_ids, positions=None, layout=None, kv_cache=None):
-        return F.linear(self.hidden_states(input_ids, positions, layout, kv_cache), self.output_weight)
+    def forward(self, input_ids, positions=None, layout=None, kv_cache=None, targets=None, chunk_size=1024,
+                with_entropy=False):
+        """-> logits (B, T, vocab); given targets, the per-token log-probs (B, T) instead, computed
+        in chunks (inside forward, so DDP/FSDP hooks see one ordinary forward call)."""
+        h = self.hidden_states(input_ids, positions, layout, kv_cache)
+        if targets is None:
+            return F.linear(h, self.output_weight)
+        return chunked_logprobs(h, self.output_weight, targets, chunk_size, with_entropy)
 
     # ---- loading and saving ---------------------------------------------------------------
     @staticmethod
@@ -288,13 +294,14 @@ class Qwen(nn.Module):
         model.load_state_dict(state, strict=True, assign=True)
         return model.eval()
 
-    def save_pretrained(self, path, max_shard_bytes=4 << 30):
-        """config.json + model.safetensors (or shards + index json) that transformers loads too."""
+    def save_pretrained(self, path, max_shard_bytes=4 << 30, state_dict=None):
+        """config.json + model.safetensors (or shards + index json) that transformers loads too.
+        state_dict: full tensors when the model is sharded (FSDP gathers them on every rank)."""
         os.makedirs(path, exist_ok=True)
-        self.config.dtype = next(self.parameters()).dtype
+        state = {k: v.detach().contiguous().cpu() for k, v in (state_dict or self.state_dict()).items()}
+        self.config.dtype = next(iter(state.values())).dtype
         with open(os.path.join(path, "config.json"), "w") as f:
             json.dump(self.config.to_dict(), f, indent=2)
-        state = {k: v.detach().contiguous().cpu() for k, v in self.state_dict().items()}
         shards, cur, size = [], {}, 0
         for k, v in state.items():
             nbytes = v.numel() * v.element_size()
@@ -359,13 +366,15 @@ def load_safetensors(path, dtype, device):
 # -----------------------------------------------------------------------------
 # Log-probs without (T, vocab) logits, and growing the vocabulary for new special tokens
 
-def token_logprobs(model, input_ids, targets, positions=None, layout=None, chunk_size=1024,
-                   with_entropy=False):
+def token_logprobs(model, input_ids, targets, positions=None, layout=None, chunk_size=1024, with_entropy=False):
     """logp[b, t] = log p(targets[b, t] | tokens <= t), fp32 (B, T); targets < 0 give 0.
-    The (chunk, vocab) logits of one chunk exist at a time; under autograd each chunk is
-    checkpointed, so backward recomputes it instead of keeping every chunk alive."""
-    h = model.hidden_states(input_ids, positions, layout)                     # (B, T, hidden)
-    W = model.output_weight
+    `model` may be wrapped (DDP / FSDP): this is one call of its forward."""
+    return model(input_ids, positions, layout, targets=targets, chunk_size=chunk_size, with_entropy=with_entropy)
+
+
+def chunked_logprobs(h, W, targets, chunk_size=1024, with_entropy=False):
+    """h (B, T, hidden) @ W.T -> gathered log-probs, one (chunk, vocab) block at a time. Under
+    autograd each chunk is checkpointed: backward recomputes it instead of keeping all alive."""
     valid = targets >= 0
     safe_t = targets.clamp(min=0)
 

@@ -57,7 +57,7 @@ class Sample:
     sampled: list = field(default_factory=list)   # True: drawn from the model; False: forced by the engine
     logprobs: list = field(default_factory=list)  # log p(token) under the model (0.0 for forced tokens)
     finish_reason: str = ""                       # "eos" | "budget" | "malformed: <why>"
-    text: str = ""
+    text: str = ""                                # the response text, without the final stop token
     stats: dict = field(default_factory=dict)
 
     def full_layout(self, doc=0):
@@ -316,7 +316,7 @@ class Sampler:
         col = lambda i: [rec[i] for rec in recs]
         s = Sample(prompt_ids=row.prompt, ids=col(0), sampled=col(1), logprobs=col(2), block=col(3),
                    branch=col(4), pos=col(5), finish_reason=row.finish)
-        s.text = self.tok.decode(s.ids)
+        s.text = self.tok.decode(s.ids[:-1] if row.finish == "eos" else s.ids)   # without the stop token
         s.stats = dict(total_tokens=len(recs), critical_path_tokens=row.crit, forks=len(row.forks),
                        branches_per_fork=list(row.forks), time_s=row.t_end - t0)
         return s

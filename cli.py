@@ -1,0 +1,166 @@
+"""
+Shared plumbing of the stage scripts (distill, sft, grpo, eval, serve): dataclass -> command-line
+flags, reading problem files, JSON-lines logs, checkpoints in the HF layout, torch.distributed setup.
+Nothing here knows about the method; the method lives in npr.py and the scripts.
+"""
+import argparse
+import dataclasses
+import json
+import os
+import shutil
+import sys
+
+import torch
+
+INSTRUCTION_FILE = "npr_instruction.txt"  # a checkpoint's own instruction (the built-in default has one)
+
+
+# -----------------------------------------------------------------------------
+# Config -> CLI
+
+def parse_cli(cls, argv=None):
+    """Every field of the dataclass `cls` becomes a --kebab-case flag with the field's type.
+    Bools take --flag / --no-flag. The field's inline comment is not available at runtime, so
+    the help text shows the default."""
+    ap = argparse.ArgumentParser(description=(sys.modules[cls.__module__].__doc__ or "").strip().split("\n")[0])
+    for f in dataclasses.fields(cls):
+        flags = ["--" + f.name.replace("_", "-")] + (["-" + f.name] if len(f.name) == 1 else [])
+        default = f.default if f.default is not dataclasses.MISSING else f.default_factory()
+        if f.type in (bool, "bool"):
+            ap.add_argument(*flags, action=argparse.BooleanOptionalAction, default=default)
+        else:
+            typ = {"int": int, "float": float, "str": str}.get(f.type, f.type)
+            ap.add_argument(*flags, type=typ if callable(typ) else str, default=default, help=f"default: {default}")
+    return cls(**vars(ap.parse_args(argv)))
+
+
+def print_config(cfg):
+    print("config | " + " | ".join(f"{k}={v}" for k, v in dataclasses.asdict(cfg).items()), flush=True)
+
+
+# -----------------------------------------------------------------------------
+# Problems: JSONL or JSON, our fields or the ORZ-math collection's layout
+
+def read_problems(path, question_field="question", answer_field="answer"):
+    """-> list of {"question", "answer"}. Accepts JSONL (one object per line), a JSON list, and
+    the ORZ layout: [{"from": "human", "value": Q}, {"from": "assistant", "ground_truth": {"value": A}}].
+    A malformed line raises ValueError naming the file and line."""
+    if not os.path.isfile(path):
+        raise FileNotFoundError(f"data file not found: {path}")
+    with open(path) as f:
+        text = f.read()
+    items = None
+    if text.lstrip().startswith("["):
+        try:
+            items = [(i + 1, x) for i, x in enumerate(json.loads(text))]
+        except json.JSONDecodeError:
+            items = None  # a JSONL file whose first line is itself a list (ORZ rows): parse by line
+    if items is None:
+        items = []
+        for n, line in enumerate(text.splitlines(), 1):
+            if not line.strip():
+                continue
+            try:
+                items.append((n, json.loads(line)))
+            except json.JSONDecodeError as e:
+                raise ValueError(f"{path}:{n}: not valid JSON ({e.msg}): {line[:80]!r}") from None
+    out = []
+    for n, x in items:
+        if isinstance(x, list) and len(x) >= 2 and isinstance(x[0], dict) and x[0].get("from") == "human":
+            try:
+                out.append({"question": x[0]["value"], "answer": str(x[1]["ground_truth"]["value"])})
+            except (KeyError, TypeError):
+                raise ValueError(f"{path}:{n}: ORZ row without human value / ground_truth.value") from None
+        elif isinstance(x, dict) and question_field in x and answer_field in x:
+            out.append({**x, "question": x[question_field], "answer": str(x[answer_field])})
+        else:
+            raise ValueError(f"{path}:{n}: expected an object with {question_field!r} and {answer_field!r} "
+                             f"(see --question-field/--answer-field) or an ORZ row, got: {str(x)[:80]!r}")
+    if not out:
+        raise ValueError(f"{path}: no problems found")
+    return out
+
+
+def instruction_for(model_dir, override=""):
+    """The NPR instruction to prompt with: an explicit override, else the checkpoint's own
+    (npr_instruction.txt, written by the built-in default), else npr.INSTRUCTION."""
+    import npr
+    if override:
+        return override
+    p = os.path.join(model_dir, INSTRUCTION_FILE)
+    if os.path.isfile(p):
+        with open(p) as f:
+            return f.read().strip()
+    return npr.INSTRUCTION
+
+
+def chat_prompt(tok, question, instruction):
+    import npr
+    return tok.encode(tok.render_chat([{"role": "user", "content": npr.build_prompt(question, instruction)}]))
+
+
+# -----------------------------------------------------------------------------
+# Logs and checkpoints
+
+class JsonlLog:
+    """Append one JSON object per line (opened per write: a crash loses at most one record)."""
+
+    def __init__(self, path):
+        self.path = path
+        os.makedirs(os.path.dirname(path) or ".", exist_ok=True)
+
+    def write(self, **rec):
+        with open(self.path, "a") as f:
+            f.write(json.dumps(rec) + "\n")
+
+
+def save_checkpoint(model, tok, out_dir, cfg=None, src_dir=None, extra=None, state_dict=None):
+    """HF layout (config.json, safetensors, tokenizer files) + the run's config, into out_dir
+    (other files there, e.g. metrics.jsonl, stay). Written to a side folder first, then moved in
+    file by file; `extra` objects (torch.save) go last after the old ones are removed, so a kill
+    mid-save can lose the resume state but never pair it with the wrong weights."""
+    tmp = out_dir.rstrip("/") + ".tmp"
+    shutil.rmtree(tmp, ignore_errors=True)
+    model.save_pretrained(tmp, state_dict=state_dict)
+    tok.save_pretrained(tmp)
+    if cfg is not None:
+        with open(os.path.join(tmp, "run_config.json"), "w") as f:
+            json.dump(dataclasses.asdict(cfg), f, indent=2)
+    if src_dir and os.path.isfile(os.path.join(src_dir, INSTRUCTION_FILE)) and \
+            os.path.abspath(src_dir) != os.path.abspath(out_dir):
+        shutil.copy(os.path.join(src_dir, INSTRUCTION_FILE), tmp)
+    os.makedirs(out_dir, exist_ok=True)
+    for name in list(extra or {}) + [f for f in os.listdir(out_dir) if f.startswith("model") and
+                                     (f.endswith(".safetensors") or f.endswith(".index.json"))]:
+        if os.path.exists(os.path.join(out_dir, name)):
+            os.remove(os.path.join(out_dir, name))
+    for f in os.listdir(tmp):
+        os.replace(os.path.join(tmp, f), os.path.join(out_dir, f))
+    os.rmdir(tmp)
+    for name, obj in (extra or {}).items():
+        torch.save(obj, os.path.join(out_dir, name + ".tmp"))
+        os.replace(os.path.join(out_dir, name + ".tmp"), os.path.join(out_dir, name))
+
+
+def full_state_dict(model):
+    """The unsharded state dict (a collective under FSDP2: every rank must call it)."""
+    return {k: v.full_tensor() if hasattr(v, "full_tensor") else v for k, v in model.state_dict().items()}
+
+
+# -----------------------------------------------------------------------------
+# torch.distributed (launched by torchrun; a plain `python X.py` is world size 1)
+
+def init_distributed():
+    """-> (rank, world_size, local_rank, device). gloo on CPU, nccl on CUDA."""
+    if "RANK" not in os.environ:
+        return 0, 1, 0, torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    import torch.distributed as dist
+    local = int(os.environ.get("LOCAL_RANK", 0))
+    if torch.cuda.is_available():
+        torch.cuda.set_device(local)
+        dist.init_process_group("nccl")
+        dev = torch.device("cuda", local)
+    else:
+        dist.init_process_group("gloo")
+        dev = torch.device("cpu")
+    return dist.get_rank(), dist.get_world_size(), local, dev

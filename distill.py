@@ -1,0 +1,212 @@
+"""
+Stage 2a: self-distillation by rejection sampling (NPR.md section 4).
+
+    python distill.py                                                  # the built-in default
+    python distill.py --model Qwen3-4B-Instruct-2507 --data orz_math_57k.json --out out/distill.jsonl \\
+        --max-new-tokens 30000 --batch-size 512
+    torchrun --nproc-per-node 8 distill.py --model ... --data ...      # each rank samples a shard
+
+For every problem: sample with the NPR instruction at temperature 1.0, serial decoding (the tags
+are plain text to a model that has not been through SFT), up to --max-tries samples; keep the
+FIRST sample that is both correct (npr.grade) and format-perfect (npr.format_score == 0, finished
+with end-of-turn): one trajectory per problem. Tries are drawn in rounds (--tries-per-round
+samples for each still-unsolved problem), which keeps "first passing try" and wastes nothing on
+problems already solved.
+
+Output: SFT-ready JSONL (index, question, answer, prompt, trajectory, tries, format_score), plus
+<out>.state.jsonl with one line per finished problem (accepted or not, tries, reasons). Rerunning
+after a kill skips every finished problem: nothing written is lost. Data: JSONL / JSON with
+--question-field / --answer-field, or the ORZ-math collection's layout as it comes.
+"""
+import json
+import os
+import time
+from collections import Counter
+from dataclasses import dataclass
+
+import torch
+import torch.distributed as dist
+
+import npr
+from cli import chat_prompt, init_distributed, instruction_for, parse_cli, print_config, read_problems
+from model import Qwen, Tokenizer
+from sampler import Sampler, SamplingParams
+
+
+@dataclass
+class Config:
+    model: str = "out/base"                 # the instruct model (or the stage-1 model)
+    data: str = "out/data/train.jsonl"      # problems: JSONL / JSON / ORZ layout
+    question_field: str = "question"
+    answer_field: str = "answer"
+    out: str = "out/distill/train.jsonl"    # accepted trajectories (SFT input)
+    n_problems: int = 2000                  # first N problems (0 = all)
+    max_tries: int = 8                      # samples per problem at most (paper: 8)
+    tries_per_round: int = 2                # samples per unsolved problem per round
+    temperature: float = 1.0
+    top_p: float = 1.0
+    max_new_tokens: int = 400               # paper: 30k on real models
+    mode: str = "serial"                    # decoding used for sampling (paper: serial)
+    batch_size: int = 512                   # rows decoded together (problems x tries_per_round)
+    chunk: int = 256                        # problems per resumable unit (written when done)
+    instruction: str = ""                   # "" = the checkpoint's own, else npr.INSTRUCTION
+    seed: int = 0
+    device: str = ""
+    dtype: str = ""
+
+
+def judge(sample, answer):
+    """-> None when the sample is kept, else the reason it was rejected."""
+    if sample.finish_reason != "eos":
+        return f"unfinished ({sample.finish_reason.split(':')[0]})"
+    score, problems = npr.format_score(sample.text)
+    if score != 0.0:
+        return "format: " + (problems[0].split(":")[-1].strip() if problems else "score")
+    if not npr.grade(sample.text, answer):
+        return "wrong answer"
+    return None
+
+
+def read_done(state_path):
+    """Indices already finished, from the state file (a torn last line after a kill is ignored)."""
+    done = {}
+    if os.path.isfile(state_path):
+        with open(state_path) as f:
+            for line in f:
+                try:
+                    rec = json.loads(line)
+                    done[rec["index"]] = rec
+                except (json.JSONDecodeError, KeyError):
+                    continue
+    return done
+
+
+def distill_chunk(sampler, tok, items, cfg, instruction, seed):
+    """items: [(index, problem)] -> (accepted rows, state rows). Rounds of tries until solved."""
+    prompts = {i: chat_prompt(tok, p["question"], instruction) for i, p in items}
+    probs = dict(items)
+    tries, reasons, kept = Counter(), {i: Counter() for i, _ in items}, {}
+    rnd = 0
+    while True:
+        todo = [i for i, _ in items if i not in kept and tries[i] < cfg.max_tries]
+        if not todo:
+            break
+        n = min(cfg.tries_per_round, cfg.max_tries - min(tries[i] for i in todo))
+        per_call = max(1, cfg.batch_size // n)
+        for c in range(0, len(todo), per_call):
+            part = todo[c:c + per_call]
+            params = SamplingParams(mode=cfg.mode, temperature=cfg.temperature, top_p=cfg.top_p,
+                                    max_new_tokens=cfg.max_new_tokens, seed=seed * 1000 + rnd * 100 + c)
+            out = sampler.generate([prompts[i] for i in part], n=n, params=params)
+            for i, samples in zip(part, out):
+                for s in samples:
+                    if i in kept or tries[i] >= cfg.max_tries:
+                        break
+                    tries[i] += 1
+                    why = judge(s, probs[i]["answer"])
+                    if why is None:
+                        kept[i] = s
+                    else:
+                        reasons[i][why] += 1
+        rnd += 1
+    accepted, state = [], []
+    for i, p in items:
+        s = kept.get(i)
+        if s is not None:
+            accepted.append(dict(index=i, question=p["question"], answer=p["answer"],
+                                 prompt=npr.build_prompt(p["question"], instruction), trajectory=s.text,
+                                 tries=tries[i], format_score=0.0))
+        state.append(dict(index=i, accepted=s is not None, tries=tries[i], reasons=dict(reasons[i])))
+    return accepted, state
+
+
+def main(cfg: Config):
+    rank, world, _, dev = init_distributed()
+    if rank == 0:
+        print_config(cfg)
+    dtype = {"": None, "bfloat16": torch.bfloat16, "float16": torch.float16, "float32": torch.float32}[cfg.dtype]
+    problems = read_problems(cfg.data, cfg.question_field, cfg.answer_field)
+    if cfg.n_problems:
+        problems = problems[:cfg.n_problems]
+    tok = Tokenizer.from_pretrained(cfg.model)
+    model = Qwen.from_pretrained(cfg.model, device=dev, dtype=dtype)
+    sampler = Sampler(model, tok)
+    instruction = instruction_for(cfg.model, cfg.instruction)
+    os.makedirs(os.path.dirname(cfg.out) or ".", exist_ok=True)
+    shard = cfg.out if world == 1 else f"{cfg.out}.rank{rank}"
+    state_path = shard + ".state.jsonl"
+    done = read_done(state_path)
+    mine = [(i, p) for i, p in enumerate(problems) if i % world == rank and i not in done]
+    print(f"rank {rank}: {len(problems)} problems, {len(done)} done before, {len(mine)} to go", flush=True)
+
+    from tqdm import tqdm
+    bar = tqdm(total=len(mine), desc="distill", unit="problem", disable=rank != 0)
+    n_acc = sum(r["accepted"] for r in done.values())
+    n_seen = len(done)
+    t0 = time.perf_counter()
+    for c in range(0, len(mine), cfg.chunk):
+        items = mine[c:c + cfg.chunk]
+        accepted, state = distill_chunk(sampler, tok, items, cfg, instruction, seed=cfg.seed + items[0][0])
+        # trajectories first, then the state: a kill between the two re-does the chunk (duplicates are
+        # removed when reading), never skips it
+        with open(shard, "a") as f:
+            f.write("".join(json.dumps(r) + "\n" for r in accepted))
+        with open(state_path, "a") as f:
+            f.write("".join(json.dumps(r) + "\n" for r in state))
+        for r in state:
+            done[r["index"]] = r
+        n_acc += len(accepted)
+        n_seen += len(items)
+        bar.update(len(items))
+        bar.set_postfix(accept=f"{n_acc / max(n_seen, 1):.1%}")
+    bar.close()
+
+    if world > 1:
+        dist.barrier()
+    if rank == 0:
+        if world > 1:   # merge the shards (and their states) into cfg.out, in problem order
+            rows, states = {}, {}
+            for r in range(world):
+                p = f"{cfg.out}.rank{r}"
+                if os.path.isfile(p):
+                    rows.update({x["index"]: x for x in map(json.loads, open(p)) if x})
+                states.update(read_done(p + ".state.jsonl"))
+            with open(cfg.out, "w") as f:
+                f.write("".join(json.dumps(rows[i]) + "\n" for i in sorted(rows)))
+            with open(cfg.out + ".state.jsonl", "w") as f:
+                f.write("".join(json.dumps(states[i]) + "\n" for i in sorted(states)))
+            done = states
+        summary = summarize(done, cfg.out, time.perf_counter() - t0)
+        print(json.dumps(summary, indent=2))
+        with open(os.path.splitext(cfg.out)[0] + ".summary.json", "w") as f:
+            json.dump(summary, f, indent=2)
+    if world > 1:
+        dist.destroy_process_group()
+
+
+def summarize(done, out_path, wall_s):
+    """Problems tried, accepted, mean tries, rejection reasons (counted over all rejected tries)."""
+    acc = [r for r in done.values() if r["accepted"]]
+    reasons = Counter()
+    for r in done.values():
+        reasons.update(r["reasons"])
+    # dedupe the output file in place (a kill between the two appends may repeat a chunk)
+    seen, rows = set(), []
+    if os.path.isfile(out_path):
+        for line in open(out_path):
+            try:
+                x = json.loads(line)
+            except json.JSONDecodeError:
+                continue
+            if x["index"] not in seen:
+                seen.add(x["index"])
+                rows.append(line if line.endswith("\n") else line + "\n")
+        with open(out_path, "w") as f:
+            f.writelines(rows)
+    return dict(problems=len(done), accepted=len(acc), acceptance=len(acc) / max(len(done), 1),
+                mean_tries_accepted=sum(r["tries"] for r in acc) / max(len(acc), 1),
+                rejected_tries=dict(reasons.most_common()), trajectories=len(rows), wall_s=round(wall_s, 1))
+
+
+if __name__ == "__main__":
+    main(parse_cli(Config))

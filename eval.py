@@ -1,0 +1,145 @@
+"""
+Evaluate a checkpoint with the metrics of NPR.md section 6, in serial and/or parallel decoding.
+
+    python eval.py                                   # the built-in default (out/grpo on out/data/test.jsonl)
+    python eval.py --model DIR --data FILE --mode parallel -k 8 --max-new-tokens 30000
+
+Metrics (per mode):
+- avg@k: mean correctness over k samples per problem (last brace-matched \\boxed{}, npr.is_equiv);
+- format validity: share of samples that finished with EOS and score 0 under npr.format_score;
+- parallel trigger rate: share of samples in which at least one guideline actually forked into
+  >= 2 branches (serial mode: share whose text holds a block with >= 2 steps, i.e. would fork);
+- branches per fork (mean over forks);
+- tokens/s counting every branch token (all tokens of all samples / wall time of generation);
+- time-to-answer: mean seconds from the start of a batch to the end of a sample (same batch size
+  in both modes, so the two are comparable);
+- total / critical-path tokens (sum over samples of each): how much work ran side by side.
+Running both modes prints the parallel/serial ratios side by side. A JSON report is written.
+Official settings: k = 8, T = 1.0, top-p 0.7 (the defaults here).
+"""
+import json
+import os
+import time
+from dataclasses import dataclass
+
+import torch
+
+import npr
+from cli import chat_prompt, instruction_for, parse_cli, print_config, read_problems
+from model import Qwen, Tokenizer
+from sampler import Sampler, SamplingParams
+
+
+@dataclass
+class Config:
+    model: str = "out/grpo"             # checkpoint folder (HF layout)
+    data: str = "out/data/test.jsonl"   # JSONL/JSON problems, or the ORZ layout
+    question_field: str = "question"
+    answer_field: str = "answer"
+    mode: str = "both"                  # serial | parallel | both
+    k: int = 8                          # samples per problem (avg@k)
+    n_problems: int = 0                 # first N problems only (0 = all)
+    temperature: float = 1.0
+    top_p: float = 0.7
+    max_new_tokens: int = 512           # critical-path budget per sample
+    max_total_tokens: int = 0           # all-branch budget (0 = max_branches x max_new_tokens)
+    max_branches: int = 5
+    batch_size: int = 256               # rows (problems x k) decoded together
+    instruction: str = ""               # "" = the checkpoint's own, else npr.INSTRUCTION
+    seed: int = 0
+    device: str = ""                    # "" = cuda when available
+    dtype: str = ""                     # "" = checkpoint dtype (bfloat16 / float16 / float32)
+    out: str = ""                       # report path ("" = <model>/eval.json)
+
+
+def sample_metrics(samples, answers, wall_s):
+    """samples: list of (Sample, gold answer). -> dict of the metrics above."""
+    n = max(len(samples), 1)
+    forks = [b for s, _ in samples for b in s.stats["branches_per_fork"]]
+    total = sum(s.stats["total_tokens"] for s, _ in samples)
+    crit = sum(s.stats["critical_path_tokens"] for s, _ in samples)
+    triggered = [any(b >= 2 for b in s.stats["branches_per_fork"]) or (not s.stats["forks"] and npr.is_parallel(s.text))
+                 for s, _ in samples]
+    valid = [s.finish_reason == "eos" and npr.format_score(s.text)[0] == 0.0 for s, _ in samples]
+    return dict(
+        samples=len(samples), problems=len(answers),
+        accuracy=sum(npr.grade(s.text, a) for s, a in samples) / n,
+        format_valid=sum(valid) / n, trigger_rate=sum(triggered) / n,
+        branches_per_fork=sum(forks) / len(forks) if forks else 0.0,
+        tokens_per_s=total / wall_s if wall_s else 0.0,
+        time_to_answer_s=sum(s.stats["time_s"] for s, _ in samples) / n,
+        total_over_critical=total / crit if crit else 0.0,
+        mean_tokens=total / n, mean_critical_tokens=crit / n,
+        finish={r: sum(s.finish_reason == r for s, _ in samples) / n
+                for r in sorted({s.finish_reason for s, _ in samples})},
+    )
+
+
+def evaluate(sampler, tok, problems, params, k, batch_size, instruction, progress=True):
+    """Sample k answers per problem in batches of rows; -> (metrics, [(Sample, answer)])."""
+    prompts = [chat_prompt(tok, p["question"], instruction) for p in problems]
+    per_batch = max(1, batch_size // k)
+    out, wall = [], 0.0
+    bar = None
+    if progress:
+        from tqdm import tqdm
+        bar = tqdm(total=len(problems) * k, desc=f"eval {params.mode}", unit="sample")
+    for i in range(0, len(prompts), per_batch):
+        t0 = time.perf_counter()
+        got = sampler.generate(prompts[i:i + per_batch], n=k, params=params)
+        wall += time.perf_counter() - t0
+        for p, samples in zip(problems[i:i + per_batch], got):
+            out += [(s, p["answer"]) for s in samples]
+        if bar is not None:
+            bar.update(len(got) * k)
+    if bar is not None:
+        bar.close()
+    return sample_metrics(out, problems, wall), out
+
+
+def table(report):
+    cols = ["accuracy", "format_valid", "trigger_rate", "branches_per_fork", "tokens_per_s",
+            "time_to_answer_s", "total_over_critical", "mean_tokens"]
+    lines = ["| mode | " + " | ".join(cols) + " |", "|" + "---|" * (len(cols) + 1)]
+    for mode in ("serial", "parallel"):
+        if mode in report:
+            lines.append(f"| {mode} | " + " | ".join(f"{report[mode][c]:.3g}" for c in cols) + " |")
+    if "speedup" in report:
+        lines.append("| parallel / serial | " + " | ".join(
+            f"{report['speedup'][c]:.3g}" if c in report["speedup"] else "" for c in cols) + " |")
+    return "\n".join(lines)
+
+
+def main(cfg: Config):
+    print_config(cfg)
+    dev = cfg.device or ("cuda" if torch.cuda.is_available() else "cpu")
+    dtype = {"": None, "bfloat16": torch.bfloat16, "float16": torch.float16, "float32": torch.float32}[cfg.dtype]
+    tok = Tokenizer.from_pretrained(cfg.model)
+    model = Qwen.from_pretrained(cfg.model, device=dev, dtype=dtype)
+    problems = read_problems(cfg.data, cfg.question_field, cfg.answer_field)
+    if cfg.n_problems:
+        problems = problems[:cfg.n_problems]
+    instruction = instruction_for(cfg.model, cfg.instruction)
+    sampler = Sampler(model, tok)
+    report = dict(model=cfg.model, data=cfg.data, k=cfg.k, problems=len(problems))
+    modes = ["serial", "parallel"] if cfg.mode == "both" else [cfg.mode]
+    for mode in modes:
+        print(f"== {mode} decoding: {len(problems)} problems x {cfg.k} ==", flush=True)
+        params = SamplingParams(mode=mode, temperature=cfg.temperature, top_p=cfg.top_p,
+                                max_new_tokens=cfg.max_new_tokens, max_total_tokens=cfg.max_total_tokens,
+                                max_branches=cfg.max_branches, seed=cfg.seed)
+        report[mode], _ = evaluate(sampler, tok, problems, params, cfg.k, cfg.batch_size, instruction)
+    if len(modes) == 2:
+        s, p = report["serial"], report["parallel"]
+        report["speedup"] = dict(tokens_per_s=p["tokens_per_s"] / max(s["tokens_per_s"], 1e-9),
+                                 time_to_answer_s=p["time_to_answer_s"] / max(s["time_to_answer_s"], 1e-9))
+    print(table(report))
+    out = cfg.out or os.path.join(cfg.model, "eval.json")
+    with open(out, "w") as f:
+        json.dump(report, f, indent=2)
+    print(f"report: {out}")
+    return report
+
+
+if __name__ == "__main__":
+    main(parse_cli(Config))

@@ -1,0 +1,273 @@
+"""
+Stage 2b (NPR-Beta): parallel SFT on the self-distilled trajectories, with branch isolation.
+
+    python sft.py                                                     # the built-in default
+    torchrun --nproc-per-node 8 sft.py --model Qwen3-4B-Instruct-2507 --data distill.jsonl \\
+        --out-dir out/sft --lr 1e-6 --batch-size 8 --row-tokens 32768 --epochs 1 --fsdp
+
+What it does (NPR.md section 4, stage 2b):
+- starts from the instruct (base) model, NOT the stage-1 model; adds the 8 tags as special tokens
+  (each new row = mean of the sub-tokens of its name; tokens already present keep their rows);
+- each trajectory: prompt (chat-rendered) + response + end-of-turn; per-token block / branch /
+  position from npr.token_layout (separators belong to the branch before them), so step i never
+  sees step j != i; malformed trajectories are dropped and counted;
+- sequences are packed into rows with document ids (no padding waste, documents blind to each
+  other); a sequence longer than a row is dropped and counted;
+- loss on assistant tokens only (tags included), token mean over the GLOBAL batch (all ranks,
+  all micro-batches of one optimizer step), log-probs computed in chunks (no (T, vocab) logits);
+- AdamW (0.9, 0.95), wd 0.1 on matrices, cosine schedule with warm-up, grad clipping, bf16 on GPU,
+  gradient accumulation (one packed row per micro-batch), optional gradient checkpointing;
+- torchrun: DDP by default, FSDP2 (`fully_shard`) with --fsdp; gloo on CPU, nccl on GPU;
+- checkpoints in the HF layout (loadable by Qwen.from_pretrained and transformers): the final one
+  in --out-dir, periodic ones in --out-dir/last with optimizer state; rerunning resumes from it.
+Paper settings (flags): lr 1e-6, cosine, 5% warm-up, 1 epoch, 8 sequences/step, 32k context.
+The defaults below are the built-in default's (a 0.4M-parameter model: higher lr, more epochs).
+"""
+import math
+import os
+import random
+import time
+from dataclasses import dataclass
+
+import torch
+import torch.distributed as dist
+
+import npr
+from cli import JsonlLog, full_state_dict, init_distributed, instruction_for, parse_cli, print_config, read_problems, save_checkpoint
+from model import Qwen, Tokenizer, add_special_tokens, token_logprobs
+from parallel_attention import Layout
+
+
+@dataclass
+class Config:
+    model: str = "out/base"                   # the instruct / base model (HF layout)
+    data: str = "out/distill/train.jsonl"     # distill.py output (prompt / question + trajectory)
+    out_dir: str = "out/sft"
+    instruction: str = ""                     # to build prompts of rows that only have "question"
+    epochs: float = 3.0
+    batch_size: int = 16                      # sequences per optimizer step (global, all ranks)
+    row_tokens: int = 2048                    # packed row length (one micro-batch = one row)
+    lr: float = 1e-3
+    min_lr_frac: float = 0.0                  # cosine decays to lr * this
+    warmup_frac: float = 0.05
+    weight_decay: float = 0.1
+    beta1: float = 0.9
+    beta2: float = 0.95
+    grad_clip: float = 1.0
+    grad_checkpointing: bool = False
+    fsdp: bool = False                        # under torchrun: FSDP2 instead of DDP
+    dtype: str = ""                           # "" = bfloat16 on GPU, float32 on CPU
+    attn_impl: str = "auto"                   # auto | triton | sdpa | ref
+    save_every: int = 0                       # steps between resumable checkpoints (0 = only at the end)
+    resume: bool = True                       # continue from out_dir/last when it exists
+    seed: int = 0
+    max_branches: int = 5
+    threads: int = 0                          # torch CPU threads (0 = torch default)
+
+
+# -----------------------------------------------------------------------------
+# Data: trajectories -> (ids, positions, block, branch, loss mask) -> packed rows
+
+def encode_example(tok, row, instruction, max_branches):
+    """-> dict(ids, pos, block, branch, loss) for prompt + response, or (None, reason)."""
+    user = row.get("prompt") or npr.build_prompt(row["question"], instruction)
+    prompt = tok.encode(tok.render_chat([{"role": "user", "content": user}]))
+    resp = tok.encode(row["trajectory"]) + [tok.eos_id]
+    lay = npr.token_layout([tok.decode_piece(t) for t in resp], start_pos=len(prompt), max_branches=max_branches)
+    if lay.problems:
+        return None, lay.problems[0]
+    P = len(prompt)
+    return dict(ids=prompt + resp, pos=list(range(P)) + lay.pos, block=[0] * P + lay.block,
+                branch=[0] * P + lay.branch, loss=[0] * P + [1] * len(resp)), None
+
+
+def pack(examples, row_tokens):
+    """First-fit-decreasing packing into rows of <= row_tokens tokens, one doc id per example."""
+    rows = []
+    for ex in sorted(examples, key=lambda e: -len(e["ids"])):
+        for r in rows:
+            if r["n"] + len(ex["ids"]) <= row_tokens:
+                break
+        else:
+            r = {"n": 0, "docs": []}
+            rows.append(r)
+        r["docs"].append(ex)
+        r["n"] += len(ex["ids"])
+    return [to_row(r["docs"]) for r in rows]
+
+
+def to_row(docs):
+    """Concatenate documents into one (1, T) row: ids, targets, positions and Layout."""
+    cat = lambda key: [x for d in docs for x in d[key]]
+    ids = torch.tensor([cat("ids")])
+    # target of token t = token t+1 of the SAME document, where t+1 is an assistant token
+    tgt = []
+    for d in docs:
+        tgt += [nxt if m else -100 for nxt, m in zip(d["ids"][1:], d["loss"][1:])] + [-100]
+    doc = torch.tensor([[i for i, d in enumerate(docs) for _ in d["ids"]]], dtype=torch.int32)
+    t32 = lambda key: torch.tensor([cat(key)], dtype=torch.int32)
+    return dict(ids=ids, targets=torch.tensor([tgt]), pos=torch.tensor([cat("pos")]),
+                layout=Layout(doc=doc, block=t32("block"), branch=t32("branch")))
+
+
+def lr_at(step, total, cfg):
+    warm = max(1, int(cfg.warmup_frac * total))
+    if step < warm:
+        return cfg.lr * (step + 1) / warm
+    t = (step - warm) / max(1, total - warm)
+    return cfg.lr * (cfg.min_lr_frac + (1 - cfg.min_lr_frac) * 0.5 * (1 + math.cos(math.pi * t)))
+
+
+# -----------------------------------------------------------------------------
+
+def main(cfg: Config):
+    rank, world, _, dev = init_distributed()
+    if cfg.threads:
+        torch.set_num_threads(cfg.threads)
+    torch.manual_seed(cfg.seed)
+    log = print if rank == 0 else (lambda *a, **k: None)
+    if rank == 0:
+        print_config(cfg)
+    dtype = {"": torch.bfloat16 if dev.type == "cuda" else torch.float32, "bfloat16": torch.bfloat16,
+             "float32": torch.float32}[cfg.dtype]
+    last_dir = os.path.join(cfg.out_dir, "last")
+    resuming = cfg.resume and os.path.isfile(os.path.join(last_dir, "train_state.pt"))
+    src = last_dir if resuming else cfg.model
+
+    log("== load model and add the tag tokens ==")
+    tok = Tokenizer.from_pretrained(src)
+    model = Qwen.from_pretrained(src, device=dev, dtype=dtype)
+    if not resuming:
+        add_special_tokens(model, tok, npr.TAG_NAMES)
+    model.attn_impl = cfg.attn_impl
+    model.gradient_checkpointing = cfg.grad_checkpointing
+    n_params = model.num_params()
+
+    log("== data: layouts, drops, packing ==")
+    instruction = instruction_for(cfg.model, cfg.instruction)
+    examples, dropped = [], {}
+    for r in read_problems(cfg.data, answer_field="answer"):
+        if "trajectory" not in r:
+            raise ValueError(f"{cfg.data}: rows need a 'trajectory' field (distill.py output)")
+        ex, why = encode_example(tok, r, instruction, cfg.max_branches)
+        if ex is not None and len(ex["ids"]) > cfg.row_tokens:
+            ex, why = None, f"longer than --row-tokens {cfg.row_tokens}"
+        if ex is None:
+            dropped[why] = dropped.get(why, 0) + 1
+        else:
+            examples.append(ex)
+    if not examples:
+        raise ValueError(f"{cfg.data}: no usable trajectories (dropped: {dropped})")
+    steps_per_epoch = math.ceil(len(examples) / cfg.batch_size)
+    total_steps = max(1, int(steps_per_epoch * cfg.epochs))
+    log(f"trajectories {len(examples)} | dropped {sum(dropped.values())} {dropped} | "
+        f"steps {total_steps} | params {n_params / 1e6:.2f}M")
+
+    ddp_model = model
+    if world > 1:
+        if cfg.fsdp:
+            from torch.distributed.fsdp import fully_shard
+            for layer in model.model.layers:
+                fully_shard(layer)
+            fully_shard(model)
+        else:
+            from torch.nn.parallel import DistributedDataParallel
+            ddp_model = DistributedDataParallel(model)
+    decay = [p for n, p in model.named_parameters() if p.dim() >= 2]
+    no_decay = [p for n, p in model.named_parameters() if p.dim() < 2]
+    opt = torch.optim.AdamW([{"params": decay, "weight_decay": cfg.weight_decay},
+                             {"params": no_decay, "weight_decay": 0.0}],
+                            lr=cfg.lr, betas=(cfg.beta1, cfg.beta2), foreach=dev.type == "cuda")
+    step = 0
+    if resuming:
+        state = torch.load(os.path.join(last_dir, "train_state.pt"), weights_only=False)
+        if state["world"] != world:
+            raise ValueError(f"{last_dir} was written by {state['world']} ranks; resume with the same number")
+        opt.load_state_dict(torch.load(os.path.join(last_dir, f"optimizer.rank{rank}.pt"), map_location=dev,
+                                       weights_only=False))
+        step = state["step"]
+        log(f"resumed from {last_dir} at step {step}")
+    metrics = JsonlLog(os.path.join(cfg.out_dir, "metrics.jsonl"))
+
+    log("== train ==")
+    order = []
+    for epoch in range(math.ceil(cfg.epochs) + 1):   # one fixed shuffle per epoch, so resuming replays it
+        rng = random.Random(cfg.seed + epoch)
+        perm = list(range(len(examples)))
+        rng.shuffle(perm)
+        order += perm
+    from tqdm import tqdm
+    bar = tqdm(total=total_steps, initial=step, desc="sft", disable=rank != 0)
+    model.train()
+    while step < total_steps:
+        t0 = time.perf_counter()
+        batch = [examples[i] for i in order[step * cfg.batch_size:(step + 1) * cfg.batch_size]]
+        rows = pack(batch[rank::world], cfg.row_tokens)
+        n_tok = torch.tensor(float(sum(sum(e["loss"]) for e in batch)), device=dev)   # global loss tokens
+        for g in opt.param_groups:
+            g["lr"] = lr_at(step, total_steps, cfg)
+        loss_sum, n_rows = 0.0, torch.tensor(len(rows), device=dev)
+        if world > 1:
+            dist.all_reduce(n_rows, op=dist.ReduceOp.MAX)  # every rank runs as many micro-batches
+        for i in range(int(n_rows)):
+            r = rows[i] if i < len(rows) else None
+            if r is None:   # this rank has fewer rows: a zero-weight pass keeps the collectives in step
+                r = dict(ids=torch.zeros(1, 1, dtype=torch.long), targets=torch.full((1, 1), -100),
+                         pos=torch.zeros(1, 1, dtype=torch.long), layout=Layout.causal(1, 1))
+            sync = world == 1 or cfg.fsdp or i == int(n_rows) - 1
+            ctx = ddp_model.no_sync() if not sync else torch.enable_grad()
+            with ctx:
+                lp = token_logprobs(ddp_model if world > 1 and not cfg.fsdp else model, r["ids"].to(dev),
+                                    r["targets"].to(dev), r["pos"].to(dev), r["layout"].to(dev))
+                # token mean over the global batch; DDP/FSDP average gradients over ranks, so x world
+                loss = -lp.sum() * world / n_tok
+                loss.backward()
+            loss_sum += loss.item() / world
+        if world > 1:
+            t = torch.tensor(loss_sum, device=dev)
+            dist.all_reduce(t)
+            loss_sum = t.item()
+        gnorm = torch.nn.utils.clip_grad_norm_(model.parameters(), cfg.grad_clip).item()
+        opt.step()
+        opt.zero_grad(set_to_none=True)
+        step += 1
+        dt = time.perf_counter() - t0
+        tok_s = sum(len(e["ids"]) for e in batch) / dt
+        rec = dict(step=step, loss=loss_sum, lr=opt.param_groups[0]["lr"], grad_norm=gnorm, tokens_per_s=tok_s,
+                   step_s=dt)
+        if dev.type == "cuda":   # model FLOPs utilisation against H100 dense bf16 peak (989 TFLOP/s)
+            rec["mfu"] = 6 * n_params * tok_s / 989e12
+        bar.update(1)
+        if rank == 0:
+            metrics.write(**rec)
+            tqdm.write(" | ".join(f"{k} {v:.4g}" if isinstance(v, float) else f"{k} {v}" for k, v in rec.items()))
+        if cfg.save_every and step % cfg.save_every == 0 and step < total_steps:
+            # weights (gathered: every rank takes part under FSDP), then each rank's optimizer shard,
+            # then the step: train_state.pt is written last, so it only exists for a complete save
+            state = full_state_dict(model)
+            if rank == 0:
+                if os.path.exists(os.path.join(last_dir, "train_state.pt")):
+                    os.remove(os.path.join(last_dir, "train_state.pt"))
+                save_checkpoint(model, tok, last_dir, cfg, cfg.model, state_dict=state)
+            if world > 1:
+                dist.barrier()
+            torch.save(opt.state_dict(), os.path.join(last_dir, f"optimizer.rank{rank}.pt"))
+            if world > 1:
+                dist.barrier()
+            if rank == 0:
+                torch.save({"step": step, "world": world}, os.path.join(last_dir, "train_state.pt"))
+    bar.close()
+    state = full_state_dict(model)
+    if rank == 0:
+        save_checkpoint(model, tok, cfg.out_dir, cfg, cfg.model, state_dict=state)
+        import shutil
+        shutil.rmtree(last_dir, ignore_errors=True)
+        log(f"saved {cfg.out_dir}")
+    if world > 1:
+        dist.barrier()
+        dist.destroy_process_group()
+    return model
+
+
+if __name__ == "__main__":
+    main(parse_cli(Config))

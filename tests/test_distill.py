@@ -1,0 +1,117 @@
+"""distill.py: acceptance (correct AND format-perfect, first one kept), resume, data layouts, errors."""
+import json
+
+import pytest
+
+import distill
+from cli import read_problems
+from sampler import Sample
+
+GOOD = ("<guideline>\n<plan>1: 2*3</plan>\n<plan>2: 4*5</plan>\n</guideline>\n<step>\n1: 2*3=6\n</step>\n"
+        "<step>\n2: 4*5=20\n</step>\n<takeaway>\n6+20=26.\n</takeaway>\n\\boxed{26}")
+WRONG = GOOD.replace("\\boxed{26}", "\\boxed{27}")
+BAD_FORMAT = "2*3=6. 4*5=20. 6+20=26. \\boxed{26}"          # correct, but no blocks
+
+
+def sample(text, finish="eos"):
+    return Sample(prompt_ids=[1], ids=[1, 2], finish_reason=finish, text=text,
+                  stats=dict(total_tokens=2, critical_path_tokens=2, forks=0, branches_per_fork=[], time_s=0.1))
+
+
+class FakeSampler:
+    """Returns scripted samples per problem question, in try order; counts calls."""
+
+    def __init__(self, scripts, fail_after=None):
+        self.scripts, self.calls, self.fail_after, self.pos = scripts, 0, fail_after, {}
+
+    def generate(self, prompts, n, params):
+        self.calls += 1
+        if self.fail_after is not None and self.calls > self.fail_after:
+            raise KeyboardInterrupt("killed")
+        out = []
+        for p in prompts:
+            q = self.key[tuple(p)]
+            k = self.pos.get(q, 0)
+            out.append([sample(*self.scripts[q][min(k + j, len(self.scripts[q]) - 1)]) for j in range(n)])
+            self.pos[q] = k + n
+        return out
+
+
+class FakeTok:
+    def encode(self, text):
+        return [ord(c) for c in text]
+
+    def render_chat(self, messages, add_generation_prompt=True):
+        return messages[0]["content"]
+
+
+def test_judge():
+    assert distill.judge(sample(GOOD), "26") is None
+    assert distill.judge(sample(WRONG), "26") == "wrong answer"
+    assert distill.judge(sample(BAD_FORMAT), "26").startswith("format")
+    assert distill.judge(sample(GOOD, finish="budget"), "26").startswith("unfinished")
+
+
+def test_first_correct_and_well_formed_sample_is_kept():
+    tok = FakeTok()
+    scripts = {"A": [(WRONG,), (GOOD.replace("6+20=26.", "first kept."),), (GOOD,)],
+               "B": [(WRONG,)], "C": [(BAD_FORMAT,), (GOOD,)]}
+    fake = FakeSampler(scripts)
+    items = [(i, {"question": q, "answer": "26"}) for i, q in enumerate("ABC")]
+    cfg = distill.Config(max_tries=4, tries_per_round=1)
+    from cli import chat_prompt
+    fake.key = {tuple(chat_prompt(tok, q, "I")): q for q in "ABC"}
+    acc, state = distill.distill_chunk(fake, tok, items, cfg, "I", seed=0)
+    assert [r["index"] for r in acc] == [0, 2]
+    assert "first kept." in acc[0]["trajectory"] and acc[0]["tries"] == 2 and acc[1]["tries"] == 2
+    assert state[1] == dict(index=1, accepted=False, tries=4, reasons={"wrong answer": 4})
+    assert state[2]["reasons"] == {"format: " + distill.judge(sample(BAD_FORMAT), "26").split(": ", 1)[1]: 1}
+
+
+def test_resume_after_a_kill_loses_nothing(tmp_path, monkeypatch):
+    data = tmp_path / "p.jsonl"
+    qs = [f"Q{i}" for i in range(6)]
+    data.write_text("".join(json.dumps({"question": q, "answer": "26"}) + "\n" for q in qs))
+    tok = FakeTok()
+    from cli import chat_prompt
+    scripts = {q: [(GOOD,)] if i % 2 == 0 else [(WRONG,)] for i, q in enumerate(qs)}
+    monkeypatch.setattr(distill.Tokenizer, "from_pretrained", staticmethod(lambda p: tok))
+    monkeypatch.setattr(distill.Qwen, "from_pretrained", staticmethod(lambda *a, **k: None))
+    monkeypatch.setattr(distill, "instruction_for", lambda *a: "I")
+    fakes = []
+
+    def make(model, t, fail_after=None):
+        f = FakeSampler(scripts, fail_after)
+        f.key = {tuple(chat_prompt(tok, q, "I")): q for q in qs}
+        fakes.append(f)
+        return f
+    out = tmp_path / "out" / "d.jsonl"
+    cfg = distill.Config(data=str(data), out=str(out), chunk=2, max_tries=2, tries_per_round=2, n_problems=0)
+    monkeypatch.setattr(distill, "Sampler", lambda m, t: make(m, t, fail_after=1))
+    with pytest.raises(KeyboardInterrupt):
+        distill.main(cfg)                                  # first chunk written, then killed
+    assert [json.loads(x)["index"] for x in out.read_text().splitlines()] == [0]
+    monkeypatch.setattr(distill, "Sampler", lambda m, t: make(m, t))
+    distill.main(cfg)
+    rows = [json.loads(x) for x in out.read_text().splitlines()]
+    assert [r["index"] for r in rows] == [0, 2, 4]
+    assert fakes[-1].calls == 2                            # only the two remaining chunks were sampled
+    summary = json.load(open(tmp_path / "out" / "d.summary.json"))
+    assert summary["problems"] == 6 and summary["accepted"] == 3 and summary["rejected_tries"] == {"wrong answer": 6}
+
+
+def test_read_problems_layouts_and_errors(tmp_path):
+    orz = tmp_path / "orz.json"
+    orz.write_text(json.dumps([[{"from": "human", "value": "1+1?"}, {"from": "assistant", "ground_truth": {"value": 2}}]]))
+    assert read_problems(str(orz)) == [{"question": "1+1?", "answer": "2"}]
+    custom = tmp_path / "c.jsonl"
+    custom.write_text(json.dumps({"problem": "x", "solution": "3"}) + "\n")
+    assert read_problems(str(custom), "problem", "solution")[0]["answer"] == "3"
+    bad = tmp_path / "bad.jsonl"
+    bad.write_text(json.dumps({"question": "a", "answer": "1"}) + "\n{not json\n")
+    with pytest.raises(ValueError, match=r"bad.jsonl:2: not valid JSON"):
+        read_problems(str(bad))
+    with pytest.raises(ValueError, match=r"c.jsonl:1: expected an object with 'question'"):
+        read_problems(str(custom))
+    with pytest.raises(FileNotFoundError):
+        read_problems(str(tmp_path / "none.jsonl"))

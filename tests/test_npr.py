@@ -1,0 +1,361 @@
+"""Tests of npr.py: tags, parser, format score, token layout (branch ids, positions, problems),
+incremental tag detection, answer extraction and equivalence. Pure Python, runs in seconds."""
+import random
+import re
+
+import pytest
+
+import npr
+
+
+def block_text(plans, steps, takeaway="Both agree, so we conclude.", sep="\n"):
+    g = sep.join(f"<plan>{p}</plan>" for p in plans)
+    s = sep.join(f"<step>{sep}{x}{sep}</step>" for x in steps)
+    return f"<guideline>{sep}{g}{sep}</guideline>{sep}{s}{sep}<takeaway>{sep}{takeaway}{sep}</takeaway>"
+
+
+GOOD = ("Let me think.\n"
+        + block_text(["1: Compute directly.", "2: Use symmetry."], ["1: Directly, 2+2 = 4.", "2: By symmetry, 4."])
+        + "\nThe answer is \\boxed{4}.")
+
+
+def pieces_of(text):
+    """A toy tokenizer: whole tags, newlines, and runs of other text."""
+    return re.findall(r"</?(?:guideline|plan|step|takeaway)>|\n|[^<\n]+|<", text)
+
+
+def visible(lay, q, k):
+    """The mask rule of NPR.md section 3, for checking layouts."""
+    sib = lay.block[q] == lay.block[k] and lay.branch[q] > 0 and lay.branch[k] > 0 and lay.branch[q] != lay.branch[k]
+    return k <= q and not sib
+
+
+# -----------------------------------------------------------------------------
+# tags, prompt, parser
+
+def test_tags_and_names():
+    assert len(npr.TAGS) == 8 and npr.TAG_NAMES["<guideline>"] == "guideline"
+    assert npr.TAG_NAMES["</takeaway>"] == "/takeaway" and set(npr.TAG_NAMES) == set(npr.TAGS)
+
+
+def test_build_prompt_holds_instruction_and_question():
+    p = npr.build_prompt("  What is 2+2?  ")
+    assert p.startswith(npr.INSTRUCTION) and p.endswith("What is 2+2?")
+    for t in npr.TAGS:
+        assert t in npr.INSTRUCTION
+    assert "1:" in npr.INSTRUCTION and "\\boxed{}" in npr.INSTRUCTION
+
+
+def test_parse_good_sample():
+    p = npr.parse(GOOD)
+    assert p.problems == [] and p.answer == "4" and p.final_text == "The answer is \\boxed{4}."
+    (b,) = p.blocks
+    assert b.plans == [("1", "Compute directly."), ("2", "Use symmetry.")]
+    assert b.steps == ["1: Directly, 2+2 = 4.", "2: By symmetry, 4."]
+    assert b.takeaway == "Both agree, so we conclude."
+    assert npr.is_parallel(GOOD) and npr.is_parallel(p)
+
+
+def test_parse_serial_and_unclosed():
+    one = block_text(["1: Only way."], ["1: Do it fully."]) + " \\boxed{1}"
+    assert not npr.is_parallel(one) and npr.parse(one).problems == []
+    p = npr.parse("<guideline><plan>1: a</plan><plan>first</plan></guideline><step>1: half")
+    assert p.blocks[0].plans == [("1", "a"), ("", "first")] and p.blocks[0].steps == ["1: half"]
+    assert p.blocks[0].takeaway is None and p.answer is None and p.final_text == ""
+    assert any("unclosed step" in x for x in p.problems)
+    plain = npr.parse("no tags at all, \\boxed{3}")
+    assert plain.blocks == [] and plain.final_text == "no tags at all, \\boxed{3}" and plain.answer == "3"
+
+
+def test_garbage_never_raises():
+    rng = random.Random(0)
+    alphabet = list(npr.TAGS) + ["<st", "ep>", "</", "\n", " ", "1:", "x", "\\boxed{", "}", "<", ">", "{"]
+    for _ in range(300):
+        text = "".join(rng.choice(alphabet) for _ in range(rng.randint(0, 40)))
+        npr.parse(text)
+        npr.format_score(text)
+        lay = npr.token_layout(pieces_of(text))
+        assert len(lay.block) == len(lay.branch) == len(lay.pos) == len(pieces_of(text))
+        npr.new_tags(text, rng.randint(0, len(text)))
+        npr.is_equiv(text, "1")
+
+
+# -----------------------------------------------------------------------------
+# format score
+
+def test_perfect_sample_scores_zero():
+    assert npr.format_score(GOOD) == (0.0, [])
+    two = GOOD.replace("\nThe answer", "\n" + block_text(["1: Check it.", "2: Check again."],
+                                                        ["1: Checked, fine.", "2: Also fine."]) + "\nThe answer")
+    assert npr.format_score(two) == (0.0, [])
+    assert npr.format_score(block_text(["1.1: Subcase"], ["1.1: solved it"]) + "\\boxed{2}") == (0.0, [])
+
+
+BAD = {  # name -> (text, expected score)
+    "no block": ("Just an answer \\boxed{4}.", -1.5),
+    "tag between blocks": (GOOD.replace("Let me think.", "Let me <plan>think."), -1.5),
+    "zero plans": (block_text([], ["1: something"]), -1.0),
+    "steps != plans": (block_text(["1: one way", "2: another"], ["1: only one step"]), -1.0),
+    "text residue in guideline": (GOOD.replace("<plan>2:", "hmm<plan>2:"), -0.2),
+    "tag residue in guideline": (GOOD.replace("<plan>2: Use symmetry.</plan>", "<plan>2: Use symmetry."), -0.4 - 1.0),
+    "residue between steps": (GOOD.replace("</step>\n<step>", "</step>\nso\n<step>"), -0.2),
+    "short plan": (GOOD.replace("1: Compute directly.", "1:"), -0.4),
+    "short step": (GOOD.replace("1: Directly, 2+2 = 4.", "1: 4"), -0.4),
+    "short takeaway": (GOOD.replace("Both agree, so we conclude.", "ok"), -0.4),
+    "tag inside step": (GOOD.replace("2+2 = 4.", "2+2 <plan> = 4."), -0.4),
+    "tag inside takeaway": (GOOD.replace("so we conclude", "so <step> we conclude"), -0.4),
+    "tag after last block": (GOOD + " </step>", -1.0),
+    "empty boxed": (GOOD.replace("\\boxed{4}", "\\boxed{ }"), -1.0),
+    "unnumbered plan": (GOOD.replace("2: Use symmetry.", "Use symmetry."), -0.4),
+    "more plans than the cap": (block_text([f"{i}: way {i}" for i in range(1, 7)],
+                                           [f"{i}: done {i}" for i in range(1, 7)]), -1.0),
+    "nested guideline": (GOOD.replace("<step>\n1:", "<guideline><step>\n1:"), -1.5),
+}
+
+
+@pytest.mark.parametrize("name", list(BAD))
+def test_each_penalty(name):
+    text, want = BAD[name]
+    score, problems = npr.format_score(text)
+    assert score == pytest.approx(want), (name, problems)
+    assert problems, name
+
+
+def test_penalties_accumulate_and_cap_is_a_parameter():
+    text = GOOD.replace("1: Compute directly.", "1:").replace("\\boxed{4}", "\\boxed{}")
+    assert npr.format_score(text)[0] == pytest.approx(-1.4)
+    six = BAD["more plans than the cap"][0]
+    assert npr.format_score(six, max_branches=6) == (0.0, [])
+
+
+# -----------------------------------------------------------------------------
+# token layout
+
+def test_layout_single_piece_tags_and_separators():
+    pieces = pieces_of(GOOD)
+    lay = npr.token_layout(pieces)
+    assert lay.problems == []
+    first_step = pieces.index("<step>")
+    second_step = pieces.index("<step>", first_step + 1)
+    sep1 = second_step - 1                      # the "\n" after the first </step>
+    assert pieces[sep1] == "\n" and pieces[sep1 - 1] == "</step>"
+    assert lay.branch[sep1] == 1 and lay.block[sep1] == 1           # the separator belongs to step 1
+    assert all(not visible(lay, q, sep1) for q in range(second_step, pieces.index("<takeaway>")))
+    take = pieces.index("<takeaway>")
+    assert lay.branch[take - 1] == 2 and pieces[take - 1] == "\n"   # step 2 keeps its separator too
+    assert all(visible(lay, take, k) for k in range(take))          # the takeaway sees every step
+    assert lay.pos[first_step] == lay.pos[second_step] == lay.pos[first_step - 1] + 1
+    assert lay.pos[take] == 1 + max(lay.pos[first_step:take])
+    assert lay.block[0] == 0 and lay.block[pieces.index("<guideline>")] == 1 and lay.block[-1] == 0
+
+
+def test_layout_three_branches_exact_positions():
+    pieces = (["Q", ":", "<guideline>"]
+              + [x for i in "123" for x in ("<plan>", f"{i}:p", "</plan>")]
+              + ["</guideline>", "\n"]
+              + ["<step>1:x", "</step>"]                  # branch 1: 2 tokens
+              + ["<step>", "2:y", "</step>", "\n"]        # branch 2: 4 tokens (separator included)
+              + ["<step>", "3:zz", "</step>\n"]           # branch 3: 3 tokens (merged separator)
+              + ["<takeaway>", "ok", "</takeaway>", "\\boxed{1}"])
+    lay = npr.token_layout(pieces, start_pos=100)
+    assert lay.problems == []
+    assert lay.branch == [0] * 14 + [1, 1, 2, 2, 2, 2, 3, 3, 3] + [0] * 4
+    assert lay.block == [0, 0] + [1] * 24 + [0]
+    trunk = list(range(100, 114))
+    assert lay.pos == trunk + [114, 115] + [114, 115, 116, 117] + [114, 115, 116] + [118, 119, 120, 121]
+
+
+def test_layout_split_and_merged_tags():
+    text = GOOD
+    coarse = npr.token_layout(pieces_of(text))
+    # split every tag into two pieces: "<st", "ep>"; the layout follows characters, not pieces
+    split = []
+    for p in pieces_of(text):
+        split += [p[:3], p[3:]] if p in npr.TAGS else [p]
+    fine = npr.token_layout(split)
+    assert fine.problems == []
+    joined = [b for p, b in zip(split, fine.branch) for _ in p]
+    assert joined == [b for p, b in zip(pieces_of(text), coarse.branch) for _ in p]
+    # merged pieces: "</step>\n" and "\n<step>" as single tokens
+    merged = ["<guideline><plan>1: a</plan><plan>2: b</plan></guideline>", "\n<step>", "1: xx", "</step>\n",
+              "<step>", "2: yy", "</step>\n", "<takeaway>", "done", "</takeaway>"]
+    lay = npr.token_layout(merged)
+    assert lay.problems == [] and lay.branch == [0, 1, 1, 1, 2, 2, 2, 0, 0, 0]
+    assert lay.pos == [0, 1, 2, 3, 1, 2, 3, 4, 5, 6]
+    # one character per token: branch ids match the character spans exactly
+    chars = npr.token_layout(list(text))
+    a = text.index("<step>")
+    assert chars.branch[a - 1] == 0 and chars.branch[a] == 1
+    assert chars.branch[text.index("</step>") + len("</step>")] == 1   # the "\n" separator
+
+
+def test_layout_two_blocks():
+    text = (block_text(["1: a", "2: b"], ["1: xx", "2: yy"], "tk", sep="") + "mid"
+            + block_text(["1: c", "2: d", "3: e"], ["1: u", "2: vv", "3: w"], "tk2", sep="") + "end")
+    pieces = pieces_of(text)
+    lay = npr.token_layout(pieces)
+    assert lay.problems == []
+    assert max(lay.block) == 2 and lay.block[pieces.index("mid")] == 0
+    g2 = pieces.index("<guideline>", 1)
+    assert lay.block[g2] == 2 and lay.block[-1] == 0
+    steps2 = [i for i, p in enumerate(pieces) if p == "<step>" and i > g2]
+    assert [lay.branch[i] for i in steps2] == [1, 2, 3]
+    assert len({lay.pos[i] for i in steps2}) == 1 and lay.pos[steps2[0]] == lay.pos[steps2[0] - 1] + 1
+    # a branch of block 2 sees the (joined) steps of block 1 but not its own siblings
+    s1 = pieces.index("<step>")
+    assert visible(lay, steps2[1], s1) and not visible(lay, steps2[1] + 1, steps2[0] + 1)
+    assert lay.pos == sorted(lay.pos) or lay.pos[-1] == max(lay.pos)
+
+
+MALFORMED = {  # name -> (pieces, substring of a problem)
+    "unclosed step": (pieces_of("<guideline><plan>1: a</plan></guideline><step>1: abc"), "unclosed step"),
+    "unclosed block": (pieces_of("<guideline><plan>1: a</plan></guideline><step>1: abc</step>"), "unclosed block"),
+    "guideline in guideline": (pieces_of("<guideline><plan>1: a</plan><guideline>"), "nested inside an open guideline"),
+    "guideline in step": (pieces_of("<guideline><plan>1: a</plan></guideline><step>1: <guideline>"),
+                          "nested inside an open step"),
+    "step outside a block": (pieces_of("x <step>1: a</step>"), "step outside a block"),
+    "step after a closed block": (pieces_of(block_text(["1: a"], ["1: bcdefg"]) + "<step>1: a</step>"),
+                                  "step outside a block"),
+    "step in step": (pieces_of("<guideline><plan>1: a</plan><plan>2: b</plan></guideline><step>1: x<step>2: y</step>"
+                               "<takeaway>t</takeaway>"), "step inside a step"),
+    "text between steps": (pieces_of(block_text(["1: a", "2: b"], ["1: x", "2: y"]).replace("</step>\n<step>",
+                                                                                            "</step>\nhi\n<step>")),
+                           "text between steps"),
+    "token spans two branches": (["<guideline><plan>1: a</plan><plan>2: b</plan></guideline>", "<step>1: x",
+                                  "</step><step>", "2: y</step>", "<takeaway>t</takeaway>"], "spans two branches"),
+    "zero plans": (pieces_of(block_text(["no number"], ["1: x"])), "0 numbered plans"),
+    "steps != plans": (pieces_of(block_text(["1: a", "2: b"], ["1: x"])), "1 steps for 2 plans"),
+    "more than the cap": (pieces_of(block_text([f"{i}: a" for i in range(1, 7)], [f"{i}: x" for i in range(1, 7)])),
+                          "more than the cap 5"),
+}
+
+
+@pytest.mark.parametrize("name", list(MALFORMED))
+def test_layout_malformed(name):
+    pieces, why = MALFORMED[name]
+    lay = npr.token_layout(pieces)
+    assert any(why in p for p in lay.problems), (name, lay.problems)
+    assert len(lay.pos) == len(lay.branch) == len(lay.block) == len(pieces)  # best effort layout still there
+
+
+def test_layout_partial_text_and_cap_parameter():
+    pieces, _ = MALFORMED["unclosed step"]
+    assert npr.token_layout(pieces, complete=False).problems == []
+    six, _ = MALFORMED["more than the cap"]
+    assert npr.token_layout(six, max_branches=6).problems == []
+    lay = npr.token_layout(pieces_of("<guideline><plan>1: a</plan><plan>2: b</plan></guideline>"
+                                     "<step>1: x</step>\n<step>2: y"), complete=False)
+    assert lay.problems == [] and lay.branch[-3:] == [1, 2, 2]  # "\n" stays with step 1
+
+
+# -----------------------------------------------------------------------------
+# incremental tag detection and plan numbers
+
+def test_new_tags_across_piece_boundaries():
+    pieces = ["<gui", "deline>", "\n<pl", "an>1: x</plan><plan>2", ": y</pl", "an></guide", "line", ">\n<", "step>",
+              "1:", " a</", "step>", "\n"]
+    text, seen = "", []
+    for p in pieces:
+        start = len(text)
+        text += p
+        got = npr.new_tags(text, start)
+        assert all(i + len(t) - 1 >= start for t, i in got)
+        seen += got
+    full = [(m.group(), m.start()) for m in npr.TAG_RE.finditer(text)]
+    assert seen == full and [t for t, _ in seen][-3:] == ["</guideline>", "<step>", "</step>"]
+    assert npr.new_tags("<step>abc", 6) == [] and npr.new_tags("<step>", 5) == [("<step>", 0)]
+
+
+def test_plan_numbers():
+    g = "<guideline>\n<plan>1: a</plan><plan> 2 : b</plan><plan>1.1: c</plan><plan>Idea: d</plan><plan>x 3: e</plan>"
+    assert npr.plan_numbers(g) == ["1", "2", "1.1"]
+    assert npr.plan_numbers("") == []
+
+
+# -----------------------------------------------------------------------------
+# answers
+
+@pytest.mark.parametrize("text,want", [
+    ("so \\boxed{4}.", "4"),
+    ("\\boxed{1} then \\boxed{\\frac{1}{2}}", "\\frac{1}{2}"),
+    ("\\boxed{\\{1, {2}\\}}", "\\{1, {2}\\}"),
+    ("\\fbox{x+1}", "x+1"),
+    ("answer $\\boxed 5$", "5"),
+    ("\\boxed{3} and a cut off \\boxed{4", "3"),
+    ("\\boxed{}", ""),
+    ("no box here", None),
+    ("", None),
+])
+def test_extract_boxed(text, want):
+    assert npr.extract_boxed(text) == want
+
+
+EQUIV = [
+    # equal
+    ("4", "4", True), ("  4 ", "4", True), ("4.", "4", True), ("1,000", "1000", True), ("1{,}000", "1000", True),
+    ("1\\,000", "1000", True), ("-3", "-3", True), ("0.5", ".5", True), ("0.50", "0.5", True), ("2.0", "2", True),
+    ("\\frac{1}{2}", "0.5", True), ("\\dfrac{3}{4}", "0.75", True), ("\\tfrac{1}{3}", "\\frac13", True),
+    ("\\frac12", "1/2", True), ("-\\frac{1}{2}", "-0.5", True), ("\\frac{-1}{2}", "-1/2", True),
+    ("\\frac{1}{3}", "0.33333", True), ("50\\%", "50", True), ("50\\%", "0.5", True), ("0.5", "50%", True),
+    ("25%", "\\frac{1}{4}", True), ("\\text{5}", "5", True), ("\\mathrm{5}", "5", True), ("\\mbox{yes}", "Yes", True),
+    ("yes", "YES", True), ("\\left(1, 2\\right)", "(1,2)", True), ("30^\\circ", "30", True), ("30^{\\circ}", "30", True),
+    ("30°", "30", True), ("\\!5", "5", True), ("$5$", "5", True), ("\\$5", "5", True), ("x = 5", "5", True),
+    ("y=2x+1", "2x+1", True), ("5 cm", "5", True), ("10 dollars", "10", True), ("3 meters", "3", True),
+    ("5\\text{ cm}^2", "5", True), ("12 square units", "12", True), ("(1, 2)", "(1,2)", True),
+    ("[0, 1)", "[0,1)", True), ("(-\\infty, 3]", "(-\\infty,3]", True), ("x \\in [0, 1)", "[0,1)", True),
+    ("(\\frac12, 0.25)", "(0.5,\\frac{1}{4})", True), ("\\sqrt{2}", "\\sqrt2", True), ("2\\sqrt{2}", "\\sqrt{8}", True),
+    ("\\frac{\\sqrt{3}}{2}", "\\frac{\\sqrt3}{2}", True), ("\\sqrt{3}/2", "\\frac{\\sqrt{3}}{2}", True),
+    ("\\pi", "\\pi", True), ("2\\pi", "2 \\pi", True), ("\\frac{\\pi}{2}", "\\pi/2", True), ("(B)", "B", True),
+    ("\\text{(C)}", "C", True), ("\\boxed{7}", "7", True), ("1, 2", "2, 1", True), ("2^{10}", "1024", True),
+    ("10^3", "1000", True), ("\\theta = 45^\\circ", "45", True), ("1.5e-3", "0.0015", True),
+    ("\\frac a b", "\\frac{a}{b}", True), ("\\sqrt x", "\\sqrt{x}", True), ("\\pi r^2", "\\pi  r^2", True),
+    # not equal
+    ("1/2", "2", False), ("(1,2)", "(2,1)", False), ("3.1", "3.14", False), ("123456", "123457", False),
+    ("5", "-5", False), ("0.5", "5", False), ("50", "0.5", False), ("25\\%", "0.5", False), ("[0,1)", "[0,1]", False),
+    ("(0,1)", "[0,1]", False), ("(1,2)", "(1,2,3)", False), ("\\sqrt{2}", "\\sqrt{3}", False), ("2\\pi", "\\pi", False),
+    ("\\frac{1}{3}", "0.33", False), ("", "5", False), (None, "5", False), ("A", "B", False), ("(A)", "(B)", False),
+    ("x = 6", "5", False), ("1000", "100", False), ("1,001", "1000", False), ("10^3", "100", False),
+    ("\\frac{2}{3}", "\\frac{3}{2}", False), ("-\\frac12", "\\frac12", False), ("1, 2", "1, 3", False),
+    ("\\text{yes}", "no", False), ("0", "0.001", False), ("2x+1", "2x-1", False), ("\\infty", "-\\infty", False),
+    ("\\boxed{}", "0", False),
+]
+
+
+def test_equivalence_table_is_large():
+    assert len(EQUIV) >= 60 and sum(not e for _, _, e in EQUIV) >= 25
+
+
+@pytest.mark.parametrize("use_sympy", [True, False])
+def test_equivalence_table(use_sympy, monkeypatch):
+    if not use_sympy:
+        monkeypatch.setattr(npr, "_SYMPY", False)  # the no-sympy path must give the same table
+    wrong = [(p, g, e) for p, g, e in EQUIV if npr.is_equiv(p, g) != e]
+    assert wrong == []
+
+
+SYMBOLIC = [("x^2+2x+1", "(x+1)^2", True), ("\\frac{x}{2}", "x/2", True), ("2(a+b)", "2a+2b", True),
+            ("\\sin(\\pi/6)", "\\frac{1}{2}", True), ("\\pi r^2", "r^2\\pi", True), ("\\ln 2", "0.693147", True),
+            ("x^2", "2x", False), ("x+1", "x+2", False), ("\\pi r^2", "\\pi r", False)]
+
+
+@pytest.mark.skipif(not npr._sympy(), reason="sympy not installed")
+def test_symbolic_equivalence_with_sympy():
+    assert [npr.is_equiv(p, g) for p, g, _ in SYMBOLIC] == [e for _, _, e in SYMBOLIC]
+
+
+def test_symbolic_cases_are_false_without_sympy(monkeypatch):
+    monkeypatch.setattr(npr, "_SYMPY", False)
+    assert not any(npr.is_equiv(p, g) for p, g, _ in SYMBOLIC)
+    assert npr.is_equiv("\\frac{\\pi}{4}", "\\pi/4")  # numeric forms still work
+
+
+def test_huge_numbers_are_cheap_and_unequal():
+    # exact integer powers like 9^(9^9) must never be expanded (sympy runs with evaluate=False)
+    for p in ("9^{9^{9}}", "2^{2^{2^{2^{2}}}}", "(10^{10})^{10^{10}}", "\\exp(\\exp(\\exp(9)))"):
+        assert not npr.is_equiv(p, "3")
+    assert npr.is_equiv("10^{400}", "10^{400}") and not npr.is_equiv("10^{400}", "10^{401}")
+
+
+def test_grade():
+    assert npr.grade(GOOD, "4") and not npr.grade(GOOD, "5")
+    assert npr.grade("... \\boxed{\\dfrac{1}{2}}", "0.5") and not npr.grade("no answer", "0.5")

@@ -1,0 +1,124 @@
+"""sft.py: loss on assistant tokens only, packed documents blind to each other, the loss falls,
+checkpoints reload with identical logits, resume, and a 2-process gloo run equals 1 process."""
+import json
+import os
+import subprocess
+import sys
+
+import pytest
+import torch
+
+import npr
+import sft
+from helpers import make_checkpoint
+from model import Qwen, Tokenizer
+
+TRAJ = ("<guideline>\n<plan>1: {a}*3</plan>\n<plan>2: 4*5</plan>\n</guideline>\n<step>\n1: {a}*3={p}\n</step>\n"
+        "<step>\n2: 4*5=20\n</step>\n<takeaway>\n{p}+20={s}.\n</takeaway>\n\\boxed{{{s}}}")
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+
+
+def rows(n):
+    return [dict(question=f"Compute {a}*3 + 4*5.", answer=str(3 * a + 20),
+                 trajectory=TRAJ.format(a=a, p=3 * a, s=3 * a + 20)) for a in range(2, 2 + n)]
+
+
+@pytest.fixture(scope="module")
+def setup(tmp_path_factory):
+    d = tmp_path_factory.mktemp("sft")
+    make_checkpoint(d / "base")
+    data = d / "train.jsonl"
+    data.write_text("".join(json.dumps(r) + "\n" for r in rows(8)))
+    return d
+
+
+def test_encode_example_loss_mask_and_layout(setup):
+    tok = Tokenizer.from_pretrained(str(setup / "base"))
+    r = rows(1)[0]
+    ex, why = sft.encode_example(tok, r, "Solve.", 5)
+    assert why is None
+    prompt = tok.encode(tok.render_chat([{"role": "user", "content": npr.build_prompt(r["question"], "Solve.")}]))
+    P = len(prompt)
+    assert ex["ids"][:P] == prompt and ex["loss"] == [0] * P + [1] * (len(ex["ids"]) - P)
+    assert ex["ids"][-1] == tok.eos_id and set(ex["branch"]) == {0, 1, 2}
+    row = sft.to_row([ex])
+    tgt = row["targets"][0].tolist()
+    assert all(t == -100 for t in tgt[:P - 1]) and tgt[P - 1] == ex["ids"][P]   # last prompt token predicts
+    assert tgt[-1] == -100
+    bad, why = sft.encode_example(tok, dict(r, trajectory="<guideline>\n<plan>1: a</plan>\n"), "Solve.", 5)
+    assert bad is None and why
+
+
+def test_packed_documents_are_blind_to_each_other(setup):
+    tok = Tokenizer.from_pretrained(str(setup / "base"))
+    model = Qwen.from_pretrained(str(setup / "base"))
+    exs = [sft.encode_example(tok, r, "Solve.", 5)[0] for r in rows(3)]
+    packed = sft.pack(exs, 10_000)
+    assert len(packed) == 1
+    r = packed[0]
+    with torch.no_grad():
+        lp = model(r["ids"], r["pos"], r["layout"], targets=r["targets"])
+        start = 0
+        for d in sorted(exs, key=lambda e: -len(e["ids"])):      # pack() orders longest first
+            alone = sft.to_row([d])
+            lp1 = model(alone["ids"], alone["pos"], alone["layout"], targets=alone["targets"])
+            assert (lp[:, start:start + len(d["ids"])] - lp1).abs().max() <= 1e-5
+            start += len(d["ids"])
+
+
+def run_sft(setup, out, **kw):
+    cfg = sft.Config(model=str(setup / "base"), data=str(setup / "train.jsonl"), out_dir=str(out), epochs=6,
+                     batch_size=4, row_tokens=1024, lr=3e-3, instruction="Solve.", **kw)
+    return sft.main(cfg), [json.loads(x) for x in open(out / "metrics.jsonl")]
+
+
+def test_loss_falls_and_checkpoint_reloads(setup, tmp_path):
+    model, log = run_sft(setup, tmp_path / "o")
+    assert len(log) == 12 and log[-1]["loss"] < 0.5 * log[0]["loss"], [r["loss"] for r in log]
+    back = Qwen.from_pretrained(str(tmp_path / "o"))
+    tok = Tokenizer.from_pretrained(str(tmp_path / "o"))
+    assert all(len(tok.encode(t)) == 1 for t in npr.TAGS)
+    ids = torch.tensor([tok.encode(TRAJ.format(a=3, p=9, s=29))])
+    with torch.no_grad():
+        assert torch.equal(back(ids), model.eval()(ids))
+
+
+def test_resume_continues_from_the_last_checkpoint(setup, tmp_path):
+    _, full = run_sft(setup, tmp_path / "a")
+    out = tmp_path / "b"
+    orig = sft.lr_at
+    calls = {"n": 0}
+
+    def dying_lr(step, total, cfg):           # kill the run at step 7 (after the save at step 6)
+        calls["n"] += 1
+        if step == 7:
+            raise KeyboardInterrupt
+        return orig(step, total, cfg)
+    sft.lr_at = dying_lr
+    try:
+        with pytest.raises(KeyboardInterrupt):
+            run_sft(setup, out, save_every=3)
+    finally:
+        sft.lr_at = orig
+    assert os.path.isfile(out / "last" / "train_state.pt")
+    _, log = run_sft(setup, out, save_every=3)
+    assert [r["step"] for r in log] == [1, 2, 3, 4, 5, 6, 7, 7, 8, 9, 10, 11, 12][:len(log)] or log[-1]["step"] == 12
+    resumed = [r for r in log if r["step"] > 6][-6:]
+    for a, b in zip(resumed, full[6:]):
+        assert abs(a["loss"] - b["loss"]) <= 1e-4 * max(1.0, abs(b["loss"]))
+    assert not os.path.exists(out / "last")
+
+
+@pytest.mark.parametrize("fsdp", [False, True], ids=["ddp", "fsdp2"])
+def test_two_gloo_processes_match_one(setup, tmp_path, fsdp):
+    _, one = run_sft(setup, tmp_path / "one")
+    cmd = [sys.executable, "-m", "torch.distributed.run", "--nproc-per-node", "2", "--standalone",
+           os.path.join(ROOT, "sft.py"), "--model", str(setup / "base"), "--data", str(setup / "train.jsonl"),
+           "--out-dir", str(tmp_path / "two"), "--epochs", "6", "--batch-size", "4", "--row-tokens", "1024",
+           "--lr", "3e-3", "--instruction", "Solve.", "--threads", "1"] + (["--fsdp"] if fsdp else [])
+    p = subprocess.run(cmd, capture_output=True, text=True, timeout=300, env={**os.environ, "OMP_NUM_THREADS": "1"})
+    assert p.returncode == 0, p.stderr[-3000:]
+    two = [json.loads(x) for x in open(tmp_path / "two" / "metrics.jsonl")]
+    assert len(two) == len(one)
+    for a, b in zip(one, two):
+        assert abs(a["loss"] - b["loss"]) <= 2e-3 * max(1.0, abs(a["loss"])), (a, b)
