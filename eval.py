@@ -19,7 +19,6 @@ Official settings: k = 8, T = 1.0, top-p 0.7 (the defaults here).
 """
 import json
 import os
-import time
 from dataclasses import dataclass
 
 import torch
@@ -50,51 +49,6 @@ class Config:
     device: str = ""                    # "" = cuda when available
     dtype: str = ""                     # "" = checkpoint dtype (bfloat16 / float16 / float32)
     out: str = ""                       # report path ("" = <model>/eval.json)
-
-
-def sample_metrics(samples, answers, wall_s):
-    """samples: list of (Sample, gold answer). -> dict of the metrics above."""
-    n = max(len(samples), 1)
-    forks = [b for s, _ in samples for b in s.stats["branches_per_fork"]]
-    total = sum(s.stats["total_tokens"] for s, _ in samples)
-    crit = sum(s.stats["critical_path_tokens"] for s, _ in samples)
-    triggered = [any(b >= 2 for b in s.stats["branches_per_fork"]) or (not s.stats["forks"] and npr.is_parallel(s.text))
-                 for s, _ in samples]
-    valid = [s.finish_reason == "eos" and npr.format_score(s.text)[0] == 0.0 for s, _ in samples]
-    return dict(
-        samples=len(samples), problems=len(answers),
-        accuracy=sum(npr.grade(s.text, a) for s, a in samples) / n,
-        format_valid=sum(valid) / n, trigger_rate=sum(triggered) / n,
-        branches_per_fork=sum(forks) / len(forks) if forks else 0.0,
-        tokens_per_s=total / wall_s if wall_s else 0.0,
-        time_to_answer_s=sum(s.stats["time_s"] for s, _ in samples) / n,
-        total_over_critical=total / crit if crit else 0.0,
-        mean_tokens=total / n, mean_critical_tokens=crit / n,
-        finish={r: sum(s.finish_reason == r for s, _ in samples) / n
-                for r in sorted({s.finish_reason for s, _ in samples})},
-    )
-
-
-def evaluate(sampler, tok, problems, params, k, batch_size, instruction, progress=True):
-    """Sample k answers per problem in batches of rows; -> (metrics, [(Sample, answer)])."""
-    prompts = [chat_prompt(tok, p["question"], instruction) for p in problems]
-    per_batch = max(1, batch_size // k)
-    out, wall = [], 0.0
-    bar = None
-    if progress:
-        from tqdm import tqdm
-        bar = tqdm(total=len(problems) * k, desc=f"eval {params.mode}", unit="sample")
-    for i in range(0, len(prompts), per_batch):
-        t0 = time.perf_counter()
-        got = sampler.generate(prompts[i:i + per_batch], n=k, params=params)
-        wall += time.perf_counter() - t0
-        for p, samples in zip(problems[i:i + per_batch], got):
-            out += [(s, p["answer"]) for s in samples]
-        if bar is not None:
-            bar.update(len(got) * k)
-    if bar is not None:
-        bar.close()
-    return sample_metrics(out, problems, wall), out
 
 
 def table(report):
@@ -128,7 +82,9 @@ def main(cfg: Config):
         params = SamplingParams(mode=mode, temperature=cfg.temperature, top_p=cfg.top_p,
                                 max_new_tokens=cfg.max_new_tokens, max_total_tokens=cfg.max_total_tokens,
                                 max_branches=cfg.max_branches, seed=cfg.seed)
-        report[mode], _ = evaluate(sampler, tok, problems, params, cfg.k, cfg.batch_size, instruction)
+        prompts = [chat_prompt(tok, p["question"], instruction) for p in problems]
+        got, wall = sampler.generate_many(prompts, cfg.k, params, cfg.batch_size, progress=True)
+        report[mode] = npr.sample_metrics([(s, p["answer"]) for p, ss in zip(problems, got) for s in ss], wall)
     if len(modes) == 2:
         s, p = report["serial"], report["parallel"]
         report["speedup"] = dict(tokens_per_s=p["tokens_per_s"] / max(s["tokens_per_s"], 1e-9),

@@ -360,12 +360,11 @@ def token_layout(pieces: list[str], start_pos: int = 0, max_branches: int = 5,
     tokens right after a branch join that branch (so step i+1 cannot read step i through a "\\n").
     complete=False: the text may still be growing (sampler), so open blocks are not problems.
 
-    Example (one token per line; pos with start_pos=0):
-        Q            block 0 branch 0 pos 0
-        <guideline>  1 0 1   ... plans ...   </guideline> 1 0 2
-        <step> 1:a </step> "\\n"   1 1 3,4,5,6     <- both branches start at 3
-        <step> 2:b </step>        1 2 3,4,5
-        <takeaway>                1 0 7           <- 1 + the largest branch position (6)
+    Example (start_pos=0; each plan shown as one token P):
+        token   Q  <guideline> P  P  </guideline> <step> 1:x </step> "\\n" <step> 2:y </step> <takeaway>
+        block   0  1           1  1  1            1      1   1       1     1      1   1       1
+        branch  0  0           0  0  0            1      1   1       1     2      2   2       0
+        pos     0  1           2  3  4            5      6   7       8     5      6   7       9
     """
     starts, off = [], 0
     for p in pieces:
@@ -488,12 +487,12 @@ def normalize_answer(s) -> str:
     m = re.fullmatch(r"(?:[a-zA-Z]|\\[a-zA-Z]+)(?:_\{?\w+\}?)?\s*(?:=|\\in(?![a-zA-Z]))\s*(.+)", s, re.S)
     if m and "=" not in m.group(1):  # "x = 5" -> "5", "x \in [0, 1)" -> "[0, 1)"
         s = m.group(1)
-    if re.fullmatch(r"[-+]?\d{1,3}(?:,\d{3})+(?:\.\d+)?", s):  # "1,000" is a thousand, not a pair
-        s = s.replace(",", "")
-    s = s.replace("{,}", "")
     m = _UNIT_WORD_RE.fullmatch(s)
     if m:
         s = m.group(1)
+    if re.fullmatch(r"[-+]?\d{1,3}(?:,\d{3})+(?:\.\d+)?", s):  # "1,000" is a thousand, not a pair
+        s = s.replace(",", "")
+    s = s.replace("{,}", "")
     # drop whitespace, except one space that ends a command before a letter ("\pi r" != "\pir")
     s = re.sub(r"(\\[a-zA-Z]+)?\s+(?=(.?))",
                lambda m: (m[1] or "") + (" " if m[1] and m[2].isalpha() else ""), s)
@@ -697,3 +696,32 @@ def is_equiv(pred, gold, rel_tol: float = 1e-4) -> bool:
 def grade(response_text: str, gold) -> bool:
     """Correctness of a response: its last boxed answer against the gold answer."""
     return is_equiv(extract_boxed(response_text), gold)
+
+
+# -----------------------------------------------------------------------------
+# Metrics over sampled answers (eval.py, grpo.py)
+
+def sample_metrics(samples, answers, wall_s):
+    """samples: [(Sample, gold answer)] (duck-typed: .text, .finish_reason, .stats); wall_s: generation
+    wall time. -> avg accuracy, format validity, trigger rate (a fork into >= 2 branches; for serial
+    decoding: a block with >= 2 steps in the text), branches per fork, tokens/s over every branch
+    token, time-to-answer, total/critical-path tokens, finish reasons. eval.py documents each."""
+    n = max(len(samples), 1)
+    forks = [b for s, _ in samples for b in s.stats["branches_per_fork"]]
+    total = sum(s.stats["total_tokens"] for s, _ in samples)
+    crit = sum(s.stats["critical_path_tokens"] for s, _ in samples)
+    triggered = [any(b >= 2 for b in s.stats["branches_per_fork"]) or (not s.stats["forks"] and is_parallel(s.text))
+                 for s, _ in samples]
+    valid = [s.finish_reason == "eos" and format_score(s.text)[0] == 0.0 for s, _ in samples]
+    return dict(
+        samples=len(samples), problems=len(answers),
+        accuracy=sum(grade(s.text, a) for s, a in samples) / n,
+        format_valid=sum(valid) / n, trigger_rate=sum(triggered) / n,
+        branches_per_fork=sum(forks) / len(forks) if forks else 0.0,
+        tokens_per_s=total / wall_s if wall_s else 0.0,
+        time_to_answer_s=sum(s.stats["time_s"] for s, _ in samples) / n,
+        total_over_critical=total / crit if crit else 0.0,
+        mean_tokens=total / n, mean_critical_tokens=crit / n,
+        finish={r: sum(s.finish_reason == r for s, _ in samples) / n
+                for r in sorted({s.finish_reason for s, _ in samples})},
+    )

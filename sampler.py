@@ -292,6 +292,25 @@ class Sampler:
         out = [self.to_sample(row, t0) for row in rows]
         return [out[i * n:(i + 1) * n] for i in range(len(prompts))]
 
+    def generate_many(self, prompts, n, params, batch_rows=256, progress=False):
+        """generate() over many prompts, batch_rows rows (prompts x n) at a time.
+        -> (one list of n Samples per prompt, wall seconds spent generating)."""
+        per_call = max(1, batch_rows // n)
+        out, wall = [], 0.0
+        bar = None
+        if progress:
+            from tqdm import tqdm
+            bar = tqdm(total=len(prompts) * n, desc=f"sampling ({params.mode})", unit="sample")
+        for i in range(0, len(prompts), per_call):
+            t0 = time.perf_counter()
+            out += self.generate(prompts[i:i + per_call], n=n, params=params)
+            wall += time.perf_counter() - t0
+            if bar is not None:
+                bar.update(min(per_call, len(prompts) - i) * n)
+        if bar is not None:
+            bar.close()
+        return out, wall
+
     def sample_step(self, requests, logits, p, gen, steer):
         """Draw one token for each (row, stream) request from its logits (N, V)."""
         logits = logits.float()

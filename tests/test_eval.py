@@ -1,7 +1,8 @@
 """eval.py: the metrics on hand-made samples with known answers."""
 import pytest
 
-from eval import sample_metrics, table
+from eval import table
+from npr import sample_metrics
 from sampler import Sample
 
 GOOD = ("<guideline>\n<plan>1: 2*3</plan>\n<plan>2: 4*5</plan>\n</guideline>\n<step>\n1: 2*3=6\n</step>\n"

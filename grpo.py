@@ -1,0 +1,358 @@
+"""
+Stages 1 and 3: reinforcement learning with group rollouts, serial (NPR-Zero) or parallel (PAPO).
+
+    python grpo.py                                       # the built-in default: PAPO on out/sft
+    python grpo.py --mode serial --model out/base        # stage 1 (NPR-Zero) on the default
+    torchrun --nproc-per-node 8 grpo.py --model out/sft --data orz.json --lr 1e-7 \\
+        --prompts-per-step 16 --group-size 16 --seqs-per-update 16 --max-new-tokens 30000
+
+--mode serial (stage 1, NPR-Zero; DAPO-style, NPR.md section 4): serial rollouts, group size n,
+  advantage (r - group mean) / (group std + 1e-6), clipped importance ratio with clip-higher
+  (0.2 / 0.28) against the sampler's own log-probs, dynamic sampling (groups whose rewards are all
+  equal are dropped and more prompts drawn until the batch is full), token-mean loss, soft overlong
+  penalty in the last --overlong-buffer tokens of the budget, no KL, no entropy bonus.
+  Reward: +1 / -1 for the answer; with --format-reward (the paper's variant; the official code
+  comments it out) a sample whose format score is not 0 gets -1 - --format-penalty whatever its
+  answer, i.e. accuracy counts only when the format passes.
+--mode parallel (stage 3, PAPO): rollouts with the fork/join engine; malformed and over-budget
+  rollouts are dropped before scoring (counted); reward +1 / -1 (0 for an empty answer); advantage
+  (r - group mean) / (std of the whole batch + 1e-6); strictly on-policy loss: ratio
+  exp(logp - stopgrad(logp)) == 1 (no clipping can fire), i.e. -A x (mean log-prob of the
+  sequence's tokens), averaged over sequences. No KL, no reference model, no entropy term.
+Both modes train on the exact sampled token ids with the sampler's layout (branch mask and shared
+positions; no re-tokenization). Forced tokens (step headers, takeaway opener) get no loss unless
+--train-forced. With --ratio importance, the later mini-batches of a rollout batch use the true
+ratio exp(logp - logp_sampler) (exact: the sampler's log-probs equal the trainer's) with the clip;
+--ratio onpolicy (the paper's PAPO) sets the ratio to 1 everywhere.
+Logs one line per step, JSON lines in out_dir/metrics.jsonl, periodic eval, resumable checkpoints.
+"""
+import math
+import os
+import random
+import time
+from dataclasses import dataclass
+
+import torch
+import torch.distributed as dist
+
+import npr
+from cli import (JsonlLog, chat_prompt, full_state_dict, init_distributed, instruction_for, parse_cli,
+                 print_config, read_problems, save_checkpoint)
+from model import Qwen, Tokenizer, token_logprobs
+from parallel_attention import Layout
+from sampler import Sampler, SamplingParams
+
+
+@dataclass
+class Config:
+    mode: str = "parallel"                 # parallel (PAPO, stage 3) | serial (NPR-Zero, stage 1)
+    model: str = "out/sft"
+    data: str = "out/data/train.jsonl"
+    eval_data: str = "out/data/test.jsonl"
+    out_dir: str = "out/grpo"
+    instruction: str = ""                  # "" = the checkpoint's own, else npr.INSTRUCTION
+    steps: int = 40                        # rollout batches
+    prompts_per_step: int = 16             # groups per rollout batch (global, all ranks)
+    group_size: int = 8                    # rollouts per prompt (paper: 16)
+    seqs_per_update: int = 32              # sequences per optimizer step (paper: 16)
+    ratio: str = ""                        # onpolicy | importance ("" = onpolicy for parallel, importance for serial)
+    clip_low: float = 0.2
+    clip_high: float = 0.28                # clip-higher (DAPO)
+    dynamic_sampling: bool = True          # serial mode: drop zero-variance groups, draw more prompts
+    max_sampling_rounds: int = 4
+    format_reward: bool = False            # serial mode: the paper's format term
+    format_penalty: float = 0.5
+    overlong_buffer: int = 64              # serial mode: soft penalty in the last N tokens of the budget
+    train_forced: bool = False             # put forced tokens (headers) into the loss
+    lr: float = 2e-4                       # paper: 1e-7 (PAPO on 4B), 1e-6 (NPR-Zero)
+    weight_decay: float = 0.0
+    grad_clip: float = 1.0
+    temperature: float = 1.0
+    top_p: float = 1.0
+    max_new_tokens: int = 400              # critical-path budget per rollout
+    max_branches: int = 5
+    rollout_rows: int = 512                # rows decoded together
+    eval_every: int = 10                   # steps between evaluations (0 = never)
+    eval_problems: int = 200
+    save_every: int = 10                   # steps between resumable checkpoints
+    resume: bool = True
+    seed: int = 0
+    dtype: str = ""                        # "" = bfloat16 on GPU, float32 on CPU
+    attn_impl: str = "auto"
+    grad_checkpointing: bool = False
+    threads: int = 0
+
+
+# -----------------------------------------------------------------------------
+# Rewards, advantages and the loss: the algorithm in plain sight
+
+def reward_of(sample, answer, cfg):
+    """-> (reward, dropped reason or None)."""
+    if cfg.mode == "parallel":
+        if sample.finish_reason.startswith("malformed"):
+            return None, sample.finish_reason                                # dropped before scoring
+        if sample.finish_reason == "budget":
+            return None, "over budget"
+        if npr.extract_boxed(sample.text) in (None, ""):
+            return 0.0, None                                                 # empty answer
+        return (1.0 if npr.grade(sample.text, answer) else -1.0), None
+    r = 1.0 if npr.grade(sample.text, answer) else -1.0
+    if cfg.format_reward and (sample.finish_reason != "eos" or npr.format_score(sample.text)[0] != 0.0):
+        r = -1.0 - cfg.format_penalty                                        # accuracy counts only when well formed
+    L, budget = sample.stats["critical_path_tokens"], cfg.max_new_tokens
+    if L > budget - cfg.overlong_buffer:                                     # DAPO soft overlong punishment
+        r += max(-1.0, (budget - cfg.overlong_buffer - L) / cfg.overlong_buffer)
+    return r, None
+
+
+def std(xs):
+    m = sum(xs) / len(xs)
+    return math.sqrt(sum((x - m) ** 2 for x in xs) / len(xs))
+
+
+def advantages(groups, mode, batch=None):
+    """groups: [[reward, ...] per prompt] -> same shape. serial (GRPO/DAPO): (r - group mean) /
+    (group std + 1e-6); parallel (PAPO): (r - group mean) / (std of the whole batch + 1e-6), where
+    `batch` holds every reward of the step (all ranks; default: these groups)."""
+    if mode == "parallel":
+        s = std(batch or [r for g in groups for r in g])
+        return [[(r - sum(g) / len(g)) / (s + 1e-6) for r in g] for g in groups]
+    return [[(r - sum(g) / len(g)) / (std(g) + 1e-6) for r in g] for g in groups]
+
+
+def policy_loss(logp, old_logp, adv, mask, mode, ratio_kind, clip_low, clip_high, norm):
+    """logp/old_logp/mask (B, T); adv (B,). norm: global count (tokens for serial, sequences for
+    parallel) that the sum is divided by, so that gradient accumulation and ranks add up."""
+    if ratio_kind == "onpolicy":
+        ratio = torch.exp(logp - logp.detach())                              # == 1, gradient of logp
+    else:
+        ratio = torch.exp(logp - old_logp)
+    A = adv[:, None]
+    if ratio_kind == "onpolicy":
+        per_tok = -ratio * A
+    else:                                                                    # PPO clip with clip-higher
+        per_tok = -torch.minimum(ratio * A, ratio.clamp(1 - clip_low, 1 + clip_high) * A)
+    per_tok = per_tok * mask
+    if mode == "serial":                                                     # token mean (DAPO)
+        return per_tok.sum() / norm
+    seq_mean = per_tok.sum(1) / mask.sum(1).clamp(min=1)                     # sequence mean of token means
+    return seq_mean.sum() / norm
+
+
+# -----------------------------------------------------------------------------
+# Rollouts -> padded training batches
+
+def to_batch(items, train_forced, dev):
+    """items: [(Sample, advantage)] -> ids, pos, Layout, targets, old log-probs, mask, adv (padded)."""
+    T = max(len(s.prompt_ids) + len(s.ids) for s, _ in items)
+    B = len(items)
+    ids = torch.zeros(B, T, dtype=torch.long)
+    pos = torch.zeros(B, T, dtype=torch.long)
+    doc = torch.full((B, T), -1, dtype=torch.int32)
+    block = torch.zeros(B, T, dtype=torch.int32)
+    branch = torch.zeros(B, T, dtype=torch.int32)
+    targets = torch.full((B, T), -100, dtype=torch.long)
+    old = torch.zeros(B, T)
+    for b, (s, _) in enumerate(items):
+        P, n = len(s.prompt_ids), len(s.ids)
+        ids[b, :P + n] = torch.tensor(s.prompt_ids + s.ids)
+        pos[b, :P + n] = torch.tensor(list(range(P)) + s.pos)
+        doc[b, :P + n] = 0
+        block[b, P:P + n] = torch.tensor(s.block, dtype=torch.int32)
+        branch[b, P:P + n] = torch.tensor(s.branch, dtype=torch.int32)
+        # response token i is predicted at index P+i-1 (the token before it in canonical order is the
+        # previous token of its own stream: every segment starts with a forced token)
+        keep = torch.tensor([bool(x) or train_forced for x in s.sampled])
+        tgt = torch.tensor(s.ids).masked_fill(~keep, -100)
+        targets[b, P - 1:P - 1 + n] = tgt
+        old[b, P - 1:P - 1 + n] = torch.tensor(s.logprobs)
+    adv = torch.tensor([a for _, a in items])
+    layout = Layout(doc=doc, block=block, branch=branch)
+    return ids.to(dev), pos.to(dev), layout.to(dev), targets.to(dev), old.to(dev), adv.to(dev)
+
+
+def rollout(sampler, tok, problems, order, cfg, step, instruction, rank, world):
+    """Sample groups for this rank's prompts; dynamic sampling in serial mode.
+    -> (groups [(Sample list, reward list)], stats)"""
+    per_rank = cfg.prompts_per_step // world
+    rng = random.Random(cfg.seed * 100003 + step * 101 + rank)
+    groups, dropped, seen, wall, rounds = [], {}, [], 0.0, 0
+    need = per_rank
+    while need > 0 and rounds < (cfg.max_sampling_rounds if cfg.mode == "serial" and cfg.dynamic_sampling else 1):
+        picks = [order[rng.randrange(len(order))] for _ in range(need if rounds == 0 else 2 * need)]
+        params = SamplingParams(mode=cfg.mode, temperature=cfg.temperature, top_p=cfg.top_p,
+                                max_new_tokens=cfg.max_new_tokens, max_branches=cfg.max_branches,
+                                seed=cfg.seed * 7919 + step * 13 + rounds * 1000003 + rank)
+        prompts = [chat_prompt(tok, problems[i]["question"], instruction) for i in picks]
+        out, w = sampler.generate_many(prompts, cfg.group_size, params, cfg.rollout_rows)
+        wall += w
+        for i, samples in zip(picks, out):
+            kept = []
+            for s in samples:
+                seen.append((s, problems[i]["answer"]))
+                r, why = reward_of(s, problems[i]["answer"], cfg)
+                if why is None:
+                    kept.append((s, r))
+                else:
+                    dropped[why.split(":")[0]] = dropped.get(why.split(":")[0], 0) + 1
+            rewards = [r for _, r in kept]
+            why = "group too small" if len(kept) < 2 else \
+                "zero-variance group" if cfg.mode == "serial" and cfg.dynamic_sampling and len(set(rewards)) == 1 else None
+            if why:                                              # no learning signal: dynamic sampling drops it
+                dropped[why] = dropped.get(why, 0) + len(kept)
+                continue
+            if len(groups) < per_rank:
+                groups.append(kept)
+        need = per_rank - len(groups)
+        rounds += 1
+    return groups, seen, dropped, wall
+
+
+# -----------------------------------------------------------------------------
+
+def main(cfg: Config):
+    rank, world, _, dev = init_distributed()
+    if cfg.threads:
+        torch.set_num_threads(cfg.threads)
+    if cfg.mode not in ("serial", "parallel"):
+        raise ValueError(f"--mode must be serial or parallel, not {cfg.mode!r}")
+    if cfg.prompts_per_step % world:
+        raise ValueError(f"--prompts-per-step {cfg.prompts_per_step} must be divisible by the {world} ranks")
+    ratio_kind = cfg.ratio or ("onpolicy" if cfg.mode == "parallel" else "importance")
+    torch.manual_seed(cfg.seed)
+    if rank == 0:
+        print_config(cfg)
+    dtype = {"": torch.bfloat16 if dev.type == "cuda" else torch.float32, "bfloat16": torch.bfloat16,
+             "float32": torch.float32}[cfg.dtype]
+    last_dir = os.path.join(cfg.out_dir, "last")
+    resuming = cfg.resume and os.path.isfile(os.path.join(last_dir, "train_state.pt"))
+    src = last_dir if resuming else cfg.model
+    tok = Tokenizer.from_pretrained(src)
+    model = Qwen.from_pretrained(src, device=dev, dtype=dtype)
+    model.attn_impl, model.gradient_checkpointing = cfg.attn_impl, cfg.grad_checkpointing
+    sampler = Sampler(model, tok)
+    instruction = instruction_for(cfg.model, cfg.instruction)
+    problems = read_problems(cfg.data)
+    eval_problems = read_problems(cfg.eval_data)[:cfg.eval_problems] if cfg.eval_every else []
+    train_model = model
+    if world > 1:
+        from torch.nn.parallel import DistributedDataParallel
+        train_model = DistributedDataParallel(model)
+    opt = torch.optim.AdamW(model.parameters(), lr=cfg.lr, betas=(0.9, 0.999), weight_decay=cfg.weight_decay)
+    step = 0
+    if resuming:
+        state = torch.load(os.path.join(last_dir, "train_state.pt"), weights_only=False)
+        opt.load_state_dict(torch.load(os.path.join(last_dir, f"optimizer.rank{rank}.pt"), map_location=dev,
+                                       weights_only=False))
+        step = state["step"]
+        print(f"resumed from {last_dir} at step {step}")
+    metrics = JsonlLog(os.path.join(cfg.out_dir, "metrics.jsonl"))
+    order = list(range(len(problems)))
+
+    def evaluate(at_step):
+        if not eval_problems or rank != 0:
+            return {}
+        model.eval()
+        params = SamplingParams(mode=cfg.mode, temperature=0.0, max_new_tokens=cfg.max_new_tokens,
+                                max_branches=cfg.max_branches)
+        prompts = [chat_prompt(tok, p["question"], instruction) for p in eval_problems]
+        got, wall = sampler.generate_many(prompts, 1, params, cfg.rollout_rows)
+        m = npr.sample_metrics([(ss[0], p["answer"]) for p, ss in zip(eval_problems, got)], wall)
+        print(f"eval step {at_step} | greedy {cfg.mode} accuracy {m['accuracy']:.3f} | format {m['format_valid']:.3f}"
+              f" | trigger {m['trigger_rate']:.3f}", flush=True)
+        metrics.write(step=at_step, **{f"eval_{k}": v for k, v in m.items() if not isinstance(v, dict)})
+        return m
+
+    from tqdm import tqdm
+    if step == 0:
+        evaluate(0)
+    bar = tqdm(total=cfg.steps, initial=step, desc=f"grpo ({cfg.mode})", disable=rank != 0)
+    while step < cfg.steps:
+        t0 = time.perf_counter()
+        # ---- rollouts (no grad) ----
+        model.eval()
+        groups, seen, dropped, roll_wall = rollout(sampler, tok, problems, order, cfg, step, instruction, rank, world)
+        rewards = [[r for _, r in g] for g in groups]
+        batch = [r for g in rewards for r in g]
+        if world > 1 and cfg.mode == "parallel":   # the batch std spans every rank's rollouts
+            allr = [None] * world
+            dist.all_gather_object(allr, batch)
+            batch = [r for rr in allr for r in rr]
+        adv = advantages(rewards, cfg.mode, batch) if rewards else []
+        items = [(s, a) for g, ag in zip(groups, adv) for (s, _), a in zip(g, ag)]
+        random.Random(step).shuffle(items)
+
+        # ---- updates: seqs_per_update sequences per optimizer step ----
+        model.train()
+        per_rank_update = max(1, cfg.seqs_per_update // world)
+        n_updates = torch.tensor(math.ceil(len(items) / per_rank_update) if items else 0, device=dev)
+        if world > 1:
+            dist.all_reduce(n_updates, op=dist.ReduceOp.MAX)
+        losses, gnorms, ents, t_train, n_train_tok = [], [], [], time.perf_counter(), 0
+        for u in range(int(n_updates)):
+            mb = items[u * per_rank_update:(u + 1) * per_rank_update]
+            if mb:
+                ids, pos, layout, targets, old, A = to_batch(mb, cfg.train_forced, dev)
+                mask = (targets >= 0).float()
+                n_train_tok += int(mask.sum())
+            norm = torch.tensor(float(mask.sum()) if (mb and cfg.mode == "serial") else float(len(mb)), device=dev)
+            if world > 1:
+                dist.all_reduce(norm)
+            if mb:
+                logp, ent = token_logprobs(train_model, ids, targets, pos, layout, with_entropy=True)
+                loss = policy_loss(logp, old, A, mask, cfg.mode, ratio_kind, cfg.clip_low, cfg.clip_high,
+                                   norm.clamp(min=1)) * world            # DDP averages over ranks
+                ents.append(float((ent * mask).sum() / mask.sum().clamp(min=1)))
+            else:                                                         # keep the collectives in step
+                loss = sum(p.sum() for p in train_model.parameters()) * 0.0
+            loss.backward()
+            gnorms.append(torch.nn.utils.clip_grad_norm_(model.parameters(), cfg.grad_clip).item())
+            opt.step()
+            opt.zero_grad(set_to_none=True)
+            losses.append(loss.item() / world)
+        t_train = time.perf_counter() - t_train
+        step += 1
+
+        # ---- log ----
+        m = npr.sample_metrics(seen, [None] * len(seen), roll_wall) if seen else {}
+        flat = [r for g in rewards for r in g]
+        rec = dict(step=step, reward=sum(flat) / max(len(flat), 1), accuracy=m.get("accuracy", 0.0),
+                   format_valid=m.get("format_valid", 0.0), trigger_rate=m.get("trigger_rate", 0.0),
+                   branches_per_fork=m.get("branches_per_fork", 0.0), groups=len(groups),
+                   trained_seqs=len(items), dropped=dropped, response_tokens=m.get("mean_tokens", 0.0),
+                   critical_tokens=m.get("mean_critical_tokens", 0.0),
+                   entropy=sum(ents) / max(len(ents), 1), loss=sum(losses) / max(len(losses), 1),
+                   grad_norm=max(gnorms) if gnorms else 0.0, rollout_tok_s=m.get("tokens_per_s", 0.0),
+                   train_tok_s=n_train_tok / max(t_train, 1e-9), step_s=time.perf_counter() - t0)
+        bar.update(1)
+        if rank == 0:
+            metrics.write(**rec)
+            tqdm.write(" | ".join(f"{k} {v:.4g}" if isinstance(v, float) else f"{k} {v}" for k, v in rec.items()))
+        if cfg.eval_every and step % cfg.eval_every == 0:
+            evaluate(step)
+        if cfg.save_every and step % cfg.save_every == 0 and step < cfg.steps:
+            if rank == 0:
+                if os.path.exists(os.path.join(last_dir, "train_state.pt")):
+                    os.remove(os.path.join(last_dir, "train_state.pt"))
+                save_checkpoint(model, tok, last_dir, cfg, cfg.model)
+            if world > 1:
+                dist.barrier()
+            torch.save(opt.state_dict(), os.path.join(last_dir, f"optimizer.rank{rank}.pt"))
+            if world > 1:
+                dist.barrier()
+            if rank == 0:
+                torch.save({"step": step, "world": world}, os.path.join(last_dir, "train_state.pt"))
+    bar.close()
+    if rank == 0:
+        save_checkpoint(model, tok, cfg.out_dir, cfg, cfg.model, state_dict=full_state_dict(model))
+        import shutil
+        shutil.rmtree(last_dir, ignore_errors=True)
+        print(f"saved {cfg.out_dir}")
+    if world > 1:
+        dist.barrier()
+        dist.destroy_process_group()
+    return model
+
+
+if __name__ == "__main__":
+    main(parse_cli(Config))

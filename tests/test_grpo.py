@@ -1,0 +1,104 @@
+"""grpo.py: advantages and losses on hand-computed cases, dynamic sampling, dropped rollouts,
+and a short run of each mode that raises the mean reward."""
+import math
+
+import pytest
+import torch
+
+import grpo
+from sampler import Sample
+
+GOOD = ("<guideline>\n<plan>1: 2*3</plan>\n<plan>2: 4*5</plan>\n</guideline>\n<step>\n1: 2*3=6\n</step>\n"
+        "<step>\n2: 4*5=20\n</step>\n<takeaway>\n6+20=26.\n</takeaway>\n\\boxed{26}")
+
+
+def sample(text, finish="eos", crit=10):
+    return Sample(prompt_ids=[1], ids=[1], finish_reason=finish, text=text,
+                  stats=dict(total_tokens=crit, critical_path_tokens=crit, forks=1, branches_per_fork=[2], time_s=0.1))
+
+
+def test_advantages_by_hand():
+    # parallel: group mean, batch std. batch [1,-1,1,1]: mean .5, std sqrt(.75)
+    (a, b), (c, d) = grpo.advantages([[1, -1], [1, 1]], "parallel")
+    assert a == pytest.approx(1 / math.sqrt(0.75), rel=1e-5) and b == pytest.approx(-a) and c == d == 0
+    # a batch from several ranks: the std is the global one
+    (a2, _), = grpo.advantages([[1, -1]], "parallel", batch=[1, -1, 1, 1])
+    assert a2 == pytest.approx(a)
+    # serial: group mean and group std
+    (g,) = grpo.advantages([[1, -1, 1, 1]], "serial")
+    assert g[1] == pytest.approx(-1.5 / math.sqrt(0.75), rel=1e-5) and g[0] == pytest.approx(0.5 / math.sqrt(0.75), rel=1e-5)
+
+
+def test_onpolicy_gradient_is_minus_A_times_grad_of_mean_logprob():
+    torch.manual_seed(0)
+    w = torch.randn(2, 5, requires_grad=True)
+    logp = torch.log_softmax(w, -1)                          # (B=2, T=5) stand-in log-probs
+    mask = torch.tensor([[1., 1., 1., 0., 0.], [1., 1., 1., 1., 1.]])
+    A = torch.tensor([0.7, -1.3])
+    loss = grpo.policy_loss(logp, logp.detach(), A, mask, "parallel", "onpolicy", 0.2, 0.28, norm=2.0)
+    g, = torch.autograd.grad(loss, w)
+    logp = torch.log_softmax(w, -1)
+    ref = -(A * (logp * mask).sum(1) / mask.sum(1)).mean()
+    g_ref, = torch.autograd.grad(ref, w)
+    assert torch.allclose(g, g_ref, atol=1e-6)
+    assert loss.item() == pytest.approx(-A.mean().item())     # the ratio is exactly 1
+
+
+def test_clip_higher_clips_where_it_should():
+    old = torch.zeros(1, 4)
+    mask = torch.ones(1, 4)
+    for r, A, clipped in [(1.5, 1.0, True), (1.2, 1.0, False), (0.7, -1.0, True), (0.9, -1.0, False),
+                          (1.5, -1.0, False), (0.7, 1.0, False)]:
+        logp = torch.full((1, 4), math.log(r), requires_grad=True)
+        loss = grpo.policy_loss(logp, old, torch.tensor([A]), mask, "serial", "importance", 0.2, 0.28, norm=4.0)
+        g, = torch.autograd.grad(loss, logp)
+        assert (g.abs().sum() == 0) == clipped, (r, A)
+    # clip-higher: 1.25 is inside [0.8, 1.28] although it is outside the symmetric 1.2
+    logp = torch.full((1, 4), math.log(1.25), requires_grad=True)
+    g, = torch.autograd.grad(grpo.policy_loss(logp, old, torch.tensor([1.0]), mask, "serial", "importance",
+                                              0.2, 0.28, norm=4.0), logp)
+    assert g.abs().sum() > 0
+
+
+def test_rewards_and_drops():
+    cfg = grpo.Config(mode="parallel")
+    assert grpo.reward_of(sample(GOOD), "26", cfg) == (1.0, None)
+    assert grpo.reward_of(sample(GOOD), "25", cfg) == (-1.0, None)
+    assert grpo.reward_of(sample("no box"), "25", cfg) == (0.0, None)
+    assert grpo.reward_of(sample(GOOD, "malformed: guideline with 0 numbered plans"), "26", cfg)[0] is None
+    assert grpo.reward_of(sample(GOOD, "budget"), "26", cfg) == (None, "over budget")
+    s = grpo.Config(mode="serial", format_reward=True, format_penalty=0.5, max_new_tokens=100, overlong_buffer=20)
+    assert grpo.reward_of(sample("6+20=26 \\boxed{26}"), "26", s)[0] == -1.5      # right answer, no format
+    assert grpo.reward_of(sample(GOOD, crit=90), "26", s)[0] == pytest.approx(1.0 - 10 / 20)   # overlong ramp
+    assert grpo.reward_of(sample(GOOD, crit=40), "26", grpo.Config(mode="serial"))[0] == 1.0
+
+
+class FakeSampler:
+    def __init__(self, texts):
+        self.texts = texts            # per call: list (per prompt) of list (per sample) of (text, finish)
+
+    def generate_many(self, prompts, n, params, rows):
+        batch = self.texts.pop(0)
+        return [[sample(*batch[i % len(batch)][j]) for j in range(n)] for i in range(len(prompts))], 1.0
+
+
+class FakeTok:
+    def encode(self, t):
+        return [1]
+
+    def render_chat(self, m, add_generation_prompt=True):
+        return ""
+
+
+def test_dynamic_sampling_drops_zero_variance_groups_and_malformed_never_reach_the_loss():
+    problems = [{"question": "q", "answer": "26"}]
+    allright = [(GOOD, "eos")] * 4
+    mixed = [(GOOD, "eos"), (GOOD.replace("{26}", "{2}"), "eos"), (GOOD, "malformed: x"), (GOOD, "eos")]
+    cfg = grpo.Config(mode="serial", prompts_per_step=2, group_size=4, max_sampling_rounds=2)
+    fake = FakeSampler([[allright, allright], [mixed, allright, allright, allright]])
+    groups, seen, dropped, _ = grpo.rollout(fake, FakeTok(), problems, [0], cfg, 0, "", 0, 1)
+    assert len(groups) == 1 and dropped["zero-variance group"] == 4 * 5
+    par = grpo.Config(mode="parallel", prompts_per_step=1, group_size=4)
+    groups, _, dropped, _ = grpo.rollout(FakeSampler([[mixed]]), FakeTok(), problems, [0], par, 0, "", 0, 1)
+    assert len(groups[0]) == 3 and dropped == {"malformed": 1}
+    assert all(not s.finish_reason.startswith("malformed") for s, _ in groups[0])
