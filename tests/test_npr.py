@@ -44,6 +44,7 @@ def test_build_prompt_holds_instruction_and_question():
     for t in npr.TAGS:
         assert t in npr.INSTRUCTION
     assert "1:" in npr.INSTRUCTION and "\\boxed{}" in npr.INSTRUCTION
+    assert npr.build_prompt(" q ", instruction="Short.") == "Short.\n\nProblem:\nq"
 
 
 def test_parse_good_sample():
@@ -149,6 +150,16 @@ def test_layout_single_piece_tags_and_separators():
     assert lay.block[0] == 0 and lay.block[pieces.index("<guideline>")] == 1 and lay.block[-1] == 0
 
 
+def test_layout_docstring_example():
+    pieces = ["Q", "<guideline>", "<plan>1: a</plan>", "<plan>2: b</plan>", "</guideline>",
+              "<step>", "1:x", "</step>", "\n", "<step>", "2:y", "</step>", "<takeaway>"]
+    lay = npr.token_layout(pieces, complete=False)
+    assert lay.problems == []
+    assert lay.block == [0] + [1] * 12
+    assert lay.branch == [0, 0, 0, 0, 0, 1, 1, 1, 1, 2, 2, 2, 0]
+    assert lay.pos == [0, 1, 2, 3, 4, 5, 6, 7, 8, 5, 6, 7, 9]
+
+
 def test_layout_three_branches_exact_positions():
     pieces = (["Q", ":", "<guideline>"]
               + [x for i in "123" for x in ("<plan>", f"{i}:p", "</plan>")]
@@ -204,7 +215,8 @@ def test_layout_two_blocks():
     # a branch of block 2 sees the (joined) steps of block 1 but not its own siblings
     s1 = pieces.index("<step>")
     assert visible(lay, steps2[1], s1) and not visible(lay, steps2[1] + 1, steps2[0] + 1)
-    assert lay.pos == sorted(lay.pos) or lay.pos[-1] == max(lay.pos)
+    t1 = pieces.index("<takeaway>")  # block 1's join: 1 + its longest branch
+    assert lay.pos[t1] == 1 + max(lay.pos[:t1])
 
 
 MALFORMED = {  # name -> (pieces, substring of a problem)
@@ -298,10 +310,11 @@ EQUIV = [
     ("\\frac12", "1/2", True), ("-\\frac{1}{2}", "-0.5", True), ("\\frac{-1}{2}", "-1/2", True),
     ("\\frac{1}{3}", "0.33333", True), ("50\\%", "50", True), ("50\\%", "0.5", True), ("0.5", "50%", True),
     ("25%", "\\frac{1}{4}", True), ("\\text{5}", "5", True), ("\\mathrm{5}", "5", True), ("\\mbox{yes}", "Yes", True),
-    ("yes", "YES", True), ("\\left(1, 2\\right)", "(1,2)", True), ("30^\\circ", "30", True), ("30^{\\circ}", "30", True),
-    ("30°", "30", True), ("\\!5", "5", True), ("$5$", "5", True), ("\\$5", "5", True), ("x = 5", "5", True),
-    ("y=2x+1", "2x+1", True), ("5 cm", "5", True), ("10 dollars", "10", True), ("3 meters", "3", True),
-    ("5\\text{ cm}^2", "5", True), ("12 square units", "12", True), ("(1, 2)", "(1,2)", True),
+    ("yes", "YES", True), ("\\left(1, 2\\right)", "(1,2)", True), ("30^\\circ", "30", True),
+    ("30^{\\circ}", "30", True), ("30°", "30", True), ("\\!5", "5", True), ("$5$", "5", True), ("\\$5", "5", True),
+    ("x = 5", "5", True),
+    ("y=2x+1", "2x+1", True), ("5 cm", "5", True), ("10 dollars", "10", True), ("1,000 dollars", "1000", True),
+    ("3 meters", "3", True), ("5\\text{ cm}^2", "5", True), ("12 square units", "12", True), ("(1, 2)", "(1,2)", True),
     ("[0, 1)", "[0,1)", True), ("(-\\infty, 3]", "(-\\infty,3]", True), ("x \\in [0, 1)", "[0,1)", True),
     ("(\\frac12, 0.25)", "(0.5,\\frac{1}{4})", True), ("\\sqrt{2}", "\\sqrt2", True), ("2\\sqrt{2}", "\\sqrt{8}", True),
     ("\\frac{\\sqrt{3}}{2}", "\\frac{\\sqrt3}{2}", True), ("\\sqrt{3}/2", "\\frac{\\sqrt{3}}{2}", True),
