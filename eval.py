@@ -49,6 +49,7 @@ class Config:
     device: str = ""                    # "" = cuda when available
     dtype: str = ""                     # "" = checkpoint dtype (bfloat16 / float16 / float32)
     out: str = ""                       # report path ("" = <model>/eval.json)
+    report: str = ""                    # a pipeline folder: only collect <dir>/*/eval.json into <dir>/report.md
 
 
 def table(report):
@@ -64,7 +65,40 @@ def table(report):
     return "\n".join(lines)
 
 
+def pipeline_report(root, stages=("base", "zero", "sft", "grpo")):
+    """One markdown table over the stages of a speedrun.sh run (eval.json of each + times.txt)."""
+    times = {}
+    if os.path.isfile(os.path.join(root, "times.txt")):
+        for line in open(os.path.join(root, "times.txt")):
+            name, sec = line.split()
+            times[name] = float(sec)
+    head = ("| stage | acc serial | acc parallel | format valid (par) | trigger rate (par) | branches/fork | "
+            "tok/s serial | tok/s parallel | time-to-answer s (ser / par) | total/critical (par) | stage wall s |")
+    lines = [head, "|" + "---|" * (head.count("|") - 1)]
+    for st in stages:
+        f = os.path.join(root, st, "eval.json")
+        if not os.path.isfile(f):
+            continue
+        r = json.load(open(f))
+        s, p = r.get("serial", {}), r.get("parallel", {})
+        g = lambda d, k, fmt="{:.3f}": fmt.format(d[k]) if k in d else "-"
+        wall = times.get(st, times.get({"base": "base", "zero": "stage1"}.get(st, st)))
+        lines.append(f"| {st} | {g(s, 'accuracy')} | {g(p, 'accuracy')} | {g(p, 'format_valid')} | "
+                     f"{g(p, 'trigger_rate')} | {g(p, 'branches_per_fork', '{:.2f}')} | {g(s, 'tokens_per_s', '{:.0f}')} | "
+                     f"{g(p, 'tokens_per_s', '{:.0f}')} | {g(s, 'time_to_answer_s', '{:.2f}')} / "
+                     f"{g(p, 'time_to_answer_s', '{:.2f}')} | {g(p, 'total_over_critical', '{:.2f}')} | "
+                     f"{'-' if wall is None else f'{wall:.0f}'} |")
+    total = sum(times.values())
+    text = "\n".join(lines) + f"\n\nwhole run: {total:.0f} s of stages ({', '.join(f'{k} {v:.0f}' for k, v in times.items())})\n"
+    with open(os.path.join(root, "report.md"), "w") as f:
+        f.write(text)
+    print(text)
+    return text
+
+
 def main(cfg: Config):
+    if cfg.report:
+        return pipeline_report(cfg.report)
     print_config(cfg)
     dev = cfg.device or ("cuda" if torch.cuda.is_available() else "cpu")
     dtype = {"": None, "bfloat16": torch.bfloat16, "float16": torch.float16, "float32": torch.float32}[cfg.dtype]

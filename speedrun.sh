@@ -1,0 +1,34 @@
+#!/usr/bin/env bash
+# The whole NPR pipeline on the built-in default, end to end, on any machine (a 2-core CPU: ~20 min):
+#   base model (toy.py) -> [stage 1: grpo.py --mode serial, with STAGE1=1] -> distill.py -> sft.py
+#   -> grpo.py (PAPO) -> eval.py of every stage in serial and parallel mode -> out/report.md
+# Every stage is an ordinary script; rerunning resumes where a stage stopped (distill, sft, grpo).
+set -euo pipefail
+cd "$(dirname "$0")"
+bash install.sh
+PY=.venv/bin/python
+OUT=${OUT:-out}
+EVAL_K=${EVAL_K:-4}
+mkdir -p "$OUT"
+: > "$OUT/times.txt"
+stage() {  # stage NAME command...: run it and record its wall time
+  local name=$1; shift
+  echo "=================== $name: $* ==================="
+  local t0=$(date +%s)
+  "$@"
+  echo "$name $(( $(date +%s) - t0 ))" >> "$OUT/times.txt"
+}
+[ -f "$OUT/base/model.safetensors" ] || stage base $PY toy.py --out-dir "$OUT/base" --data-dir "$OUT/data"
+if [ "${STAGE1:-0}" = 1 ]; then
+  stage stage1 $PY grpo.py --mode serial --model "$OUT/base" --out-dir "$OUT/zero" \
+    --data "$OUT/data/train.jsonl" --eval-data "$OUT/data/test.jsonl" --format-reward
+fi
+stage distill $PY distill.py --model "$OUT/base" --data "$OUT/data/train.jsonl" --out "$OUT/distill/train.jsonl"
+stage sft $PY sft.py --model "$OUT/base" --data "$OUT/distill/train.jsonl" --out-dir "$OUT/sft"
+stage grpo $PY grpo.py --model "$OUT/sft" --out-dir "$OUT/grpo" \
+  --data "$OUT/data/train.jsonl" --eval-data "$OUT/data/test.jsonl"
+for s in base zero sft grpo; do
+  [ -d "$OUT/$s" ] || continue
+  $PY eval.py --model "$OUT/$s" --data "$OUT/data/test.jsonl" --mode both -k "$EVAL_K" --out "$OUT/$s/eval.json"
+done
+$PY eval.py --report "$OUT"
