@@ -148,7 +148,7 @@ class Attention(nn.Module):
         q, k = apply_rope(q, cos, sin), apply_rope(k, cos, sin)
         if kv_cache is not None:
             k, v = kv_cache.update(self.layer_idx, k, v, layout.slots())  # (B, Hkv, S, D)
-            y = attention(q, k, v, layout, kv_cache.layout(), impl=attn_impl)
+            y = attention(q, k, v, layout, kv_cache.k_layout, impl=attn_impl)
         elif layout is None:
             y = F.scaled_dot_product_attention(q, k, v, is_causal=True, enable_gqa=self.n_head != self.n_kv)
         else:
@@ -249,6 +249,7 @@ class Qwen(nn.Module):
             if layout is None or layout.slot is None:
                 raise ValueError("with a kv_cache, layout.slot must say which cache slot each token takes")
             kv_cache.write_layout(layout)
+            kv_cache.k_layout = kv_cache.layout()   # one object for all layers (their masks are memoised on it)
         x = self.model.embed_tokens(input_ids)
         cos, sin = rope_cos_sin(positions, self.config.head_dim, self.config.rope_theta, x.dtype)
         for layer in self.model.layers:

@@ -96,12 +96,16 @@ def attention_ref(q, k, v, q_layout, k_layout=None, scale=None):
     return torch.matmul(p, v.float()).to(q.dtype)
 
 
-def attention_sdpa(q, k, v, q_layout, k_layout=None, scale=None):
-    """Same result as attention_ref, through SDPA with a dense bool mask (the fast CPU path)."""
+def _sdpa_mask(q_layout, k_layout):
     mask = visible_mask(q_layout, k_layout)[:, None]                         # (B, 1, Tq, Tk)
     empty = ~mask.any(-1, keepdim=True)                                      # (B, 1, Tq, 1)
     # an empty row would give NaN (also in backward): let it see everything, then zero it
-    mask = mask | empty
+    return mask | empty, empty
+
+
+def attention_sdpa(q, k, v, q_layout, k_layout=None, scale=None):
+    """Same result as attention_ref, through SDPA with a dense bool mask (the fast CPU path)."""
+    mask, empty = _memo(q_layout, k_layout, "sdpa", lambda: _sdpa_mask(q_layout, k_layout))
     gqa = q.shape[1] != k.shape[1]
     out = F.scaled_dot_product_attention(q, k, v, attn_mask=mask, scale=scale, enable_gqa=gqa)
     return out.masked_fill(empty, 0.0)
@@ -181,21 +185,25 @@ def _layout_info(q_layout, k_layout=None, holes=True):
     return pack(q_info), pack(k_info)
 
 
-def _cached_layout_info(q_layout, k_layout, holes):
-    """_layout_info, memoised on the q_layout object: all layers of one forward share it. The key holds
+def _memo(q_layout, k_layout, tag, compute):
+    """compute(), memoised on the q_layout object: all layers of one forward share it. The key holds
     each tensor's address, shape, strides and in-place version counter (the entry keeps the tensors
     alive, so an address cannot be reused); no caching under inference_mode or CUDA-graph capture."""
     ts = [t for L in (q_layout, k_layout) if L is not None for t in (L.doc, L.block, L.branch, L.slot)
           if t is not None]
     if torch.is_inference_mode_enabled() or any(t.is_inference() for t in ts) or (
             ts[0].is_cuda and torch.cuda.is_current_stream_capturing()):
-        return _layout_info(q_layout, k_layout, holes)
-    key = (k_layout is None, holes) + tuple((t.data_ptr(), t.shape, t.stride(), t._version) for t in ts)
-    hit = getattr(q_layout, "_info_cache", None)
+        return compute()
+    key = (k_layout is None,) + tuple((t.data_ptr(), t.shape, t.stride(), t._version) for t in ts)
+    memo = q_layout.__dict__.setdefault("_memo", {})
+    hit = memo.get(tag)
     if hit is None or hit[0] != key:
-        hit = (key, ts, _layout_info(q_layout, k_layout, holes))
-        q_layout._info_cache = hit
+        hit = memo[tag] = (key, ts, compute())
     return hit[2]
+
+
+def _cached_layout_info(q_layout, k_layout, holes):
+    return _memo(q_layout, k_layout, ("info", holes), lambda: _layout_info(q_layout, k_layout, holes))
 
 
 # -----------------------------------------------------------------------------

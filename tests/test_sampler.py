@@ -208,3 +208,23 @@ def test_pick():
     assert all(pick(logits, 1.0, 1.0, 1, g).item() == 1 for _ in range(20))            # top-k 1
     assert all(pick(logits, 1.0, 1e-3, 0, g).item() == 1 for _ in range(20))           # tiny top-p
     assert {pick(logits, 1.0, 1.0, 2, g).item() for _ in range(50)} == {1, 3}          # top-k 2
+
+
+@pytest.mark.cuda
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA")
+def test_cuda_triton_sampler_matches_teacher_forced(tmp_path):
+    """On CUDA the sampler and the trainer both go through the Triton kernels (decode and prefill)."""
+    model, tok = make_checkpoint(tmp_path, tags_special=True)
+    model = model.cuda()
+    steer = Script({0: block_script(tok, ["1", "2", "3"])},
+                   {(0, 1, i): step_script(tok, i, "x" * (3 * i) + " = 1") for i in (1, 2, 3)})
+    s = Sampler(model, tok).generate([chat(tok)], params=SamplingParams(), steer=steer)[0][0]
+    assert s.finish_reason == "eos"
+    ids, pos, layout = s.full_layout()
+    targets = torch.cat([ids[:, 1:], torch.full((1, 1), -100)], 1)
+    with torch.no_grad():
+        lp = token_logprobs(model, ids.cuda(), targets.cuda(), pos.cuda(), layout.to("cuda"))[0].cpu()
+    P = len(s.prompt_ids)
+    got = lp[P - 1:P - 1 + len(s.ids)]
+    sampled = torch.tensor(s.sampled)
+    assert (got - torch.tensor(s.logprobs))[sampled].abs().max() <= 1e-3
