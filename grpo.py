@@ -62,7 +62,7 @@ class Config:
     max_sampling_rounds: int = 4
     format_reward: bool = False            # serial mode: the paper's format term
     format_penalty: float = 0.5
-    overlong_buffer: int = 64              # serial mode: soft penalty in the last N tokens of the budget
+    overlong_buffer: int = -1              # serial mode: soft penalty in the last N tokens of the budget (-1 = budget/8)
     train_forced: bool = False             # put forced tokens (headers) into the loss
     lr: float = 2e-4                       # paper: 1e-7 (PAPO on 4B), 1e-6 (NPR-Zero)
     weight_decay: float = 0.0
@@ -100,8 +100,9 @@ def reward_of(sample, answer, cfg):
     if cfg.format_reward and (sample.finish_reason != "eos" or npr.format_score(sample.text)[0] != 0.0):
         r = -1.0 - cfg.format_penalty                                        # accuracy counts only when well formed
     L, budget = sample.stats["critical_path_tokens"], cfg.max_new_tokens
-    if L > budget - cfg.overlong_buffer:                                     # DAPO soft overlong punishment
-        r += max(-1.0, (budget - cfg.overlong_buffer - L) / cfg.overlong_buffer)
+    buf = cfg.overlong_buffer if cfg.overlong_buffer >= 0 else budget // 8
+    if buf and L > budget - buf:                                             # DAPO soft overlong punishment
+        r += max(-1.0, (budget - buf - L) / buf)
     return r, None
 
 

@@ -22,6 +22,7 @@ every token under the model's own distribution (temperature 1, no top-p: what a 
 computes; forced tokens get 0), the finish reason and stats.
 """
 import argparse
+import random
 import time
 from dataclasses import dataclass, field
 
@@ -93,8 +94,9 @@ class Stream:
 
 
 class Row:
-    def __init__(self, prompt, index):
+    def __init__(self, prompt, index, seed):
         self.prompt, self.index = prompt, index
+        self.rng = random.Random(seed)  # this row's own draws: the same whatever it is batched with
         self.trunk = Stream([], 0, 0, len(prompt))
         self.segs = [self.trunk.seg]
         self.streams = [self.trunk]
@@ -215,8 +217,10 @@ class Sampler:
 
     # ---- the decoding loop ---------------------------------------------------------------
     @torch.no_grad()
-    def generate(self, prompts, n=1, params=None, steer=None, progress=False):
+    def generate(self, prompts, n=1, params=None, steer=None, progress=False, seeds=None):
         """prompts: token-id lists (chat already rendered). Returns one list of n Samples per prompt.
+        seeds: one per row (prompt-major, n rows per prompt); default params.seed * 1000003 + row.
+        Each row draws from its own random stream, so its sample does not depend on its batch.
         steer(requests, logits) -> logits, optional: edits the logits a token is drawn from (tests
         force a structure with it); recorded log-probs stay those of the model."""
         p = params or SamplingParams()
@@ -228,11 +232,14 @@ class Sampler:
             p = SamplingParams(**{**p.__dict__, "max_total_tokens": p.max_new_tokens *
                                   (p.max_branches if p.mode == "parallel" else 1)})
         dev = self.model.output_weight.device
-        rows = [Row(list(x), i) for i, x in enumerate(x for x in prompts for _ in range(n))]
+        flat = [x for x in prompts for _ in range(n)]
+        seeds = seeds if seeds is not None else [p.seed * 1000003 + i for i in range(len(flat))]
+        if len(seeds) != len(flat):
+            raise ValueError(f"{len(seeds)} seeds for {len(flat)} rows")
+        rows = [Row(list(x), i, sd) for i, (x, sd) in enumerate(zip(flat, seeds))]
         R, L = len(rows), max(len(x) for x in prompts)
         cap = L + p.max_total_tokens + 16 * (p.max_branches + 2) + 1  # room for forced tokens; last slot = scratch
         cache = KVCache(self.model.config, R, cap, device=dev, dtype=self.model.output_weight.dtype)
-        gen = torch.Generator(device=dev).manual_seed(p.seed)
         t0 = time.perf_counter()
         bar = None
         if progress:
@@ -250,7 +257,7 @@ class Sampler:
         cache.limit = L
         logits = self.model(ids.to(dev), slot.long().to(dev), Layout(doc, z, z, slot).to(dev), cache)
         last = torch.tensor([len(row.prompt) - 1 for row in rows], device=dev)
-        self.sample_step([(row, row.trunk) for row in rows], logits[torch.arange(R, device=dev), last], p, gen, steer)
+        self.sample_step([(row, row.trunk) for row in rows], logits[torch.arange(R, device=dev), last], p, steer)
 
         done = 0
         while True:
@@ -286,7 +293,7 @@ class Sampler:
             if requests:                                                  # logits only where a token is drawn
                 rr, jj = (torch.tensor(x, device=dev) for x in zip(*where))
                 logits = F.linear(h[rr, jj], self.model.output_weight)
-                self.sample_step(requests, logits, p, gen, steer)
+                self.sample_step(requests, logits, p, steer)
         if bar is not None:
             bar.close()
         out = [self.to_sample(row, t0) for row in rows]
@@ -311,7 +318,7 @@ class Sampler:
             bar.close()
         return out, wall
 
-    def sample_step(self, requests, logits, p, gen, steer):
+    def sample_step(self, requests, logits, p, steer):
         """Draw one token for each (row, stream) request from its logits (N, V)."""
         logits = logits.float()
         logp = torch.log_softmax(logits, dim=-1)                 # the model's own distribution
@@ -324,7 +331,8 @@ class Sampler:
                     idx = torch.tensor(sorted(seen), device=logits.device)
                     v = logits[i, idx]
                     logits[i, idx] = torch.where(v > 0, v / p.repetition_penalty, v * p.repetition_penalty)
-        toks = pick(logits, p.temperature, p.top_p, p.top_k, gen)
+        u = torch.tensor([row.rng.random() for row, _ in requests], device=logits.device)
+        toks = pick(logits, p.temperature, p.top_p, p.top_k, u)
         lps = logp.gather(1, toks[:, None]).squeeze(1).tolist()
         for (row, st), t, lp in zip(requests, toks.tolist(), lps):
             if row.finish is None:
@@ -341,8 +349,9 @@ class Sampler:
         return s
 
 
-def pick(logits, temperature, top_p, top_k, gen):
-    """(N, V) float logits -> (N,) token ids. temperature 0 = argmax."""
+def pick(logits, temperature, top_p, top_k, u):
+    """(N, V) float logits, (N,) uniforms in [0, 1) -> (N,) token ids, by inverse CDF (one uniform
+    per row, so rows never share a random stream). temperature 0 = argmax."""
     if temperature <= 0:
         return logits.argmax(-1)
     logits = logits / temperature
@@ -354,7 +363,9 @@ def pick(logits, temperature, top_p, top_k, gen):
         probs = sorted_logits.softmax(-1)
         drop = probs.cumsum(-1) - probs > top_p                    # keep the smallest set reaching top_p
         logits = torch.full_like(logits, float("-inf")).scatter(1, idx, sorted_logits.masked_fill(drop, float("-inf")))
-    return torch.multinomial(logits.softmax(-1), 1, generator=gen).squeeze(1)
+    cdf = logits.softmax(-1).cumsum(-1)                                 # (N, V)
+    tok = torch.searchsorted(cdf, (u * cdf[:, -1])[:, None], right=True).squeeze(1)
+    return tok.clamp(max=logits.shape[-1] - 1)
 
 
 @torch.no_grad()
@@ -362,11 +373,11 @@ def generate_naive(model, prompt, max_new_tokens, stop_ids, temperature=0.0, top
     """The test oracle: serial decoding without a cache, one full forward per token.
     Returns (ids, logprobs)."""
     dev = model.output_weight.device
-    gen = torch.Generator(device=dev).manual_seed(seed)
+    rng = random.Random(seed * 1000003)                   # row 0's stream in generate()
     ids, lps = list(prompt), []
     for _ in range(max_new_tokens):
         logits = model(torch.tensor([ids], device=dev))[:, -1].float()
-        t = pick(logits, temperature, top_p, top_k, gen)
+        t = pick(logits, temperature, top_p, top_k, torch.tensor([rng.random()], device=dev))
         lps.append(torch.log_softmax(logits, -1)[0, t].item())
         ids.append(t.item())
         if ids[-1] in stop_ids:

@@ -187,7 +187,7 @@ def test_no_fork_near_the_budget(ck):
 
 def test_seeded_runs_repeat_and_batch_rows_differ(ck):
     model, tok = ck
-    p = SamplingParams(temperature=3.0, max_new_tokens=25, seed=7)  # the random model is peaked
+    p = SamplingParams(temperature=100.0, max_new_tokens=25, seed=7)  # flat: the random model is very peaked
     a = Sampler(model, tok).generate([chat(tok)], n=3, params=p)[0]
     b = Sampler(model, tok).generate([chat(tok)], n=3, params=p)[0]
     assert [s.ids for s in a] == [s.ids for s in b]
@@ -203,11 +203,28 @@ def test_serial_mode_treats_tags_as_text(ck):
 
 def test_pick():
     logits = torch.tensor([[0.0, 3.0, 1.0, 2.9]])
-    g = torch.Generator().manual_seed(0)
-    assert pick(logits, 0, 1.0, 0, g).item() == 1
-    assert all(pick(logits, 1.0, 1.0, 1, g).item() == 1 for _ in range(20))            # top-k 1
-    assert all(pick(logits, 1.0, 1e-3, 0, g).item() == 1 for _ in range(20))           # tiny top-p
-    assert {pick(logits, 1.0, 1.0, 2, g).item() for _ in range(50)} == {1, 3}          # top-k 2
+    us = [torch.rand(1) for _ in range(200)]
+    assert pick(logits, 0, 1.0, 0, us[0]).item() == 1
+    assert all(pick(logits, 1.0, 1.0, 1, u).item() == 1 for u in us)             # top-k 1
+    assert all(pick(logits, 1.0, 1e-3, 0, u).item() == 1 for u in us)            # tiny top-p
+    assert {pick(logits, 1.0, 1.0, 2, u).item() for u in us} == {1, 3}           # top-k 2
+    # inverse CDF: frequencies follow the softmax
+    p = torch.softmax(logits, -1)[0]
+    draws = pick(logits.expand(20000, 4), 1.0, 1.0, 0, torch.rand(20000))
+    freq = torch.bincount(draws, minlength=4) / 20000
+    assert (freq - p).abs().max() < 0.015
+    assert pick(logits, 1.0, 1.0, 0, torch.tensor([0.999999])).item() == 3  # the last token with mass
+
+
+def test_a_row_samples_the_same_in_any_batch(ck):
+    model, tok = ck
+    p = SamplingParams(mode="serial", temperature=100.0, max_new_tokens=20)   # flat, so rows really sample
+    sampler = Sampler(model, tok)
+    sampler.stop_ids = set()
+    alone = sampler.generate([chat(tok, "b")], params=p, seeds=[42])[0][0]
+    batched = sampler.generate([chat(tok, "a"), chat(tok, "b"), chat(tok, "a much longer prompt here")],
+                               params=p, seeds=[1, 42, 2])[1][0]
+    assert alone.ids == batched.ids and len(set(alone.ids)) > 3
 
 
 @pytest.mark.cuda
