@@ -176,16 +176,23 @@ def rollout(sampler, tok, problems, order, cfg, step, instruction, rank, world):
     """Sample groups for this rank's prompts; dynamic sampling in serial mode.
     -> (groups [(Sample list, reward list)], stats)"""
     per_rank = cfg.prompts_per_step // world
-    rng = random.Random(cfg.seed * 100003 + step * 101 + rank)
     groups, dropped, seen, wall, rounds = [], {}, [], 0.0, 0
     need = per_rank
     while need > 0 and rounds < (cfg.max_sampling_rounds if cfg.mode == "serial" and cfg.dynamic_sampling else 1):
-        picks = [order[rng.randrange(len(order))] for _ in range(need if rounds == 0 else 2 * need)]
+        # round 0: the step's prompts are drawn identically on every rank and split by rank, and every
+        # row's random stream is named by (step, prompt slot, sample): the rollouts do not depend on
+        # the number of ranks. Later rounds (dynamic sampling) draw per rank.
+        rng = random.Random((cfg.seed * 1_000_003 + step) * 1009 + rounds * 7919 + (rank if rounds else 0))
+        n_draw = cfg.prompts_per_step if rounds == 0 else 2 * need
+        slots = list(range(n_draw))[rank::world] if rounds == 0 else list(range(n_draw))
+        allpicks = [order[rng.randrange(len(order))] for _ in range(n_draw)]
+        picks = [allpicks[g] for g in slots]
         params = SamplingParams(mode=cfg.mode, temperature=cfg.temperature, top_p=cfg.top_p,
-                                max_new_tokens=cfg.max_new_tokens, max_branches=cfg.max_branches,
-                                seed=cfg.seed * 7919 + step * 13 + rounds * 1000003 + rank)
+                                max_new_tokens=cfg.max_new_tokens, max_branches=cfg.max_branches, seed=cfg.seed)
+        seeds = [(((cfg.seed * 1_000_003 + step) * 1009 + rounds) * 100_003 + (g if rounds == 0 else rank * n_draw + g))
+                 * 1024 + j for g in slots for j in range(cfg.group_size)]
         prompts = [chat_prompt(tok, problems[i]["question"], instruction) for i in picks]
-        out, w = sampler.generate_many(prompts, cfg.group_size, params, cfg.rollout_rows)
+        out, w = sampler.generate_many(prompts, cfg.group_size, params, cfg.rollout_rows, seeds=seeds)
         wall += w
         for i, samples in zip(picks, out):
             kept = []
@@ -314,17 +321,28 @@ def main(cfg: Config):
         t_train = time.perf_counter() - t_train
         step += 1
 
-        # ---- log ----
+        # ---- log (sums over every rank's rollouts) ----
         m = npr.sample_metrics(seen, [None] * len(seen), roll_wall) if seen else {}
+        n = len(seen)
+        forks = [b for s, _ in seen for b in s.stats["branches_per_fork"]]
         flat = [r for g in rewards for r in g]
-        rec = dict(step=step, reward=sum(flat) / max(len(flat), 1), accuracy=m.get("accuracy", 0.0),
-                   format_valid=m.get("format_valid", 0.0), trigger_rate=m.get("trigger_rate", 0.0),
-                   branches_per_fork=m.get("branches_per_fork", 0.0), groups=len(groups),
-                   trained_seqs=len(items), dropped=dropped, response_tokens=m.get("mean_tokens", 0.0),
-                   critical_tokens=m.get("mean_critical_tokens", 0.0),
-                   entropy=sum(ents) / max(len(ents), 1), loss=sum(losses) / max(len(losses), 1),
-                   grad_norm=max(gnorms) if gnorms else 0.0, rollout_tok_s=m.get("tokens_per_s", 0.0),
-                   train_tok_s=n_train_tok / max(t_train, 1e-9), step_s=time.perf_counter() - t0)
+        tot = torch.tensor([n, m.get("accuracy", 0) * n, m.get("format_valid", 0) * n, m.get("trigger_rate", 0) * n,
+                            m.get("mean_tokens", 0) * n, m.get("mean_critical_tokens", 0) * n, sum(forks), len(forks),
+                            sum(flat), len(flat), len(items), sum(losses), roll_wall, sum(ents), len(ents)],
+                           dtype=torch.float64, device=dev)
+        drops = [dropped]
+        if world > 1:
+            dist.all_reduce(tot)
+            drops = [None] * world
+            dist.all_gather_object(drops, dropped)
+        t = tot.tolist()
+        nn_ = max(t[0], 1)
+        rec = dict(step=step, reward=t[8] / max(t[9], 1), accuracy=t[1] / nn_, format_valid=t[2] / nn_,
+                   trigger_rate=t[3] / nn_, branches_per_fork=t[6] / max(t[7], 1), trained_seqs=int(t[10]),
+                   dropped={k: sum(d.get(k, 0) for d in drops) for d in drops for k in d},
+                   response_tokens=t[4] / nn_, critical_tokens=t[5] / nn_, entropy=t[13] / max(t[14], 1),
+                   loss=t[11], grad_norm=max(gnorms) if gnorms else 0.0, rollout_tok_s=t[4] / max(t[12] / world, 1e-9),
+                   train_tok_s=n_train_tok * world / max(t_train, 1e-9), step_s=time.perf_counter() - t0)
         bar.update(1)
         if rank == 0:
             metrics.write(**rec)

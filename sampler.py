@@ -299,9 +299,12 @@ class Sampler:
         out = [self.to_sample(row, t0) for row in rows]
         return [out[i * n:(i + 1) * n] for i in range(len(prompts))]
 
-    def generate_many(self, prompts, n, params, batch_rows=256, progress=False):
-        """generate() over many prompts, batch_rows rows (prompts x n) at a time.
+    def generate_many(self, prompts, n, params, batch_rows=256, progress=False, seeds=None):
+        """generate() over many prompts, batch_rows rows (prompts x n) at a time; seeds: one per row
+        (default params.seed * 1000003 + global row index, so batching changes nothing).
         -> (one list of n Samples per prompt, wall seconds spent generating)."""
+        if seeds is None:
+            seeds = [params.seed * 1000003 + i for i in range(len(prompts) * n)]
         per_call = max(1, batch_rows // n)
         out, wall = [], 0.0
         bar = None
@@ -310,7 +313,7 @@ class Sampler:
             bar = tqdm(total=len(prompts) * n, desc=f"sampling ({params.mode})", unit="sample")
         for i in range(0, len(prompts), per_call):
             t0 = time.perf_counter()
-            out += self.generate(prompts[i:i + per_call], n=n, params=params)
+            out += self.generate(prompts[i:i + per_call], n=n, params=params, seeds=seeds[i * n:(i + per_call) * n])
             wall += time.perf_counter() - t0
             if bar is not None:
                 bar.update(min(per_call, len(prompts) - i) * n)

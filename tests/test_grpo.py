@@ -77,7 +77,7 @@ class FakeSampler:
     def __init__(self, texts):
         self.texts = texts            # per call: list (per prompt) of list (per sample) of (text, finish)
 
-    def generate_many(self, prompts, n, params, rows):
+    def generate_many(self, prompts, n, params, rows, seeds=None):
         batch = self.texts.pop(0)
         return [[sample(*batch[i % len(batch)][j]) for j in range(n)] for i in range(len(prompts))], 1.0
 
@@ -146,3 +146,33 @@ def test_a_few_steps_raise_the_reward_on_a_fixed_prompt_set(sft_model, tmp_path,
                           lr=1e-4, max_new_tokens=120, instruction="Solve.", seed=0))
     after = accuracy(tmp_path / "rl", rows, mode)
     assert after >= before + 0.1, (before, after)
+
+
+def test_two_gloo_processes_match_one(sft_model, tmp_path):
+    """Rollouts do not depend on the number of ranks (global prompt picks, per-row random streams),
+    the batch std is global and the loss is normalised globally: 2 ranks == 1 rank."""
+    import json
+    import os
+    import subprocess
+    import sys
+    from model import Qwen
+    d, _ = sft_model
+    args = dict(mode="parallel", model=str(d / "sft"), data=str(d / "train.jsonl"), eval_every=0, save_every=0,
+                steps=3, prompts_per_step=4, group_size=8, seqs_per_update=32, lr=1e-4, max_new_tokens=120,
+                instruction="Solve.")
+    grpo.main(grpo.Config(out_dir=str(tmp_path / "one"), **args))
+    root = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+    flags = [x for k, v in args.items() for x in (f"--{k.replace('_', '-')}", str(v))]
+    cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc-per-node", "2",
+           os.path.join(root, "grpo.py"), "--out-dir", str(tmp_path / "two"), "--threads", "1"] + flags
+    p = subprocess.run(cmd, capture_output=True, text=True, timeout=300, env={**os.environ, "OMP_NUM_THREADS": "1"})
+    assert p.returncode == 0, p.stderr[-3000:]
+    one = [json.loads(x) for x in open(tmp_path / "one" / "metrics.jsonl")]
+    two = [json.loads(x) for x in open(tmp_path / "two" / "metrics.jsonl")]
+    assert [r["trained_seqs"] for r in two] == [r["trained_seqs"] for r in one] and one[0]["trained_seqs"] > 0
+    for a, b in zip(one, two):
+        assert a["reward"] == pytest.approx(b["reward"], abs=1e-6)   # the same rollouts
+        assert a["loss"] == pytest.approx(b["loss"], abs=1e-4)
+    w1, w2 = Qwen.from_pretrained(str(tmp_path / "one")), Qwen.from_pretrained(str(tmp_path / "two"))
+    for (n, x), (_, y) in zip(w1.state_dict().items(), w2.state_dict().items()):
+        assert (x - y).abs().max() <= 1e-4, n
