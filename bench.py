@@ -120,11 +120,11 @@ def bench_parallel(shapes, widths, blocks, step_tokens, dtype):
         for k in widths:
             guide = enc("<guideline>\n" + "".join(f"<plan>{i}: p</plan>\n" for i in range(1, k + 1)) + "</guideline>")
             take = enc("<takeaway>\n") + enc("ok</takeaway>\n")
-            trunk = (guide + take) * blocks + enc("\\boxed{1}") + [tok.eos_id]
+            trunk = (guide + enc("\n") + take) * blocks + enc("\\boxed{1}") + [tok.eos_id]
             body = lambda b, i: enc(f"<step>\n{i}:") + filler * step_tokens + enc("</step>")
             serial_ids = []
             for b in range(blocks):
-                serial_ids += guide + [t for i in range(1, k + 1) for t in body(b, i) + enc("\n")] + take
+                serial_ids += guide + enc("\n") + [t for i in range(1, k + 1) for t in body(b, i) + enc("\n")] + take
             serial_ids += enc("\\boxed{1}") + [tok.eos_id]
             budget = len(serial_ids) + 64
             prompt = enc("<|im_start|>user\nGo<|im_end|>\n<|im_start|>assistant\n")

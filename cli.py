@@ -5,10 +5,11 @@ Nothing here knows about the method; the method lives in npr.py and the scripts.
 """
 import argparse
 import dataclasses
+import inspect
 import json
 import os
+import re
 import shutil
-import sys
 
 import torch
 
@@ -19,18 +20,27 @@ INSTRUCTION_FILE = "npr_instruction.txt"  # a checkpoint's own instruction (the 
 # Config -> CLI
 
 def parse_cli(cls, argv=None):
-    """Every field of the dataclass `cls` becomes a --kebab-case flag with the field's type.
-    Bools take --flag / --no-flag. The field's inline comment is not available at runtime, so
-    the help text shows the default."""
-    ap = argparse.ArgumentParser(description=(sys.modules[cls.__module__].__doc__ or "").strip().split("\n")[0])
+    """Every field of the dataclass `cls` becomes a --kebab-case flag of the field's type (bools as
+    --flag / --no-flag; one-letter fields also as -x); each field's inline comment is its help."""
+    comments = {}
+    try:
+        for line in inspect.getsource(cls).splitlines():
+            m = re.match(r"\s+(\w+):.*?#\s*(.*)$", line)
+            if m:
+                comments[m.group(1)] = m.group(2)
+    except (OSError, TypeError):
+        pass
+    ap = argparse.ArgumentParser(description=(inspect.getmodule(cls).__doc__ or "").strip().split("\n\n")[0],
+                                 formatter_class=argparse.ArgumentDefaultsHelpFormatter)
     for f in dataclasses.fields(cls):
         flags = ["--" + f.name.replace("_", "-")] + (["-" + f.name] if len(f.name) == 1 else [])
         default = f.default if f.default is not dataclasses.MISSING else f.default_factory()
+        help_ = comments.get(f.name, " ").replace("%", "%%")
         if f.type in (bool, "bool"):
-            ap.add_argument(*flags, action=argparse.BooleanOptionalAction, default=default)
+            ap.add_argument(*flags, action=argparse.BooleanOptionalAction, default=default, help=help_)
         else:
             typ = {"int": int, "float": float, "str": str}.get(f.type, f.type)
-            ap.add_argument(*flags, type=typ if callable(typ) else str, default=default, help=f"default: {default}")
+            ap.add_argument(*flags, type=typ if callable(typ) else str, default=default, help=help_)
     return cls(**vars(ap.parse_args(argv)))
 
 

@@ -130,6 +130,9 @@ class Sampler:
         if row.total + need_total > p.max_total_tokens or row.crit + longest + p.fork_min_tokens > p.max_new_tokens:
             row.unforked = True                                     # too close to a budget: stay serial
             return
+        if not row.trunk.text[-1:].isspace():   # the separator before the first step is the trunk's,
+            for t in self.newline:              # as in training text ("</guideline>\n<step>")
+                row.trunk.push(t, False, 0.0, "\n")
         row.forks.append(len(numbers))
         row.trunk.closed = True                                     # suspended until the join
         row.fork_streams = []

@@ -65,9 +65,10 @@ def check_exact(model, tok, s):
 
 
 def block_script(tok, plans, eos=True, answer="\\boxed{26}"):
-    """Trunk: guideline with the given plan numbers; after the join: a takeaway and the answer."""
+    """Trunk: guideline with the given plan numbers, the engine's forced newline; after the join:
+    the engine's forced takeaway header, then the takeaway and the answer."""
     guide = "<guideline>\n" + "".join(f"<plan>{n}: do part {n}</plan>\n" for n in plans) + "</guideline>"
-    return ids_of(tok, guide, "<takeaway>\n", f"6+20=26\n</takeaway>\n{answer}") + ([tok.eos_id] if eos else [])
+    return ids_of(tok, guide, "\n", "<takeaway>\n", f"6+20=26\n</takeaway>\n{answer}") + ([tok.eos_id] if eos else [])
 
 
 def step_script(tok, n, body):
@@ -124,7 +125,7 @@ def test_branch_decodes_as_if_alone(ck):
         mine = [t for t, b in zip(s.ids, s.branch) if b == i]
         header = tok.encode(f"<step>\n{i}:")
         assert mine[:len(header)] == header
-        alone, _ = generate_naive(model, prompt + trunk + header, len(mine) - len(header), tok.stop_ids)
+        alone, _ = generate_naive(model, prompt + trunk + tok.encode("\n") + header, len(mine) - len(header), tok.stop_ids)
         assert mine[len(header):] == alone[:len(mine) - len(header)], i
 
 

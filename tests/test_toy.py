@@ -1,0 +1,201 @@
+"""toy.py: the task, its solutions in the NPR format, the character tokenizer, the data split and a
+smoke run of main() that writes a checkpoint the rest of the code loads."""
+import json
+import random
+
+import pytest
+import torch
+
+import npr
+import toy
+from model import Qwen, Tokenizer
+from sampler import Sampler, SamplingParams
+
+
+@pytest.fixture(scope="module")
+def tok(tmp_path_factory):
+    """The toy tokenizer, saved and loaded back through tokenizer.py."""
+    path = tmp_path_factory.mktemp("toktok")
+    toy.build_tokenizer().save_pretrained(path)
+    return Tokenizer.from_pretrained(path)
+
+
+def problems(n=300, seed=0, **kw):
+    rng = random.Random(seed)
+    return [toy.make_problem(rng, **kw) for _ in range(n)]
+
+
+def test_problem_and_solutions_example():
+    terms = [(23, 4), (17, 6), (8, 9)]
+    assert toy.serial_solution(terms) == "23*4=92. 17*6=102. 8*9=72. 92+102=194. 194+72=266. \\boxed{266}"
+    assert toy.tagged_solution(terms) == (
+        "<guideline>\n<plan>1: 23*4</plan>\n<plan>2: 17*6</plan>\n<plan>3: 8*9</plan>\n</guideline>\n"
+        "<step>\n1: 23*4=92\n</step>\n<step>\n2: 17*6=102\n</step>\n<step>\n3: 8*9=72\n</step>\n"
+        "<takeaway>\n92+102=194. 194+72=266.\n</takeaway>\n\\boxed{266}")
+    sw = toy.tagged_solution(terms, serial_writer=True)
+    assert "<step>\n2: 17*6=102. 92+102=194\n</step>" in sw
+    assert "<step>\n3: 8*9=72. 194+72=266\n</step>" in sw
+    assert "<takeaway>\n194+72=266.\n</takeaway>" in sw
+    assert toy.user_prompt("Compute 2*3 + 4*5.") == npr.build_prompt("Compute 2*3 + 4*5.", toy.INSTRUCTION)
+    assert toy.user_prompt("Compute 2*3 + 4*5.", tagged=False) == "Compute 2*3 + 4*5."
+    assert len(toy.INSTRUCTION) < 40
+
+
+def test_make_problem_ranges():
+    for p in problems(500, nterms=(2, 4), adigits=(1, 2), brange=(2, 9)):
+        assert 2 <= len(p["terms"]) <= 4
+        assert all(2 <= a <= 99 and 2 <= b <= 9 for a, b in p["terms"])
+        assert p["answer"] == str(sum(a * b for a, b in p["terms"]))
+        assert toy.parse_terms(p["question"]) == p["terms"]
+        assert p["question"] == "Compute " + " + ".join(f"{a}*{b}" for a, b in p["terms"]) + "."
+    hard = problems(200, nterms=(3, 3), adigits=(2, 2))
+    assert all(len(p["terms"]) == 3 and all(a >= 10 for a, _ in p["terms"]) for p in hard)
+
+
+def test_solutions_are_correct_and_well_formed(tok):
+    for i, p in enumerate(problems(300)):
+        k = len(p["terms"])
+        assert npr.grade(toy.serial_solution(p["terms"]), p["answer"])
+        for sw in (False, True):
+            sol = toy.tagged_solution(p["terms"], serial_writer=sw)
+            assert npr.format_score(sol) == (0.0, []), sol
+            assert npr.grade(sol, p["answer"])
+            parsed = npr.parse(sol)
+            assert not parsed.problems and len(parsed.blocks) == 1 and len(parsed.blocks[0].steps) == k
+            # one piece per token (tags as one piece) and one piece per character
+            for pieces in ([tok.decode_piece(t) for t in tok.encode(sol)], list(sol)):
+                lay = npr.token_layout(pieces)
+                assert lay.problems == [], (sol, lay.problems)
+                assert max(lay.branch) == k and lay.block[0] == 1 and set(lay.block) == {0, 1}
+            if i < 20 and not sw:  # independent steps: a step's text does not depend on its siblings
+                assert all("+" not in s for s in parsed.blocks[0].steps)
+
+
+def test_tokenizer_round_trip_and_single_tokens(tok):
+    texts = []
+    for p in problems(300, seed=1):
+        texts += [toy.serial_solution(p["terms"]), toy.tagged_solution(p["terms"]),
+                  toy.tagged_solution(p["terms"], serial_writer=True)]
+        texts += [tok.render_chat([{"role": "user", "content": toy.user_prompt(p["question"], t)}]) for t in (True, False)]
+    multi = npr.TAGS + (toy.BOXED,) + toy.SPECIAL_TOKENS
+    for t in texts:
+        ids = tok.encode(t)
+        assert tok.decode(ids) == t
+        # one token per character, except the multi-character tokens (one each)
+        assert len(ids) == len(t) - sum(t.count(m) * (len(m) - 1) for m in multi)
+    for tag in npr.TAGS + (toy.BOXED, "<|im_start|>", "<|im_end|>", "<|endoftext|>"):
+        assert len(tok.encode(tag)) == 1, tag
+        assert len(tok.encode(f"x{tag}\n")) == 3
+    for ch in toy.CHARS:
+        assert len(tok.encode(ch)) == 1 and tok.decode(tok.encode(ch)) == ch
+    assert tok.eos_id == tok.im_end_id == tok.token_to_id("<|im_end|>")
+    assert tok.pad_id == tok.token_to_id("<|endoftext|>")
+    assert tok.stop_ids == {tok.im_end_id, tok.endoftext_id}
+    assert tok.chat_variant == "qwen3_instruct"
+    assert tok.render_chat([{"role": "user", "content": "hi"}]) == "<|im_start|>user\nhi<|im_end|>\n<|im_start|>assistant\n"
+    # tags are ordinary vocabulary (skip_special_tokens keeps them), the ChatML markers are special
+    s = "<|im_start|><step>\n1: 2*3=6\n</step>\n\\boxed{6}<|im_end|>"
+    assert tok.decode(tok.encode(s), skip_special_tokens=True) == "<step>\n1: 2*3=6\n</step>\n\\boxed{6}"
+    # tag adding (sft.py) finds the tags present: ids unchanged, still non-special
+    ids = [tok.token_to_id(t) for t in npr.TAGS]
+    assert tok.add_special_tokens(list(npr.TAGS)) == ids
+    specials = {t.content for t in tok._tk.get_added_tokens_decoder().values() if t.special}
+    assert specials == set(toy.SPECIAL_TOKENS)
+
+
+def test_tokenizer_files_load_in_transformers(tmp_path):
+    transformers = pytest.importorskip("transformers")
+    toy.build_tokenizer().save_pretrained(tmp_path)
+    ours = Tokenizer.from_pretrained(tmp_path)
+    hf = transformers.AutoTokenizer.from_pretrained(str(tmp_path))
+    p = problems(5)[0]
+    text = ours.render_chat([{"role": "user", "content": toy.user_prompt(p["question"])}]) + \
+        toy.tagged_solution(p["terms"]) + "<|im_end|>"
+    assert hf(text, add_special_tokens=False)["input_ids"] == ours.encode(text)
+    assert hf.decode(ours.encode(text)) == text
+    msgs = [{"role": "user", "content": toy.user_prompt(p["question"])}]
+    assert hf.apply_chat_template(msgs, tokenize=False, add_generation_prompt=True) == ours.render_chat(msgs)
+
+
+def test_write_data_disjoint_and_reproducible(tmp_path):
+    train, test = toy.write_data(tmp_path / "a", 400, 100, seed=3)
+    train2, test2 = toy.write_data(tmp_path / "b", 400, 100, seed=3)
+    _, test_more_train = toy.write_data(tmp_path / "c", 50, 100, seed=3)
+    _, other = toy.write_data(tmp_path / "d", 50, 100, seed=4)
+    assert (train, test) == (train2, test2) and test_more_train == test and other != test
+    qs_train, qs_test = [r["question"] for r in train], [r["question"] for r in test]
+    assert len(set(qs_train)) == 400 and len(set(qs_test)) == 100 and not set(qs_train) & set(qs_test)
+    for name, rows in (("train", train), ("test", test)):
+        assert toy.read_jsonl(tmp_path / "a" / f"{name}.jsonl") == rows
+        assert all(set(r) == {"question", "answer"} for r in rows)
+        assert all(str(sum(a * b for a, b in toy.parse_terms(r["question"]))) == r["answer"] for r in rows)
+    assert (tmp_path / "a" / "train.jsonl").read_bytes() == (tmp_path / "b" / "train.jsonl").read_bytes()
+
+
+def test_collate_masks_prompt_and_padding(tok):
+    cfg = toy.Config()
+    rng = random.Random(0)
+    exs = [toy.sample_example(rng, tok, cfg) for _ in range(8)]
+    ids, tgt = toy.collate(exs, tok.pad_id)
+    for r, (x, n_prompt) in enumerate(exs):
+        assert ids[r, :len(x)].tolist() == x
+        assert (tgt[r, :n_prompt - 1] == -1).all() and (tgt[r, len(x) - 1:] == -1).all()
+        assert tgt[r, n_prompt - 1:len(x) - 1].tolist() == x[n_prompt:]
+        assert x[-1] == tok.im_end_id
+        assert tok.decode(x[:n_prompt]).endswith("<|im_start|>assistant\n")
+    # both prompt kinds and both tagged variants occur in the mix
+    texts = [tok.decode(x[n:]) for x, n in (toy.sample_example(rng, tok, cfg) for _ in range(200))]
+    assert any(t.startswith("<guideline>") for t in texts) and any(not t.startswith("<guideline>") for t in texts)
+    assert any("+" in s for t in texts for b in npr.parse(t).blocks for s in b.steps)
+
+
+def test_lr_schedule():
+    cfg = toy.Config(lr=1.0, warmup_steps=10, min_lr_ratio=0.1)
+    assert toy.lr_at(cfg, 0, 0.0) == pytest.approx(0.1)
+    assert toy.lr_at(cfg, 9, 0.0) == pytest.approx(1.0)
+    assert toy.lr_at(cfg, 100, 0.5) == pytest.approx(0.55)
+    assert toy.lr_at(cfg, 100, 1.0) == pytest.approx(0.1)
+
+
+def test_parse_cli():
+    cfg = toy.parse_cli(toy.Config, ["--max-steps", "7", "--tagged-share", "0.5", "--out-dir", "x"])
+    assert (cfg.max_steps, cfg.tagged_share, cfg.out_dir, cfg.minutes) == (7, 0.5, "x", toy.Config.minutes)
+
+    from dataclasses import dataclass
+
+    @dataclass
+    class C:
+        flag: bool = True  # a switch
+        n: int = 1
+    assert toy.parse_cli(C, ["--no-flag", "--n", "3"]) == C(False, 3)
+    assert toy.parse_cli(C, []) == C(True, 1)
+    with pytest.raises(SystemExit):  # --help renders every field's comment (a "%" in one must not break it)
+        toy.parse_cli(toy.Config, ["--help"])
+
+
+def test_main_smoke(tmp_path):
+    cfg = toy.Config(out_dir=str(tmp_path / "base"), data_dir=str(tmp_path / "data"), n_train=60, n_test=20,
+                     max_steps=3, batch_size=4, bucket=2, hidden_size=32, num_layers=1, num_heads=2,
+                     num_kv_heads=1, head_dim=16, intermediate_size=64, eval_n=4, eval_batch=4,
+                     eval_max_new_tokens=12, warmup_steps=2)
+    out = toy.main(cfg)
+    assert out["steps"] == 3 and len(out["eval"]) == 2
+    assert [r["mode"] for r in out["eval"]] == ["serial", "parallel"]
+    base = tmp_path / "base"
+    for f in ("config.json", "model.safetensors", "tokenizer.json", "tokenizer_config.json", "train_config.json"):
+        assert (base / f).is_file(), f
+    assert json.loads((base / "train_config.json").read_text())["max_steps"] == 3
+    lines = [json.loads(x) for x in (base / "metrics.jsonl").read_text().splitlines()]
+    assert [m["step"] for m in lines if "loss" in m] == [1, 2, 3] and sum("eval" in m for m in lines) == 2
+    assert len(toy.read_jsonl(tmp_path / "data" / "train.jsonl")) == 60
+
+    model = Qwen.from_pretrained(str(base))
+    tok = Tokenizer.from_pretrained(str(base))
+    cfgd = json.loads((base / "config.json").read_text())
+    assert cfgd["architectures"] == ["Qwen3ForCausalLM"] and cfgd["vocab_size"] == tok.vocab_size
+    assert model.config.tie_word_embeddings and model.config.dtype == torch.float32
+    q = toy.read_jsonl(tmp_path / "data" / "test.jsonl")[0]["question"]
+    for mode in ("serial", "parallel"):
+        (s,) = Sampler(model, tok).generate([toy.prompt_ids(tok, q)], n=1,
+                                            params=SamplingParams(mode=mode, temperature=1.0, max_new_tokens=16))[0]
+        assert 0 < len(s.ids) and tok.decode(s.ids) == s.text
