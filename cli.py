@@ -160,6 +160,15 @@ def full_state_dict(model):
 # -----------------------------------------------------------------------------
 # torch.distributed (launched by torchrun; a plain `python X.py` is world size 1)
 
+def autocast(device, bf16):
+    """bf16 matmuls on CUDA while weights and optimizer state stay fp32: with the paper's learning
+    rates (1e-6, 1e-7) a bf16 weight cannot absorb an update (8 bits of mantissa), fp32 can."""
+    import contextlib
+    if bf16 and torch.device(device).type == "cuda":
+        return torch.autocast("cuda", dtype=torch.bfloat16)
+    return contextlib.nullcontext()
+
+
 def init_distributed():
     """-> (rank, world_size, local_rank, device). gloo on CPU, nccl on CUDA."""
     if "RANK" not in os.environ:

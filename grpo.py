@@ -15,7 +15,9 @@ Stages 1 and 3: reinforcement learning with group rollouts, serial (NPR-Zero) or
   comments it out) a sample whose format score is not 0 gets -1 - --format-penalty whatever its
   answer, i.e. accuracy counts only when the format passes.
 --mode parallel (stage 3, PAPO): rollouts with the fork/join engine; malformed and over-budget
-  rollouts are dropped before scoring (counted); reward +1 / -1 (0 for an empty answer); advantage
+  rollouts are dropped before scoring (counted; --malformed penalize scores them -1 instead: with a
+  model that is not yet ~100% well formed, dropping lets RL drift into malformed outputs, which no
+  reward ever pushes down); reward +1 / -1 (0 for an empty answer); advantage
   (r - group mean) / (std of the whole batch + 1e-6); strictly on-policy loss: ratio
   exp(logp - stopgrad(logp)) == 1 (no clipping can fire), i.e. -A x (mean log-prob of the
   sequence's tokens), averaged over sequences. No KL, no reference model, no entropy term.
@@ -36,7 +38,7 @@ import torch
 import torch.distributed as dist
 
 import npr
-from cli import (JsonlLog, chat_prompt, full_state_dict, init_distributed, instruction_for, parse_cli,
+from cli import (JsonlLog, autocast, chat_prompt, full_state_dict, init_distributed, instruction_for, parse_cli,
                  print_config, read_problems, save_checkpoint)
 from model import Qwen, Tokenizer, token_logprobs
 from parallel_attention import Layout
@@ -63,8 +65,9 @@ class Config:
     format_reward: bool = False            # serial mode: the paper's format term
     format_penalty: float = 0.5
     overlong_buffer: int = -1              # serial mode: soft penalty in the last N tokens of the budget (-1 = budget/8)
+    malformed: str = "drop"                # parallel mode: drop malformed rollouts (paper) | penalize (reward -1)
     train_forced: bool = False             # put forced tokens (headers) into the loss
-    lr: float = 2e-4                       # paper: 1e-7 (PAPO on 4B), 1e-6 (NPR-Zero)
+    lr: float = 1e-4                       # paper: 1e-7 (PAPO on 4B), 1e-6 (NPR-Zero)
     weight_decay: float = 0.0
     grad_clip: float = 1.0
     temperature: float = 1.0
@@ -77,7 +80,8 @@ class Config:
     save_every: int = 10                   # steps between resumable checkpoints
     resume: bool = True
     seed: int = 0
-    dtype: str = ""                        # "" = bfloat16 on GPU, float32 on CPU
+    dtype: str = "float32"                 # weights and optimizer state (keep fp32: see --bf16)
+    bf16: bool = True                      # on CUDA: matmuls (rollouts and training) in bf16 under autocast
     attn_impl: str = "auto"
     grad_checkpointing: bool = False
     threads: int = 0
@@ -90,7 +94,9 @@ def reward_of(sample, answer, cfg):
     """-> (reward, dropped reason or None)."""
     if cfg.mode == "parallel":
         if sample.finish_reason.startswith("malformed"):
-            return None, sample.finish_reason                                # dropped before scoring
+            if cfg.malformed == "penalize":                                  # our option: a bad format is a wrong answer
+                return -1.0, None
+            return None, sample.finish_reason                                # the paper: dropped before scoring
         if sample.finish_reason == "budget":
             return None, "over budget"
         if npr.extract_boxed(sample.text) in (None, ""):
@@ -230,8 +236,7 @@ def main(cfg: Config):
     torch.manual_seed(cfg.seed)
     if rank == 0:
         print_config(cfg)
-    dtype = {"": torch.bfloat16 if dev.type == "cuda" else torch.float32, "bfloat16": torch.bfloat16,
-             "float32": torch.float32}[cfg.dtype]
+    dtype = {"bfloat16": torch.bfloat16, "float32": torch.float32}[cfg.dtype]
     last_dir = os.path.join(cfg.out_dir, "last")
     resuming = cfg.resume and os.path.isfile(os.path.join(last_dir, "train_state.pt"))
     src = last_dir if resuming else cfg.model
@@ -264,7 +269,8 @@ def main(cfg: Config):
         params = SamplingParams(mode=cfg.mode, temperature=0.0, max_new_tokens=cfg.max_new_tokens,
                                 max_branches=cfg.max_branches)
         prompts = [chat_prompt(tok, p["question"], instruction) for p in eval_problems]
-        got, wall = sampler.generate_many(prompts, 1, params, cfg.rollout_rows)
+        with autocast(dev, cfg.bf16):
+            got, wall = sampler.generate_many(prompts, 1, params, cfg.rollout_rows)
         m = npr.sample_metrics([(ss[0], p["answer"]) for p, ss in zip(eval_problems, got)], wall)
         print(f"eval step {at_step} | greedy {cfg.mode} accuracy {m['accuracy']:.3f} | format {m['format_valid']:.3f}"
               f" | trigger {m['trigger_rate']:.3f}", flush=True)
@@ -279,7 +285,8 @@ def main(cfg: Config):
         t0 = time.perf_counter()
         # ---- rollouts (no grad) ----
         model.eval()
-        groups, seen, dropped, roll_wall = rollout(sampler, tok, problems, order, cfg, step, instruction, rank, world)
+        with autocast(dev, cfg.bf16):
+            groups, seen, dropped, roll_wall = rollout(sampler, tok, problems, order, cfg, step, instruction, rank, world)
         rewards = [[r for _, r in g] for g in groups]
         batch = [r for g in rewards for r in g]
         if world > 1 and cfg.mode == "parallel":   # the batch std spans every rank's rollouts
@@ -307,7 +314,8 @@ def main(cfg: Config):
             if world > 1:
                 dist.all_reduce(norm)
             if mb:
-                logp, ent = token_logprobs(train_model, ids, targets, pos, layout, with_entropy=True)
+                with autocast(dev, cfg.bf16):
+                    logp, ent = token_logprobs(train_model, ids, targets, pos, layout, with_entropy=True)
                 loss = policy_loss(logp, old, A, mask, cfg.mode, ratio_kind, cfg.clip_low, cfg.clip_high,
                                    norm.clamp(min=1)) * world            # DDP averages over ranks
                 ents.append(float((ent * mask).sum() / mask.sum().clamp(min=1)))
@@ -322,7 +330,7 @@ def main(cfg: Config):
         step += 1
 
         # ---- log (sums over every rank's rollouts) ----
-        m = npr.sample_metrics(seen, [None] * len(seen), roll_wall) if seen else {}
+        m = npr.sample_metrics(seen, roll_wall) if seen else {}
         n = len(seen)
         forks = [b for s, _ in seen for b in s.stats["branches_per_fork"]]
         flat = [r for g in rewards for r in g]

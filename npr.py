@@ -701,7 +701,7 @@ def grade(response_text: str, gold) -> bool:
 # -----------------------------------------------------------------------------
 # Metrics over sampled answers (eval.py, grpo.py)
 
-def sample_metrics(samples, answers, wall_s):
+def sample_metrics(samples, wall_s):
     """samples: [(Sample, gold answer)] (duck-typed: .text, .finish_reason, .stats); wall_s: generation
     wall time. -> avg accuracy, format validity, trigger rate (a fork into >= 2 branches; for serial
     decoding: a block with >= 2 steps in the text), branches per fork, tokens/s over every branch
@@ -714,7 +714,7 @@ def sample_metrics(samples, answers, wall_s):
                  for s, _ in samples]
     valid = [s.finish_reason == "eos" and format_score(s.text)[0] == 0.0 for s, _ in samples]
     return dict(
-        samples=len(samples), problems=len(answers),
+        samples=len(samples),
         accuracy=sum(grade(s.text, a) for s, a in samples) / n,
         format_valid=sum(valid) / n, trigger_rate=sum(triggered) / n,
         branches_per_fork=sum(forks) / len(forks) if forks else 0.0,

@@ -601,6 +601,10 @@ def attention_triton(q, k, v, q_layout, k_layout=None, scale=None):
 def attention(q, k, v, q_layout, k_layout=None, scale=None, impl="auto"):
     """Branch-isolated attention. impl: "auto" (Triton on CUDA, SDPA+dense mask elsewhere),
     "triton", "sdpa" or "ref" (the readable spec)."""
+    dev = q.device.type
+    if torch.is_autocast_enabled(dev):   # like SDPA under autocast: one low-precision dtype for q, k, v
+        dt = torch.get_autocast_dtype(dev)
+        q, k, v = q.to(dt), k.to(dt), v.to(dt)
     if impl == "auto":
         impl = "triton" if (q.is_cuda and HAS_TRITON) else "sdpa"
     if impl == "ref":

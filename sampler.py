@@ -242,7 +242,9 @@ class Sampler:
         rows = [Row(list(x), i, sd) for i, (x, sd) in enumerate(zip(flat, seeds))]
         R, L = len(rows), max(len(x) for x in prompts)
         cap = L + p.max_total_tokens + 16 * (p.max_branches + 2) + 1  # room for forced tokens; last slot = scratch
-        cache = KVCache(self.model.config, R, cap, device=dev, dtype=self.model.output_weight.dtype)
+        cache_dtype = (torch.get_autocast_dtype(dev.type) if torch.is_autocast_enabled(dev.type)
+                       else self.model.output_weight.dtype)        # under autocast k/v come out in bf16
+        cache = KVCache(self.model.config, R, cap, device=dev, dtype=cache_dtype)
         t0 = time.perf_counter()
         bar = None
         if progress:
@@ -431,7 +433,8 @@ def main():
     a = ap.parse_args()
     tok = Tokenizer.from_pretrained(a.model)
     model = Qwen.from_pretrained(a.model, device=a.device)
-    user = a.prompt if a.no_instruction else npr.build_prompt(a.prompt)
+    from cli import instruction_for   # the checkpoint's own instruction (the built-in default has one)
+    user = a.prompt if a.no_instruction else npr.build_prompt(a.prompt, instruction_for(a.model))
     prompt = tok.encode(tok.render_chat([{"role": "user", "content": user}]))
     params = SamplingParams(mode=a.mode, temperature=a.temperature, top_p=a.top_p, top_k=a.top_k,
                             max_new_tokens=a.max_new_tokens, max_branches=a.max_branches,

@@ -15,7 +15,8 @@ What it does (NPR.md section 4, stage 2b):
   other); a sequence longer than a row is dropped and counted;
 - loss on assistant tokens only (tags included), token mean over the GLOBAL batch (all ranks,
   all micro-batches of one optimizer step), log-probs computed in chunks (no (T, vocab) logits);
-- AdamW (0.9, 0.95), wd 0.1 on matrices, cosine schedule with warm-up, grad clipping, bf16 on GPU,
+- AdamW (0.9, 0.95), wd 0.1 on matrices, cosine schedule with warm-up, grad clipping, fp32 weights
+  with bf16 autocast on GPU (a bf16 weight cannot absorb a 1e-6 update),
   gradient accumulation (one packed row per micro-batch), optional gradient checkpointing;
 - torchrun: DDP by default, FSDP2 (`fully_shard`) with --fsdp; gloo on CPU, nccl on GPU;
 - checkpoints in the HF layout (loadable by Qwen.from_pretrained and transformers): the final one
@@ -33,7 +34,7 @@ import torch
 import torch.distributed as dist
 
 import npr
-from cli import JsonlLog, full_state_dict, init_distributed, instruction_for, parse_cli, print_config, read_problems, save_checkpoint
+from cli import JsonlLog, autocast, full_state_dict, init_distributed, instruction_for, parse_cli, print_config, read_problems, save_checkpoint
 from model import Qwen, Tokenizer, add_special_tokens, token_logprobs
 from parallel_attention import Layout
 
@@ -56,7 +57,8 @@ class Config:
     grad_clip: float = 1.0
     grad_checkpointing: bool = False
     fsdp: bool = False                        # under torchrun: FSDP2 instead of DDP
-    dtype: str = ""                           # "" = bfloat16 on GPU, float32 on CPU
+    dtype: str = "float32"                    # weights and optimizer state (keep fp32: see --bf16)
+    bf16: bool = True                         # on CUDA: matmuls in bf16 under autocast
     attn_impl: str = "auto"                   # auto | triton | sdpa | ref
     save_every: int = 0                       # steps between resumable checkpoints (0 = only at the end)
     resume: bool = True                       # continue from out_dir/last when it exists
@@ -128,8 +130,7 @@ def main(cfg: Config):
     log = print if rank == 0 else (lambda *a, **k: None)
     if rank == 0:
         print_config(cfg)
-    dtype = {"": torch.bfloat16 if dev.type == "cuda" else torch.float32, "bfloat16": torch.bfloat16,
-             "float32": torch.float32}[cfg.dtype]
+    dtype = {"bfloat16": torch.bfloat16, "float32": torch.float32}[cfg.dtype]
     last_dir = os.path.join(cfg.out_dir, "last")
     resuming = cfg.resume and os.path.isfile(os.path.join(last_dir, "train_state.pt"))
     src = last_dir if resuming else cfg.model
@@ -216,7 +217,7 @@ def main(cfg: Config):
                          pos=torch.zeros(1, 1, dtype=torch.long), layout=Layout.causal(1, 1))
             sync = world == 1 or cfg.fsdp or i == int(n_rows) - 1
             ctx = ddp_model.no_sync() if not sync else torch.enable_grad()
-            with ctx:
+            with ctx, autocast(dev, cfg.bf16):
                 lp = token_logprobs(ddp_model if world > 1 and not cfg.fsdp else model, r["ids"].to(dev),
                                     r["targets"].to(dev), r["pos"].to(dev), r["layout"].to(dev))
                 # token mean over the global batch; DDP/FSDP average gradients over ranks, so x world

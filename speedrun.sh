@@ -2,21 +2,23 @@
 # The whole NPR pipeline on the built-in default, end to end, on any machine (a 2-core CPU: ~20 min):
 #   base model (toy.py) -> [stage 1: grpo.py --mode serial, with STAGE1=1] -> distill.py -> sft.py
 #   -> grpo.py (PAPO) -> eval.py of every stage in serial and parallel mode -> out/report.md
-# Every stage is an ordinary script; rerunning resumes where a stage stopped (distill, sft, grpo).
+# Every stage is an ordinary script; rerunning skips finished stages and resumes unfinished ones.
 set -euo pipefail
 cd "$(dirname "$0")"
 bash install.sh
 PY=.venv/bin/python
 OUT=${OUT:-out}
 EVAL_K=${EVAL_K:-4}
+EVAL_N=${EVAL_N:-500}
 mkdir -p "$OUT"
-: > "$OUT/times.txt"
+touch "$OUT/times.txt"
 stage() {  # stage NAME command...: run it and record its wall time
   local name=$1; shift
   echo "=================== $name: $* ==================="
   local t0=$(date +%s)
   "$@"
-  echo "$name $(( $(date +%s) - t0 ))" >> "$OUT/times.txt"
+  grep -v "^$name " "$OUT/times.txt" > "$OUT/times.tmp" || true
+  echo "$name $(( $(date +%s) - t0 ))" >> "$OUT/times.tmp" && mv "$OUT/times.tmp" "$OUT/times.txt"
 }
 [ -f "$OUT/base/model.safetensors" ] || stage base $PY toy.py --out-dir "$OUT/base" --data-dir "$OUT/data"
 if [ "${STAGE1:-0}" = 1 ]; then
@@ -24,11 +26,11 @@ if [ "${STAGE1:-0}" = 1 ]; then
     --data "$OUT/data/train.jsonl" --eval-data "$OUT/data/test.jsonl" --format-reward
 fi
 stage distill $PY distill.py --model "$OUT/base" --data "$OUT/data/train.jsonl" --out "$OUT/distill/train.jsonl"
-stage sft $PY sft.py --model "$OUT/base" --data "$OUT/distill/train.jsonl" --out-dir "$OUT/sft"
-stage grpo $PY grpo.py --model "$OUT/sft" --out-dir "$OUT/grpo" \
+[ -f "$OUT/sft/model.safetensors" ] || stage sft $PY sft.py --model "$OUT/base" --data "$OUT/distill/train.jsonl" --out-dir "$OUT/sft"
+[ -f "$OUT/grpo/model.safetensors" ] || stage grpo $PY grpo.py --model "$OUT/sft" --out-dir "$OUT/grpo" \
   --data "$OUT/data/train.jsonl" --eval-data "$OUT/data/test.jsonl"
 for s in base zero sft grpo; do
   [ -d "$OUT/$s" ] || continue
-  $PY eval.py --model "$OUT/$s" --data "$OUT/data/test.jsonl" --mode both -k "$EVAL_K" --out "$OUT/$s/eval.json"
+  $PY eval.py --model "$OUT/$s" --data "$OUT/data/test.jsonl" --n-problems "$EVAL_N" --mode both -k "$EVAL_K" --out "$OUT/$s/eval.json"
 done
 $PY eval.py --report "$OUT"

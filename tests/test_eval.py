@@ -22,7 +22,7 @@ def test_metrics_on_known_samples():
         (sample(GOOD, "budget", 80, 80, [], 3.0), "26"),                          # serial text with 2 steps
         (sample("no idea", "malformed: guideline with 0 numbered plans", 20, 20, [], 2.0), "7"),
     ]
-    m = sample_metrics(samples, ["26", "7"], wall_s=4.0)
+    m = sample_metrics(samples, wall_s=4.0)
     assert m["accuracy"] == pytest.approx(2 / 4)                 # the budget one still has the right box
     assert m["format_valid"] == pytest.approx(2 / 4)             # eos + score 0
     assert m["trigger_rate"] == pytest.approx(3 / 4)             # forks >= 2, or would fork (serial text)
@@ -32,3 +32,18 @@ def test_metrics_on_known_samples():
     assert m["total_over_critical"] == pytest.approx(320 / 220)
     assert m["finish"]["eos"] == 0.5
     assert "| serial |" in table({"serial": m})
+
+
+def test_main_both_modes_and_pipeline_report(tmp_path):
+    import json
+    import eval as ev
+    from helpers import make_checkpoint
+    make_checkpoint(tmp_path / "grpo", tags_special=True)
+    data = tmp_path / "test.jsonl"
+    data.write_text("".join(json.dumps({"question": f"Compute {i}*2.", "answer": str(2 * i)}) + "\n" for i in range(5)))
+    rep = ev.main(ev.Config(model=str(tmp_path / "grpo"), data=str(data), k=2, max_new_tokens=24))
+    assert set(rep) >= {"serial", "parallel", "speedup"} and rep["parallel"]["samples"] == 10
+    assert json.load(open(tmp_path / "grpo" / "eval.json"))["k"] == 2
+    (tmp_path / "times.txt").write_text("base 10\ngrpo 20\n")
+    text = ev.main(ev.Config(report=str(tmp_path)))
+    assert "| grpo |" in text and (tmp_path / "report.md").exists()

@@ -107,6 +107,9 @@ def test_dynamic_sampling_drops_zero_variance_groups_and_malformed_never_reach_t
 TRAJ = ("<guideline>\n<plan>1: {a}*{b}</plan>\n<plan>2: {c}*{e}</plan>\n</guideline>\n<step>\n1: {a}*{b}={p}\n</step>\n"
         "<step>\n2: {c}*{e}={q}\n</step>\n<takeaway>\n{p}+{q}={s}.\n</takeaway>\n\\boxed{{{s}}}")
 STEPS = 16
+SFT_EPOCHS = 100
+RL_LR = 1e-4
+MALFORMED = 'penalize'
 EASY = [(2, 3, 4, 5), (3, 3, 2, 2), (4, 2, 3, 1), (5, 2, 2, 3)]
 
 
@@ -121,7 +124,7 @@ def sft_model(tmp_path_factory):
                  trajectory=TRAJ.format(a=a, b=b, c=c, e=e, p=a * b, q=c * e, s=a * b + c * e)) for a, b, c, e in EASY]
     (d / "train.jsonl").write_text("".join(json.dumps(r) + "\n" for r in rows))
     make_checkpoint(d / "base")
-    sft.main(sft.Config(model=str(d / "base"), data=str(d / "train.jsonl"), out_dir=str(d / "sft"), epochs=150,
+    sft.main(sft.Config(model=str(d / "base"), data=str(d / "train.jsonl"), out_dir=str(d / "sft"), epochs=SFT_EPOCHS,
                         batch_size=4, row_tokens=2048, lr=3e-3, instruction="Solve.", warmup_frac=0.0))
     return d, rows
 
@@ -134,18 +137,22 @@ def accuracy(path, rows, mode):
     m, tok = Qwen.from_pretrained(str(path)), Tokenizer.from_pretrained(str(path))
     prompts = [chat_prompt(tok, r["question"], "Solve.") for r in rows]
     out = Sampler(m, tok).generate(prompts, n=64, params=SamplingParams(mode=mode, max_new_tokens=120, seed=123))
-    return npr.sample_metrics([(s, r["answer"]) for r, ss in zip(rows, out) for s in ss], rows, 1.0)["accuracy"]
+    return npr.sample_metrics([(s, r["answer"]) for r, ss in zip(rows, out) for s in ss], 1.0)["accuracy"]
 
 
 @pytest.mark.parametrize("mode", ["parallel", "serial"])
 def test_a_few_steps_raise_the_reward_on_a_fixed_prompt_set(sft_model, tmp_path, mode):
     d, rows = sft_model
     before = accuracy(d / "sft", rows, mode)
+    (d / "test.jsonl").write_text((d / "train.jsonl").read_text())
     grpo.main(grpo.Config(mode=mode, model=str(d / "sft"), data=str(d / "train.jsonl"), out_dir=str(tmp_path / "rl"),
-                          eval_every=0, save_every=0, steps=STEPS, prompts_per_step=4, group_size=8, seqs_per_update=32,
-                          lr=1e-4, max_new_tokens=120, instruction="Solve.", seed=0))
+                          eval_data=str(d / "test.jsonl"), eval_every=8, save_every=0, steps=STEPS, prompts_per_step=4, group_size=8, seqs_per_update=32,
+                          lr=RL_LR, max_new_tokens=120, instruction="Solve.", seed=0, malformed=MALFORMED))
     after = accuracy(tmp_path / "rl", rows, mode)
-    assert after >= before + 0.1, (before, after)
+    import json
+    evals = [json.loads(x) for x in open(tmp_path / "rl" / "metrics.jsonl") if "eval_accuracy" in x]
+    assert [e["step"] for e in evals] == [0, 8, 16]
+    assert after >= before + 0.05, (before, after)   # measured: parallel 0.56 -> 0.67, serial 0.46 -> 0.78
 
 
 def test_two_gloo_processes_match_one(sft_model, tmp_path):

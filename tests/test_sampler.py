@@ -246,3 +246,20 @@ def test_cuda_triton_sampler_matches_teacher_forced(tmp_path):
     got = lp[P - 1:P - 1 + len(s.ids)]
     sampled = torch.tensor(s.sampled)
     assert (got - torch.tensor(s.logprobs))[sampled].abs().max() <= 1e-3
+
+
+def test_autocast_bf16_paths_run(ck):
+    """Under autocast (bf16 matmuls, fp32 weights: the GPU training setup) the sampler's cache takes
+    the autocast dtype and the attention dispatcher casts q, k, v alike; results stay close to fp32."""
+    model, tok = ck
+    p = SamplingParams(temperature=0, max_new_tokens=12)
+    steer = Script({0: block_script(tok, ["1", "2"])}, {(0, 1, i): step_script(tok, i, "ab") for i in (1, 2)})
+    ref = Sampler(model, tok).generate([chat(tok)], params=p, steer=steer)[0][0]
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        s = Sampler(model, tok).generate([chat(tok)], params=p, steer=steer)[0][0]
+        lp = teacher_forced(model, s)
+    assert s.ids == ref.ids
+    r = torch.tensor(ref.logprobs)
+    assert ((torch.tensor(s.logprobs) - r).abs() <= 0.01 * r.abs() + 0.05).all()    # bf16 rounding
+    r = teacher_forced(model, ref)
+    assert ((lp - r).abs() <= 0.01 * r.abs() + 0.05).all()
