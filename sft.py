@@ -45,10 +45,10 @@ class Config:
     data: str = "out/distill/train.jsonl"     # distill.py output (prompt / question + trajectory)
     out_dir: str = "out/sft"
     instruction: str = ""                     # to build prompts of rows that only have "question"
-    epochs: float = 3.0
+    epochs: float = 8.0
     batch_size: int = 16                      # sequences per optimizer step (global, all ranks)
     row_tokens: int = 2048                    # packed row length (one micro-batch = one row)
-    lr: float = 1e-3
+    lr: float = 2e-3
     min_lr_frac: float = 0.0                  # cosine decays to lr * this
     warmup_frac: float = 0.05
     weight_decay: float = 0.1
