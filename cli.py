@@ -123,6 +123,20 @@ class JsonlLog:
         with open(self.path, "a") as f:
             f.write(json.dumps(rec) + "\n")
 
+    def truncate_after(self, step):
+        """Keep the records of steps <= step (a resumed run redoes the later ones); drop torn lines."""
+        if not os.path.isfile(self.path):
+            return
+        keep = []
+        for line in open(self.path):
+            try:
+                if json.loads(line).get("step", 0) <= step:
+                    keep.append(line if line.endswith("\n") else line + "\n")
+            except json.JSONDecodeError:
+                continue
+        with open(self.path, "w") as f:
+            f.writelines(keep)
+
 
 def save_checkpoint(model, tok, out_dir, cfg=None, src_dir=None, extra=None, state_dict=None):
     """HF layout (config.json, safetensors, tokenizer files) + the run's config, into out_dir
@@ -175,11 +189,12 @@ def init_distributed():
         return 0, 1, 0, torch.device("cuda" if torch.cuda.is_available() else "cpu")
     import torch.distributed as dist
     local = int(os.environ.get("LOCAL_RANK", 0))
-    if torch.cuda.is_available():
+    from datetime import timedelta
+    if torch.cuda.is_available():   # long timeout: rank 0 may evaluate alone while the others wait
         torch.cuda.set_device(local)
-        dist.init_process_group("nccl")
+        dist.init_process_group("nccl", timeout=timedelta(hours=2))
         dev = torch.device("cuda", local)
     else:
-        dist.init_process_group("gloo")
+        dist.init_process_group("gloo", timeout=timedelta(hours=2))
         dev = torch.device("cpu")
     return dist.get_rank(), dist.get_world_size(), local, dev

@@ -28,7 +28,7 @@ import torch
 import torch.distributed as dist
 
 import npr
-from cli import chat_prompt, init_distributed, instruction_for, parse_cli, print_config, read_problems
+from cli import autocast, chat_prompt, init_distributed, instruction_for, parse_cli, print_config, read_problems
 from model import Qwen, Tokenizer
 from sampler import Sampler, SamplingParams
 
@@ -52,6 +52,7 @@ class Config:
     instruction: str = ""                   # "" = the checkpoint's own, else npr.INSTRUCTION
     seed: int = 0
     device: str = ""
+    bf16: bool = True                       # on CUDA: decode under bf16 autocast (fp32 checkpoints of sft/grpo too)
     dtype: str = ""
 
 
@@ -65,6 +66,28 @@ def judge(sample, answer):
     if not npr.grade(sample.text, answer):
         return "wrong answer"
     return None
+
+
+def append_lines(path, lines):
+    """Append whole lines; a torn last line left by a kill is cut off first (its chunk is redone)."""
+    if os.path.isfile(path) and os.path.getsize(path):
+        with open(path, "rb+") as f:
+            data = f.read()
+            if not data.endswith(b"\n"):
+                f.truncate(data.rfind(b"\n") + 1)
+    with open(path, "a") as f:
+        f.write("".join(line + "\n" for line in lines))
+
+
+def read_jsonl_tolerant(path):
+    out = []
+    if os.path.isfile(path):
+        for line in open(path):
+            try:
+                out.append(json.loads(line))
+            except json.JSONDecodeError:
+                continue
+    return out
 
 
 def read_done(state_path):
@@ -146,13 +169,12 @@ def main(cfg: Config):
     t0 = time.perf_counter()
     for c in range(0, len(mine), cfg.chunk):
         items = mine[c:c + cfg.chunk]
-        accepted, state = distill_chunk(sampler, tok, items, cfg, instruction, seed=cfg.seed + items[0][0])
+        with autocast(dev, cfg.bf16):
+            accepted, state = distill_chunk(sampler, tok, items, cfg, instruction, seed=cfg.seed + items[0][0])
         # trajectories first, then the state: a kill between the two re-does the chunk (duplicates are
         # removed when reading), never skips it
-        with open(shard, "a") as f:
-            f.write("".join(json.dumps(r) + "\n" for r in accepted))
-        with open(state_path, "a") as f:
-            f.write("".join(json.dumps(r) + "\n" for r in state))
+        append_lines(shard, [json.dumps(r) for r in accepted])
+        append_lines(state_path, [json.dumps(r) for r in state])
         for r in state:
             done[r["index"]] = r
         n_acc += len(accepted)
@@ -168,8 +190,7 @@ def main(cfg: Config):
             rows, states = {}, {}
             for r in range(world):
                 p = f"{cfg.out}.rank{r}"
-                if os.path.isfile(p):
-                    rows.update({x["index"]: x for x in map(json.loads, open(p)) if x})
+                rows.update({x["index"]: x for x in read_jsonl_tolerant(p)})
                 states.update(read_done(p + ".state.jsonl"))
             with open(cfg.out, "w") as f:
                 f.write("".join(json.dumps(rows[i]) + "\n" for i in sorted(rows)))

@@ -24,7 +24,7 @@ from dataclasses import dataclass
 import torch
 
 import npr
-from cli import chat_prompt, instruction_for, parse_cli, print_config, read_problems
+from cli import autocast, chat_prompt, instruction_for, parse_cli, print_config, read_problems
 from model import Qwen, Tokenizer
 from sampler import Sampler, SamplingParams
 
@@ -47,6 +47,7 @@ class Config:
     instruction: str = ""               # "" = the checkpoint's own, else npr.INSTRUCTION
     seed: int = 0
     device: str = ""                    # "" = cuda when available
+    bf16: bool = True                       # on CUDA: decode under bf16 autocast (fp32 checkpoints of sft/grpo too)
     dtype: str = ""                     # "" = checkpoint dtype (bfloat16 / float16 / float32)
     out: str = ""                       # report path ("" = <model>/eval.json)
     report: str = ""                    # a pipeline folder: only collect <dir>/*/eval.json into <dir>/report.md
@@ -117,7 +118,8 @@ def main(cfg: Config):
                                 max_new_tokens=cfg.max_new_tokens, max_total_tokens=cfg.max_total_tokens,
                                 max_branches=cfg.max_branches, seed=cfg.seed)
         prompts = [chat_prompt(tok, p["question"], instruction) for p in problems]
-        got, wall = sampler.generate_many(prompts, cfg.k, params, cfg.batch_size, progress=True)
+        with autocast(dev, cfg.bf16):
+            got, wall = sampler.generate_many(prompts, cfg.k, params, cfg.batch_size, progress=True)
         report[mode] = npr.sample_metrics([(s, p["answer"]) for p, ss in zip(problems, got) for s in ss], wall)
     if len(modes) == 2:
         s, p = report["serial"], report["parallel"]

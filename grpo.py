@@ -28,6 +28,7 @@ ratio exp(logp - logp_sampler) (exact: the sampler's log-probs equal the trainer
 --ratio onpolicy (the paper's PAPO) sets the ratio to 1 everywhere.
 Logs one line per step, JSON lines in out_dir/metrics.jsonl, periodic eval, resumable checkpoints.
 """
+import contextlib
 import math
 import os
 import random
@@ -57,6 +58,7 @@ class Config:
     prompts_per_step: int = 16             # groups per rollout batch (global, all ranks)
     group_size: int = 8                    # rollouts per prompt (paper: 16)
     seqs_per_update: int = 32              # sequences per optimizer step (paper: 16)
+    micro_batch: int = 8                   # sequences per forward/backward (gradient accumulation)
     ratio: str = ""                        # onpolicy | importance ("" = onpolicy for parallel, importance for serial)
     clip_low: float = 0.2
     clip_high: float = 0.28                # clip-higher (DAPO)
@@ -172,7 +174,7 @@ def to_batch(items, train_forced, dev):
         keep = torch.tensor([bool(x) or train_forced for x in s.sampled])
         tgt = torch.tensor(s.ids).masked_fill(~keep, -100)
         targets[b, P - 1:P - 1 + n] = tgt
-        old[b, P - 1:P - 1 + n] = torch.tensor(s.logprobs)
+        old[b, P - 1:P - 1 + n] = torch.tensor([lp if x else float("nan") for lp, x in zip(s.logprobs, s.sampled)])
     adv = torch.tensor([a for _, a in items])
     layout = Layout(doc=doc, block=block, branch=branch)
     return ids.to(dev), pos.to(dev), layout.to(dev), targets.to(dev), old.to(dev), adv.to(dev)
@@ -255,11 +257,15 @@ def main(cfg: Config):
     step = 0
     if resuming:
         state = torch.load(os.path.join(last_dir, "train_state.pt"), weights_only=False)
+        if state["world"] != world:
+            raise ValueError(f"{last_dir} was written by {state['world']} ranks; resume with the same number")
         opt.load_state_dict(torch.load(os.path.join(last_dir, f"optimizer.rank{rank}.pt"), map_location=dev,
                                        weights_only=False))
         step = state["step"]
         print(f"resumed from {last_dir} at step {step}")
     metrics = JsonlLog(os.path.join(cfg.out_dir, "metrics.jsonl"))
+    if rank == 0:
+        metrics.truncate_after(step)          # records past the resumed step are about to be redone
     order = list(range(len(problems)))
 
     def evaluate(at_step):
@@ -306,26 +312,37 @@ def main(cfg: Config):
         losses, gnorms, ents, t_train, n_train_tok = [], [], [], time.perf_counter(), 0
         for u in range(int(n_updates)):
             mb = items[u * per_rank_update:(u + 1) * per_rank_update]
-            if mb:
-                ids, pos, layout, targets, old, A = to_batch(mb, cfg.train_forced, dev)
-                mask = (targets >= 0).float()
-                n_train_tok += int(mask.sum())
-            norm = torch.tensor(float(mask.sum()) if (mb and cfg.mode == "serial") else float(len(mb)), device=dev)
+            n_tok = sum(sum(bool(x) or cfg.train_forced for x in s.sampled) for s, _ in mb)
+            n_train_tok += n_tok
+            norm = torch.tensor(float(n_tok if cfg.mode == "serial" else len(mb)), device=dev)
+            # every rank runs the same number of forward/backward passes, so DDP's all-reduces pair up
+            n_micro = torch.tensor(max(1, math.ceil(len(mb) / cfg.micro_batch)), device=dev)
             if world > 1:
                 dist.all_reduce(norm)
-            if mb:
-                with autocast(dev, cfg.bf16):
-                    logp, ent = token_logprobs(train_model, ids, targets, pos, layout, with_entropy=True)
-                loss = policy_loss(logp, old, A, mask, cfg.mode, ratio_kind, cfg.clip_low, cfg.clip_high,
-                                   norm.clamp(min=1)) * world            # DDP averages over ranks
-                ents.append(float((ent * mask).sum() / mask.sum().clamp(min=1)))
-            else:                                                         # keep the collectives in step
-                loss = sum(p.sum() for p in train_model.parameters()) * 0.0
-            loss.backward()
+                dist.all_reduce(n_micro, op=dist.ReduceOp.MAX)
+            loss_u = 0.0
+            for j in range(int(n_micro)):
+                part = mb[j * cfg.micro_batch:(j + 1) * cfg.micro_batch]
+                sync = world == 1 or j == int(n_micro) - 1
+                with (train_model.no_sync() if not sync else contextlib.nullcontext()), autocast(dev, cfg.bf16):
+                    if part:
+                        ids, pos, layout, targets, old, A = to_batch(part, cfg.train_forced, dev)
+                        mask = (targets >= 0).float()
+                        logp, ent = token_logprobs(train_model, ids, targets, pos, layout, with_entropy=True)
+                        old = torch.where(torch.isnan(old), logp.detach(), old)   # forced tokens: ratio 1
+                        loss = policy_loss(logp, old, A, mask, cfg.mode, ratio_kind, cfg.clip_low, cfg.clip_high,
+                                           norm.clamp(min=1)) * world            # DDP averages over ranks
+                        ents.append(float((ent * mask).sum() / mask.sum().clamp(min=1)))
+                    else:   # nothing left on this rank: a zero-weight forward through DDP keeps it in step
+                        z = torch.zeros(1, 1, dtype=torch.long, device=dev)
+                        lp = token_logprobs(train_model, z, torch.zeros_like(z), None, Layout.causal(1, 1, dev))
+                        loss = lp.sum() * 0.0
+                    loss.backward()
+                loss_u += loss.item() / world
             gnorms.append(torch.nn.utils.clip_grad_norm_(model.parameters(), cfg.grad_clip).item())
             opt.step()
             opt.zero_grad(set_to_none=True)
-            losses.append(loss.item() / world)
+            losses.append(loss_u)
         t_train = time.perf_counter() - t_train
         step += 1
 

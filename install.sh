@@ -13,7 +13,8 @@ if ! "$VPY" -c "import torch" 2>/dev/null; then
   if command -v nvidia-smi >/dev/null 2>&1 && nvidia-smi -L >/dev/null 2>&1; then
     "$VPY" -m pip install -q "${TORCH_SPEC:-torch}"
   else
-    "$VPY" -m pip install -q "${TORCH_SPEC:-torch==2.13.0}"
+    # the CPU build this project's machines keep on disk; elsewhere fall back to PyPI's current torch
+    "$VPY" -m pip install -q "${TORCH_SPEC:-torch==2.13.0}" || "$VPY" -m pip install -q torch
   fi
 fi
 "$VPY" -m pip install -q -r requirements.txt

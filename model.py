@@ -260,7 +260,7 @@ class Qwen(nn.Module):
                 x = layer(x, cos, sin, layout, kv_cache, self.attn_impl)
         return self.model.norm(x)
 
-    def forward(self, input_ids, positions=None, layout=None, kv_cache=None, targets=None, chunk_size=1024,
+    def forward(self, input_ids, positions=None, layout=None, kv_cache=None, targets=None, chunk_size=2048,
                 with_entropy=False):
         """-> logits (B, T, vocab); given targets, the per-token log-probs (B, T) instead, computed
         in chunks (inside forward, so DDP/FSDP hooks see one ordinary forward call)."""
@@ -367,14 +367,14 @@ def load_safetensors(path, dtype, device):
 # -----------------------------------------------------------------------------
 # Log-probs without (T, vocab) logits, and growing the vocabulary for new special tokens
 
-def token_logprobs(model, input_ids, targets, positions=None, layout=None, chunk_size=1024, with_entropy=False):
+def token_logprobs(model, input_ids, targets, positions=None, layout=None, chunk_size=2048, with_entropy=False):
     """logp[b, t] = log p(targets[b, t] | tokens <= t), fp32 (B, T); targets < 0 give 0.
     `model` may be wrapped (DDP / FSDP): this is one call of its forward."""
     return model(input_ids, positions, layout, targets=targets, chunk_size=chunk_size, with_entropy=with_entropy)
 
 
-def chunked_logprobs(h, W, targets, chunk_size=1024, with_entropy=False):
-    """h (B, T, hidden) @ W.T -> gathered log-probs, one (chunk, vocab) block at a time. Under
+def chunked_logprobs(h, W, targets, chunk_size=2048, with_entropy=False):
+    """h (B, T, hidden) @ W.T -> gathered log-probs, one block of chunk_size tokens (all rows) x vocab at a time. Under
     autograd each chunk is checkpointed: backward recomputes it instead of keeping all alive."""
     valid = targets >= 0
     safe_t = targets.clamp(min=0)
@@ -389,8 +389,9 @@ def chunked_logprobs(h, W, targets, chunk_size=1024, with_entropy=False):
         return lp, logz - (p * logits).sum(-1)                                 # entropy = logZ - E[logit]
 
     lps, ents = [], []
-    for s in range(0, h.shape[1], chunk_size):
-        args = (h[:, s:s + chunk_size], safe_t[:, s:s + chunk_size])
+    step = max(1, chunk_size // h.shape[0])                                    # chunk_size counts tokens of all rows
+    for s in range(0, h.shape[1], step):
+        args = (h[:, s:s + step], safe_t[:, s:s + step])
         if torch.is_grad_enabled() and h.requires_grad:
             lp, ent = torch.utils.checkpoint.checkpoint(chunk_fn, *args, use_reentrant=False)
         else:

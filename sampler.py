@@ -45,6 +45,7 @@ class SamplingParams:
     max_branches: int = 5            # more numbered plans than this ends the sample as malformed
     fork_min_tokens: int = 8         # near the budget (less than this left per branch) do not fork
     repetition_penalty: float = 1.0  # inside branches only (official engine: 1.02)
+    cache_gb: float = 0.0            # generate_many: KV-cache memory per call (0 = half the free GPU memory / 4 GB on CPU)
     seed: int = 0
 
 
@@ -260,9 +261,10 @@ class Sampler:
         z = torch.zeros(R, L, dtype=torch.int32)
         slot = torch.arange(L, dtype=torch.int32).expand(R, L)
         cache.limit = L
-        logits = self.model(ids.to(dev), slot.long().to(dev), Layout(doc, z, z, slot).to(dev), cache)
+        h = self.model.hidden_states(ids.to(dev), slot.long().to(dev), Layout(doc, z, z, slot).to(dev), cache)
         last = torch.tensor([len(row.prompt) - 1 for row in rows], device=dev)
-        self.sample_step([(row, row.trunk) for row in rows], logits[torch.arange(R, device=dev), last], p, steer)
+        logits = F.linear(h[torch.arange(R, device=dev), last], self.model.output_weight)   # (R, V): last tokens only
+        self.sample_step([(row, row.trunk) for row in rows], logits, p, steer)
 
         done = 0
         while True:
@@ -311,6 +313,14 @@ class Sampler:
         if seeds is None:
             seeds = [params.seed * 1000003 + i for i in range(len(prompts) * n)]
         per_call = max(1, batch_rows // n)
+        # bound the rows of one call by the memory of their KV cache (allocated for the worst case)
+        cfg, w = self.model.config, self.model.output_weight
+        total = params.max_total_tokens or params.max_new_tokens * (params.max_branches if params.mode == "parallel" else 1)
+        slots = max(len(x) for x in prompts) + total + 16 * (params.max_branches + 2) + 1
+        per_row = 2 * cfg.num_hidden_layers * cfg.num_key_value_heads * cfg.head_dim * slots * w.element_size()
+        budget = params.cache_gb * 2 ** 30 if params.cache_gb else (
+            0.5 * torch.cuda.mem_get_info(w.device)[0] if w.is_cuda else 4 * 2 ** 30)
+        per_call = max(1, min(per_call, int(budget // per_row) // n))
         out, wall = [], 0.0
         bar = None
         if progress:

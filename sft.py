@@ -189,6 +189,8 @@ def main(cfg: Config):
         step = state["step"]
         log(f"resumed from {last_dir} at step {step}")
     metrics = JsonlLog(os.path.join(cfg.out_dir, "metrics.jsonl"))
+    if rank == 0:
+        metrics.truncate_after(step)          # records past the resumed step are about to be redone
 
     log("== train ==")
     order = []

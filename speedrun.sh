@@ -12,6 +12,9 @@ EVAL_K=${EVAL_K:-4}
 EVAL_N=${EVAL_N:-500}
 mkdir -p "$OUT"
 touch "$OUT/times.txt"
+done_() {  # a finished checkpoint folder (single-file or sharded weights)
+  [ -f "$1/config.json" ] && { [ -f "$1/model.safetensors" ] || [ -f "$1/model.safetensors.index.json" ]; }
+}
 stage() {  # stage NAME command...: run it and record its wall time
   local name=$1; shift
   echo "=================== $name: $* ==================="
@@ -20,14 +23,14 @@ stage() {  # stage NAME command...: run it and record its wall time
   grep -v "^$name " "$OUT/times.txt" > "$OUT/times.tmp" || true
   echo "$name $(( $(date +%s) - t0 ))" >> "$OUT/times.tmp" && mv "$OUT/times.tmp" "$OUT/times.txt"
 }
-[ -f "$OUT/base/model.safetensors" ] || stage base $PY toy.py --out-dir "$OUT/base" --data-dir "$OUT/data"
-if [ "${STAGE1:-0}" = 1 ]; then
+done_ "$OUT/base" || stage base $PY toy.py --out-dir "$OUT/base" --data-dir "$OUT/data"
+if [ "${STAGE1:-0}" = 1 ] && ! done_ "$OUT/zero"; then
   stage stage1 $PY grpo.py --mode serial --model "$OUT/base" --out-dir "$OUT/zero" \
     --data "$OUT/data/train.jsonl" --eval-data "$OUT/data/test.jsonl" --format-reward
 fi
 stage distill $PY distill.py --model "$OUT/base" --data "$OUT/data/train.jsonl" --out "$OUT/distill/train.jsonl"
-[ -f "$OUT/sft/model.safetensors" ] || stage sft $PY sft.py --model "$OUT/base" --data "$OUT/distill/train.jsonl" --out-dir "$OUT/sft"
-[ -f "$OUT/grpo/model.safetensors" ] || stage grpo $PY grpo.py --model "$OUT/sft" --out-dir "$OUT/grpo" \
+done_ "$OUT/sft" || stage sft $PY sft.py --model "$OUT/base" --data "$OUT/distill/train.jsonl" --out-dir "$OUT/sft"
+done_ "$OUT/grpo" || stage grpo $PY grpo.py --model "$OUT/sft" --out-dir "$OUT/grpo" \
   --data "$OUT/data/train.jsonl" --eval-data "$OUT/data/test.jsonl"
 for s in base zero sft grpo; do
   [ -d "$OUT/$s" ] || continue

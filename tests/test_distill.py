@@ -115,3 +115,11 @@ def test_read_problems_layouts_and_errors(tmp_path):
         read_problems(str(custom))
     with pytest.raises(FileNotFoundError):
         read_problems(str(tmp_path / "none.jsonl"))
+
+
+def test_a_torn_last_line_is_cut_before_appending(tmp_path):
+    p = tmp_path / "out.jsonl"
+    p.write_text('{"index": 0}\n{"index": 1, "traj')          # killed in the middle of a write
+    distill.append_lines(str(p), ['{"index": 1}', '{"index": 2}'])
+    assert [json.loads(x)["index"] for x in p.read_text().splitlines()] == [0, 1, 2]
+    assert [r["index"] for r in distill.read_jsonl_tolerant(str(p))] == [0, 1, 2]

@@ -102,8 +102,8 @@ def test_resume_continues_from_the_last_checkpoint(setup, tmp_path):
         sft.lr_at = orig
     assert os.path.isfile(out / "last" / "train_state.pt")
     _, log = run_sft(setup, out, save_every=3)
-    assert [r["step"] for r in log] == [1, 2, 3, 4, 5, 6, 7, 7, 8, 9, 10, 11, 12][:len(log)] or log[-1]["step"] == 12
-    resumed = [r for r in log if r["step"] > 6][-6:]
+    assert [r["step"] for r in log] == list(range(1, 13))   # the killed step 7 is not logged twice
+    resumed = [r for r in log if r["step"] > 6]
     for a, b in zip(resumed, full[6:]):
         assert abs(a["loss"] - b["loss"]) <= 1e-4 * max(1.0, abs(b["loss"]))
     assert not os.path.exists(out / "last")
