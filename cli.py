@@ -166,6 +166,35 @@ def save_checkpoint(model, tok, out_dir, cfg=None, src_dir=None, extra=None, sta
         os.replace(os.path.join(out_dir, name + ".tmp"), os.path.join(out_dir, name))
 
 
+def save_resume_point(model, tok, opt, last_dir, cfg, src_dir, step, rank, world):
+    """A resumable checkpoint in last_dir: weights (gathered: every rank takes part under FSDP), then
+    each rank's optimizer state, then train_state.pt LAST, so it only exists for a complete save."""
+    import torch.distributed as dist
+    state = full_state_dict(model)
+    if rank == 0:
+        if os.path.exists(os.path.join(last_dir, "train_state.pt")):
+            os.remove(os.path.join(last_dir, "train_state.pt"))
+        save_checkpoint(model, tok, last_dir, cfg, src_dir, state_dict=state)
+    if world > 1:
+        dist.barrier()
+    torch.save(opt.state_dict(), os.path.join(last_dir, f"optimizer.rank{rank}.pt"))
+    if world > 1:
+        dist.barrier()
+    if rank == 0:
+        torch.save({"step": step, "world": world}, os.path.join(last_dir, "train_state.pt"))
+
+
+def load_resume_point(opt, last_dir, rank, world, device):
+    """Restore this rank's optimizer state from save_resume_point; -> the step to continue from."""
+    state = torch.load(os.path.join(last_dir, "train_state.pt"), weights_only=False)
+    if state["world"] != world:
+        raise ValueError(f"{last_dir} was written by {state['world']} ranks; resume with the same number")
+    opt.load_state_dict(torch.load(os.path.join(last_dir, f"optimizer.rank{rank}.pt"), map_location=device,
+                                   weights_only=False))
+    print(f"resumed from {last_dir} at step {state['step']}", flush=True)
+    return state["step"]
+
+
 def full_state_dict(model):
     """The unsharded state dict (a collective under FSDP2: every rank must call it)."""
     return {k: v.full_tensor() if hasattr(v, "full_tensor") else v for k, v in model.state_dict().items()}

@@ -39,8 +39,8 @@ import torch
 import torch.distributed as dist
 
 import npr
-from cli import (JsonlLog, autocast, chat_prompt, full_state_dict, init_distributed, instruction_for, parse_cli,
-                 print_config, read_problems, save_checkpoint)
+from cli import (JsonlLog, autocast, chat_prompt, full_state_dict, init_distributed, instruction_for,
+                 load_resume_point, parse_cli, print_config, read_problems, save_checkpoint, save_resume_point)
 from model import Qwen, Tokenizer, token_logprobs
 from parallel_attention import Layout
 from sampler import Sampler, SamplingParams
@@ -256,13 +256,7 @@ def main(cfg: Config):
     opt = torch.optim.AdamW(model.parameters(), lr=cfg.lr, betas=(0.9, 0.999), weight_decay=cfg.weight_decay)
     step = 0
     if resuming:
-        state = torch.load(os.path.join(last_dir, "train_state.pt"), weights_only=False)
-        if state["world"] != world:
-            raise ValueError(f"{last_dir} was written by {state['world']} ranks; resume with the same number")
-        opt.load_state_dict(torch.load(os.path.join(last_dir, f"optimizer.rank{rank}.pt"), map_location=dev,
-                                       weights_only=False))
-        step = state["step"]
-        print(f"resumed from {last_dir} at step {step}")
+        step = load_resume_point(opt, last_dir, rank, world, dev)
     metrics = JsonlLog(os.path.join(cfg.out_dir, "metrics.jsonl"))
     if rank == 0:
         metrics.truncate_after(step)          # records past the resumed step are about to be redone
@@ -375,17 +369,7 @@ def main(cfg: Config):
         if cfg.eval_every and step % cfg.eval_every == 0:
             evaluate(step)
         if cfg.save_every and step % cfg.save_every == 0 and step < cfg.steps:
-            if rank == 0:
-                if os.path.exists(os.path.join(last_dir, "train_state.pt")):
-                    os.remove(os.path.join(last_dir, "train_state.pt"))
-                save_checkpoint(model, tok, last_dir, cfg, cfg.model)
-            if world > 1:
-                dist.barrier()
-            torch.save(opt.state_dict(), os.path.join(last_dir, f"optimizer.rank{rank}.pt"))
-            if world > 1:
-                dist.barrier()
-            if rank == 0:
-                torch.save({"step": step, "world": world}, os.path.join(last_dir, "train_state.pt"))
+            save_resume_point(model, tok, opt, last_dir, cfg, cfg.model, step, rank, world)
     bar.close()
     if rank == 0:
         save_checkpoint(model, tok, cfg.out_dir, cfg, cfg.model, state_dict=full_state_dict(model))

@@ -34,7 +34,8 @@ import torch
 import torch.distributed as dist
 
 import npr
-from cli import JsonlLog, autocast, full_state_dict, init_distributed, instruction_for, parse_cli, print_config, read_problems, save_checkpoint
+from cli import (JsonlLog, autocast, full_state_dict, init_distributed, instruction_for, load_resume_point,
+                 parse_cli, print_config, read_problems, save_checkpoint, save_resume_point)
 from model import Qwen, Tokenizer, add_special_tokens, token_logprobs
 from parallel_attention import Layout
 
@@ -181,13 +182,7 @@ def main(cfg: Config):
                             lr=cfg.lr, betas=(cfg.beta1, cfg.beta2), foreach=dev.type == "cuda")
     step = 0
     if resuming:
-        state = torch.load(os.path.join(last_dir, "train_state.pt"), weights_only=False)
-        if state["world"] != world:
-            raise ValueError(f"{last_dir} was written by {state['world']} ranks; resume with the same number")
-        opt.load_state_dict(torch.load(os.path.join(last_dir, f"optimizer.rank{rank}.pt"), map_location=dev,
-                                       weights_only=False))
-        step = state["step"]
-        log(f"resumed from {last_dir} at step {step}")
+        step = load_resume_point(opt, last_dir, rank, world, dev)
     metrics = JsonlLog(os.path.join(cfg.out_dir, "metrics.jsonl"))
     if rank == 0:
         metrics.truncate_after(step)          # records past the resumed step are about to be redone
@@ -245,20 +240,7 @@ def main(cfg: Config):
             metrics.write(**rec)
             tqdm.write(" | ".join(f"{k} {v:.4g}" if isinstance(v, float) else f"{k} {v}" for k, v in rec.items()))
         if cfg.save_every and step % cfg.save_every == 0 and step < total_steps:
-            # weights (gathered: every rank takes part under FSDP), then each rank's optimizer shard,
-            # then the step: train_state.pt is written last, so it only exists for a complete save
-            state = full_state_dict(model)
-            if rank == 0:
-                if os.path.exists(os.path.join(last_dir, "train_state.pt")):
-                    os.remove(os.path.join(last_dir, "train_state.pt"))
-                save_checkpoint(model, tok, last_dir, cfg, cfg.model, state_dict=state)
-            if world > 1:
-                dist.barrier()
-            torch.save(opt.state_dict(), os.path.join(last_dir, f"optimizer.rank{rank}.pt"))
-            if world > 1:
-                dist.barrier()
-            if rank == 0:
-                torch.save({"step": step, "world": world}, os.path.join(last_dir, "train_state.pt"))
+            save_resume_point(model, tok, opt, last_dir, cfg, cfg.model, step, rank, world)
     bar.close()
     state = full_state_dict(model)
     if rank == 0:

@@ -183,3 +183,26 @@ def test_two_gloo_processes_match_one(sft_model, tmp_path):
     w1, w2 = Qwen.from_pretrained(str(tmp_path / "one")), Qwen.from_pretrained(str(tmp_path / "two"))
     for (n, x), (_, y) in zip(w1.state_dict().items(), w2.state_dict().items()):
         assert (x - y).abs().max() <= 1e-4, n
+
+
+def test_resume_after_a_kill(sft_model, tmp_path, monkeypatch):
+    """Killed after the resumable save at step 2: the rerun continues at step 3 and logs each step once."""
+    import json
+    d, _ = sft_model
+    cfg = grpo.Config(mode="parallel", model=str(d / "sft"), data=str(d / "train.jsonl"), out_dir=str(tmp_path / "rl"),
+                      eval_every=0, save_every=2, steps=4, prompts_per_step=4, group_size=4, seqs_per_update=16,
+                      lr=1e-4, max_new_tokens=120, instruction="Solve.")
+    real = grpo.rollout
+
+    def dying(*a, **k):
+        if a[5] == 3:                      # the step argument
+            raise KeyboardInterrupt
+        return real(*a, **k)
+    monkeypatch.setattr(grpo, "rollout", dying)
+    with pytest.raises(KeyboardInterrupt):
+        grpo.main(cfg)
+    assert (tmp_path / "rl" / "last" / "train_state.pt").exists()
+    monkeypatch.setattr(grpo, "rollout", real)
+    grpo.main(cfg)
+    steps = [json.loads(x)["step"] for x in open(tmp_path / "rl" / "metrics.jsonl")]
+    assert steps == [1, 2, 3, 4] and not (tmp_path / "rl" / "last").exists()
