@@ -1,5 +1,5 @@
 #!/usr/bin/env bash
-# The whole NPR pipeline on the built-in default, end to end, on any machine (a 2-core CPU: ~20 min):
+# The whole NPR pipeline on the built-in default, end to end, on any machine (a 2-core CPU: ~12 min):
 #   base model (toy.py) -> [stage 1: grpo.py --mode serial, with STAGE1=1] -> distill.py -> sft.py
 #   -> grpo.py (PAPO) -> eval.py of every stage in serial and parallel mode -> out/report.md
 # Every stage is an ordinary script; rerunning skips finished stages and resumes unfinished ones.
