@@ -195,6 +195,20 @@ def load_resume_point(opt, last_dir, rank, world, device):
     return state["step"]
 
 
+def save_final(model, tok, out_dir, cfg, src_dir, rank, world):
+    """The final checkpoint in out_dir (every rank gathers under FSDP, rank 0 writes), the resume
+    folder out_dir/last removed, and the process group closed."""
+    import torch.distributed as dist
+    state = full_state_dict(model)
+    if rank == 0:
+        save_checkpoint(model, tok, out_dir, cfg, src_dir, state_dict=state)
+        shutil.rmtree(os.path.join(out_dir, "last"), ignore_errors=True)
+        print(f"saved {out_dir}", flush=True)
+    if world > 1:
+        dist.barrier()
+        dist.destroy_process_group()
+
+
 def full_state_dict(model):
     """The unsharded state dict (a collective under FSDP2: every rank must call it)."""
     return {k: v.full_tensor() if hasattr(v, "full_tensor") else v for k, v in model.state_dict().items()}

@@ -39,8 +39,8 @@ import torch
 import torch.distributed as dist
 
 import npr
-from cli import (JsonlLog, autocast, chat_prompt, full_state_dict, init_distributed, instruction_for,
-                 load_resume_point, parse_cli, print_config, read_problems, save_checkpoint, save_resume_point)
+from cli import (JsonlLog, autocast, chat_prompt, init_distributed, instruction_for, load_resume_point, parse_cli,
+                 print_config, read_problems, save_final, save_resume_point)
 from model import Qwen, Tokenizer, token_logprobs
 from parallel_attention import Layout
 from sampler import Sampler, SamplingParams
@@ -371,14 +371,7 @@ def main(cfg: Config):
         if cfg.save_every and step % cfg.save_every == 0 and step < cfg.steps:
             save_resume_point(model, tok, opt, last_dir, cfg, cfg.model, step, rank, world)
     bar.close()
-    if rank == 0:
-        save_checkpoint(model, tok, cfg.out_dir, cfg, cfg.model, state_dict=full_state_dict(model))
-        import shutil
-        shutil.rmtree(last_dir, ignore_errors=True)
-        print(f"saved {cfg.out_dir}")
-    if world > 1:
-        dist.barrier()
-        dist.destroy_process_group()
+    save_final(model, tok, cfg.out_dir, cfg, cfg.model, rank, world)
     return model
 
 
