@@ -123,6 +123,12 @@ class JsonlLog:
         with open(self.path, "a") as f:
             f.write(json.dumps(rec) + "\n")
 
+    def log(self, **rec):
+        """The step's record: appended here and printed as one `|`-separated line (above any tqdm bar)."""
+        from tqdm import tqdm
+        self.write(**rec)
+        tqdm.write(" | ".join(f"{k} {v:.4g}" if isinstance(v, float) else f"{k} {v}" for k, v in rec.items()))
+
     def truncate_after(self, step):
         """Keep the records of steps <= step (a resumed run redoes the later ones); drop torn lines."""
         if not os.path.isfile(self.path):

@@ -364,8 +364,7 @@ def main(cfg: Config):
                    train_tok_s=n_train_tok * world / max(t_train, 1e-9), step_s=time.perf_counter() - t0)
         bar.update(1)
         if rank == 0:
-            metrics.write(**rec)
-            tqdm.write(" | ".join(f"{k} {v:.4g}" if isinstance(v, float) else f"{k} {v}" for k, v in rec.items()))
+            metrics.log(**rec)
         if cfg.eval_every and step % cfg.eval_every == 0:
             evaluate(step)
         if cfg.save_every and step % cfg.save_every == 0 and step < cfg.steps:

@@ -237,8 +237,7 @@ def main(cfg: Config):
             rec["mfu"] = 6 * n_params * tok_s / 989e12
         bar.update(1)
         if rank == 0:
-            metrics.write(**rec)
-            tqdm.write(" | ".join(f"{k} {v:.4g}" if isinstance(v, float) else f"{k} {v}" for k, v in rec.items()))
+            metrics.log(**rec)
         if cfg.save_every and step % cfg.save_every == 0 and step < total_steps:
             save_resume_point(model, tok, opt, last_dir, cfg, cfg.model, step, rank, world)
     bar.close()
