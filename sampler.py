@@ -221,12 +221,17 @@ class Sampler:
 
     # ---- the decoding loop ---------------------------------------------------------------
     @torch.no_grad()
-    def generate(self, prompts, n=1, params=None, steer=None, progress=False, seeds=None):
+    def generate(self, prompts, n=1, params=None, steer=None, progress=False, seeds=None, on_step=None):
         """prompts: token-id lists (chat already rendered). Returns one list of n Samples per prompt.
         seeds: one per row (prompt-major, n rows per prompt); default params.seed * 1000003 + row.
         Each row draws from its own random stream, so its sample does not depend on its batch.
         steer(requests, logits) -> logits, optional: edits the logits a token is drawn from (tests
-        force a structure with it); recorded log-probs stay those of the model."""
+        force a structure with it); recorded log-probs stay those of the model.
+        on_step(events, finished) -> rows to cancel, optional (streaming): called after every decoding
+        step with the tokens recorded since the last call, events = [(row, segment, records)] where
+        segment counts the row's segments in canonical order (trunk, step 1 .. step k, trunk, ...) and
+        each record is [id, sampled, logprob, block, branch, pos], and finished = [(row, reason)] for
+        the rows that ended since; the rows it returns (indices) end with reason "cancelled"."""
         p = params or SamplingParams()
         if p.mode not in ("serial", "parallel"):
             raise ValueError(f"mode must be 'serial' or 'parallel', not {p.mode!r}")
@@ -265,6 +270,9 @@ class Sampler:
         last = torch.tensor([len(row.prompt) - 1 for row in rows], device=dev)
         logits = F.linear(h[torch.arange(R, device=dev), last], self.model.output_weight)   # (R, V): last tokens only
         self.sample_step([(row, row.trunk) for row in rows], logits, p, steer)
+        emitted = [[] for _ in rows]                              # on_step: records reported per segment
+        if on_step is not None:
+            self.report(rows, emitted, on_step)
 
         done = 0
         while True:
@@ -301,6 +309,8 @@ class Sampler:
                 rr, jj = (torch.tensor(x, device=dev) for x in zip(*where))
                 logits = F.linear(h[rr, jj], self.model.output_weight)
                 self.sample_step(requests, logits, p, steer)
+            if on_step is not None:
+                self.report(rows, emitted, on_step)
         if bar is not None:
             bar.close()
         out = [self.to_sample(row, t0) for row in rows]
@@ -355,6 +365,23 @@ class Sampler:
         for (row, st), t, lp in zip(requests, toks.tolist(), lps):
             if row.finish is None:
                 self.on_token(row, st, t, lp, p)
+
+    def report(self, rows, emitted, on_step):
+        """Streaming: hand on_step the records added since the last report; cancel what it returns."""
+        events, finished = [], []
+        for r, row in enumerate(rows):
+            if emitted[r] is None:                                 # ended and already reported
+                continue
+            emitted[r] += [0] * (len(row.segs) - len(emitted[r]))
+            for i, seg in enumerate(row.segs):
+                if len(seg) > emitted[r][i]:
+                    events.append((r, i, seg[emitted[r][i]:]))
+                    emitted[r][i] = len(seg)
+            if row.finish is not None:
+                finished.append((r, row.finish))
+                emitted[r] = None
+        for r in on_step(events, finished) or ():
+            self.finish(rows[r], "cancelled")
 
     def to_sample(self, row, t0):
         recs = [rec for seg in row.segs for rec in seg]

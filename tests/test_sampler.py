@@ -263,3 +263,27 @@ def test_autocast_bf16_paths_run(ck):
     assert ((torch.tensor(s.logprobs) - r).abs() <= 0.01 * r.abs() + 0.05).all()    # bf16 rounding
     r = teacher_forced(model, ref)
     assert ((lp - r).abs() <= 0.01 * r.abs() + 0.05).all()
+
+
+def test_on_step_streams_every_token_once_and_cancels(ck):
+    """Streaming: the records reported step by step, regrouped per segment, are the final samples'
+    tokens in canonical order; a row the callback cancels ends at once with reason "cancelled"."""
+    model, tok = ck
+    steer = Script({0: block_script(tok, ["1", "2"])}, {(0, 1, i): step_script(tok, i, "ab" * i) for i in (1, 2)})
+    got, ends, steps = {}, {}, []
+
+    def on_step(events, finished):
+        steps.append(len(events))
+        for r, seg, recs in events:
+            got.setdefault(r, {}).setdefault(seg, []).extend(rec[0] for rec in recs)
+        ends.update(finished)
+        return [1] if len(steps) == 3 else []          # row 1 leaves after its third step
+
+    prompts = [chat(tok), chat(tok, "another")]
+    out = Sampler(model, tok).generate(prompts, params=SamplingParams(max_new_tokens=200), steer=steer, on_step=on_step)
+    s, c = out[0][0], out[1][0]
+    assert s.finish_reason == "eos" and s.stats["forks"] == 1
+    assert [t for seg in sorted(got[0]) for t in got[0][seg]] == s.ids
+    assert [len(got[0][seg]) for seg in sorted(got[0])][1:3] == [s.branch.count(1), s.branch.count(2)]
+    assert c.finish_reason == "cancelled" and len(c.ids) == 3 and sum(map(len, got[1].values())) == 3
+    assert ends == {0: "eos", 1: "cancelled"} and len(steps) > 3
