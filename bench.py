@@ -5,14 +5,19 @@ Benchmarks of the sampler (results go into BENCHMARKS.md with the command, machi
     python bench.py parallel   # one forced trace decoded in parallel vs serial mode, k = 2, 4, 5
     python bench.py all --out bench.json
 
-Models are random Qwen3-shaped checkpoints made here: "tiny" (the test size, 0.2M parameters)
-and "100m" (hidden 768, 12 layers, vocab 32k: ~100M parameters). transformers is needed only for
-the `decode` comparison. On CUDA the same code runs in bf16 (the GPU fast path is not written yet).
+Models are random Qwen3-shaped checkpoints made here: "tiny" (the test size, 0.2M parameters),
+"100m" (hidden 768, 12 layers, vocab 32k: ~100M parameters) and "qwen3-0.6b" (its exact shape).
+transformers is needed only for the `decode` comparison. On CUDA everything runs in bf16 and our
+sampler is timed with both decode steps: "eager" and "graph" (CUDA graphs, decode_graph.py); the
+pure replay time of one graph step is reported too (GPU time without the sampler's Python).
 """
 import argparse
+import atexit
+import functools
 import json
 import os
 import platform
+import shutil
 import tempfile
 import time
 
@@ -30,6 +35,10 @@ SHAPES = {
     "qwen3-0.6b": dict(hidden_size=1024, intermediate_size=3072, num_hidden_layers=28, num_attention_heads=16,
                        num_key_value_heads=8, head_dim=128, vocab_size=151936),
 }
+ATTN = ["auto"]   # the models' attention impl (--attn)
+COMPILE = [False]  # --compile
+CKPT_DIR = [""]    # --ckpt-dir
+DEVICE = "cuda" if torch.cuda.is_available() else "cpu"
 TAGS = ["<guideline>", "</guideline>", "<plan>", "</plan>", "<step>", "</step>", "<takeaway>", "</takeaway>"]
 
 
@@ -48,8 +57,7 @@ def make_checkpoint(path, shape, dtype):
     tk.save(os.path.join(path, "tokenizer.json"))
     with open(os.path.join(path, "tokenizer_config.json"), "w") as f:
         json.dump({"eos_token": "<|im_end|>", "tokenizer_class": "PreTrainedTokenizerFast"}, f)
-    dev = "cuda" if torch.cuda.is_available() else "cpu"
-    return Qwen.from_pretrained(path, device=dev, dtype=dtype), Tokenizer.from_pretrained(path)
+    return Qwen.from_pretrained(path, device=DEVICE, dtype=dtype), Tokenizer.from_pretrained(path)
 
 
 def timed(fn, repeat=3):
@@ -66,29 +74,78 @@ def timed(fn, repeat=3):
     return best
 
 
-def bench_decode(shapes, batches, new_tokens, prompt_len, dtype):
-    import transformers
+@functools.lru_cache(maxsize=1)
+def load(shape, dtype):
+    """Our model, tokenizer and the folder (kept for transformers) of one random checkpoint;
+    with --ckpt-dir the folder is kept and reused by later runs (a GPU script's several parts)."""
+    if CKPT_DIR[0]:
+        path = os.path.join(CKPT_DIR[0], shape)
+        if os.path.exists(os.path.join(path, "tokenizer_config.json")):
+            model, tok = Qwen.from_pretrained(path, device=DEVICE, dtype=dtype), Tokenizer.from_pretrained(path)
+            model.attn_impl = ATTN[0]
+            return model, tok, path
+        os.makedirs(path, exist_ok=True)
+    else:
+        path = tempfile.mkdtemp(prefix=f"bench-{shape}-")
+        atexit.register(shutil.rmtree, path, True)
+    model, tok = make_checkpoint(path, shape, dtype)
+    model.attn_impl = ATTN[0]
+    return model, tok, path
+
+
+def replay_ms(sampler, repeat=50):
+    """GPU time of one captured decode step (the smallest-span graph of width 1), no Python around it."""
+    fast = sampler.fast
+    key = min((k for k in fast.graph if k[0] == 1), default=None) if fast is not None else None
+    if key is None:
+        return None
+    fast.graph[key].replay()
+    torch.cuda.synchronize()
+    t0 = time.perf_counter()
+    for _ in range(repeat):
+        fast.graph[key].replay()
+    torch.cuda.synchronize()
+    return round(1e3 * (time.perf_counter() - t0) / repeat, 3)
+
+
+def bench_decode(shapes, batches, new_tokens, prompt_len, dtype, hf_tokens=0, modes=None):
+    """Serial greedy decoding of exactly new_tokens (stop tokens off) from a random prompt.
+    hf_tokens: tokens for transformers generate (0 = new_tokens, < 0 = skip it)."""
     rows = []
+    modes = modes or (["eager", "graph"] if torch.cuda.is_available() else ["eager"])
+    hf_tokens = hf_tokens or new_tokens
     for shape in shapes:
-        with tempfile.TemporaryDirectory() as path:
-            model, tok = make_checkpoint(path, shape, dtype)
+        model, tok, path = load(shape, dtype)
+        hf = None
+        if hf_tokens > 0:
+            import transformers
             hf = transformers.AutoModelForCausalLM.from_pretrained(path, dtype=dtype).to(model.output_weight.device).eval()
-        sampler = Sampler(model, tok)
-        sampler.stop_ids = set()                               # decode exactly new_tokens
         for B in batches:
             prompt = torch.randint(0, 256, (prompt_len,)).tolist()
-            p = SamplingParams(mode="serial", temperature=0, max_new_tokens=new_tokens)
-            ours = timed(lambda: sampler.generate([prompt] * B, params=p))
-            x = torch.tensor([prompt] * B, device=model.output_weight.device)
-            with torch.no_grad():
-                theirs = timed(lambda: hf.generate(x, max_new_tokens=new_tokens, min_new_tokens=new_tokens,
-                                                   do_sample=False, pad_token_id=0))
-            r = dict(model=shape, params_M=round(model.num_params() / 1e6, 1), batch=B, new_tokens=new_tokens,
-                     ours_tok_s=round(B * new_tokens / ours, 1), hf_tok_s=round(B * new_tokens / theirs, 1),
-                     ours_ms_step=round(1e3 * ours / new_tokens, 2), hf_ms_step=round(1e3 * theirs / new_tokens, 2),
-                     speedup=round(theirs / ours, 2))
+            r = dict(model=shape, params_M=round(model.num_params() / 1e6, 1), batch=B, new_tokens=new_tokens)
+            for mode in modes:
+                sampler = Sampler(model, tok)
+                sampler.stop_ids = set()                               # decode exactly new_tokens
+                sampler.step_mode = mode
+                sampler.compile_step = COMPILE[0] and mode == "graph"
+                p = SamplingParams(mode="serial", temperature=0, max_new_tokens=new_tokens)
+                t = timed(lambda: sampler.generate([prompt] * B, params=p))
+                sfx = "" if mode == "eager" else "_" + mode
+                r.update({f"ours{sfx}_tok_s": round(B * new_tokens / t, 1), f"ours{sfx}_ms_step": round(1e3 * t / new_tokens, 2)})
+                if mode == "graph":
+                    r["graph_replay_ms"] = replay_ms(sampler)
+                sampler.release()
+            if hf is not None:
+                x = torch.tensor([prompt] * B, device=model.output_weight.device)
+                with torch.no_grad():
+                    theirs = timed(lambda: hf.generate(x, max_new_tokens=hf_tokens, min_new_tokens=hf_tokens,
+                                                       do_sample=False, pad_token_id=0), 1 if hf_tokens < new_tokens else 3)
+                best = min(r[f"ours{'' if m == 'eager' else '_' + m}_ms_step"] for m in modes)
+                r.update(hf_new_tokens=hf_tokens, hf_tok_s=round(B * hf_tokens / theirs, 1),
+                         hf_ms_step=round(1e3 * theirs / hf_tokens, 2), speedup=round(1e3 * theirs / hf_tokens / best, 2))
             print(" | ".join(f"{k} {v}" for k, v in r.items()), flush=True)
             rows.append(r)
+        del hf
     return rows
 
 
@@ -113,8 +170,7 @@ def bench_parallel(shapes, widths, blocks, step_tokens, dtype):
     """The same trace (blocks x [guideline, k steps of step_tokens, takeaway]) in both modes."""
     rows = []
     for shape in shapes:
-        with tempfile.TemporaryDirectory() as path:
-            model, tok = make_checkpoint(path, shape, dtype)
+        model, tok, _ = load(shape, dtype)
         enc = tok.encode
         filler = enc("x" * 4)[:1]
         for k in widths:
@@ -144,6 +200,7 @@ def bench_parallel(shapes, widths, blocks, step_tokens, dtype):
                      parallel_tok_s=round(len(par.ids) / t_par, 1), serial_tok_s=round(len(ser.ids) / t_ser, 1))
             print(" | ".join(f"{k_} {v}" for k_, v in r.items()), flush=True)
             rows.append(r)
+            sampler.release()
     return rows
 
 
@@ -154,20 +211,30 @@ def main():
     ap.add_argument("--batches", default="1,16")
     ap.add_argument("--new-tokens", type=int, default=64)
     ap.add_argument("--prompt-len", type=int, default=32)
+    ap.add_argument("--hf-tokens", type=int, default=0, help="decode: tokens for transformers generate (0 = --new-tokens, -1 = skip)")
+    ap.add_argument("--modes", default="", help="decode: our decode steps to time, e.g. eager,graph (default: both on CUDA)")
     ap.add_argument("--widths", default="2,4,5")
     ap.add_argument("--blocks", type=int, default=3)
     ap.add_argument("--step-tokens", type=int, default=64)
     ap.add_argument("--threads", type=int, default=0, help="torch threads on CPU (0 = default)")
+    ap.add_argument("--attn", default="auto", help="attention impl of the model: auto (Triton on CUDA) | triton | sdpa")
+    ap.add_argument("--compile", action="store_true", help="decode: the fast path through torch.compile too (use --attn sdpa)")
+    ap.add_argument("--ckpt-dir", default="", help="keep the random checkpoints here and reuse them (default: a temp dir)")
     ap.add_argument("--out", default="")
     a = ap.parse_args()
     if a.threads:
         torch.set_num_threads(a.threads)
+    ATTN[0], COMPILE[0], CKPT_DIR[0] = a.attn, a.compile, a.ckpt_dir
     dtype = torch.bfloat16 if torch.cuda.is_available() else torch.float32
-    res = dict(date=time.strftime("%Y-%m-%d"), torch=torch.__version__, threads=torch.get_num_threads(),
+    res = dict(date=time.strftime("%Y-%m-%d"), torch=torch.__version__, threads=torch.get_num_threads(), attn=a.attn, compile=a.compile,
                device=torch.cuda.get_device_name() if torch.cuda.is_available() else platform.processor() or "cpu")
     shapes = a.shapes.split(",")
     if a.what in ("decode", "all"):
-        res["decode"] = bench_decode(shapes, [int(b) for b in a.batches.split(",")], a.new_tokens, a.prompt_len, dtype)
+        res["decode"] = bench_decode(shapes, [int(b) for b in a.batches.split(",")], a.new_tokens, a.prompt_len, dtype, a.hf_tokens,
+                                     [m for m in a.modes.split(",") if m])
+        if a.out:  # write what we have after each part: a GPU run may be cut short
+            with open(a.out, "w") as f:
+                json.dump(res, f, indent=1)
     if a.what in ("parallel", "all"):
         res["parallel"] = bench_parallel(shapes, [int(k) for k in a.widths.split(",")], a.blocks, a.step_tokens, dtype)
     if a.out:

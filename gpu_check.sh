@@ -1,19 +1,45 @@
 #!/usr/bin/env bash
 # The one script to run on a lent GPU (e.g. the device tool's H100: torch 2.11, triton 3.6, no internet):
-# CUDA correctness (kernel == reference in bf16, sampler invariants with the Triton path) and the
-# benchmarks, all written under $OUT. Uses the machine's python (no venv, nothing downloaded).
-#   OUT=gpu_out bash gpu_check.sh
+# CUDA correctness (kernels == reference in bf16, sampler invariants with the Triton path, CUDA-graph
+# decode == eager) and the benchmarks, written under $OUT (7 files). Uses the machine's python.
+#   OUT=gpu_out bash gpu_check.sh            # DEADLINE=540: seconds for everything; parts past it are skipped
+# Parts, most important first: tests; decode (ours eager / CUDA graph vs transformers generate);
+# the forced-trace parallel speedup; the attention kernels vs FlexAttention / SDPA; graph + torch.compile.
 set -uo pipefail
 cd "$(dirname "$0")"
 OUT=${OUT:-gpu_out}
 mkdir -p "$OUT"
-PY=${PY:-python}
-nvidia-smi > "$OUT/nvidia-smi.txt" 2>&1
-$PY -c "import torch, triton; print(torch.__version__, triton.__version__, torch.cuda.get_device_name())" | tee "$OUT/versions.txt"
-# 1) the CUDA-only tests (kernel == reference in bf16, sampler on CUDA)
-TRITON_INTERPRET=0 timeout 240 $PY -m pytest -q -m cuda tests/ -p no:cacheprovider 2>&1 | tail -20 | tee "$OUT/pytest_cuda.txt"
-# 2) attention: bf16 check at T=4096 (fwd+bwd), Triton vs FlexAttention vs SDPA causal, decode
-timeout 300 $PY parallel_attention.py --out "$OUT/attention.json" 2>&1 | tail -60 | tee "$OUT/attention.txt"
-# 3) sampler: decode tokens/s vs transformers generate, and the forced-trace parallel speedup
-timeout 300 $PY bench.py all --shapes qwen3-0.6b --batches 1,32 --new-tokens 128 --out "$OUT/bench.json" 2>&1 \
-  | grep -v Loading | tail -20 | tee "$OUT/bench.txt"
+PY=${PY:-python3}
+DEADLINE=${DEADLINE:-540}
+CK=${CK:-/tmp/npr_bench_ckpt}
+export TRITON_INTERPRET=0
+T0=$(date +%s)
+log() { echo "[$(( $(date +%s) - T0 ))s] $*" | tee -a "$OUT/log.txt"; }
+part() {  # part NAME MAX_SECONDS CMD...: run with a timeout that respects the deadline
+  local name=$1 max=$2; shift 2
+  local left=$(( DEADLINE - ($(date +%s) - T0) ))
+  local t=$(( max < left ? max : left ))
+  if (( t < 30 )); then log "skip $name (deadline)"; return; fi
+  log "start $name (timeout ${t}s)"
+  timeout "$t" "$@" >> "$OUT/log.txt" 2>&1
+  log "end $name: rc=$?"
+}
+{ nvidia-smi; $PY -c "import torch, triton; print(torch.__version__, triton.__version__, torch.cuda.get_device_name())"; } \
+  > "$OUT/env.txt" 2>&1
+# 1) CUDA-only tests: kernels vs reference (bf16), sampler on the Triton path, CUDA graphs == eager
+part tests 200 $PY -m pytest -q -m cuda tests/ -p no:cacheprovider -o addopts="" -ra
+# 2) decode of exactly 128 tokens, Qwen3-0.6B shape, bf16: eager and graph steps; transformers generate (32 tokens)
+part decode 150 $PY bench.py decode --shapes qwen3-0.6b --batches 1,32 --new-tokens 128 --hf-tokens 32 \
+  --ckpt-dir "$CK" --out "$OUT/decode.json"
+[ -s "$OUT/decode.json" ] || part decode_sdpa 120 $PY bench.py decode --shapes qwen3-0.6b --batches 1,32 --new-tokens 128 \
+  --hf-tokens 32 --attn sdpa --ckpt-dir "$CK" --out "$OUT/decode.json"     # the Triton path failed: SDPA instead
+# 3) one forced trace (3 blocks of k steps x 64 tokens) in parallel vs serial mode, k = 2, 4, 5
+part parallel 120 $PY bench.py parallel --shapes qwen3-0.6b --widths 2,4,5 --blocks 3 --step-tokens 64 \
+  --ckpt-dir "$CK" --out "$OUT/parallel.json"
+# 4) attention: bf16 check at T=4096, Triton vs FlexAttention vs SDPA, decode kernel
+part attention 120 $PY parallel_attention.py --out "$OUT/attention.json"
+# 5) the step through torch.compile (SDPA attention) + CUDA graph: the launch-bound batch-1 case
+part compiled 200 $PY bench.py decode --shapes qwen3-0.6b --batches 1,32 --new-tokens 128 --hf-tokens -1 \
+  --modes graph --attn sdpa --compile --ckpt-dir "$CK" --out "$OUT/decode_compiled.json"
+grep -E "passed|failed|error" "$OUT/log.txt" | tail -5
+grep -E "^model|^\[" "$OUT/log.txt" | tail -30

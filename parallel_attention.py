@@ -188,13 +188,15 @@ def _layout_info(q_layout, k_layout=None, holes=True):
 def _memo(q_layout, k_layout, tag, compute):
     """compute(), memoised on the q_layout object: all layers of one forward share it. The key holds
     each tensor's address, shape, strides and in-place version counter (the entry keeps the tensors
-    alive, so an address cannot be reused); no caching under inference_mode or CUDA-graph capture."""
+    alive, so an address cannot be reused); no caching under inference_mode or torch.compile (which
+    dedupes the work itself); an entry made during a
+    CUDA-graph capture serves only that capture (its tensors live in the graph's memory pool)."""
     ts = [t for L in (q_layout, k_layout) if L is not None for t in (L.doc, L.block, L.branch, L.slot)
           if t is not None]
-    if torch.is_inference_mode_enabled() or any(t.is_inference() for t in ts) or (
-            ts[0].is_cuda and torch.cuda.is_current_stream_capturing()):
+    if torch.compiler.is_compiling() or torch.is_inference_mode_enabled() or any(t.is_inference() for t in ts):
         return compute()
-    key = (k_layout is None,) + tuple((t.data_ptr(), t.shape, t.stride(), t._version) for t in ts)
+    capturing = ts[0].is_cuda and torch.cuda.is_current_stream_capturing()   # never reuse across a capture edge
+    key = (k_layout is None, capturing) + tuple((t.data_ptr(), t.shape, t.stride(), t._version) for t in ts)
     memo = q_layout.__dict__.setdefault("_memo", {})
     hit = memo.get(tag)
     if hit is None or hit[0] != key:

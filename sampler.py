@@ -30,6 +30,7 @@ import torch
 import torch.nn.functional as F
 
 import npr
+from decode_graph import StaticStep
 from model import KVCache, Qwen, Tokenizer
 from parallel_attention import Layout
 
@@ -117,6 +118,35 @@ class Sampler:
         self.model, self.tok = model, tokenizer
         self.stop_ids = set(tokenizer.stop_ids)
         self.newline = tokenizer.encode("\n")
+        # decode step: "auto" = CUDA graphs on a GPU (not under autocast), else "eager";
+        # "static" = the graphs' padded shapes run eagerly (the CPU test of the fast path)
+        self.step_mode = "auto"
+        self.compile_step = False   # fast path through torch.compile too (decode_graph.py; attn_impl "sdpa")
+        self.fast = None    # the StaticStep (with its KV cache and graphs) kept for the next call
+
+    def release(self):
+        """Free the fast path's KV cache and graphs (e.g. before a training step)."""
+        self.fast = None
+
+    def make_cache(self, R, cap, dev, dtype):
+        """-> (KVCache, StaticStep or None). The fast path's cache and graphs are kept while the
+        next generate() has the same rows and capacity (generate_many's calls, benchmarks)."""
+        mode = self.step_mode
+        if mode == "auto":
+            mode = "graph" if dev.type == "cuda" and not torch.is_autocast_enabled("cuda") else "eager"
+        if mode not in ("eager", "static", "graph"):
+            raise ValueError(f"step_mode must be auto, eager, static or graph, not {self.step_mode!r}")
+        if mode == "eager":
+            return KVCache(self.model.config, R, cap, device=dev, dtype=dtype), None
+        f = self.fast
+        key = (R, cap, dtype, mode == "graph", self.compile_step)
+        if f is None or (f.R, f.S, f.cache.k[0].dtype, f.graphs, f.compiled) != key:
+            self.fast = f = None            # free the old cache before allocating the new one
+            f = StaticStep(self.model, KVCache(self.model.config, R, cap, device=dev, dtype=dtype),
+                           mode == "graph", self.compile_step)
+            self.fast = f
+        f.reset()
+        return f.cache, f
 
     # ---- the engine's decisions ------------------------------------------------------------
     def finish(self, row, reason):
@@ -250,7 +280,7 @@ class Sampler:
         cap = L + p.max_total_tokens + 16 * (p.max_branches + 2) + 1  # room for forced tokens; last slot = scratch
         cache_dtype = (torch.get_autocast_dtype(dev.type) if torch.is_autocast_enabled(dev.type)
                        else self.model.output_weight.dtype)        # under autocast k/v come out in bf16
-        cache = KVCache(self.model.config, R, cap, device=dev, dtype=cache_dtype)
+        cache, fast = self.make_cache(R, cap, dev, cache_dtype)
         t0 = time.perf_counter()
         bar = None
         if progress:
@@ -286,6 +316,8 @@ class Sampler:
             items = [[(rec, st) for st in row.streams for rec in st.feed] if row.finish is None else []
                      for row in rows]
             W = max(len(x) for x in items)
+            Wg = fast.width(W) if fast is not None else None          # static width of the fast path
+            W = Wg or W
             pad = [0, 0, -1, 0, 0, cap - 1]                      # padding: invisible, written to the scratch slot
             grid = [[pad] * W for _ in range(R)]                 # per token: id, pos, doc, block, branch, slot
             requests, where = [], []
@@ -299,12 +331,16 @@ class Sampler:
                 for st in row.streams:
                     st.feed = []
                 row.streams = [st for st in row.streams if not st.closed]
-            g = torch.tensor(grid, dtype=torch.long).to(dev)     # (R, W, 6)
-            ids, pos, meta = g[..., 0], g[..., 1], g[..., 2:].int()
-            cache.limit = max(row.next_slot for row in rows)
-            assert cache.limit < cap, "KV cache overflow: budget accounting is wrong"
-            layout = Layout(meta[..., 0], meta[..., 1], meta[..., 2], meta[..., 3])
-            h = self.model.hidden_states(ids, pos, layout, cache)        # (R, W, hidden)
+            g = torch.tensor(grid, dtype=torch.long)             # (R, W, 6)
+            limit = max(row.next_slot for row in rows)
+            assert limit < cap, "KV cache overflow: budget accounting is wrong"
+            if Wg:
+                h = fast(g, limit)                                  # (R, W, hidden)
+            else:
+                ids, pos, meta = (t.to(dev) for t in (g[..., 0], g[..., 1], g[..., 2:].int()))
+                cache.limit = limit
+                layout = Layout(meta[..., 0], meta[..., 1], meta[..., 2], meta[..., 3])
+                h = self.model.hidden_states(ids, pos, layout, cache)    # (R, W, hidden)
             if requests:                                                  # logits only where a token is drawn
                 rr, jj = (torch.tensor(x, device=dev) for x in zip(*where))
                 logits = F.linear(h[rr, jj], self.model.output_weight)

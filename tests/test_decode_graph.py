@@ -1,0 +1,130 @@
+"""The sampler's fast decode step (decode_graph.py): padded static shapes (CPU: run eagerly) and
+CUDA graphs (GPU) give the same tokens and log-probs as the ordinary eager step."""
+import pytest
+import torch
+
+import test_sampler as ts
+from decode_graph import StaticStep
+from helpers import make_checkpoint
+from sampler import Sampler, SamplingParams
+
+cuda = pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA")
+
+
+@pytest.fixture(scope="module", params=[False, True], ids=["tags-as-text", "tags-special"])
+def ck(request, tmp_path_factory):
+    return make_checkpoint(tmp_path_factory.mktemp("ck"), tags_special=request.param)
+
+
+def run(model, tok, mode, prompts, params, steer=None, seeds=None, sampler=None):
+    sampler = sampler or Sampler(model, tok)
+    sampler.step_mode = mode
+    return [s for o in sampler.generate(prompts, params=params, steer=steer, seeds=seeds) for s in o]
+
+
+def same(a, b, tol):
+    assert [s.ids for s in a] == [s.ids for s in b]
+    assert [(s.block, s.branch, s.pos, s.sampled, s.finish_reason) for s in a] == \
+           [(s.block, s.branch, s.pos, s.sampled, s.finish_reason) for s in b]
+    diff = max(abs(x - y) for s, t in zip(a, b) for x, y in zip(s.logprobs, t.logprobs))
+    assert diff <= tol, diff
+
+
+def workload(tok):
+    """Rows that fork at different times and widths (grids of several widths) plus a free row."""
+    prompts = [ts.chat(tok, "a"), ts.chat(tok, "a longer question"), ts.chat(tok, "b")]
+    trunks = {0: ts.block_script(tok, ["1", "2"]),
+              1: ts.ids_of(tok, "Let me think. ") + ts.block_script(tok, ["1", "2", "3", "4", "5"])}
+    branches = {(0, 1, 1): ts.step_script(tok, 1, "one"), (0, 1, 2): ts.step_script(tok, 2, "two two two two")}
+    branches.update({(1, 1, i): ts.step_script(tok, i, "w" * (2 * i)) for i in range(1, 6)})
+    return prompts, ts.Script(trunks, branches)
+
+
+def test_static_shapes_equal_eager_step(ck):
+    """Padding the grid to a bucket and attending over a power-of-two span of the cache change
+    nothing: same tokens (sampled at T=1 with the same seeds), same log-probs, exact vs teacher forcing."""
+    model, tok = ck
+    prompts, steer = workload(tok)
+    p = SamplingParams(temperature=1.0, max_new_tokens=240)
+    eager = run(model, tok, "eager", prompts, p, steer)
+    static = run(model, tok, "static", prompts, p, steer)
+    same(eager, static, 1e-4)
+    assert [s.stats["branches_per_fork"] for s in static][:2] == [[2], [5]]
+    for s in static[:2]:
+        ts.check_exact(model, tok, s)
+
+
+def test_static_cache_reused_across_calls_and_spans_grow(ck):
+    """A second generate() on the same rows reuses the cache (reset in place); a long serial run
+    crosses several cache spans (256 -> 512 slots)."""
+    model, tok = ck
+    sampler = Sampler(model, tok)
+    sampler.stop_ids = set()
+    p = SamplingParams(mode="serial", temperature=0, max_new_tokens=300)
+    prompts = [ts.chat(tok, "x"), ts.chat(tok, "y y")]
+    first = run(model, tok, "static", prompts, p, sampler=sampler)
+    fast = sampler.fast
+    again = run(model, tok, "static", prompts, p, sampler=sampler)
+    assert sampler.fast is fast                       # same cache object, reset in place
+    eager = run(model, tok, "eager", prompts, p)
+    same(eager, first, 1e-4)
+    same(first, again, 0.0)
+    assert fast.span(len(prompts[0]) + 300) > 256 and fast.span(10) == 256   # two spans were used
+
+
+def test_buckets():
+    class Cache:
+        doc = torch.zeros(2, 3000)
+    f = StaticStep(None, Cache(), graphs=False)
+    assert [f.width(w) for w in (1, 2, 3, 5, 9, 64, 65)] == [1, 2, 4, 8, 16, 64, None]
+    assert [f.span(x) for x in (1, 256, 257, 2049, 2999)] == [256, 256, 512, 3000, 3000]
+
+
+@pytest.mark.cuda
+@cuda
+@pytest.mark.parametrize("attn", ["triton", "sdpa"])
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+def test_cuda_graph_equals_eager(tmp_path, dtype, attn):
+    """On a GPU: the captured graphs replay the eager static step (same kernels, same shapes), and
+    match the ordinary eager step (fp32: within 1e-4; bf16: the padded shapes may round otherwise,
+    so only the forced structures' tokens are compared)."""
+    model, tok = make_checkpoint(tmp_path, tags_special=True)
+    model = model.to("cuda", dtype)
+    model.attn_impl = attn
+    tol = 1e-5 if dtype == torch.float32 else 1e-3
+    prompts, steer = workload(tok)
+    p = SamplingParams(temperature=1.0, max_new_tokens=240)
+    graph = run(model, tok, "graph", prompts, p, steer)
+    static = run(model, tok, "static", prompts, p, steer)
+    eager = run(model, tok, "eager", prompts, p, steer)
+    same(graph, static, tol)
+    if dtype == torch.float32:
+        same(graph, eager, 1e-4)
+        for s in graph[:2]:
+            assert s.finish_reason == "eos"
+    else:
+        assert [s.ids for s in graph[:2]] == [s.ids for s in eager[:2]]    # forced structure: same tokens
+    sampler = Sampler(model, tok)
+    sampler.stop_ids = set()
+    q = SamplingParams(mode="serial", temperature=0, max_new_tokens=300)   # crosses a span: a second graph
+    a = run(model, tok, "graph", [ts.chat(tok, "x")] * 3, q, sampler=sampler)
+    b = run(model, tok, "graph", [ts.chat(tok, "x")] * 3, q, sampler=sampler)   # replays the kept graphs
+    assert len(sampler.fast.graph) >= 2
+    same(a, b, 0.0)                                   # replaying is deterministic
+    same(a, run(model, tok, "static", [ts.chat(tok, "x")] * 3, q), tol)
+
+
+@pytest.mark.cuda
+@cuda
+def test_cuda_graph_compiled_equals_static(tmp_path):
+    """torch.compile'd step (fused elementwise kernels, SDPA attention) captured as a graph: same
+    tokens as the plain static step, log-probs within fp32 rounding of the fusions."""
+    model, tok = make_checkpoint(tmp_path, tags_special=True)
+    model = model.cuda()
+    model.attn_impl = "sdpa"
+    p = SamplingParams(mode="serial", temperature=1.0, max_new_tokens=40, seed=1)   # one graph key: one compile
+    sampler = Sampler(model, tok)
+    sampler.compile_step = True
+    comp = run(model, tok, "graph", [ts.chat(tok, "x"), ts.chat(tok, "y")], p, sampler=sampler)
+    assert sampler.fast.compiled and len(sampler.fast.graph) == 1
+    same(comp, run(model, tok, "static", [ts.chat(tok, "x"), ts.chat(tok, "y")], p), 1e-4)
