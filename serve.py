@@ -1,0 +1,547 @@
+"""
+An OpenAI-compatible HTTP server for NPR checkpoints, and a live page that draws the branches of a
+parallel answer as they decode side by side.
+
+    python serve.py                            # the built-in default: newest of out/grpo, out/sft, out/base
+    python serve.py --model DIR --port 8000    # any checkpoint folder (HF layout)
+    # page: http://127.0.0.1:8000/   (serve.html, self-contained, works offline)
+    curl -s localhost:8000/v1/chat/completions -d '{"messages": [{"role": "user", "content": "Compute 23*4 + 17*6."}]}'
+
+Endpoints: POST /v1/chat/completions, GET /v1/models, GET /health, GET / (the page).
+
+Request (OpenAI's shape; other OpenAI fields such as stop or stream_options are accepted and ignored):
+  messages      [{"role": "system" | "user" | "assistant", "content": str}], not empty
+  max_tokens    1..--max-tokens-limit (default --default-max-tokens), also as max_completion_tokens:
+                the budget on the CRITICAL PATH (longest chain of dependent tokens); all branches
+                together may write up to max_branches times as many
+  temperature   0..2 (default 1; 0 = greedy)   top_p (0, 1] (default 1)   n 1..--max-n (default 1)
+  seed          int (default: drawn, and echoed as "seed"): choice i samples from the row seed
+                seed * 1000003 + i, so an answer never depends on the requests it is batched with
+  stream        bool: server-sent events (below)
+  NPR fields:
+  mode             "parallel" (default): fork at </guideline>, join after the last </step>;
+                   "serial": ordinary decoding, the tags are just text
+  npr_instruction  bool (default: true in parallel mode, false in serial mode): the last user
+                   message becomes npr.build_prompt(content, the checkpoint's instruction). A model
+                   writes guidelines (and so forks) only when asked to, as in training.
+
+Response: the usual fields (id, object, created, model, choices, usage) plus "seed", and per choice:
+  finish_reason      "stop" (eos, also a malformed answer), "length" (budget), "cancelled"
+  npr_finish_reason  the sampler's exact reason: "eos" | "budget" | "malformed: <why>" | "cancelled"
+  npr                {"blocks": [{"plans": [{"number", "text"}], "steps": [str], "takeaway"}],
+                      "answer" (last \\boxed{}), "final_text", "problems" (npr.parse), "stats":
+                      {total_tokens, critical_path_tokens, forks, branches_per_fork, time_s, tokens_per_s}}
+message.content is the response in canonical order (trunk, step 1 .. step k, takeaway ...): what a
+serial reader of the sequence sees, = Sample.text without the stop token.
+
+Streaming: `data: {chunk}` events. A role chunk per choice; content chunks with
+delta = {"content": text, "npr": {"segment": s, "block": b, "branch": br}}, where segment counts the
+choice's segments in canonical order (trunk, step 1 .. step k, trunk, ...) and branch 0 is the
+trunk; a finish chunk per choice (finish_reason, npr_finish_reason) as soon as its row ends; a last
+chunk with "choices": [], "usage" and "npr": [the structure of each choice]; then `data: [DONE]`.
+Branches decode at the same time, so their deltas arrive interleaved: joining a choice's deltas per
+segment, in segment order, gives message.content. Each segment's text is decoded from all its
+tokens so far, and a trailing U+FFFD (a character split across tokens) is held back until complete.
+
+Batching, without continuous batching: one worker thread takes the oldest waiting request and every
+other waiting one with the same sampling parameters (one SamplingParams per generate call), up to
+--max-batch-rows rows, and decodes them in ONE Sampler.generate call; requests that arrive meanwhile
+wait for the next call. At most --max-queue requests wait; one more is answered 503. A streaming
+client that disconnects has its rows cancelled at the next decoding step (on_step returns them; they
+stop costing compute at once, their KV-cache memory goes when the batch's generate call returns); a
+non-streaming client that goes away is only noticed when its answer is written. Every row of a call
+gets a KV cache for its whole budget (prompt + max_branches x max_tokens): size --max-batch-rows to
+the accelerator's memory for a real checkpoint.
+Errors: {"error": {"message", "type", "param"}} with 400 (bad request), 404, 405, 411, 413 (body
+over --max-body-bytes), 503 (queue full), 500 (the sampler failed; the server keeps serving).
+"""
+import json
+import os
+import secrets
+import threading
+import time
+import traceback
+import uuid
+from collections import deque
+from dataclasses import dataclass
+from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
+from queue import Empty, Queue
+from urllib.parse import urlsplit
+
+import torch
+
+import npr
+from cli import autocast, instruction_for, parse_cli, print_config
+from model import Qwen, Tokenizer
+from sampler import Sampler, SamplingParams
+
+DEFAULT_MODELS = ("out/grpo", "out/sft", "out/base")  # the built-in default's stages, newest first
+FINISH = {"eos": "stop", "budget": "length", "cancelled": "cancelled"}   # malformed -> "stop"
+PAGE = os.path.join(os.path.dirname(os.path.abspath(__file__)), "serve.html")
+
+
+@dataclass
+class Config:
+    model: str = ""                  # checkpoint folder (HF layout); "" = newest of out/grpo, out/sft, out/base
+    host: str = "127.0.0.1"          # 0.0.0.0 serves other machines too
+    port: int = 8000                 # 0 = any free port
+    device: str = ""                 # "" = cuda when available
+    bf16: bool = True                # on CUDA: decode under bf16 autocast
+    instruction: str = ""            # NPR instruction; "" = the checkpoint's own, else npr.INSTRUCTION
+    name: str = ""                   # the model id the API reports; "" = the checkpoint folder's name
+    max_batch_rows: int = 32         # rows (requests x n) decoded together in one generate() call
+    max_queue: int = 64              # requests waiting for the worker; one more is answered 503
+    max_n: int = 8                   # the largest n a request may ask for
+    max_tokens_limit: int = 4096     # the largest max_tokens (critical-path budget) a request may ask for
+    default_max_tokens: int = 512    # max_tokens when a request gives none
+    max_prompt_tokens: int = 8192    # longer rendered prompts get 400
+    max_branches: int = 5            # more numbered plans in one guideline ends the answer as malformed
+    max_body_bytes: int = 1 << 20    # larger request bodies get 413
+    keepalive_s: float = 15.0        # streams send an SSE comment when idle this long (finds gone clients)
+
+
+class ApiError(Exception):
+    def __init__(self, status, message, param=None, kind="invalid_request_error"):
+        super().__init__(message)
+        self.status, self.message, self.param, self.kind = status, message, param, kind
+
+
+# -----------------------------------------------------------------------------
+# Request checking: every problem is a 4xx naming the field
+
+def number(req, name, default, lo, hi, integer=False, lo_open=False):
+    v = req.get(name)
+    if v is None:
+        return default
+    if isinstance(v, bool) or not isinstance(v, int if integer else (int, float)):
+        raise ApiError(400, f"{name} must be {'an integer' if integer else 'a number'}, got {json.dumps(v)[:60]}", name)
+    if not ((lo < v) if lo_open else (lo <= v)) or not v <= hi:          # NaN fails both
+        raise ApiError(400, f"{name} must be in {'(' if lo_open else '['}{lo}, {hi}], got {v}", name)
+    return v
+
+
+def flag(req, name, default):
+    v = req.get(name)
+    if v is None:
+        return default
+    if not isinstance(v, bool):
+        raise ApiError(400, f"{name} must be true or false, got {json.dumps(v)[:60]}", name)
+    return v
+
+
+def check_messages(msgs):
+    """-> [{"role", "content"}]: string contents (OpenAI's text parts are joined), role developer = system."""
+    if msgs is None:
+        raise ApiError(400, "messages is required", "messages")
+    if not isinstance(msgs, list) or not msgs:
+        raise ApiError(400, "messages must be a non-empty list of {role, content} objects", "messages")
+    out = []
+    for i, m in enumerate(msgs):
+        where = f"messages[{i}]"
+        if not isinstance(m, dict):
+            raise ApiError(400, f"{where} must be an object with role and content", where)
+        role, content = m.get("role"), m.get("content")
+        role = "system" if role == "developer" else role
+        if role not in ("system", "user", "assistant"):
+            raise ApiError(400, f"{where}.role must be system, user or assistant, got {json.dumps(role)[:40]}",
+                           f"{where}.role")
+        if isinstance(content, list) and all(isinstance(p, dict) and p.get("type") == "text" and
+                                             isinstance(p.get("text"), str) for p in content):
+            content = "".join(p["text"] for p in content)
+        if not isinstance(content, str):
+            raise ApiError(400, f"{where}.content must be a string (or a list of text parts), got "
+                                f"{json.dumps(content)[:40]}", f"{where}.content")
+        out.append({"role": role, "content": content})
+    return out
+
+
+def check_request(req, cfg):
+    """The request body (a dict) -> the validated fields; raises ApiError."""
+    if not isinstance(req, dict):
+        raise ApiError(400, "the body must be a JSON object")
+    msgs = check_messages(req.get("messages"))
+    mode = req.get("mode", "parallel")
+    if mode not in ("parallel", "serial"):
+        raise ApiError(400, f"mode must be \"parallel\" or \"serial\", got {json.dumps(mode)[:40]}", "mode")
+    name = "max_tokens" if req.get("max_tokens") is not None else "max_completion_tokens"
+    return dict(
+        messages=msgs, mode=mode,
+        instruction=flag(req, "npr_instruction", mode == "parallel"),
+        stream=flag(req, "stream", False),
+        temperature=float(number(req, "temperature", 1.0, 0.0, 2.0)),
+        top_p=float(number(req, "top_p", 1.0, 0.0, 1.0, lo_open=True)),
+        n=number(req, "n", 1, 1, cfg.max_n, integer=True),
+        max_tokens=number(req, name, cfg.default_max_tokens, 1, cfg.max_tokens_limit, integer=True),
+        seed=number(req, "seed", None, -2 ** 63, 2 ** 63 - 1, integer=True))
+
+
+# -----------------------------------------------------------------------------
+# The engine: a queue of requests, one worker thread, batched generate() calls
+
+class SegmentText:
+    """Incremental text of one segment: decode its tokens so far, hand out the new suffix, hold
+    back a trailing U+FFFD (a multi-byte character whose bytes have not all arrived)."""
+
+    def __init__(self, tok, block, branch):
+        self.tok, self.block, self.branch = tok, block, branch
+        self.ids, self.base, self.sent = [], 0, ""   # text of ids[:base] is all handed out; of the rest, `sent`
+
+    def push(self, ids, final=False):
+        self.ids += ids
+        text = self.tok.decode(self.ids[self.base:])
+        keep = text if final else text.rstrip("\ufffd")
+        new = keep[len(self.sent):]
+        if keep == text:      # a clean cut: later tokens cannot change this text (lossy UTF-8 is prefix-stable)
+            self.base, self.sent = len(self.ids), ""
+        else:
+            self.sent = keep
+        return new
+
+
+class Job:
+    """One request: its prompt, rows, parameters and the events its HTTP thread reads."""
+
+    def __init__(self, prompt, n, params, seed, stream):
+        self.prompt, self.n, self.params, self.seed, self.stream = prompt, n, params, seed, stream
+        self.id = "chatcmpl-" + uuid.uuid4().hex[:24]
+        self.created = int(time.time())
+        # ("delta", i, seg, block, branch, text) | ("finish", i, why) | ("done", samples) | ("error", msg)
+        self.events = Queue()
+        self.texts = [{} for _ in range(n)]      # per choice: segment -> SegmentText
+        self.cancelled = False                   # set by the HTTP thread when its client is gone
+
+
+class Engine:
+    """Requests in, batched Sampler.generate calls in one worker thread, per-request events out.
+    `steer` goes to every generate call (tests force an NPR structure on a random model with it)."""
+
+    def __init__(self, model, tok, cfg=None, instruction=None, name="npr", steer=None):
+        self.cfg = cfg or Config()
+        self.tok, self.sampler, self.steer, self.name = tok, Sampler(model, tok), steer, name
+        self.instruction = instruction           # None = npr.INSTRUCTION
+        self.device = model.output_weight.device
+        self.waiting = deque()
+        self.cond = threading.Condition()
+        self.counts = dict(requests=0, batches=0, rows=0, running_rows=0, cancelled_rows=0, errors=0)
+        self.closed = False
+        self.worker = threading.Thread(target=self.loop, name="npr-engine", daemon=True)
+        self.worker.start()
+
+    def make_job(self, req):
+        """Validated request fields -> a Job (rendered prompt, SamplingParams, seed)."""
+        msgs = req["messages"]
+        if req["instruction"]:
+            users = [i for i, m in enumerate(msgs) if m["role"] == "user"]
+            if not users:
+                raise ApiError(400, "npr_instruction needs a user message to wrap (or send npr_instruction: false)",
+                               "messages")
+            msgs, last = list(msgs), users[-1]
+            msgs[last] = {"role": "user", "content": npr.build_prompt(msgs[last]["content"], self.instruction)}
+        try:
+            prompt = self.tok.encode(self.tok.render_chat(msgs))
+        except ValueError as e:
+            raise ApiError(400, f"messages cannot be rendered with this model's chat template: {e}", "messages")
+        if len(prompt) > self.cfg.max_prompt_tokens:
+            raise ApiError(400, f"the prompt has {len(prompt)} tokens, more than the server's limit "
+                                f"{self.cfg.max_prompt_tokens}", "messages")
+        params = SamplingParams(mode=req["mode"], temperature=req["temperature"], top_p=req["top_p"],
+                                max_new_tokens=req["max_tokens"], max_branches=self.cfg.max_branches)
+        seed = req["seed"] if req["seed"] is not None else secrets.randbits(31)
+        return Job(prompt, req["n"], params, seed, req["stream"])
+
+    def submit(self, job):
+        with self.cond:
+            if len(self.waiting) >= self.cfg.max_queue:
+                raise ApiError(503, f"the server is busy: {len(self.waiting)} requests are waiting; retry later",
+                               kind="server_overloaded")
+            self.waiting.append(job)
+            self.counts["requests"] += 1
+            self.cond.notify()
+
+    def take(self):
+        """The oldest waiting job and every other one with the same parameters, up to max_batch_rows
+        rows (the oldest always goes, so nobody starves). None when closed."""
+        with self.cond:
+            while not self.waiting and not self.closed:
+                self.cond.wait()
+            if self.closed:
+                return None
+            batch = [self.waiting.popleft()]
+            rows = batch[0].n
+            for job in list(self.waiting):
+                if job.params == batch[0].params and rows + job.n <= self.cfg.max_batch_rows:
+                    self.waiting.remove(job)
+                    batch.append(job)
+                    rows += job.n
+            return [job for job in batch if not job.cancelled]
+
+    def loop(self):
+        while (batch := self.take()) is not None:
+            if batch:
+                self.run(batch)
+
+    def close(self):
+        with self.cond:
+            self.closed = True
+            self.cond.notify_all()
+
+    def run(self, batch):
+        rows = [(job, i) for job in batch for i in range(job.n)]          # generate()'s row r -> (job, choice)
+        ended = set()
+        stop = self.sampler.stop_ids
+
+        def on_step(events, finished):
+            eos = {r for r, why in finished if why == "eos"}
+            for r, seg, recs in events:
+                job, i = rows[r]
+                if not job.stream:
+                    continue
+                st = job.texts[i].setdefault(seg, SegmentText(self.tok, recs[0][3], recs[0][4]))
+                st.block = recs[-1][3]                     # a trunk segment enters a block at <guideline>
+                text = st.push([rec[0] for rec in recs if not (r in eos and rec[0] in stop)])  # no final stop token
+                if text:
+                    job.events.put(("delta", i, seg, st.block, st.branch, text))
+            for r, why in finished:
+                job, i = rows[r]
+                ended.add(r)
+                for seg, st in sorted(job.texts[i].items()):      # a held-back half character: the row is over
+                    if text := st.push([], final=True):
+                        job.events.put(("delta", i, seg, st.block, st.branch, text))
+                job.events.put(("finish", i, why))
+            return [r for r, (job, _) in enumerate(rows) if job.cancelled and r not in ended]
+
+        self.counts["batches"] += 1
+        self.counts["rows"] += len(rows)
+        self.counts["running_rows"] = len(rows)
+        try:
+            with autocast(self.device, self.cfg.bf16):
+                out = self.sampler.generate([job.prompt for job, _ in rows], n=1, params=batch[0].params,
+                                            steer=self.steer, seeds=[job.seed * 1000003 + i for job, i in rows],
+                                            on_step=on_step)
+        except Exception as e:                                   # one bad batch must not stop the server
+            traceback.print_exc()
+            self.counts["errors"] += 1
+            for job in batch:
+                job.events.put(("error", f"generation failed: {type(e).__name__}: {e}"))
+            return
+        finally:
+            self.counts["running_rows"] = 0
+        # counted here: on_step is not told of rows it cancels when they were the last ones decoding
+        self.counts["cancelled_rows"] += sum(o[0].finish_reason == "cancelled" for o in out)
+        k = 0
+        for job in batch:
+            job.events.put(("done", [o[0] for o in out[k:k + job.n]]))
+            k += job.n
+
+    def health(self):
+        with self.cond:
+            return dict(status="ok", model=self.name, waiting=len(self.waiting), **self.counts)
+
+
+def structure(sample):
+    """The parsed answer (npr.parse) and the stats of one sample: the "npr" field of a choice."""
+    p = npr.parse(sample.text)
+    st = dict(sample.stats)
+    st["tokens_per_s"] = st["total_tokens"] / max(st["time_s"], 1e-9)
+    return dict(blocks=[dict(plans=[dict(number=num, text=t) for num, t in b.plans], steps=b.steps,
+                             takeaway=b.takeaway) for b in p.blocks],
+                answer=p.answer, final_text=p.final_text, problems=p.problems, stats=st)
+
+
+def usage(job, samples):
+    done = sum(s.stats["total_tokens"] for s in samples)
+    return dict(prompt_tokens=len(job.prompt), completion_tokens=done, total_tokens=len(job.prompt) + done)
+
+
+# -----------------------------------------------------------------------------
+# HTTP: one thread per connection (ThreadingHTTPServer), HTTP/1.0 (a response ends with its connection)
+
+class Handler(BaseHTTPRequestHandler):
+    server_version = "npr-serve/1"
+    timeout = 60                     # socket timeout: a client that stops sending or reading is dropped
+    GET_PATHS = ("/", "/health", "/v1/models")
+    POST_PATHS = ("/v1/chat/completions",)
+
+    @property
+    def engine(self) -> Engine:
+        return self.server.engine
+
+    def send_json(self, status, obj, headers=()):
+        body = json.dumps(obj).encode()
+        self.send_response(status)
+        self.send_header("Content-Type", "application/json")
+        self.send_header("Content-Length", str(len(body)))
+        for k, v in headers:
+            self.send_header(k, v)
+        self.end_headers()
+        self.wfile.write(body)
+
+    def send_error_json(self, e: ApiError):
+        allow = ",".join(m for m, ps in (("GET", self.GET_PATHS), ("POST", self.POST_PATHS)) if self.path_only in ps)
+        self.send_json(e.status, {"error": {"message": e.message, "type": e.kind, "param": e.param, "code": None}},
+                       [("Allow", allow)] if e.status == 405 else [])
+
+    @property
+    def path_only(self):
+        return urlsplit(self.path).path
+
+    def wrong_path(self):
+        if self.path_only in self.GET_PATHS + self.POST_PATHS:
+            return ApiError(405, f"{self.command} is not allowed on {self.path_only}", kind="method_not_allowed")
+        return ApiError(404, f"no such path: {self.path_only}", kind="not_found")
+
+    def do_GET(self):
+        path = self.path_only
+        if path == "/":
+            with open(PAGE, "rb") as f:
+                body = f.read()
+            self.send_response(200)
+            self.send_header("Content-Type", "text/html; charset=utf-8")
+            self.send_header("Content-Length", str(len(body)))
+            self.end_headers()
+            self.wfile.write(body)
+        elif path == "/health":
+            self.send_json(200, self.engine.health())
+        elif path == "/v1/models":
+            self.send_json(200, {"object": "list", "data": [
+                {"id": self.engine.name, "object": "model", "created": 0, "owned_by": "npr"}]})
+        else:
+            self.send_error_json(self.wrong_path())
+
+    def do_other(self):
+        self.send_error_json(self.wrong_path())
+
+    do_PUT = do_DELETE = do_PATCH = do_other
+
+    def read_body(self):
+        size = self.headers.get("Content-Length")
+        if size is None:
+            raise ApiError(411, "Content-Length is required (chunked bodies are not supported)")
+        if not size.isdigit():
+            raise ApiError(400, f"bad Content-Length: {size!r}")
+        size, limit = int(size), self.engine.cfg.max_body_bytes
+        if size > limit:
+            # read (a bounded amount of) the body anyway: closing with unread data resets the
+            # connection, and the client would see the reset instead of the 413
+            left = min(size, 16 * limit)
+            while left > 0 and (chunk := self.rfile.read(min(left, 1 << 16))):
+                left -= len(chunk)
+            raise ApiError(413, f"the body has {size} bytes, more than the limit {limit}")
+        return self.rfile.read(size)
+
+    def do_POST(self):
+        if self.path_only not in self.POST_PATHS:
+            return self.send_error_json(self.wrong_path())
+        try:
+            body = self.read_body()
+            try:
+                req = json.loads(body)
+            except (json.JSONDecodeError, UnicodeDecodeError) as e:
+                raise ApiError(400, f"the body is not valid JSON: {e}") from None
+            job = self.engine.make_job(check_request(req, self.engine.cfg))
+            self.engine.submit(job)
+        except ApiError as e:
+            return self.send_error_json(e)
+        if job.stream:
+            self.stream(job)
+        else:
+            self.complete(job)
+
+    def complete(self, job):
+        while (ev := job.events.get())[0] not in ("done", "error"):
+            pass                                        # a non-streaming job only gets done / error
+        if ev[0] == "error":
+            return self.send_error_json(ApiError(500, ev[1], kind="server_error"))
+        samples = ev[1]
+        choices = [dict(index=i, message=dict(role="assistant", content=s.text),
+                        finish_reason=FINISH.get(s.finish_reason, "stop"), npr_finish_reason=s.finish_reason,
+                        npr=structure(s)) for i, s in enumerate(samples)]
+        self.send_json(200, dict(id=job.id, object="chat.completion", created=job.created, model=self.engine.name,
+                                 seed=job.seed, choices=choices, usage=usage(job, samples)))
+
+    def stream(self, job):
+        """Server-sent events from the job's queue; a failed write means the client is gone."""
+        head = dict(id=job.id, object="chat.completion.chunk", created=job.created, model=self.engine.name,
+                    seed=job.seed)
+
+        def send(obj):
+            self.wfile.write(b"data: " + json.dumps(obj).encode() + b"\n\n")
+            self.wfile.flush()
+
+        def chunk(i, delta, finish=None, **extra):
+            send({**head, "choices": [dict(index=i, delta=delta, finish_reason=finish, **extra)]})
+
+        try:
+            self.send_response(200)
+            self.send_header("Content-Type", "text/event-stream")
+            self.send_header("Cache-Control", "no-cache")
+            self.end_headers()
+            for i in range(job.n):
+                chunk(i, {"role": "assistant", "content": ""})
+            while True:
+                try:
+                    ev = job.events.get(timeout=self.engine.cfg.keepalive_s)
+                except Empty:
+                    self.wfile.write(b": waiting\n\n")          # an SSE comment: clients skip it
+                    self.wfile.flush()
+                    continue
+                if ev[0] == "delta":
+                    _, i, seg, block, branch, text = ev
+                    chunk(i, {"content": text, "npr": dict(segment=seg, block=block, branch=branch)})
+                elif ev[0] == "finish":
+                    chunk(ev[1], {}, FINISH.get(ev[2], "stop"), npr_finish_reason=ev[2])
+                elif ev[0] == "error":
+                    send({"error": {"message": ev[1], "type": "server_error", "param": None, "code": None}})
+                    break
+                else:
+                    send({**head, "choices": [], "usage": usage(job, ev[1]), "npr": [structure(s) for s in ev[1]]})
+                    break
+            self.wfile.write(b"data: [DONE]\n\n")
+            self.wfile.flush()
+        except OSError:                                    # BrokenPipe, ConnectionReset, timeout
+            job.cancelled = True                           # the worker cancels its rows at the next step
+            self.close_connection = True
+
+
+def make_server(engine, host="127.0.0.1", port=8000):
+    server = ThreadingHTTPServer((host, port), Handler)
+    server.engine = engine
+    return server
+
+
+def default_model():
+    """The newest stage of the built-in default present under ./out, or a message saying how to make one."""
+    for d in DEFAULT_MODELS:
+        if os.path.isfile(os.path.join(d, "config.json")):
+            return d
+    raise SystemExit(f"no --model given and no built-in default checkpoint in {', '.join(DEFAULT_MODELS)} "
+                     f"(looked under {os.getcwd()}): run `python toy.py` (the base model, ~4 min on a CPU) or "
+                     f"`bash speedrun.sh` (every stage, ~12 min), or pass --model DIR")
+
+
+def main(cfg: Config):
+    print_config(cfg)
+    path = cfg.model or default_model()
+    if not os.path.isfile(os.path.join(path, "config.json")):
+        raise SystemExit(f"--model {path}: not a checkpoint folder (no config.json)")
+    dev = cfg.device or ("cuda" if torch.cuda.is_available() else "cpu")
+    print(f"== loading {path} on {dev} ==", flush=True)
+    tok = Tokenizer.from_pretrained(path)
+    model = Qwen.from_pretrained(path, device=dev)
+    engine = Engine(model, tok, cfg, instruction=instruction_for(path, cfg.instruction),
+                    name=cfg.name or os.path.basename(os.path.abspath(path)))
+    server = make_server(engine, cfg.host, cfg.port)
+    host, port = server.server_address[:2]
+    print(f"== serving {engine.name} on http://{host}:{port}/ (page) and http://{host}:{port}/v1 (API); "
+          f"Ctrl-C stops ==", flush=True)
+    try:
+        server.serve_forever()
+    except KeyboardInterrupt:
+        pass
+    finally:
+        server.server_close()
+        engine.close()
+
+
+if __name__ == "__main__":
+    main(parse_cli(Config))
