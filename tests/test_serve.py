@@ -1,0 +1,440 @@
+"""serve.py: the OpenAI-shaped API over real HTTP (a server on port 0 in a thread), streaming that
+reassembles to the plain answer, batching that changes no answer, every bad input answered 4xx,
+a full queue answered 503, a client that leaves mid-stream freeing its rows, and the live page in
+headless chromium (skipped when chromium is not installed).
+
+A random model does not write guidelines, so a steer (the sampler's logits hook) forces an NPR
+block on every row and leaves a few tokens inside each step, the takeaway and the answer to the
+model (never a tag, brace or stop token there), so rows, seeds and temperatures still matter."""
+import base64
+import fcntl
+import http.client
+import json
+import os
+import re
+import select
+import shutil
+import socket
+import subprocess
+import sys
+import threading
+import time
+import urllib.error
+import urllib.parse
+import urllib.request
+from contextlib import contextmanager
+
+import pytest
+
+from helpers import make_checkpoint
+from serve import Config, Engine, default_model, make_server
+
+ARTIFACTS = os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))), "test-artifacts")
+USER = [{"role": "user", "content": "Compute 2*3 + 4*5."}]
+
+
+class Shape:
+    """A steer: every row writes a guideline with `plans` plans, steps of `free` model tokens each,
+    a takeaway and \\boxed{} of `free` model tokens, then stops (end=False: after the takeaway header
+    the model writes on until the budget). delay / gate slow down or hold the worker at every step."""
+
+    def __init__(self, tok, plans=2, free=3, end=True, delay=0.0, gate=None):
+        ids = lambda *parts: [t for p in parts for t in tok.encode(p)]
+        F = [None] * free
+        guide = "<guideline>\n" + "".join(f"<plan>{i}: part {i}</plan>\n" for i in range(1, plans + 1)) + "</guideline>"
+        self.trunk = ids(guide, "\n", "<takeaway>\n")      # "\n" and the takeaway header are forced by the engine
+        if end:
+            self.trunk += F + ids("\n</takeaway>\n\\boxed{") + F + ids("}") + [tok.eos_id]
+        self.steps = {i: ids(f"<step>\n{i}:") + F + ids("</step>") for i in range(1, plans + 1)}
+        self.ban = [i for i in range(tok.vocab_size) if i in tok.stop_ids or any(c in tok.decode_piece(i) for c in "<>{}\\")]
+        self.delay, self.gate = delay, gate
+
+    def __call__(self, requests, logits):
+        if self.gate is not None:
+            self.gate.wait()
+        time.sleep(self.delay)
+        for i, (row, st) in enumerate(requests):
+            if st.branch:
+                script, done = self.steps.get(st.branch, []), len(st.seg)
+            else:
+                script, done = self.trunk, sum(len(seg) for seg in row.segs if seg and seg[0][4] == 0)
+            if done < len(script) and script[done] is not None:
+                logits[i] = float("-inf")
+                logits[i, script[done]] = 0.0
+            else:
+                logits[i, self.ban] = float("-inf")
+        return logits
+
+
+@pytest.fixture(scope="module")
+def ck(tmp_path_factory):
+    return make_checkpoint(tmp_path_factory.mktemp("ck"), tags_special=True)
+
+
+@contextmanager
+def serving(ck, steer=None, **cfg):
+    model, tok = ck
+    cfg = Config(**{"max_tokens_limit": 256, "max_body_bytes": 4096, "max_n": 4, **cfg})
+    engine = Engine(model, tok, cfg, instruction="Use parallel steps.", name="tiny", steer=steer or Shape(tok))
+    srv = make_server(engine, "127.0.0.1", 0)
+    threading.Thread(target=srv.serve_forever, daemon=True).start()
+    try:
+        yield f"http://127.0.0.1:{srv.server_address[1]}", engine
+    finally:
+        srv.shutdown()
+        srv.server_close()
+        engine.close()
+
+
+@pytest.fixture(scope="module")
+def server(ck):
+    with serving(ck) as s:
+        yield s
+
+
+def call(url, path="/v1/chat/completions", body=None, raw=None, method=None):
+    data = raw if raw is not None else (json.dumps(body).encode() if body is not None else None)
+    req = urllib.request.Request(url + path, data=data, method=method, headers={"Content-Type": "application/json"})
+    try:
+        with urllib.request.urlopen(req, timeout=60) as r:
+            return r.status, json.load(r), r.headers
+    except urllib.error.HTTPError as e:
+        return e.code, json.load(e), e.headers
+
+
+def stream(url, body):
+    """POST with stream: true -> the decoded chunks, up to data: [DONE]."""
+    u = urllib.parse.urlsplit(url)
+    conn = http.client.HTTPConnection(u.hostname, u.port, timeout=60)
+    conn.request("POST", "/v1/chat/completions", json.dumps({**body, "stream": True}))
+    r = conn.getresponse()
+    assert r.status == 200 and r.headers["Content-Type"] == "text/event-stream"
+    chunks = []
+    for line in r:
+        if line.startswith(b"data: "):
+            if line.strip() == b"data: [DONE]":
+                return chunks
+            chunks.append(json.loads(line[6:]))
+    raise AssertionError("stream ended without [DONE]")
+
+
+def reassemble(chunks, n):
+    """Per choice: the content deltas joined per segment, segments in order (their canonical order)."""
+    segs = [{} for _ in range(n)]
+    for c in chunks:
+        for ch in c["choices"]:
+            if ch["delta"].get("content"):
+                npr = ch["delta"]["npr"]
+                segs[ch["index"]][npr["segment"]] = segs[ch["index"]].get(npr["segment"], "") + ch["delta"]["content"]
+    return ["".join(s[k] for k in sorted(s)) for s in segs]
+
+
+def without_time(structure):
+    return {**structure, "stats": {k: v for k, v in structure["stats"].items() if k not in ("time_s", "tokens_per_s")}}
+
+
+def test_completion_models_and_health(server):
+    url, _ = server
+    status, r, _ = call(url, body={"messages": USER, "temperature": 0, "seed": 3, "max_tokens": 100})
+    assert status == 200, r
+    assert r["object"] == "chat.completion" and r["model"] == "tiny" and r["seed"] == 3 and r["id"].startswith("chatcmpl-")
+    ch = r["choices"][0]
+    assert ch["finish_reason"] == "stop" and ch["npr_finish_reason"] == "eos" and ch["message"]["role"] == "assistant"
+    npr = ch["npr"]
+    assert [p["number"] for p in npr["blocks"][0]["plans"]] == ["1", "2"] and npr["problems"] == []
+    steps = npr["blocks"][0]["steps"]
+    assert [s[:2] for s in steps] == ["1:", "2:"] and npr["blocks"][0]["takeaway"] is not None
+    assert npr["answer"] is not None and ch["message"]["content"].endswith("\\boxed{" + npr["answer"] + "}")
+    st = npr["stats"]
+    assert st["forks"] == 1 and st["branches_per_fork"] == [2] and st["critical_path_tokens"] < st["total_tokens"]
+    assert r["usage"]["completion_tokens"] == st["total_tokens"] > 0
+    assert r["usage"]["total_tokens"] == r["usage"]["prompt_tokens"] + st["total_tokens"]
+    status, models, _ = call(url, "/v1/models")
+    assert status == 200 and models["data"][0]["id"] == "tiny"
+    status, health, _ = call(url, "/health")
+    assert status == 200 and health["status"] == "ok" and health["running_rows"] == 0
+
+
+@pytest.mark.parametrize("temperature,n", [(0.0, 1), (1.0, 3)])
+def test_stream_reassembled_equals_completion(server, temperature, n):
+    url, _ = server
+    body = {"messages": USER, "temperature": temperature, "top_p": 0.9, "n": n, "seed": 11, "max_tokens": 100}
+    status, plain, _ = call(url, body=body)
+    assert status == 200, plain
+    chunks = stream(url, body)
+    contents = [ch["message"]["content"] for ch in plain["choices"]]
+    assert reassemble(chunks, n) == contents
+    if n > 1:
+        assert len(set(contents)) > 1                 # rows draw from their own streams
+    finishes = {ch["index"]: ch["finish_reason"] for c in chunks for ch in c["choices"] if ch["finish_reason"]}
+    assert finishes == {ch["index"]: ch["finish_reason"] for ch in plain["choices"]}
+    last = chunks[-1]
+    assert last["choices"] == [] and last["usage"] == plain["usage"] and last["seed"] == 11
+    assert [without_time(s) for s in last["npr"]] == [without_time(ch["npr"]) for ch in plain["choices"]]
+    # the two branches stream side by side: their deltas interleave (segment 1 resumes after segment 2)
+    order = [ch["delta"]["npr"]["segment"] for c in chunks for ch in c["choices"]
+             if ch["index"] == 0 and ch["delta"].get("content")]
+    assert {1, 2} <= set(order) and any(a == 2 and b == 1 for a, b in zip(order, order[1:]))
+    branches = {ch["delta"]["npr"]["segment"]: ch["delta"]["npr"]["branch"] for c in chunks for ch in c["choices"]
+                if ch["index"] == 0 and ch["delta"].get("content")}
+    assert branches == {0: 0, 1: 1, 2: 2, 3: 0}
+
+
+def test_serial_mode_does_not_fork(server):
+    url, _ = server
+    body = {"messages": USER, "temperature": 0, "seed": 1, "max_tokens": 60, "mode": "serial"}
+    status, plain, _ = call(url, body=body)
+    assert status == 200 and plain["choices"][0]["npr"]["stats"]["forks"] == 0
+    chunks = stream(url, body)
+    assert {ch["delta"]["npr"]["branch"] for c in chunks for ch in c["choices"] if ch["delta"].get("content")} == {0}
+    assert reassemble(chunks, 1) == [plain["choices"][0]["message"]["content"]]
+
+
+def test_concurrent_clients_are_batched_and_match_alone(ck):
+    with serving(ck, steer=Shape(ck[1], delay=0.005)) as (url, engine):
+        bodies = [{"messages": [{"role": "user", "content": f"Compute {i}*3."}], "temperature": 1.0, "seed": i,
+                   "n": 1 + i % 2, "max_tokens": 80} for i in range(6)]
+        alone = [call(url, body=b)[1] for b in bodies]
+        batches = engine.counts["batches"]
+        got = [None] * len(bodies)
+
+        def client(i):     # half of them stream
+            got[i] = reassemble(stream(url, bodies[i]), bodies[i]["n"]) if i % 2 else \
+                [ch["message"]["content"] for ch in call(url, body=bodies[i])[1]["choices"]]
+        threads = [threading.Thread(target=client, args=(i,)) for i in range(len(bodies))]
+        for t in threads:
+            t.start()
+        for t in threads:
+            t.join(60)
+        assert got == [[ch["message"]["content"] for ch in a["choices"]] for a in alone]
+        assert engine.counts["batches"] - batches < len(bodies)       # some requests shared a generate() call
+
+
+BAD = [  # (case, body or raw bytes, status, param, words the message must contain)
+    ("invalid JSON", b"{not json", 400, None, "not valid JSON"),
+    ("not an object", [1, 2], 400, None, "JSON object"),
+    ("missing messages", {"temperature": 0}, 400, "messages", "required"),
+    ("empty messages", {"messages": []}, 400, "messages", "non-empty"),
+    ("message not an object", {"messages": ["hi"]}, 400, "messages[0]", "object"),
+    ("message without role", {"messages": [{"content": "x"}]}, 400, "messages[0].role", "role"),
+    ("unknown role", {"messages": [{"role": "robot", "content": "x"}]}, 400, "messages[0].role", "robot"),
+    ("content not a string", {"messages": [{"role": "user", "content": 5}]}, 400, "messages[0].content", "string"),
+    ("content missing", {"messages": [{"role": "user"}]}, 400, "messages[0].content", "string"),
+    ("temperature a string", {"messages": USER, "temperature": "hot"}, 400, "temperature", "number"),
+    ("temperature too high", {"messages": USER, "temperature": 5}, 400, "temperature", "[0.0, 2.0]"),
+    ("top_p zero", {"messages": USER, "top_p": 0}, 400, "top_p", "(0.0, 1.0]"),
+    ("n zero", {"messages": USER, "n": 0}, 400, "n", "[1, 4]"),
+    ("n over the limit", {"messages": USER, "n": 99}, 400, "n", "[1, 4]"),
+    ("n a float", {"messages": USER, "n": 1.5}, 400, "n", "integer"),
+    ("n a bool", {"messages": USER, "n": True}, 400, "n", "integer"),
+    ("seed a string", {"messages": USER, "seed": "x"}, 400, "seed", "integer"),
+    ("max_tokens zero", {"messages": USER, "max_tokens": 0}, 400, "max_tokens", "[1, 256]"),
+    ("max_tokens over the limit", {"messages": USER, "max_tokens": 10 ** 6}, 400, "max_tokens", "[1, 256]"),
+    ("max_completion_tokens over", {"messages": USER, "max_completion_tokens": 257}, 400, "max_completion_tokens", "256"),
+    ("unknown mode", {"messages": USER, "mode": "fast"}, 400, "mode", "parallel"),
+    ("stream not a bool", {"messages": USER, "stream": "yes"}, 400, "stream", "true or false"),
+    ("npr_instruction not a bool", {"messages": USER, "npr_instruction": 1}, 400, "npr_instruction", "true or false"),
+    ("instruction without a user turn", {"messages": [{"role": "system", "content": "x"}]}, 400, "messages", "user"),
+    ("body too large", {"messages": [{"role": "user", "content": "x" * 5000}]}, 413, None, "limit 4096"),
+]
+
+
+@pytest.mark.parametrize("case,body,status,param,words", BAD, ids=[b[0] for b in BAD])
+def test_bad_input_gets_a_4xx_that_names_the_problem(server, case, body, status, param, words):
+    url, _ = server
+    got, r, _ = call(url, **({"raw": body} if isinstance(body, bytes) else {"body": body}))
+    assert got == status, r
+    assert r["error"]["param"] == param and words in r["error"]["message"], r
+    assert r["error"]["type"] == "invalid_request_error"
+
+
+def test_wrong_paths_methods_and_headers(server):
+    url, _ = server
+    assert call(url, "/nope")[0] == 404
+    status, r, headers = call(url)                                       # GET on the completions path
+    assert status == 405 and headers["Allow"] == "POST" and "GET" in r["error"]["message"]
+    assert call(url, "/health", body={})[0] == 405
+    assert call(url, method="DELETE")[0] == 405
+    u = urllib.parse.urlsplit(url)
+    with socket.create_connection((u.hostname, u.port), timeout=10) as s:   # no Content-Length
+        s.sendall(b"POST /v1/chat/completions HTTP/1.0\r\n\r\n")
+        assert s.makefile("rb").readline().split()[1] == b"411"
+
+
+def test_server_keeps_serving_after_bad_input(server):
+    url, engine = server
+    for raw in (b"{", b"[]", b'{"messages": 1}'):
+        assert call(url, raw=raw)[0] == 400
+    status, r, _ = call(url, body={"messages": USER, "max_tokens": 50})
+    assert status == 200 and r["choices"][0]["message"]["content"]
+    assert call(url, "/health")[1]["errors"] == 0 and engine.worker.is_alive()
+
+
+def test_full_queue_answers_503(ck):
+    gate = threading.Event()
+    with serving(ck, steer=Shape(ck[1], gate=gate), max_queue=1) as (url, engine):
+        results = {}
+
+        def client(name):
+            results[name] = call(url, body={"messages": USER, "max_tokens": 50})
+
+        def wait_for(cond):
+            t0 = time.time()
+            while not cond():
+                assert time.time() - t0 < 10, engine.health()
+                time.sleep(0.01)
+        a = threading.Thread(target=client, args=("a",))
+        a.start()
+        wait_for(lambda: engine.counts["running_rows"] == 1)     # the worker holds a, at the gate
+        b = threading.Thread(target=client, args=("b",))
+        b.start()
+        wait_for(lambda: engine.health()["waiting"] == 1)       # b fills the queue
+        status, r, _ = call(url, body={"messages": USER})
+        assert status == 503 and r["error"]["type"] == "server_overloaded" and "busy" in r["error"]["message"]
+        gate.set()
+        a.join(30)
+        b.join(30)
+        assert results["a"][0] == results["b"][0] == 200
+
+
+def test_disconnect_mid_stream_cancels_the_rows(ck):
+    with serving(ck, steer=Shape(ck[1], end=False, delay=0.005), max_tokens_limit=2000) as (url, engine):
+        u = urllib.parse.urlsplit(url)
+        body = json.dumps({"messages": USER, "stream": True, "n": 2, "max_tokens": 2000}).encode()
+        sock = socket.create_connection((u.hostname, u.port), timeout=30)
+        sock.sendall(b"POST /v1/chat/completions HTTP/1.0\r\nContent-Length: %d\r\n\r\n" % len(body) + body)
+        lines = sock.makefile("rb")
+        t0, seen = time.time(), 0
+        for line in lines:                   # leave after a few deltas (the whole answer: ~10 s)
+            seen += line.startswith(b"data: ") and b'"npr": {"segment"' in line
+            if seen >= 5:
+                break
+        lines.close()
+        sock.close()
+        while engine.counts["running_rows"] or engine.counts["cancelled_rows"] < 2:
+            assert time.time() - t0 < 8, engine.health()
+            time.sleep(0.02)
+        assert engine.counts["cancelled_rows"] == 2 and engine.counts["errors"] == 0
+        status, r, _ = call(url, body={"messages": USER, "max_tokens": 20})    # and the next request is served
+        assert status == 200 and r["choices"][0]["finish_reason"] == "length"
+        assert call(url, "/health")[1]["running_rows"] == 0
+
+
+def test_default_model_is_the_newest_stage(tmp_path, monkeypatch):
+    monkeypatch.chdir(tmp_path)
+    with pytest.raises(SystemExit, match="python toy.py"):
+        default_model()
+    for stage in ("base", "sft"):
+        os.makedirs(tmp_path / "out" / stage)
+        (tmp_path / "out" / stage / "config.json").write_text("{}")
+    assert default_model() == "out/sft"
+
+
+def test_page_is_one_self_contained_file(server):
+    url, _ = server
+    with urllib.request.urlopen(url + "/?prompt=x&autorun=1", timeout=10) as r:
+        assert r.headers["Content-Type"].startswith("text/html")
+        page = r.read().decode()
+    assert "<script>" in page and "<style>" in page and "/v1/chat/completions" in page
+    assert not re.search(r"""(src|href)\s*=\s*["']?(https?:)?//|@import|<link""", page), "the page must work offline"
+
+
+# -----------------------------------------------------------------------------
+# The page in a real browser: headless chromium over the DevTools protocol on a pipe (stdlib only)
+
+CHROMIUM = next((p for p in map(shutil.which, ("chromium", "chromium-browser", "google-chrome")) if p), None)
+
+
+class DevTools:
+    """--remote-debugging-pipe: JSON messages ending in NUL, the browser reads fd 3 and writes fd 4."""
+
+    def __init__(self, url, profile):
+        to_r, self.to_w = os.pipe()
+        self.from_r, from_w = os.pipe()
+        # the browser's ends become fds 3 and 4 in a small Python launcher that then execs chromium
+        # (copied to numbers >= 10 first, so one dup2 cannot overwrite the other)
+        a, b = (fcntl.fcntl(fd, fcntl.F_DUPFD_CLOEXEC, 10) for fd in (to_r, from_w))
+        for fd in (to_r, from_w):
+            os.close(fd)
+        launch = f"import os, sys; os.dup2({a}, 3); os.dup2({b}, 4); os.execv(sys.argv[1], sys.argv[1:])"
+        cmd = [sys.executable, "-c", launch, CHROMIUM, "--headless", "--no-sandbox", "--disable-gpu",
+               "--disable-dev-shm-usage", "--no-first-run", "--remote-debugging-pipe",
+               f"--user-data-dir={profile}", "--window-size=1280,1000", url]
+        self.proc = subprocess.Popen(cmd, pass_fds=(a, b), stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+        os.close(a)
+        os.close(b)
+        self.buf, self.n = b"", 0
+
+    def send(self, method, session=None, timeout=30, **params):
+        self.n += 1
+        msg = {"id": self.n, "method": method, "params": params, **({"sessionId": session} if session else {})}
+        os.write(self.to_w, json.dumps(msg).encode() + b"\0")
+        deadline = time.time() + timeout
+        while True:
+            while b"\0" not in self.buf:
+                if not select.select([self.from_r], [], [], max(0.0, deadline - time.time()))[0]:
+                    raise TimeoutError(method)
+                chunk = os.read(self.from_r, 1 << 16)
+                if not chunk:
+                    raise RuntimeError("chromium closed the pipe")
+                self.buf += chunk
+            raw, self.buf = self.buf.split(b"\0", 1)
+            m = json.loads(raw)
+            if m.get("id") == self.n:
+                if "error" in m:
+                    raise RuntimeError(f"{method}: {m['error']}")
+                return m["result"]
+
+    def close(self):
+        try:
+            self.send("Browser.close", timeout=5)
+        except (RuntimeError, TimeoutError, OSError):
+            pass
+        try:
+            self.proc.wait(10)
+        except subprocess.TimeoutExpired:
+            self.proc.kill()
+        os.close(self.to_w)
+        os.close(self.from_r)
+
+
+@pytest.mark.skipif(CHROMIUM is None, reason="no chromium on PATH (Debian: apt-get install -y chromium)")
+def test_page_draws_branch_columns_in_headless_chromium(ck, tmp_path):
+    with serving(ck, steer=Shape(ck[1], plans=3, free=6, delay=0.03)) as (url, engine):
+        q = urllib.parse.urlencode(dict(prompt="Compute 2*3 + 4*5 + 6*7.", temperature=0, seed=5, max_tokens=120, autorun=1))
+        tools = DevTools(f"{url}/?{q}", tmp_path / "profile")
+        try:
+            t0 = time.time()
+            while not (pages := [t for t in tools.send("Target.getTargets")["targetInfos"] if t["type"] == "page"]):
+                assert time.time() - t0 < 20
+                time.sleep(0.1)
+            session = tools.send("Target.attachToTarget", targetId=pages[0]["targetId"], flatten=True)["sessionId"]
+
+            def js(expr):
+                return tools.send("Runtime.evaluate", session, expression=expr, returnByValue=True)["result"].get("value")
+            side_by_side = 0      # most branch columns seen writing at once, each with some text of its own
+            writing = "[...document.querySelectorAll('.branch.live .mono')].filter(b => /\\d:/.test(b.textContent)).length"
+            # state None: between documents; idle: the page has not submitted yet
+            while (state := js("document.body ? document.body.dataset.state : 'loading'")) in (None, "loading",
+                                                                                                 "idle", "running"):
+                assert time.time() - t0 < 40, state
+                side_by_side = max(side_by_side, js(writing) or 0)
+                time.sleep(0.05)
+            assert state == "done", js("document.getElementById('error').textContent")
+            page = json.loads(js("""JSON.stringify({
+                branches: [...document.querySelectorAll('.branch')].map(b => b.textContent),
+                plans: document.querySelectorAll('.trunk .plan').length,
+                takeaway: document.querySelectorAll('.trunk .takeaway').length,
+                answer: document.getElementById('answer').textContent,
+                stats: document.getElementById('stats').textContent})"""))
+            png = base64.b64decode(tools.send("Page.captureScreenshot", session, format="png")["data"])
+        finally:
+            tools.close()
+    os.makedirs(ARTIFACTS, exist_ok=True)                 # gitignored; look at it after a run
+    with open(os.path.join(ARTIFACTS, "serve_page.png"), "wb") as f:
+        f.write(png)
+    assert png[:8] == b"\x89PNG\r\n\x1a\n" and len(png) > 10_000
+    assert len(page["branches"]) == 3 and all(f"branch {i}" in b and f"{i}:" in b for i, b in enumerate(page["branches"], 1)), page
+    assert page["plans"] == 3 and page["takeaway"] == 1
+    assert page["answer"].startswith("Answer:") and "forks 1" in page["stats"] and "critical path" in page["stats"]
+    assert side_by_side >= 2, "branch columns should fill in at the same time"
