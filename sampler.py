@@ -347,6 +347,8 @@ class Sampler:
                 self.sample_step(requests, logits, p, steer)
             if on_step is not None:
                 self.report(rows, emitted, on_step)
+        if on_step is not None:      # rows that on_step itself cancelled last are reported ended too
+            self.report(rows, emitted, on_step)
         if bar is not None:
             bar.close()
         out = [self.to_sample(row, t0) for row in rows]

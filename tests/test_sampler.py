@@ -287,3 +287,6 @@ def test_on_step_streams_every_token_once_and_cancels(ck):
     assert [len(got[0][seg]) for seg in sorted(got[0])][1:3] == [s.branch.count(1), s.branch.count(2)]
     assert c.finish_reason == "cancelled" and len(c.ids) == 3 and sum(map(len, got[1].values())) == 3
     assert ends == {0: "eos", 1: "cancelled"} and len(steps) > 3
+    ends.clear()                                       # cancelling the last live row: still reported
+    Sampler(model, tok).generate([chat(tok)], params=SamplingParams(mode="serial"), on_step=lambda e, f: ends.update(f) or [0])
+    assert ends == {0: "cancelled"}
