@@ -223,6 +223,17 @@ def full_state_dict(model):
 # -----------------------------------------------------------------------------
 # torch.distributed (launched by torchrun; a plain `python X.py` is world size 1)
 
+def load_for_sampling(path, device, dtype="", bf16=True):
+    """-> (model, tokenizer) for the scripts that only decode (distill, eval, serve). On CUDA with bf16
+    and no explicit dtype the weights are loaded in bf16 (fp32 sft/grpo checkpoints too): the
+    sampler's CUDA-graph fast path then applies (it does not run under autocast)."""
+    from model import Qwen, Tokenizer
+    dt = {"": None, "bfloat16": torch.bfloat16, "float16": torch.float16, "float32": torch.float32}[dtype]
+    if dt is None and bf16 and torch.device(device).type == "cuda":
+        dt = torch.bfloat16
+    return Qwen.from_pretrained(path, device=device, dtype=dt), Tokenizer.from_pretrained(path)
+
+
 def autocast(device, bf16):
     """bf16 matmuls on CUDA while weights and optimizer state stay fp32: with the paper's learning
     rates (1e-6, 1e-7) a bf16 weight cannot absorb an update (8 bits of mantissa), fp32 can."""

@@ -28,8 +28,7 @@ import torch
 import torch.distributed as dist
 
 import npr
-from cli import autocast, chat_prompt, init_distributed, instruction_for, parse_cli, print_config, read_problems
-from model import Qwen, Tokenizer
+from cli import chat_prompt, init_distributed, instruction_for, load_for_sampling, parse_cli, print_config, read_problems
 from sampler import Sampler, SamplingParams
 
 
@@ -52,7 +51,7 @@ class Config:
     instruction: str = ""                   # "" = the checkpoint's own, else npr.INSTRUCTION
     seed: int = 0
     device: str = ""
-    bf16: bool = True                       # on CUDA: decode under bf16 autocast (fp32 checkpoints of sft/grpo too)
+    bf16: bool = True                       # on CUDA: bf16 weights for decoding (fp32 checkpoints of sft/grpo too)
     dtype: str = ""
 
 
@@ -147,12 +146,10 @@ def main(cfg: Config):
     rank, world, _, dev = init_distributed()
     if rank == 0:
         print_config(cfg)
-    dtype = {"": None, "bfloat16": torch.bfloat16, "float16": torch.float16, "float32": torch.float32}[cfg.dtype]
     problems = read_problems(cfg.data, cfg.question_field, cfg.answer_field)
     if cfg.n_problems:
         problems = problems[:cfg.n_problems]
-    tok = Tokenizer.from_pretrained(cfg.model)
-    model = Qwen.from_pretrained(cfg.model, device=dev, dtype=dtype)
+    model, tok = load_for_sampling(cfg.model, dev, cfg.dtype, cfg.bf16)
     sampler = Sampler(model, tok)
     instruction = instruction_for(cfg.model, cfg.instruction)
     os.makedirs(os.path.dirname(cfg.out) or ".", exist_ok=True)
@@ -169,8 +166,7 @@ def main(cfg: Config):
     t0 = time.perf_counter()
     for c in range(0, len(mine), cfg.chunk):
         items = mine[c:c + cfg.chunk]
-        with autocast(dev, cfg.bf16):
-            accepted, state = distill_chunk(sampler, tok, items, cfg, instruction, seed=cfg.seed + items[0][0])
+        accepted, state = distill_chunk(sampler, tok, items, cfg, instruction, seed=cfg.seed + items[0][0])
         # trajectories first, then the state: a kill between the two re-does the chunk (duplicates are
         # removed when reading), never skips it
         append_lines(shard, [json.dumps(r) for r in accepted])

@@ -24,8 +24,7 @@ from dataclasses import dataclass
 import torch
 
 import npr
-from cli import autocast, chat_prompt, instruction_for, parse_cli, print_config, read_problems
-from model import Qwen, Tokenizer
+from cli import chat_prompt, instruction_for, load_for_sampling, parse_cli, print_config, read_problems
 from sampler import Sampler, SamplingParams
 
 
@@ -47,7 +46,7 @@ class Config:
     instruction: str = ""               # "" = the checkpoint's own, else npr.INSTRUCTION
     seed: int = 0
     device: str = ""                    # "" = cuda when available
-    bf16: bool = True                       # on CUDA: decode under bf16 autocast (fp32 checkpoints of sft/grpo too)
+    bf16: bool = True                   # on CUDA: bf16 weights for decoding (fp32 checkpoints of sft/grpo too)
     dtype: str = ""                     # "" = checkpoint dtype (bfloat16 / float16 / float32)
     out: str = ""                       # report path ("" = <model>/eval.json)
     report: str = ""                    # a pipeline folder: only collect <dir>/*/eval.json into <dir>/report.md
@@ -102,9 +101,7 @@ def main(cfg: Config):
         return pipeline_report(cfg.report)
     print_config(cfg)
     dev = cfg.device or ("cuda" if torch.cuda.is_available() else "cpu")
-    dtype = {"": None, "bfloat16": torch.bfloat16, "float16": torch.float16, "float32": torch.float32}[cfg.dtype]
-    tok = Tokenizer.from_pretrained(cfg.model)
-    model = Qwen.from_pretrained(cfg.model, device=dev, dtype=dtype)
+    model, tok = load_for_sampling(cfg.model, dev, cfg.dtype, cfg.bf16)
     problems = read_problems(cfg.data, cfg.question_field, cfg.answer_field)
     if cfg.n_problems:
         problems = problems[:cfg.n_problems]
@@ -118,8 +115,7 @@ def main(cfg: Config):
                                 max_new_tokens=cfg.max_new_tokens, max_total_tokens=cfg.max_total_tokens,
                                 max_branches=cfg.max_branches, seed=cfg.seed)
         prompts = [chat_prompt(tok, p["question"], instruction) for p in problems]
-        with autocast(dev, cfg.bf16):
-            got, wall = sampler.generate_many(prompts, cfg.k, params, cfg.batch_size, progress=True)
+        got, wall = sampler.generate_many(prompts, cfg.k, params, cfg.batch_size, progress=True)
         report[mode] = npr.sample_metrics([(s, p["answer"]) for p, ss in zip(problems, got) for s in ss], wall)
     if len(modes) == 2:
         s, p = report["serial"], report["parallel"]

@@ -71,8 +71,7 @@ from urllib.parse import urlsplit
 import torch
 
 import npr
-from cli import autocast, instruction_for, parse_cli, print_config
-from model import Qwen, Tokenizer
+from cli import instruction_for, load_for_sampling, parse_cli, print_config
 from sampler import Sampler, SamplingParams
 
 DEFAULT_MODELS = ("out/grpo", "out/sft", "out/base")  # the built-in default's stages, newest first
@@ -86,7 +85,7 @@ class Config:
     host: str = "127.0.0.1"          # 0.0.0.0 serves other machines too
     port: int = 8000                 # 0 = any free port
     device: str = ""                 # "" = cuda when available
-    bf16: bool = True                # on CUDA: decode under bf16 autocast
+    bf16: bool = True                # on CUDA: bf16 weights (the sampler's CUDA-graph fast path)
     instruction: str = ""            # NPR instruction; "" = the checkpoint's own, else npr.INSTRUCTION
     name: str = ""                   # the model id the API reports; "" = the checkpoint folder's name
     max_batch_rows: int = 32         # rows (requests x n) decoded together in one generate() call
@@ -314,10 +313,9 @@ class Engine:
         self.counts["rows"] += len(rows)
         self.counts["running_rows"] = len(rows)
         try:
-            with autocast(self.device, self.cfg.bf16):
-                out = self.sampler.generate([job.prompt for job, _ in rows], n=1, params=batch[0].params,
-                                            steer=self.steer, seeds=[job.seed * 1000003 + i for job, i in rows],
-                                            on_step=on_step)
+            out = self.sampler.generate([job.prompt for job, _ in rows], n=1, params=batch[0].params,
+                                        steer=self.steer, seeds=[job.seed * 1000003 + i for job, i in rows],
+                                        on_step=on_step)
         except Exception as e:                                   # one bad batch must not stop the server
             traceback.print_exc()
             self.counts["errors"] += 1
@@ -326,7 +324,7 @@ class Engine:
             return
         finally:
             self.counts["running_rows"] = 0
-        # counted here: on_step is not told of rows it cancels when they were the last ones decoding
+        # counted from the samples: the one place every row's end is known
         self.counts["cancelled_rows"] += sum(o[0].finish_reason == "cancelled" for o in out)
         k = 0
         for job in batch:
@@ -526,8 +524,7 @@ def main(cfg: Config):
         raise SystemExit(f"--model {path}: not a checkpoint folder (no config.json)")
     dev = cfg.device or ("cuda" if torch.cuda.is_available() else "cpu")
     print(f"== loading {path} on {dev} ==", flush=True)
-    tok = Tokenizer.from_pretrained(path)
-    model = Qwen.from_pretrained(path, device=dev)
+    model, tok = load_for_sampling(path, dev, bf16=cfg.bf16)
     engine = Engine(model, tok, cfg, instruction=instruction_for(path, cfg.instruction),
                     name=cfg.name or os.path.basename(os.path.abspath(path)))
     server = make_server(engine, cfg.host, cfg.port)

@@ -75,8 +75,7 @@ def test_resume_after_a_kill_loses_nothing(tmp_path, monkeypatch):
     tok = FakeTok()
     from cli import chat_prompt
     scripts = {q: [(GOOD,)] if i % 2 == 0 else [(WRONG,)] for i, q in enumerate(qs)}
-    monkeypatch.setattr(distill.Tokenizer, "from_pretrained", staticmethod(lambda p: tok))
-    monkeypatch.setattr(distill.Qwen, "from_pretrained", staticmethod(lambda *a, **k: None))
+    monkeypatch.setattr(distill, "load_for_sampling", lambda *a, **k: (None, tok))
     monkeypatch.setattr(distill, "instruction_for", lambda *a: "I")
     fakes = []
 
