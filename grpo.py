@@ -29,6 +29,7 @@ ratio exp(logp - logp_sampler) (exact: the sampler's log-probs equal the trainer
 Logs one line per step, JSON lines in out_dir/metrics.jsonl, periodic eval, resumable checkpoints.
 """
 import contextlib
+import copy
 import math
 import os
 import random
@@ -84,6 +85,7 @@ class Config:
     seed: int = 0
     dtype: str = "float32"                 # weights and optimizer state (keep fp32: see --bf16)
     bf16: bool = True                      # on CUDA: matmuls (rollouts and training) in bf16 under autocast
+    rollout_copy: bool = True              # on CUDA with --bf16: roll out from a bf16 copy of the weights (CUDA graphs)
     attn_impl: str = "auto"
     grad_checkpointing: bool = False
     threads: int = 0
@@ -245,7 +247,14 @@ def main(cfg: Config):
     tok = Tokenizer.from_pretrained(src)
     model = Qwen.from_pretrained(src, device=dev, dtype=dtype)
     model.attn_impl, model.gradient_checkpointing = cfg.attn_impl, cfg.grad_checkpointing
-    sampler = Sampler(model, tok)
+    # rollouts: on CUDA a bf16 copy of the weights decodes, refreshed after every update: the sampler's
+    # CUDA graphs need plain bf16 weights, not autocast (its log-probs then differ from the trainer's
+    # by bf16 rounding: --ratio importance is no longer exact to 1e-4, only close). Elsewhere: the model.
+    roll_model = model
+    if cfg.rollout_copy and cfg.bf16 and torch.device(dev).type == "cuda":
+        roll_model = copy.deepcopy(model).to(torch.bfloat16).eval().requires_grad_(False)
+    roll_autocast = cfg.bf16 and roll_model is model
+    sampler = Sampler(roll_model, tok)
     instruction = instruction_for(cfg.model, cfg.instruction)
     problems = read_problems(cfg.data)
     eval_problems = read_problems(cfg.eval_data)[:cfg.eval_problems] if cfg.eval_every else []
@@ -269,7 +278,7 @@ def main(cfg: Config):
         params = SamplingParams(mode=cfg.mode, temperature=0.0, max_new_tokens=cfg.max_new_tokens,
                                 max_branches=cfg.max_branches)
         prompts = [chat_prompt(tok, p["question"], instruction) for p in eval_problems]
-        with autocast(dev, cfg.bf16):
+        with autocast(dev, roll_autocast):
             got, wall = sampler.generate_many(prompts, 1, params, cfg.rollout_rows)
         m = npr.sample_metrics([(ss[0], p["answer"]) for p, ss in zip(eval_problems, got)], wall)
         print(f"eval step {at_step} | greedy {cfg.mode} accuracy {m['accuracy']:.3f} | format {m['format_valid']:.3f}"
@@ -285,8 +294,9 @@ def main(cfg: Config):
         t0 = time.perf_counter()
         # ---- rollouts (no grad) ----
         model.eval()
-        with autocast(dev, cfg.bf16):
+        with autocast(dev, roll_autocast):
             groups, seen, dropped, roll_wall = rollout(sampler, tok, problems, order, cfg, step, instruction, rank, world)
+        sampler.release()                     # the fast path's KV cache and graphs: not kept through training
         rewards = [[r for _, r in g] for g in groups]
         batch = [r for g in rewards for r in g]
         if world > 1 and cfg.mode == "parallel":   # the batch std spans every rank's rollouts
@@ -337,6 +347,10 @@ def main(cfg: Config):
             opt.step()
             opt.zero_grad(set_to_none=True)
             losses.append(loss_u)
+        if roll_model is not model:          # the rollout copy follows the trained weights
+            with torch.no_grad():
+                for a, b in zip(roll_model.parameters(), model.parameters()):
+                    a.copy_(b)
         t_train = time.perf_counter() - t_train
         step += 1
 
