@@ -22,7 +22,6 @@ every token under the model's own distribution (temperature 1, no top-p: what a 
 computes; forced tokens get 0), the finish reason and stats.
 """
 import argparse
-import random
 import time
 from dataclasses import dataclass, field
 
@@ -98,7 +97,7 @@ class Stream:
 class Row:
     def __init__(self, prompt, index, seed):
         self.prompt, self.index = prompt, index
-        self.rng = random.Random(seed)  # this row's own draws: the same whatever it is batched with
+        self.gen = row_generator(seed)  # this row's own draws: the same whatever it is batched with
         self.trunk = Stream([], 0, 0, len(prompt))
         self.segs = [self.trunk.seg]
         self.streams = [self.trunk]
@@ -254,7 +253,7 @@ class Sampler:
     def generate(self, prompts, n=1, params=None, steer=None, progress=False, seeds=None, on_step=None):
         """prompts: token-id lists (chat already rendered). Returns one list of n Samples per prompt.
         seeds: one per row (prompt-major, n rows per prompt); default params.seed * 1000003 + row.
-        Each row draws from its own random stream, so its sample does not depend on its batch.
+        Each row draws from its own torch.Generator, so its sample does not depend on its batch.
         steer(requests, logits) -> logits, optional: edits the logits a token is drawn from (tests
         force a structure with it); recorded log-probs stay those of the model.
         on_step(events, finished) -> rows to cancel, optional (streaming): called after every decoding
@@ -397,7 +396,7 @@ class Sampler:
                     idx = torch.tensor(sorted(seen), device=logits.device)
                     v = logits[i, idx]
                     logits[i, idx] = torch.where(v > 0, v / p.repetition_penalty, v * p.repetition_penalty)
-        u = torch.tensor([row.rng.random() for row, _ in requests], device=logits.device)
+        u = torch.cat([torch.rand(1, generator=row.gen) for row, _ in requests]).to(logits.device)
         toks = pick(logits, p.temperature, p.top_p, p.top_k, u)
         lps = logp.gather(1, toks[:, None]).squeeze(1).tolist()
         for (row, st), t, lp in zip(requests, toks.tolist(), lps):
@@ -432,6 +431,11 @@ class Sampler:
         return s
 
 
+def row_generator(seed):
+    """A row's own CPU torch.Generator (seeds of any size are folded into 64 bits)."""
+    return torch.Generator().manual_seed(seed % 2 ** 64)
+
+
 def pick(logits, temperature, top_p, top_k, u):
     """(N, V) float logits, (N,) uniforms in [0, 1) -> (N,) token ids, by inverse CDF (one uniform
     per row, so rows never share a random stream). temperature 0 = argmax."""
@@ -456,11 +460,11 @@ def generate_naive(model, prompt, max_new_tokens, stop_ids, temperature=0.0, top
     """The test oracle: serial decoding without a cache, one full forward per token.
     Returns (ids, logprobs)."""
     dev = model.output_weight.device
-    rng = random.Random(seed * 1000003)                   # row 0's stream in generate()
+    gen = row_generator(seed * 1000003)                   # row 0's stream in generate()
     ids, lps = list(prompt), []
     for _ in range(max_new_tokens):
         logits = model(torch.tensor([ids], device=dev))[:, -1].float()
-        t = pick(logits, temperature, top_p, top_k, torch.tensor([rng.random()], device=dev))
+        t = pick(logits, temperature, top_p, top_k, torch.rand(1, generator=gen).to(dev))
         lps.append(torch.log_softmax(logits, -1)[0, t].item())
         ids.append(t.item())
         if ids[-1] in stop_ids:
