@@ -95,8 +95,8 @@ class Stream:
 
 
 class Row:
-    def __init__(self, prompt, index, seed):
-        self.prompt, self.index = prompt, index
+    def __init__(self, prompt, index, seed, params):
+        self.prompt, self.index, self.p = prompt, index, params
         self.gen = row_generator(seed)  # this row's own draws: the same whatever it is batched with
         self.trunk = Stream([], 0, 0, len(prompt))
         self.segs = [self.trunk.seg]
@@ -152,8 +152,9 @@ class Sampler:
         if row.finish is None:
             row.finish, row.t_end = reason, time.perf_counter()
 
-    def fork(self, row, numbers, p):
+    def fork(self, row, numbers):
         """Open one branch per numbered plan, all at the position after the trunk's last token."""
+        p = row.p
         headers = [self.tok.encode(f"<step>\n{n}:") for n in numbers]
         longest = max(len(h) for h in headers)
         need_total = sum(len(h) for h in headers) + len(numbers) * p.fork_min_tokens
@@ -197,8 +198,9 @@ class Sampler:
                 crit, longest = crit + longest + len(seg), 0
         row.crit = crit + longest
 
-    def on_token(self, row, st, tok, logp, p):
+    def on_token(self, row, st, tok, logp):
         """Record a sampled token and apply the engine's rules to it."""
+        p = row.p
         start = st.push(tok, True, logp, self.tok.decode_piece(tok))
         self.count(row)
         if tok in self.stop_ids:
@@ -208,13 +210,13 @@ class Sampler:
                 if st.branch:
                     self.on_branch_tag(row, st, tag)
                 else:
-                    self.on_trunk_tag(row, st, tag, at, p)
+                    self.on_trunk_tag(row, st, tag, at)
                 if row.finish or st.closed:
                     break
         if row.finish is None and (row.total >= p.max_total_tokens or row.crit >= p.max_new_tokens):
             self.finish(row, "budget")
 
-    def on_trunk_tag(self, row, st, tag, at, p):
+    def on_trunk_tag(self, row, st, tag, at):
         if tag == "<guideline>":
             if row.guide_start is not None:
                 return self.finish(row, "malformed: guideline nested in a guideline")
@@ -229,9 +231,9 @@ class Sampler:
             row.guide_start = None
             if not numbers:
                 return self.finish(row, "malformed: guideline with 0 numbered plans")
-            if len(numbers) > p.max_branches:
-                return self.finish(row, f"malformed: {len(numbers)} plans > cap {p.max_branches}")
-            self.fork(row, numbers, p)
+            if len(numbers) > row.p.max_branches:
+                return self.finish(row, f"malformed: {len(numbers)} plans > cap {row.p.max_branches}")
+            self.fork(row, numbers)
         elif tag == "<step>" and not row.unforked:
             return self.finish(row, "malformed: <step> outside a fork")
         elif tag == "</takeaway>":
@@ -252,6 +254,8 @@ class Sampler:
     @torch.no_grad()
     def generate(self, prompts, n=1, params=None, steer=None, progress=False, seeds=None, on_step=None):
         """prompts: token-id lists (chat already rendered). Returns one list of n Samples per prompt.
+        params: one SamplingParams for every prompt, or a list of one per prompt (each row then samples,
+        budgets and forks by its own: requests with different settings share one batch).
         seeds: one per row (prompt-major, n rows per prompt); default params.seed * 1000003 + row.
         Each row draws from its own torch.Generator, so its sample does not depend on its batch.
         steer(requests, logits) -> logits, optional: edits the logits a token is drawn from (tests
@@ -261,22 +265,21 @@ class Sampler:
         segment counts the row's segments in canonical order (trunk, step 1 .. step k, trunk, ...) and
         each record is [id, sampled, logprob, block, branch, pos], and finished = [(row, reason)] for
         the rows that ended since; the rows it returns (indices) end with reason "cancelled"."""
-        p = params or SamplingParams()
-        if p.mode not in ("serial", "parallel"):
-            raise ValueError(f"mode must be 'serial' or 'parallel', not {p.mode!r}")
         if not prompts or any(len(x) == 0 for x in prompts):
             raise ValueError("every prompt needs at least one token")
-        if not p.max_total_tokens:
-            p = SamplingParams(**{**p.__dict__, "max_total_tokens": p.max_new_tokens *
-                                  (p.max_branches if p.mode == "parallel" else 1)})
+        plist = params if isinstance(params, (list, tuple)) else [params or SamplingParams()] * len(prompts)
+        if len(plist) != len(prompts):
+            raise ValueError(f"{len(plist)} SamplingParams for {len(prompts)} prompts")
+        plist = [resolved(p) for p in plist]
         dev = self.model.output_weight.device
         flat = [x for x in prompts for _ in range(n)]
-        seeds = seeds if seeds is not None else [p.seed * 1000003 + i for i in range(len(flat))]
+        row_p = [p for p in plist for _ in range(n)]
+        seeds = seeds if seeds is not None else [p.seed * 1000003 + i for i, p in enumerate(row_p)]
         if len(seeds) != len(flat):
             raise ValueError(f"{len(seeds)} seeds for {len(flat)} rows")
-        rows = [Row(list(x), i, sd) for i, (x, sd) in enumerate(zip(flat, seeds))]
+        rows = [Row(list(x), i, sd, p) for i, (x, sd, p) in enumerate(zip(flat, seeds, row_p))]
         R, L = len(rows), max(len(x) for x in prompts)
-        cap = L + p.max_total_tokens + 16 * (p.max_branches + 2) + 1  # room for forced tokens; last slot = scratch
+        cap = L + max(p.max_total_tokens + 16 * (p.max_branches + 2) for p in plist) + 1  # forced tokens; last = scratch
         cache_dtype = (torch.get_autocast_dtype(dev.type) if torch.is_autocast_enabled(dev.type)
                        else self.model.output_weight.dtype)        # under autocast k/v come out in bf16
         cache, fast = self.make_cache(R, cap, dev, cache_dtype)
@@ -284,7 +287,8 @@ class Sampler:
         bar = None
         if progress:
             from tqdm import tqdm
-            bar = tqdm(total=R, desc=f"sampling ({p.mode})", unit="sample")
+            modes = sorted({p.mode for p in plist})
+            bar = tqdm(total=R, desc=f"sampling ({'/'.join(modes)})", unit="sample")
 
         # prefill: prompts right-padded; padding is doc -1 (invisible) in slots overwritten later
         ids = torch.zeros(R, L, dtype=torch.long)
@@ -298,7 +302,7 @@ class Sampler:
         h = self.model.hidden_states(ids.to(dev), slot.long().to(dev), Layout(doc, z, z, slot).to(dev), cache)
         last = torch.tensor([len(row.prompt) - 1 for row in rows], device=dev)
         logits = F.linear(h[torch.arange(R, device=dev), last], self.model.output_weight)   # (R, V): last tokens only
-        self.sample_step([(row, row.trunk) for row in rows], logits, p, steer)
+        self.sample_step([(row, row.trunk) for row in rows], logits, steer)
         emitted = [[] for _ in rows]                              # on_step: records reported per segment
         if on_step is not None:
             self.report(rows, emitted, on_step)
@@ -343,7 +347,7 @@ class Sampler:
             if requests:                                                  # logits only where a token is drawn
                 rr, jj = (torch.tensor(x, device=dev) for x in zip(*where))
                 logits = F.linear(h[rr, jj], self.model.output_weight)
-                self.sample_step(requests, logits, p, steer)
+                self.sample_step(requests, logits, steer)
             if on_step is not None:
                 self.report(rows, emitted, on_step)
         if on_step is not None:      # rows that on_step itself cancelled last are reported ended too
@@ -362,8 +366,7 @@ class Sampler:
         per_call = max(1, batch_rows // n)
         # bound the rows of one call by the memory of their KV cache (allocated for the worst case)
         cfg, w = self.model.config, self.model.output_weight
-        total = params.max_total_tokens or params.max_new_tokens * (params.max_branches if params.mode == "parallel" else 1)
-        slots = max(len(x) for x in prompts) + total + 16 * (params.max_branches + 2) + 1
+        slots = max(len(x) for x in prompts) + resolved(params).max_total_tokens + 16 * (params.max_branches + 2) + 1
         per_row = 2 * cfg.num_hidden_layers * cfg.num_key_value_heads * cfg.head_dim * slots * w.element_size()
         budget = params.cache_gb * 2 ** 30 if params.cache_gb else (
             0.5 * torch.cuda.mem_get_info(w.device)[0] if w.is_cuda else 4 * 2 ** 30)
@@ -383,25 +386,34 @@ class Sampler:
             bar.close()
         return out, wall
 
-    def sample_step(self, requests, logits, p, steer):
-        """Draw one token for each (row, stream) request from its logits (N, V)."""
+    def sample_step(self, requests, logits, steer):
+        """Draw one token for each (row, stream) request from its logits (N, V), with its row's params."""
         logits = logits.float()
         logp = torch.log_softmax(logits, dim=-1)                 # the model's own distribution
         if steer is not None:
             logits = steer(requests, logits)
-        if p.repetition_penalty != 1.0:
-            for i, (row, st) in enumerate(requests):
-                if st.branch:  # the branch's visible response: trunk segments + its own tokens
-                    seen = {rec[0] for seg in row.segs if seg and seg[0][4] == 0 for rec in seg} | set(st.ids)
-                    idx = torch.tensor(sorted(seen), device=logits.device)
-                    v = logits[i, idx]
-                    logits[i, idx] = torch.where(v > 0, v / p.repetition_penalty, v * p.repetition_penalty)
+        for i, (row, st) in enumerate(requests):
+            rp = row.p.repetition_penalty
+            if rp != 1.0 and st.branch:  # the branch's visible response: trunk segments + its own tokens
+                seen = {rec[0] for seg in row.segs if seg and seg[0][4] == 0 for rec in seg} | set(st.ids)
+                idx = torch.tensor(sorted(seen), device=logits.device)
+                v = logits[i, idx]
+                logits[i, idx] = torch.where(v > 0, v / rp, v * rp)
         u = torch.cat([torch.rand(1, generator=row.gen) for row, _ in requests]).to(logits.device)
-        toks = pick(logits, p.temperature, p.top_p, p.top_k, u)
+        groups = {}                                              # rows with the same sampling settings
+        for i, (row, _) in enumerate(requests):
+            groups.setdefault((row.p.temperature, row.p.top_p, row.p.top_k), []).append(i)
+        if len(groups) == 1:
+            toks = pick(logits, *next(iter(groups)), u)
+        else:
+            toks = torch.empty(len(requests), dtype=torch.long, device=logits.device)
+            for (temp, top_p, top_k), idx in groups.items():
+                ii = torch.tensor(idx, device=logits.device)
+                toks[ii] = pick(logits[ii], temp, top_p, top_k, u[ii])
         lps = logp.gather(1, toks[:, None]).squeeze(1).tolist()
         for (row, st), t, lp in zip(requests, toks.tolist(), lps):
             if row.finish is None:
-                self.on_token(row, st, t, lp, p)
+                self.on_token(row, st, t, lp)
 
     def report(self, rows, emitted, on_step):
         """Streaming: hand on_step the records added since the last report; cancel what it returns."""
@@ -429,6 +441,16 @@ class Sampler:
         s.stats = dict(total_tokens=len(recs), critical_path_tokens=row.crit, forks=len(row.forks),
                        branches_per_fork=list(row.forks), time_s=row.t_end - t0)
         return s
+
+
+def resolved(p):
+    """Checked params with the all-branch budget filled in (0 = max_branches x max_new_tokens)."""
+    if p.mode not in ("serial", "parallel"):
+        raise ValueError(f"mode must be 'serial' or 'parallel', not {p.mode!r}")
+    if p.max_total_tokens:
+        return p
+    return SamplingParams(**{**p.__dict__, "max_total_tokens": p.max_new_tokens *
+                             (p.max_branches if p.mode == "parallel" else 1)})
 
 
 def row_generator(seed):

@@ -44,7 +44,7 @@ segment, in segment order, gives message.content. Each segment's text is decoded
 tokens so far, and a trailing U+FFFD (a character split across tokens) is held back until complete.
 
 Batching, without continuous batching: one worker thread takes the oldest waiting request and every
-other waiting one with the same sampling parameters (one SamplingParams per generate call), up to
+other waiting one (each row with its own SamplingParams: mode, temperature, top_p, budget), up to
 --max-batch-rows rows, and decodes them in ONE Sampler.generate call; requests that arrive meanwhile
 wait for the next call. At most --max-queue requests wait; one more is answered 503. A streaming
 client that disconnects has its rows cancelled at the next decoding step (on_step returns them; they
@@ -258,8 +258,8 @@ class Engine:
             self.cond.notify()
 
     def take(self):
-        """The oldest waiting job and every other one with the same parameters, up to max_batch_rows
-        rows (the oldest always goes, so nobody starves). None when closed."""
+        """The oldest waiting job and the next ones in arrival order, up to max_batch_rows rows (the
+        oldest always goes, so nobody starves). None when closed."""
         with self.cond:
             while not self.waiting and not self.closed:
                 self.cond.wait()
@@ -268,7 +268,7 @@ class Engine:
             batch = [self.waiting.popleft()]
             rows = batch[0].n
             for job in list(self.waiting):
-                if job.params == batch[0].params and rows + job.n <= self.cfg.max_batch_rows:
+                if rows + job.n <= self.cfg.max_batch_rows:
                     self.waiting.remove(job)
                     batch.append(job)
                     rows += job.n
@@ -313,7 +313,7 @@ class Engine:
         self.counts["rows"] += len(rows)
         self.counts["running_rows"] = len(rows)
         try:
-            out = self.sampler.generate([job.prompt for job, _ in rows], n=1, params=batch[0].params,
+            out = self.sampler.generate([job.prompt for job, _ in rows], n=1, params=[job.params for job, _ in rows],
                                         steer=self.steer, seeds=[job.seed * 1000003 + i for job, i in rows],
                                         on_step=on_step)
         except Exception as e:                                   # one bad batch must not stop the server

@@ -290,3 +290,20 @@ def test_on_step_streams_every_token_once_and_cancels(ck):
     ends.clear()                                       # cancelling the last live row: still reported
     Sampler(model, tok).generate([chat(tok)], params=SamplingParams(mode="serial"), on_step=lambda e, f: ends.update(f) or [0])
     assert ends == {0: "cancelled"}
+
+
+def test_params_per_prompt_batch_like_alone(ck):
+    """One generate() over prompts with different settings (mode, temperature, top-p/k, budget)
+    gives each row what it gets alone with its own settings and seed."""
+    model, tok = ck
+    sampler = Sampler(model, tok)
+    ps = [SamplingParams(mode="serial", temperature=0, max_new_tokens=12),
+          SamplingParams(mode="parallel", temperature=1.0, top_p=0.8, max_new_tokens=30),
+          SamplingParams(mode="serial", temperature=50.0, top_k=20, max_new_tokens=20)]
+    prompts = [chat(tok, "a"), chat(tok, "bb"), chat(tok, "ccc")]
+    together = [o[0] for o in sampler.generate(prompts, params=ps, seeds=[5, 6, 7])]
+    alone = [sampler.generate([x], params=p, seeds=[sd])[0][0] for x, p, sd in zip(prompts, ps, [5, 6, 7])]
+    assert [s.ids for s in together] == [s.ids for s in alone]
+    assert len(together[0].ids) <= 12 and len(set(together[2].ids)) > 3
+    with pytest.raises(ValueError, match="2 SamplingParams for 3 prompts"):
+        sampler.generate(prompts, params=ps[:2])

@@ -192,8 +192,10 @@ def test_serial_mode_does_not_fork(server):
 
 def test_concurrent_clients_are_batched_and_match_alone(ck):
     with serving(ck, steer=Shape(ck[1], delay=0.005)) as (url, engine):
-        bodies = [{"messages": [{"role": "user", "content": f"Compute {i}*3."}], "temperature": 1.0, "seed": i,
-                   "n": 1 + i % 2, "max_tokens": 80} for i in range(6)]
+        # different settings per request (one batch holds them all: each row samples by its own)
+        bodies = [{"messages": [{"role": "user", "content": f"Compute {i}*3."}], "temperature": [1.0, 0.5, 0][i % 3],
+                   "seed": i, "n": 1 + i % 2, "max_tokens": 70 + 10 * (i % 2), "top_p": [1.0, 0.9][i % 2],
+                   "mode": "serial" if i == 4 else "parallel"} for i in range(6)]
         alone = [call(url, body=b)[1] for b in bodies]
         batches = engine.counts["batches"]
         got = [None] * len(bodies)
