@@ -368,8 +368,11 @@ class Sampler:
         cfg, w = self.model.config, self.model.output_weight
         slots = max(len(x) for x in prompts) + resolved(params).max_total_tokens + 16 * (params.max_branches + 2) + 1
         per_row = 2 * cfg.num_hidden_layers * cfg.num_key_value_heads * cfg.head_dim * slots * w.element_size()
-        budget = params.cache_gb * 2 ** 30 if params.cache_gb else (
-            0.5 * torch.cuda.mem_get_info(w.device)[0] if w.is_cuda else 4 * 2 ** 30)
+        if w.is_cuda:
+            self.release()     # a kept fast-path cache counts as free: PyTorch's allocator reuses it
+            free = (torch.cuda.mem_get_info(w.device)[0] + torch.cuda.memory_reserved(w.device)
+                    - torch.cuda.memory_allocated(w.device))
+        budget = params.cache_gb * 2 ** 30 if params.cache_gb else (0.5 * free if w.is_cuda else 4 * 2 ** 30)
         per_call = max(1, min(per_call, int(budget // per_row) // n))
         out, wall = [], 0.0
         bar = None
