@@ -3,7 +3,7 @@ Stages 1 and 3: reinforcement learning with group rollouts, serial (NPR-Zero) or
 
     python grpo.py                                       # the built-in default: PAPO on out/sft
     python grpo.py --mode serial --model out/base        # stage 1 (NPR-Zero) on the default
-    torchrun --nproc-per-node 8 grpo.py --model out/sft --data orz.json --lr 1e-7 \\
+    torchrun --nproc-per-node 8 grpo.py --model out/sft --data orz.json --lr 1e-7 --fsdp \\
         --prompts-per-step 16 --group-size 16 --seqs-per-update 16 --max-new-tokens 30000
 
 --mode serial (stage 1, NPR-Zero; DAPO-style, NPR.md section 4): serial rollouts, group size n,
@@ -86,6 +86,7 @@ class Config:
     dtype: str = "float32"                 # weights and optimizer state (keep fp32: see --bf16)
     bf16: bool = True                      # on CUDA: matmuls (rollouts and training) in bf16 under autocast
     rollout_copy: bool = True              # on CUDA with --bf16: roll out from a bf16 copy of the weights (CUDA graphs)
+    fsdp: bool = False                     # under torchrun: FSDP2 (fully_shard per layer) instead of DDP
     attn_impl: str = "auto"
     grad_checkpointing: bool = False
     threads: int = 0
@@ -249,17 +250,27 @@ def main(cfg: Config):
     model.attn_impl, model.gradient_checkpointing = cfg.attn_impl, cfg.grad_checkpointing
     # rollouts: on CUDA a bf16 copy of the weights decodes, refreshed after every update: the sampler's
     # CUDA graphs need plain bf16 weights, not autocast (its log-probs then differ from the trainer's
-    # by bf16 rounding: --ratio importance is no longer exact to 1e-4, only close). Elsewhere: the model.
+    # by bf16 rounding: --ratio importance is no longer exact to 1e-4, only close). Under FSDP2 the
+    # trained weights are sharded, so the rollouts always use a full copy. Elsewhere: the model itself.
+    fsdp = world > 1 and cfg.fsdp
     roll_model = model
-    if cfg.rollout_copy and cfg.bf16 and torch.device(dev).type == "cuda":
-        roll_model = copy.deepcopy(model).to(torch.bfloat16).eval().requires_grad_(False)
-    roll_autocast = cfg.bf16 and roll_model is model
+    to_bf16 = cfg.rollout_copy and cfg.bf16 and torch.device(dev).type == "cuda"
+    if to_bf16 or fsdp:
+        roll_model = copy.deepcopy(model).eval().requires_grad_(False)
+        if to_bf16:
+            roll_model.to(torch.bfloat16)
+    roll_autocast = cfg.bf16 and not to_bf16
     sampler = Sampler(roll_model, tok)
     instruction = instruction_for(cfg.model, cfg.instruction)
     problems = read_problems(cfg.data)
     eval_problems = read_problems(cfg.eval_data)[:cfg.eval_problems] if cfg.eval_every else []
     train_model = model
-    if world > 1:
+    if fsdp:
+        from torch.distributed.fsdp import fully_shard
+        for layer in model.model.layers:
+            fully_shard(layer)
+        fully_shard(model)
+    elif world > 1:
         from torch.nn.parallel import DistributedDataParallel
         train_model = DistributedDataParallel(model)
     opt = torch.optim.AdamW(model.parameters(), lr=cfg.lr, betas=(0.9, 0.999), weight_decay=cfg.weight_decay)
@@ -327,7 +338,7 @@ def main(cfg: Config):
             loss_u = 0.0
             for j in range(int(n_micro)):
                 part = mb[j * cfg.micro_batch:(j + 1) * cfg.micro_batch]
-                sync = world == 1 or j == int(n_micro) - 1
+                sync = world == 1 or fsdp or j == int(n_micro) - 1   # FSDP2 reduces every backward
                 with (train_model.no_sync() if not sync else contextlib.nullcontext()), autocast(dev, cfg.bf16):
                     if part:
                         ids, pos, layout, targets, old, A = to_batch(part, cfg.train_forced, dev)
@@ -335,9 +346,9 @@ def main(cfg: Config):
                         logp, ent = token_logprobs(train_model, ids, targets, pos, layout, with_entropy=True)
                         old = torch.where(torch.isnan(old), logp.detach(), old)   # forced tokens: ratio 1
                         loss = policy_loss(logp, old, A, mask, cfg.mode, ratio_kind, cfg.clip_low, cfg.clip_high,
-                                           norm.clamp(min=1)) * world            # DDP averages over ranks
+                                           norm.clamp(min=1)) * world            # DDP/FSDP average over ranks
                         ents.append(float((ent * mask).sum() / mask.sum().clamp(min=1)))
-                    else:   # nothing left on this rank: a zero-weight forward through DDP keeps it in step
+                    else:   # nothing left on this rank: a zero-weight pass keeps DDP/FSDP collectives in step
                         z = torch.zeros(1, 1, dtype=torch.long, device=dev)
                         lp = token_logprobs(train_model, z, torch.zeros_like(z), None, Layout.causal(1, 1, dev))
                         loss = lp.sum() * 0.0
@@ -348,9 +359,9 @@ def main(cfg: Config):
             opt.zero_grad(set_to_none=True)
             losses.append(loss_u)
         if roll_model is not model:          # the rollout copy follows the trained weights
-            with torch.no_grad():
+            with torch.no_grad():                # (FSDP2: gather each shard; every rank takes part)
                 for a, b in zip(roll_model.parameters(), model.parameters()):
-                    a.copy_(b)
+                    a.copy_(b.full_tensor() if hasattr(b, "full_tensor") else b)
         t_train = time.perf_counter() - t_train
         step += 1
 

@@ -155,9 +155,11 @@ def test_a_few_steps_raise_the_reward_on_a_fixed_prompt_set(sft_model, tmp_path,
     assert after >= before + 0.05, (before, after)   # measured: parallel 0.56 -> 0.67, serial 0.46 -> 0.78
 
 
-def test_two_gloo_processes_match_one(sft_model, tmp_path):
+@pytest.mark.parametrize("fsdp", [False, True], ids=["ddp", "fsdp2"])
+def test_two_gloo_processes_match_one(sft_model, tmp_path, fsdp):
     """Rollouts do not depend on the number of ranks (global prompt picks, per-row random streams),
-    the batch std is global and the loss is normalised globally: 2 ranks == 1 rank."""
+    the batch std is global and the loss is normalised globally: 2 ranks == 1 rank, with DDP and
+    with FSDP2 (sharded training weights, a full copy for the rollouts, re-gathered after each update)."""
     import json
     import os
     import subprocess
@@ -171,7 +173,8 @@ def test_two_gloo_processes_match_one(sft_model, tmp_path):
     root = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
     flags = [x for k, v in args.items() for x in (f"--{k.replace('_', '-')}", str(v))]
     cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc-per-node", "2",
-           os.path.join(root, "grpo.py"), "--out-dir", str(tmp_path / "two"), "--threads", "1"] + flags
+           os.path.join(root, "grpo.py"), "--out-dir", str(tmp_path / "two"), "--threads", "1"] + flags + (
+               ["--fsdp"] if fsdp else [])
     p = subprocess.run(cmd, capture_output=True, text=True, timeout=300, env={**os.environ, "OMP_NUM_THREADS": "1"})
     assert p.returncode == 0, p.stderr[-3000:]
     one = [json.loads(x) for x in open(tmp_path / "one" / "metrics.jsonl")]
