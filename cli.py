@@ -220,9 +220,6 @@ def full_state_dict(model):
     return {k: v.full_tensor() if hasattr(v, "full_tensor") else v for k, v in model.state_dict().items()}
 
 
-# -----------------------------------------------------------------------------
-# torch.distributed (launched by torchrun; a plain `python X.py` is world size 1)
-
 def load_for_sampling(path, device, dtype="", bf16=True):
     """-> (model, tokenizer) for the scripts that only decode (distill, eval, serve). On CUDA with bf16
     and no explicit dtype the weights are loaded in bf16 (fp32 sft/grpo checkpoints too): the
@@ -233,6 +230,9 @@ def load_for_sampling(path, device, dtype="", bf16=True):
         dt = torch.bfloat16
     return Qwen.from_pretrained(path, device=device, dtype=dt), Tokenizer.from_pretrained(path)
 
+
+# -----------------------------------------------------------------------------
+# torch.distributed (launched by torchrun; a plain `python X.py` is world size 1)
 
 def autocast(device, bf16):
     """bf16 matmuls on CUDA while weights and optimizer state stay fp32: with the paper's learning
