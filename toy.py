@@ -3,47 +3,57 @@ The built-in default world: a tiny Qwen3 trained from scratch on "sums of produc
 NPR stage (distill, sft, grpo, eval) runs on a 2-core CPU in minutes through the same code paths
 as a real Qwen checkpoint.
 
-    python toy.py                      # data + tokenizer + base model + quick eval, ~4 min on 2 cores
+    python toy.py                      # data + tokenizer + base model + quick eval, ~5.5 min on 2 cores
     python toy.py --max-steps 1450     # the same amount of training whatever the machine's load
-    python toy.py --max-terms 4 --max-steps 2200   # feasibility's harder default task (2-4 terms)
+    python toy.py --min-terms 2 --max-terms 4 --min-adigits 1   # feasibility's task (2-4 terms, a of 1-2 digits)
     python toy.py --max-steps 3 --out-dir /tmp/b --data-dir /tmp/d   # smoke run
 
 Writes out/data/{train,test}.jsonl and out/base (config.json, model.safetensors, tokenizer.json,
 tokenizer_config.json, train_config.json, metrics.jsonl): an ordinary HF-layout checkpoint that
 distill.py / sft.py / grpo.py / eval.py take like any Qwen folder.
 
-The task (numbers from shared/toy_feasibility.md): "Compute 23*4 + 17*6 + 8*9." -> 266.
-  serial solution: 23*4=92. 17*6=102. 8*9=72. 92+102=194. 194+72=266. \\boxed{266}
-  tagged solution: one <plan> and one <step> per product, the running sums in the <takeaway>:
+The task (shared/toy_feasibility.md): "Compute 23*4 + 17*6 + 48*9." -> 626. By default 3 terms,
+every first factor of 2 digits, b in 2..9.
+  serial solution: every product worked out by place value, then the additions as one chain:
+      23*4=20*4+3*4=80+12=92. 17*6=10*6+7*6=60+42=102. 48*9=40*9+8*9=360+72=432. 92+102=194+432=626. \\boxed{626}
+  tagged solution: the same work, one <plan> and one <step> per product, the additions in the <takeaway>:
       <guideline>
       <plan>1: 23*4</plan>
       ...
       </guideline>
       <step>
-      1: 23*4=92
+      1: 23*4=20*4+3*4=80+12=92
       </step>
       ...
       <takeaway>
-      92+102=194. 194+72=266.
+      92+102=194+432=626.
       </takeaway>
-      \\boxed{266}
+      \\boxed{626}
+  Why worked products and 2-digit factors: a step must carry enough work to be worth running side by
+  side. With `23*4=92` steps (~14 tokens each against ~60 of guideline and takeaway) the ratio of all
+  tokens to critical-path tokens was 1.30 and parallel decoding answered later than serial; worked
+  steps (~30 tokens) give ~1.6 on this task (2-3 terms with a of 1-2 digits would give ~1.33, since a
+  1-digit product has nothing to work out). The worked form also gives the tiny model a chain of
+  thought per product: greedy accuracy 0.77 after 1450 steps, where the old 2-3-term task with
+  1-2-digit a reached 0.31.
   "serial-writer" tagged variant: the steps were written one after another, so step i >= 2 also
-  carries the running sum (2: 17*6=102. 92+102=194) and the takeaway only restates the last sum.
-  It is what a serial model imitating the format writes. Decoded in parallel, step i cannot see
-  step i-1 and must guess the running sum: the base model loses accuracy in parallel mode, which
-  self-distillation + parallel SFT are meant to recover (the point of the demo).
+  carries the running sum (2: 17*6=10*6+7*6=60+42=102. 92+102=194) and the takeaway only restates
+  the last sum. It is what a serial model imitating the format writes. Decoded in parallel, step i
+  cannot see step i-1 and must guess the running sum: the base model loses accuracy in parallel mode,
+  which self-distillation + parallel SFT are meant to recover (the point of the demo).
 The base model sees a mix: prompts with the short INSTRUCTION get tagged solutions (a share of
 them serial-writer), plain prompts get serial solutions.
 
-Measured (idle 2-core Xeon, `python toy.py`, seed 0): 1450 steps in 240 s (~28k tok/s), 247 s in
-all; final loss 0.055; greedy on the first 200 test problems with the instruction: serial decoding
-0.305 accuracy (format-valid 1.00), parallel decoding 0.010 (format-valid 0.44). At T=1 on 100 x 8:
-serial 0.135 (33% of the samples serial-writer; pass@8 0.39), parallel 0.005. Why parallel fails:
-besides the serial-writer sums, this tiny model finds "the next plan not yet carried out" by
+Measured (idle 2-core Xeon, inside `bash speedrun.sh`, seed 0): 1450 steps in 312 s (~32k tok/s),
+319 s in all; final loss 0.008; greedy on the first 200 test problems with the instruction: serial
+decoding 0.785 accuracy (format-valid 1.00), parallel decoding 0.000 (format-valid 0.015). At T=1 on
+100 x 8: serial 0.660 (32% of the samples serial-writer; pass@8 0.90), parallel 0.000. Why parallel
+fails: besides the serial-writer sums, this tiny model finds "the next plan not yet carried out" by
 counting the steps already written, not by the step's number; a branch sees no sibling steps, so
-every branch carries out plan 1. Parallel SFT has to teach the lookup by number. Accuracy sits on
-an S-curve (addition is learnt last): 2-4 terms reached only 0.22 after 1400 steps, hence 2-3
-terms by default; near 1400 steps the seed moves accuracy by about +-0.1.
+its steps do not follow their plans (most parallel samples end malformed or with a wrong sum).
+Parallel SFT has to teach the lookup by number. An earlier run of the same script (one thread, a
+busy machine) gave greedy serial 0.770: 2-thread CPU reductions are not bit-reproducible, so read
+differences of a few points as noise.
 On a busy machine two threads slow down 5-10x (one thread far less): the time budget then buys
 few steps and accuracy collapses; the script warns, and --max-steps / --threads 1 avoid it.
 
@@ -54,7 +64,7 @@ Deliberate deviations from a real instruct model:
   multi-token text; single tokens keep the sequences short enough for a CPU. sft.py's tag adding
   finds them present and leaves their trained embedding rows alone.
 - The instruction is a few words, not npr.INSTRUCTION (the per-character prompt would be 1.5k tokens).
-- The budget is a step count (reproducible on any machine; ~4 min on 2 free cores); with
+- The budget is a step count (reproducible on any machine; ~5 min on 2 free cores); with
   --max-steps 0 the schedule follows the wall clock instead (cosine over `minutes`).
 """
 import json
@@ -82,9 +92,9 @@ class Config:
     n_train: int = 20000             # problems in train.jsonl (later stages draw from it)
     n_test: int = 1000               # problems in test.jsonl (never trained on, by exact question)
     # task difficulty (toy_feasibility.md section 3: first-factor digits is the main knob)
-    min_terms: int = 2
-    max_terms: int = 3               # 4 (feasibility's default) needs ~6 min to clear 20% (docstring)
-    min_adigits: int = 1             # digits of the first factor a: 1 -> 2..9, 2 -> 10..99
+    min_terms: int = 3               # 3 terms, every a of 2 digits: steps long enough to run side by side
+    max_terms: int = 3
+    min_adigits: int = 2             # digits of the first factor a: 1 -> 2..9, 2 -> 10..99
     max_adigits: int = 2
     min_b: int = 2                   # second factor b in [min_b, max_b]
     max_b: int = 9
@@ -99,7 +109,7 @@ class Config:
     head_dim: int = 32
     intermediate_size: int = 384
     # optimisation
-    max_steps: int = 1450            # training steps (~4 min on 2 free cores); the cosine schedule spans them
+    max_steps: int = 1450            # training steps (~5 min on 2 free cores); the cosine schedule spans them
     minutes: float = 4.0             # with --max-steps 0: a wall-clock budget instead (schedule follows the clock)
     batch_size: int = 32
     lr: float = 2e-3
@@ -156,29 +166,53 @@ def _sums(terms):
     return prods, adds
 
 
+def worked(a, b):
+    """One product written out by place value: 23*4=20*4+3*4=80+12=92 (a one-part a: 40*4=160, 8*9=72).
+    A step's whole work: it needs only its own term, so the steps of a fork are independent."""
+    parts = [int(d) * 10 ** e for e, d in enumerate(reversed(str(a))) if d != "0"][::-1]
+    if len(parts) == 1:
+        return f"{a}*{b}={a * b}"
+    return (f"{a}*{b}=" + "+".join(f"{x}*{b}" for x in parts) + "=" + "+".join(str(x * b) for x in parts)
+            + f"={a * b}")
+
+
+def chain(prods):
+    """The left-to-right additions as one chain: 92+102=194+72=266"""
+    out, run = str(prods[0]), prods[0]
+    for p in prods[1:]:
+        run += p
+        out += f"+{p}={run}"
+    return out
+
+
 def serial_solution(terms):
-    """23*4=92. 17*6=102. 8*9=72. 92+102=194. 194+72=266. \\boxed{266}"""
-    prods, adds = _sums(terms)
-    parts = [f"{a}*{b}={p}." for (a, b), p in zip(terms, prods)] + [f"{x}+{y}={z}." for x, y, z in adds]
-    return " ".join(parts) + f" {BOXED}{sum(prods)}}}"
+    """23*4=20*4+3*4=80+12=92. 17*6=10*6+7*6=60+42=102. 48*9=40*9+8*9=360+72=432. 92+102=194+432=626. \\boxed{626}
+    (the same work as the tagged solution, written in one line)"""
+    prods = [a * b for a, b in terms]
+    return " ".join(f"{worked(a, b)}." for a, b in terms) + f" {chain(prods)}. {BOXED}{sum(prods)}}}"
 
 
 def tagged_solution(terms, serial_writer=False):
-    """The NPR format (NPR.md section 2), one plan and one step per product. serial_writer: step
-    i >= 2 also adds its product to the running sum of the earlier steps, and the takeaway restates
-    the last addition (what a model that writes the steps one after another produces)."""
+    """The NPR format (NPR.md section 2), one plan and one step per product; each step works its
+    product out, the takeaway adds the products up. serial_writer: step i >= 2 also adds its product
+    to the running sum of the earlier steps, and the takeaway restates the last addition (what a model
+    that writes the steps one after another produces)."""
     prods, adds = _sums(terms)
     plans = "".join(f"<plan>{i}: {a}*{b}</plan>\n" for i, (a, b) in enumerate(terms, 1))
     steps = []
-    for i, ((a, b), p) in enumerate(zip(terms, prods), 1):
-        body = f"{i}: {a}*{b}={p}"
+    for i, (a, b) in enumerate(terms, 1):
+        body = f"{i}: {worked(a, b)}"
         if serial_writer and i >= 2:
             x, y, z = adds[i - 2]
             body += f". {x}+{y}={z}"
         steps.append(f"<step>\n{body}\n</step>\n")
-    take = f"{adds[-1][0]}+{adds[-1][1]}={adds[-1][2]}." if serial_writer else \
-        " ".join(f"{x}+{y}={z}." for x, y, z in adds)
+    take = f"{adds[-1][0]}+{adds[-1][1]}={adds[-1][2]}." if serial_writer else f"{chain(prods)}."
     return f"<guideline>\n{plans}</guideline>\n{''.join(steps)}<takeaway>\n{take}\n</takeaway>\n{BOXED}{sum(prods)}}}"
+
+
+def serial_writer_step(step):
+    """A step that carries a running sum (". 92+102=194"): it reads a sibling's result."""
+    return ". " in step
 
 
 def user_prompt(question, tagged=True):
@@ -320,7 +354,7 @@ def evaluate(model, tok, problems, mode="serial", tagged=True, batch_size=100, m
     return dict(mode=mode, tagged=tagged, n=len(problems),
                 acc=sum(npr.grade(t, p["answer"]) for t, p in zip(texts, problems)) / n,
                 format_ok=sum(npr.format_score(t)[0] == 0.0 for t in texts) / n,
-                serial_writer=sum(any("+" in s for b in q.blocks for s in b.steps) for q in parsed) / n,
+                serial_writer=sum(any(serial_writer_step(s) for b in q.blocks for s in b.steps) for q in parsed) / n,
                 eos=sum(r == "eos" for r in reasons) / n, mean_tokens=sum(ntok) / n), texts
 
 

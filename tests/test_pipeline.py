@@ -11,7 +11,8 @@ import toy
 def test_base_distill_sft_eval(tmp_path):
     base, data = tmp_path / "base", tmp_path / "data"
     # the easiest slice of the task (2 terms, 1-digit factors) so a short run already gets some right
-    toy.main(toy.Config(out_dir=str(base), data_dir=str(data), n_train=400, n_test=40, max_terms=2, max_adigits=1,
+    toy.main(toy.Config(out_dir=str(base), data_dir=str(data), n_train=400, n_test=40, min_terms=2, max_terms=2,
+                        min_adigits=1, max_adigits=1,
                         max_steps=STEPS, eval_n=20, eval_batch=20))
     assert (base / "npr_instruction.txt").exists()
     out = tmp_path / "distill" / "train.jsonl"

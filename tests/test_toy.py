@@ -27,15 +27,21 @@ def problems(n=300, seed=0, **kw):
 
 def test_problem_and_solutions_example():
     terms = [(23, 4), (17, 6), (8, 9)]
-    assert toy.serial_solution(terms) == "23*4=92. 17*6=102. 8*9=72. 92+102=194. 194+72=266. \\boxed{266}"
+    assert toy.worked(23, 4) == "23*4=20*4+3*4=80+12=92"
+    assert toy.worked(40, 4) == "40*4=160" and toy.worked(8, 9) == "8*9=72"
+    assert toy.chain([92, 102, 72]) == "92+102=194+72=266"
+    assert toy.serial_solution(terms) == \
+        "23*4=20*4+3*4=80+12=92. 17*6=10*6+7*6=60+42=102. 8*9=72. 92+102=194+72=266. \\boxed{266}"
     assert toy.tagged_solution(terms) == (
         "<guideline>\n<plan>1: 23*4</plan>\n<plan>2: 17*6</plan>\n<plan>3: 8*9</plan>\n</guideline>\n"
-        "<step>\n1: 23*4=92\n</step>\n<step>\n2: 17*6=102\n</step>\n<step>\n3: 8*9=72\n</step>\n"
-        "<takeaway>\n92+102=194. 194+72=266.\n</takeaway>\n\\boxed{266}")
+        "<step>\n1: 23*4=20*4+3*4=80+12=92\n</step>\n<step>\n2: 17*6=10*6+7*6=60+42=102\n</step>\n"
+        "<step>\n3: 8*9=72\n</step>\n<takeaway>\n92+102=194+72=266.\n</takeaway>\n\\boxed{266}")
     sw = toy.tagged_solution(terms, serial_writer=True)
-    assert "<step>\n2: 17*6=102. 92+102=194\n</step>" in sw
+    assert "<step>\n2: 17*6=10*6+7*6=60+42=102. 92+102=194\n</step>" in sw
     assert "<step>\n3: 8*9=72. 194+72=266\n</step>" in sw
     assert "<takeaway>\n194+72=266.\n</takeaway>" in sw
+    assert toy.serial_writer_step("2: 17*6=10*6+7*6=60+42=102. 92+102=194")
+    assert not toy.serial_writer_step("2: 17*6=10*6+7*6=60+42=102")
     assert toy.user_prompt("Compute 2*3 + 4*5.") == npr.build_prompt("Compute 2*3 + 4*5.", toy.INSTRUCTION)
     assert toy.user_prompt("Compute 2*3 + 4*5.", tagged=False) == "Compute 2*3 + 4*5."
     assert len(toy.INSTRUCTION) < 40
@@ -67,8 +73,18 @@ def test_solutions_are_correct_and_well_formed(tok):
                 lay = npr.token_layout(pieces)
                 assert lay.problems == [], (sol, lay.problems)
                 assert max(lay.branch) == k and lay.block[0] == 1 and set(lay.block) == {0, 1}
-            if i < 20 and not sw:  # independent steps: a step's text does not depend on its siblings
-                assert all("+" not in s for s in parsed.blocks[0].steps)
+            # independent steps: step i is its own product worked out, nothing from its siblings
+            steps = [s.strip() for s in parsed.blocks[0].steps]
+            if not sw:
+                assert steps == [f"{j}: {toy.worked(a, b)}" for j, (a, b) in enumerate(p["terms"], 1)]
+                assert not any(toy.serial_writer_step(s) for s in steps)
+            else:
+                assert [toy.serial_writer_step(s) for s in steps] == [False] + [True] * (k - 1)
+    for a in range(2, 100):  # the worked product is right for every first factor
+        for b in (2, 7, 9):
+            lhs, *mid, rhs = toy.worked(a, b).split("=")
+            assert lhs == f"{a}*{b}" and int(rhs) == a * b
+            assert all(sum(eval(t) for t in m.split("+")) == a * b for m in mid)
 
 
 def test_tokenizer_round_trip_and_single_tokens(tok):
@@ -146,7 +162,7 @@ def test_collate_masks_prompt_and_padding(tok):
     # both prompt kinds and both tagged variants occur in the mix
     texts = [tok.decode(x[n:]) for x, n in (toy.sample_example(rng, tok, cfg) for _ in range(200))]
     assert any(t.startswith("<guideline>") for t in texts) and any(not t.startswith("<guideline>") for t in texts)
-    assert any("+" in s for t in texts for b in npr.parse(t).blocks for s in b.steps)
+    assert any(toy.serial_writer_step(s) for t in texts for b in npr.parse(t).blocks for s in b.steps)
 
 
 def test_lr_schedule():
@@ -198,4 +214,5 @@ def test_main_smoke(tmp_path):
     for mode in ("serial", "parallel"):
         (s,) = Sampler(model, tok).generate([toy.prompt_ids(tok, q)], n=1,
                                             params=SamplingParams(mode=mode, temperature=1.0, max_new_tokens=16))[0]
-        assert 0 < len(s.ids) and tok.decode(s.ids) == s.text
+        # the text is the response without its final stop token (a random model may stop early)
+        assert 0 < len(s.ids) and tok.decode(s.ids[:-1] if s.finish_reason == "eos" else s.ids) == s.text
