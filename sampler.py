@@ -315,9 +315,10 @@ class Sampler:
             done = R - len(live)
             if not live:
                 break
-            # every pending token of every live row goes into one (R, W) forward
-            items = [[(rec, st) for st in row.streams for rec in st.feed] if row.finish is None else []
-                     for row in rows]
+            # every pending token of every live row goes into one (R, W) forward; with several rows
+            # live, one token per stream per step (a fork's forced headers would pad every row)
+            one_each = sum(row.finish is None for row in rows) > 1
+            items = [self.to_feed(row, one_each) if row.finish is None else [] for row in rows]
             W = max(len(x) for x in items)
             Wg = fast.width(W) if fast is not None else None          # static width of the fast path
             W = Wg or W
@@ -331,9 +332,9 @@ class Sampler:
                     if rec is st.feed[-1] and not st.closed:     # its logits give the stream's next token
                         requests.append((row, st))
                         where.append((r, j))
-                for st in row.streams:
-                    st.feed = []
-                row.streams = [st for st in row.streams if not st.closed]
+                for rec, st in items[r]:
+                    st.feed.pop(0)
+                row.streams = [st for st in row.streams if not st.closed or st.feed]
             g = torch.tensor(grid, dtype=torch.long)             # (R, W, 6)
             limit = max(row.next_slot for row in rows)
             assert limit < cap, "KV cache overflow: budget accounting is wrong"
@@ -417,6 +418,26 @@ class Sampler:
         for (row, st), t, lp in zip(requests, toks.tolist(), lps):
             if row.finish is None:
                 self.on_token(row, st, t, lp)
+
+    def to_feed(self, row, one_each):
+        """The (record, stream) pairs of a row to write this step, in slot order. All pending ones,
+        or (one_each) the first of each stream. Slot order must stay causal across a fork and a join:
+        branches follow every trunk token before the fork, the takeaway every branch token. So the
+        streams go in groups (trunk, the branches of a fork, the trunk after the join) and a group
+        waits while an earlier one still has tokens left after this step."""
+        if not one_each:
+            return [(rec, st) for st in row.streams for rec in st.feed]
+        out, left, kind = [], False, None
+        for st in row.streams:
+            if not st.feed:
+                continue
+            if (st.branch > 0) != kind:             # a new group: it waits for the earlier ones
+                if left:
+                    break
+                kind = st.branch > 0
+            out.append((st.feed[0], st))
+            left = left or len(st.feed) > 1
+        return out
 
     def report(self, rows, emitted, on_step):
         """Streaming: hand on_step the records added since the last report; cancel what it returns."""
