@@ -24,7 +24,8 @@ Stages 1 and 3: reinforcement learning with group rollouts, serial (NPR-Zero) or
 Both modes train on the exact sampled token ids with the sampler's layout (branch mask and shared
 positions; no re-tokenization). Forced tokens (step headers, takeaway opener) get no loss unless
 --train-forced. With --ratio importance, the later mini-batches of a rollout batch use the true
-ratio exp(logp - logp_sampler) (exact: the sampler's log-probs equal the trainer's) with the clip;
+ratio exp(logp - logp_sampler) with the clip (exact on CPU and with --no-rollout-copy: the sampler's
+log-probs equal the trainer's; on CUDA the bf16 rollout copy makes them agree to bf16 rounding);
 --ratio onpolicy (the paper's PAPO) sets the ratio to 1 everywhere.
 Logs one line per step, JSON lines in out_dir/metrics.jsonl, periodic eval, resumable checkpoints.
 """

@@ -15,8 +15,6 @@ Contents: tags and instruction -> structural scan (shared by parse and token_lay
 format_score -> token_layout -> metrics. Answer extraction and equivalence live in grading.py
 (re-exported here: npr.grade, npr.is_equiv, npr.extract_boxed, npr.normalize_answer).
 """
-import ast
-import math
 import re
 from bisect import bisect_right
 from dataclasses import dataclass, field

@@ -257,7 +257,10 @@ class Sampler:
         params: one SamplingParams for every prompt, or a list of one per prompt (each row then samples,
         budgets and forks by its own: requests with different settings share one batch).
         seeds: one per row (prompt-major, n rows per prompt); default params.seed * 1000003 + row.
-        Each row draws from its own torch.Generator, so its sample does not depend on its batch.
+        Each row draws from its own torch.Generator, so its sample does not depend on its batch (one
+        exception: with several rows live a fork's forced headers go in one token per step, so when
+        a fork's headers differ in token length, e.g. plans numbered 9 and 10, its branches start
+        drawing at other steps than when the row decodes alone).
         steer(requests, logits) -> logits, optional: edits the logits a token is drawn from (tests
         force a structure with it); recorded log-probs stay those of the model.
         on_step(events, finished) -> rows to cancel, optional (streaming): called after every decoding
@@ -317,7 +320,7 @@ class Sampler:
                 break
             # every pending token of every live row goes into one (R, W) forward; with several rows
             # live, one token per stream per step (a fork's forced headers would pad every row)
-            one_each = sum(row.finish is None for row in rows) > 1
+            one_each = len(live) > 1
             items = [self.to_feed(row, one_each) if row.finish is None else [] for row in rows]
             W = max(len(x) for x in items)
             Wg = fast.width(W) if fast is not None else None          # static width of the fast path

@@ -16,7 +16,8 @@ Request (OpenAI's shape; other OpenAI fields such as stop or stream_options are 
                 together may write up to max_branches times as many
   temperature   0..2 (default 1; 0 = greedy)   top_p (0, 1] (default 1)   n 1..--max-n (default 1)
   seed          int (default: drawn, and echoed as "seed"): choice i samples from the row seed
-                seed * 1000003 + i, so an answer never depends on the requests it is batched with
+                seed * 1000003 + i, so an answer does not depend on the requests it is batched with
+                (except when one fork's step headers differ in token length: Sampler.generate)
   stream        bool: server-sent events (below)
   NPR fields:
   mode             "parallel" (default): fork at </guideline>, join after the last </step>;
@@ -50,8 +51,9 @@ wait for the next call. At most --max-queue requests wait; one more is answered 
 client that disconnects has its rows cancelled at the next decoding step (on_step returns them; they
 stop costing compute at once, their KV-cache memory goes when the batch's generate call returns); a
 non-streaming client that goes away is only noticed when its answer is written. Every row of a call
-gets a KV cache for its whole budget (prompt + max_branches x max_tokens): size --max-batch-rows to
-the accelerator's memory for a real checkpoint.
+gets a KV cache sized for the call's worst case (longest prompt + largest max_branches x max_tokens
+of any request in the batch): one max_tokens=4096 request sizes all 32 rows for it (~76 GB for
+Qwen3-0.6B), so size --max-batch-rows and --max-tokens-limit to the accelerator for a real checkpoint.
 Errors: {"error": {"message", "type", "param"}} with 400 (bad request), 404, 405, 411, 413 (body
 over --max-body-bytes), 503 (queue full), 500 (the sampler failed; the server keeps serving).
 """
