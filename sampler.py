@@ -283,6 +283,7 @@ class Sampler:
         rows = [Row(list(x), i, sd, p) for i, (x, sd, p) in enumerate(zip(flat, seeds, row_p))]
         R, L = len(rows), max(len(x) for x in prompts)
         cap = L + max(p.max_total_tokens + 16 * (p.max_branches + 2) for p in plist) + 1  # forced tokens; last = scratch
+        cap = -(-cap // 256) * 256          # a multiple of 256: calls with similar prompts share the fast path's graphs
         cache_dtype = (torch.get_autocast_dtype(dev.type) if torch.is_autocast_enabled(dev.type)
                        else self.model.output_weight.dtype)        # under autocast k/v come out in bf16
         cache, fast = self.make_cache(R, cap, dev, cache_dtype)

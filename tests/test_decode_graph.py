@@ -66,6 +66,8 @@ def test_static_cache_reused_across_calls_and_spans_grow(ck):
     fast = sampler.fast
     again = run(model, tok, "static", prompts, p, sampler=sampler)
     assert sampler.fast is fast                       # same cache object, reset in place
+    run(model, tok, "static", [ts.chat(tok, "x y z"), ts.chat(tok, "y")], p, sampler=sampler)
+    assert sampler.fast is fast                       # other prompt lengths, same capacity bucket
     eager = run(model, tok, "eager", prompts, p)
     same(eager, first, 1e-4)
     same(first, again, 0.0)
