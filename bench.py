@@ -145,7 +145,7 @@ def bench_decode(shapes, batches, new_tokens, prompt_len, dtype, hf_tokens=0, mo
                          hf_ms_step=round(1e3 * theirs / hf_tokens, 2), speedup=round(1e3 * theirs / hf_tokens / best, 2))
             print(" | ".join(f"{k} {v}" for k, v in r.items()), flush=True)
             rows.append(r)
-        del hf
+        hf = None                                             # free it before the next shape
     return rows
 
 

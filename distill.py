@@ -24,7 +24,6 @@ import time
 from collections import Counter
 from dataclasses import dataclass
 
-import torch
 import torch.distributed as dist
 
 import npr

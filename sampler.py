@@ -282,8 +282,7 @@ class Sampler:
             raise ValueError(f"{len(seeds)} seeds for {len(flat)} rows")
         rows = [Row(list(x), i, sd, p) for i, (x, sd, p) in enumerate(zip(flat, seeds, row_p))]
         R, L = len(rows), max(len(x) for x in prompts)
-        cap = L + max(p.max_total_tokens + 16 * (p.max_branches + 2) for p in plist) + 1  # forced tokens; last = scratch
-        cap = -(-cap // 256) * 256          # a multiple of 256: calls with similar prompts share the fast path's graphs
+        cap = capacity(L, plist)
         cache_dtype = (torch.get_autocast_dtype(dev.type) if torch.is_autocast_enabled(dev.type)
                        else self.model.output_weight.dtype)        # under autocast k/v come out in bf16
         cache, fast = self.make_cache(R, cap, dev, cache_dtype)
@@ -371,7 +370,7 @@ class Sampler:
         per_call = max(1, batch_rows // n)
         # bound the rows of one call by the memory of their KV cache (allocated for the worst case)
         cfg, w = self.model.config, self.model.output_weight
-        slots = max(len(x) for x in prompts) + resolved(params).max_total_tokens + 16 * (params.max_branches + 2) + 1
+        slots = capacity(max(len(x) for x in prompts), [resolved(params)])
         per_row = 2 * cfg.num_hidden_layers * cfg.num_key_value_heads * cfg.head_dim * slots * w.element_size()
         if w.is_cuda:
             self.release()     # a kept fast-path cache counts as free: PyTorch's allocator reuses it
@@ -469,6 +468,14 @@ class Sampler:
         s.stats = dict(total_tokens=len(recs), critical_path_tokens=row.crit, forks=len(row.forks),
                        branches_per_fork=list(row.forks), time_s=row.t_end - t0)
         return s
+
+
+def capacity(L, plist):
+    """KV-cache slots per row for prompts of up to L tokens and these (resolved) params: the budget, room
+    for forced tokens, the scratch slot; a multiple of 256, so calls with similar prompts share the
+    fast path's cache and graphs."""
+    cap = L + max(p.max_total_tokens + 16 * (p.max_branches + 2) for p in plist) + 1
+    return -(-cap // 256) * 256
 
 
 def resolved(p):
