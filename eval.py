@@ -11,14 +11,19 @@ Metrics (per mode):
   >= 2 branches (serial mode: share whose text holds a block with >= 2 steps, i.e. would fork);
 - branches per fork (mean over forks);
 - tokens/s counting every branch token (all tokens of all samples / wall time of generation);
-- time-to-answer: mean seconds from the start of a batch to the end of a sample (same batch size
-  in both modes, so the two are comparable);
+- time-to-answer, one request: the first --latency-n problems answered one at a time (one prompt,
+  one sample, the same sampling settings), mean wall seconds per answer: the latency a user of
+  serve.py would see on an idle machine, the number parallel decoding is meant to lower;
+- time-to-answer in the batch: mean seconds from the start of a batch to the end of a sample (same
+  batch size in both modes). On a compute-bound machine (a 2-core CPU at 256 rows) it follows the
+  total work, not the critical path, so it is reported beside the one-request figure, not instead;
 - total / critical-path tokens (sum over samples of each): how much work ran side by side.
 Running both modes prints the parallel/serial ratios side by side. A JSON report is written.
 Official settings: k = 8, T = 1.0, top-p 0.7 (the defaults here).
 """
 import json
 import os
+import time
 from dataclasses import dataclass
 
 import torch
@@ -43,6 +48,7 @@ class Config:
     max_total_tokens: int = 0           # all-branch budget (0 = max_branches x max_new_tokens)
     max_branches: int = 5
     batch_size: int = 256               # rows (problems x k) decoded together
+    latency_n: int = 50                 # problems answered alone (batch 1) for time-to-answer (0 = skip)
     instruction: str = ""               # "" = the checkpoint's own, else npr.INSTRUCTION
     seed: int = 0
     device: str = ""                    # "" = cuda when available
@@ -54,11 +60,12 @@ class Config:
 
 def table(report):
     cols = ["accuracy", "format_valid", "trigger_rate", "branches_per_fork", "tokens_per_s",
-            "time_to_answer_s", "total_over_critical", "mean_tokens"]
+            "time_to_answer_1_s", "time_to_answer_s", "total_over_critical", "mean_tokens"]
     lines = ["| mode | " + " | ".join(cols) + " |", "|" + "---|" * (len(cols) + 1)]
     for mode in ("serial", "parallel"):
         if mode in report:
-            lines.append(f"| {mode} | " + " | ".join(f"{report[mode][c]:.3g}" for c in cols) + " |")
+            lines.append(f"| {mode} | " + " | ".join(f"{report[mode][c]:.3g}" if c in report[mode] else "-"
+                                                     for c in cols) + " |")
     if "speedup" in report:
         lines.append("| parallel / serial | " + " | ".join(
             f"{report['speedup'][c]:.3g}" if c in report["speedup"] else "" for c in cols) + " |")
@@ -73,7 +80,8 @@ def pipeline_report(root, stages=("base", "zero", "sft", "grpo")):
             name, sec = line.split()
             times[name] = float(sec)
     head = ("| stage | acc serial | acc parallel | format valid (par) | trigger rate (par) | branches/fork | "
-            "tok/s serial | tok/s parallel | time-to-answer s (ser / par) | total/critical (par) | stage wall s |")
+            "tok/s serial | tok/s parallel | time-to-answer s, 1 request (ser / par) | time-to-answer s, in batch "
+            "(ser / par) | total/critical (par) | stage wall s |")
     lines = [head, "|" + "---|" * (head.count("|") - 1)]
     for st in stages:
         f = os.path.join(root, st, "eval.json")
@@ -85,15 +93,41 @@ def pipeline_report(root, stages=("base", "zero", "sft", "grpo")):
         wall = times.get(st, times.get({"base": "base", "zero": "stage1"}.get(st, st)))
         lines.append(f"| {st} | {g(s, 'accuracy')} | {g(p, 'accuracy')} | {g(p, 'format_valid')} | "
                      f"{g(p, 'trigger_rate')} | {g(p, 'branches_per_fork', '{:.2f}')} | {g(s, 'tokens_per_s', '{:.0f}')} | "
-                     f"{g(p, 'tokens_per_s', '{:.0f}')} | {g(s, 'time_to_answer_s', '{:.2f}')} / "
+                     f"{g(p, 'tokens_per_s', '{:.0f}')} | {g(s, 'time_to_answer_1_s', '{:.2f}')} / "
+                     f"{g(p, 'time_to_answer_1_s', '{:.2f}')} | {g(s, 'time_to_answer_s', '{:.2f}')} / "
                      f"{g(p, 'time_to_answer_s', '{:.2f}')} | {g(p, 'total_over_critical', '{:.2f}')} | "
                      f"{'-' if wall is None else f'{wall:.0f}'} |")
+    # NPR's comparison: the final model decoding in parallel against the sequential model (base) serially
+    done = [st for st in stages if os.path.isfile(os.path.join(root, st, "eval.json"))]
+    if len(done) >= 2 and "base" in done:
+        b = json.load(open(os.path.join(root, "base", "eval.json"))).get("serial", {})
+        f = json.load(open(os.path.join(root, done[-1], "eval.json"))).get("parallel", {})
+        if b and f:
+            ratio = lambda k: f"{f[k]:.3g} vs {b[k]:.3g} ({f[k] / max(b[k], 1e-9):.2f}x)" if k in f and k in b else "-"
+            lines += ["", f"{done[-1]} parallel vs base serial: accuracy {ratio('accuracy')}; "
+                      f"time-to-answer, 1 request, s {ratio('time_to_answer_1_s')}; in batch {ratio('time_to_answer_s')}; "
+                      f"tokens/s {ratio('tokens_per_s')}"]
     total = sum(times.values())
     text = "\n".join(lines) + f"\n\nwhole run: {total:.0f} s of stages ({', '.join(f'{k} {v:.0f}' for k, v in times.items())})\n"
     with open(os.path.join(root, "report.md"), "w") as f:
         f.write(text)
     print(text)
     return text
+
+
+def one_request_latency(sampler, prompts, params, k):
+    """Answer each prompt alone (batch 1, one sample; seeded like the first of its k samples in the
+    batched run, so it is the same sample) -> mean seconds per answer and what it decoded."""
+    sampler.generate(prompts[:1], n=1, params=params, seeds=[params.seed * 1000003])   # warm-up, not timed
+    secs, toks, crit = [], 0, 0
+    for i, x in enumerate(prompts):
+        t0 = time.perf_counter()
+        s = sampler.generate([x], n=1, params=params, seeds=[params.seed * 1000003 + i * k])[0][0]
+        secs.append(time.perf_counter() - t0)
+        toks, crit = toks + s.stats["total_tokens"], crit + s.stats["critical_path_tokens"]
+    n = max(len(prompts), 1)
+    return dict(time_to_answer_1_s=sum(secs) / n, latency_problems=len(prompts),
+                latency_tokens=toks / n, latency_critical_tokens=crit / n)
 
 
 def main(cfg: Config):
@@ -117,10 +151,12 @@ def main(cfg: Config):
         prompts = [chat_prompt(tok, p["question"], instruction) for p in problems]
         got, wall = sampler.generate_many(prompts, cfg.k, params, cfg.batch_size, progress=True)
         report[mode] = npr.sample_metrics([(s, p["answer"]) for p, ss in zip(problems, got) for s in ss], wall)
+        if cfg.latency_n:
+            report[mode].update(one_request_latency(sampler, prompts[:cfg.latency_n], params, cfg.k))
     if len(modes) == 2:
         s, p = report["serial"], report["parallel"]
-        report["speedup"] = dict(tokens_per_s=p["tokens_per_s"] / max(s["tokens_per_s"], 1e-9),
-                                 time_to_answer_s=p["time_to_answer_s"] / max(s["time_to_answer_s"], 1e-9))
+        report["speedup"] = {c: p[c] / max(s[c], 1e-9) for c in ("tokens_per_s", "time_to_answer_1_s", "time_to_answer_s")
+                             if c in p and c in s}
     print(table(report))
     out = cfg.out or os.path.join(cfg.model, "eval.json")
     with open(out, "w") as f:

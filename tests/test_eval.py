@@ -44,6 +44,33 @@ def test_main_both_modes_and_pipeline_report(tmp_path):
     rep = ev.main(ev.Config(model=str(tmp_path / "grpo"), data=str(data), k=2, max_new_tokens=24))
     assert set(rep) >= {"serial", "parallel", "speedup"} and rep["parallel"]["samples"] == 10
     assert json.load(open(tmp_path / "grpo" / "eval.json"))["k"] == 2
+    for mode in ("serial", "parallel"):      # every problem also answered alone (batch 1) for the latency
+        assert rep[mode]["latency_problems"] == 5 and rep[mode]["time_to_answer_1_s"] > 0
+        assert rep[mode]["latency_tokens"] > 0
+    assert "time_to_answer_1_s" in rep["speedup"]
+    (tmp_path / "base").mkdir()
+    (tmp_path / "base" / "eval.json").write_text(json.dumps(rep))
     (tmp_path / "times.txt").write_text("base 10\ngrpo 20\n")
     text = ev.main(ev.Config(report=str(tmp_path)))
-    assert "| grpo |" in text and (tmp_path / "report.md").exists()
+    assert "| grpo |" in text and "| base |" in text and (tmp_path / "report.md").exists()
+    assert "grpo parallel vs base serial" in text and "1 request" in text
+
+
+def test_one_request_latency_answers_like_the_batch(tmp_path):
+    """The batch-1 pass is seeded like each problem's first sample: the same answers as in the batch."""
+    import eval as ev
+    from helpers import make_checkpoint
+    from model import Qwen, Tokenizer
+    from sampler import Sampler, SamplingParams
+    make_checkpoint(tmp_path / "m", tags_special=True)
+    model, tok = Qwen.from_pretrained(str(tmp_path / "m")), Tokenizer.from_pretrained(str(tmp_path / "m"))
+    sampler = Sampler(model, tok)
+    prompts = [tok.encode(f"Compute {i}*2.") for i in range(3)]
+    p = SamplingParams(mode="serial", temperature=1.0, max_new_tokens=12, seed=3)
+    got, _ = sampler.generate_many(prompts, 2, p, batch_rows=6)
+    seen = []
+    real = sampler.generate
+    sampler.generate = lambda xs, **kw: seen.append(real(xs, **kw)[0][0]) or [[seen[-1]]]
+    m = ev.one_request_latency(sampler, prompts, p, k=2)
+    assert m["latency_problems"] == 3 and m["time_to_answer_1_s"] > 0
+    assert [s.ids for s in seen[1:]] == [g[0].ids for g in got]
