@@ -74,8 +74,9 @@ class Sample:
 class Stream:
     """One line of decoding: the trunk, or one branch of a fork."""
 
-    def __init__(self, seg, block, branch, pos):
+    def __init__(self, seg, block, branch, pos, gen):
         self.seg = seg         # the output segment this stream appends its token records to
+        self.gen = gen         # its random draws: the row's trunk generator, or the branch's own
         self.block, self.branch = block, branch
         self.next_pos = pos    # RoPE position of the next token
         self.feed = []         # records waiting to be written into the KV cache (the next forward)
@@ -97,8 +98,9 @@ class Stream:
 class Row:
     def __init__(self, prompt, index, seed, params):
         self.prompt, self.index, self.p = prompt, index, params
-        self.gen = row_generator(seed)  # this row's own draws: the same whatever it is batched with
-        self.trunk = Stream([], 0, 0, len(prompt))
+        self.seed = seed
+        self.gen = row_generator(seed)  # the trunk's draws (each branch has its own): batch-independent
+        self.trunk = Stream([], 0, 0, len(prompt), self.gen)
         self.segs = [self.trunk.seg]
         self.streams = [self.trunk]
         self.next_slot = len(prompt)
@@ -168,7 +170,7 @@ class Sampler:
         row.trunk.closed = True                                     # suspended until the join
         row.fork_streams = []
         for i, header in enumerate(headers, 1):
-            st = Stream([], row.blocks, i, row.trunk.next_pos)
+            st = Stream([], row.blocks, i, row.trunk.next_pos, branch_generator(row.seed, row.blocks, i))
             for t in header:
                 st.push(t, False, 0.0, self.tok.decode_piece(t))
             row.segs.append(st.seg)
@@ -178,7 +180,7 @@ class Sampler:
 
     def join(self, row):
         """All branches closed: the takeaway opens in the trunk at 1 + the largest branch position."""
-        trunk = Stream([], row.blocks, 0, max(s.next_pos for s in row.fork_streams))
+        trunk = Stream([], row.blocks, 0, max(s.next_pos for s in row.fork_streams), row.gen)
         for t in self.tok.encode("<takeaway>\n"):
             trunk.push(t, False, 0.0, self.tok.decode_piece(t))
         trunk.text = row.trunk.text + trunk.text                    # tag state continues from the old trunk
@@ -257,10 +259,11 @@ class Sampler:
         params: one SamplingParams for every prompt, or a list of one per prompt (each row then samples,
         budgets and forks by its own: requests with different settings share one batch).
         seeds: one per row (prompt-major, n rows per prompt); default params.seed * 1000003 + row.
-        Each row draws from its own torch.Generator, so its sample does not depend on its batch (one
-        exception: with several rows live a fork's forced headers go in one token per step, so when
-        a fork's headers differ in token length, e.g. plans numbered 9 and 10, its branches start
-        drawing at other steps than when the row decodes alone).
+        A row's trunk and each of its branches draw from their own torch.Generator, so a sample does
+        not depend on its batch nor on the steps at which its branches are scheduled (with several
+        rows live a fork's headers go in one token per step, so headers of different lengths, e.g.
+        plans 9 and 10, start their branches at other steps than alone); only where a total budget
+        cuts a fork short can the cut fall a token earlier or later.
         steer(requests, logits) -> logits, optional: edits the logits a token is drawn from (tests
         force a structure with it); recorded log-probs stay those of the model.
         on_step(events, finished) -> rows to cancel, optional (streaming): called after every decoding
@@ -406,7 +409,7 @@ class Sampler:
                 idx = torch.tensor(sorted(seen), device=logits.device)
                 v = logits[i, idx]
                 logits[i, idx] = torch.where(v > 0, v / rp, v * rp)
-        u = torch.cat([torch.rand(1, generator=row.gen) for row, _ in requests]).to(logits.device)
+        u = torch.cat([torch.rand(1, generator=st.gen) for _, st in requests]).to(logits.device)
         groups = {}                                              # rows with the same sampling settings
         for i, (row, _) in enumerate(requests):
             groups.setdefault((row.p.temperature, row.p.top_p, row.p.top_k), []).append(i)
@@ -491,6 +494,12 @@ def resolved(p):
 def row_generator(seed):
     """A row's own CPU torch.Generator (seeds of any size are folded into 64 bits)."""
     return torch.Generator().manual_seed(seed % 2 ** 64)
+
+
+def branch_generator(seed, block, branch):
+    """Branch `branch` of block `block` of the row seeded `seed` draws from its own generator, so
+    its tokens do not depend on the steps at which it and its siblings are scheduled."""
+    return row_generator(seed * 0x9E3779B97F4A7C15 + block * 1000003 + branch)
 
 
 def pick(logits, temperature, top_p, top_k, u):

@@ -16,8 +16,8 @@ Request (OpenAI's shape; other OpenAI fields such as stop or stream_options are 
                 together may write up to max_branches times as many
   temperature   0..2 (default 1; 0 = greedy)   top_p (0, 1] (default 1)   n 1..--max-n (default 1)
   seed          int (default: drawn, and echoed as "seed"): choice i samples from the row seed
-                seed * 1000003 + i, so an answer does not depend on the requests it is batched with
-                (except when one fork's step headers differ in token length: Sampler.generate)
+                seed * 1000003 + i (its branches from their own generators), so an answer does not
+                depend on the requests it is batched with (Sampler.generate)
   stream        bool: server-sent events (below)
   NPR fields:
   mode             "parallel" (default): fork at </guideline>, join after the last </step>;

@@ -228,6 +228,29 @@ def test_a_row_samples_the_same_in_any_batch(ck):
     assert alone.ids == batched.ids and len(set(alone.ids)) > 3
 
 
+def test_branches_sample_the_same_whatever_their_schedule(ck):
+    """Plans 9 and 10: step headers of different token lengths. Batched with another row, a fork's
+    headers go in one token per step, so the two branches start drawing at other steps than alone;
+    each branch draws from its own generator, so its tokens are the same (up to where the budget
+    cuts the fork, which can fall a token apart)."""
+    model, tok = ck
+    assert len(tok.encode("<step>\n9:")) != len(tok.encode("<step>\n10:"))
+    p = SamplingParams(temperature=100.0, max_new_tokens=60)          # flat: the branches really sample
+    trunk = tok.encode("<guideline>\n<plan>9: a</plan>\n<plan>10: b</plan>\n</guideline>")
+    sampler = Sampler(model, tok)
+    sampler.stop_ids = set()
+    alone = sampler.generate([chat(tok)], params=p, seeds=[5], steer=Script({0: trunk}))[0][0]
+    batched = sampler.generate([chat(tok, "x"), chat(tok)], params=p, seeds=[6, 5],
+                               steer=Script({0: trunk, 1: trunk}))[1][0]
+    for s in (alone, batched):
+        assert s.stats["forks"] == 1 and s.stats["branches_per_fork"] == [2]
+    for b in (1, 2):
+        x = [t for t, br in zip(alone.ids, alone.branch) if br == b]
+        y = [t for t, br in zip(batched.ids, batched.branch) if br == b]
+        n = min(len(x), len(y))
+        assert n >= 8 and x[:n] == y[:n], (b, x, y)
+
+
 @pytest.mark.cuda
 @pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA")
 def test_cuda_triton_sampler_matches_teacher_forced(tmp_path):
