@@ -127,7 +127,7 @@ def bench_decode(shapes, batches, new_tokens, prompt_len, dtype, hf_tokens=0, mo
                 sampler = Sampler(model, tok)
                 sampler.stop_ids = set()                               # decode exactly new_tokens
                 sampler.step_mode = mode
-                sampler.compile_step = COMPILE[0] and mode == "graph"
+                sampler.compile_step = COMPILE[0] and mode in ("graph", "static")   # static: the CPU compiled step
                 p = SamplingParams(mode="serial", temperature=0, max_new_tokens=new_tokens)
                 t = timed(lambda: sampler.generate([prompt] * B, params=p))
                 sfx = "" if mode == "eager" else "_" + mode

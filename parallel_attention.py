@@ -104,10 +104,18 @@ def _sdpa_mask(q_layout, k_layout):
 
 
 def attention_sdpa(q, k, v, q_layout, k_layout=None, scale=None):
-    """Same result as attention_ref, through SDPA with a dense bool mask (the fast CPU path)."""
+    """Same result as attention_ref, through SDPA with a dense bool mask (the fast CPU path).
+    Decode steps (few queries) with GQA fold each kv head's query heads into its query rows, so
+    SDPA reads the cache as it is instead of expanding k and v per query head."""
+    B, Hq, Tq, D = q.shape
+    G = Hq // k.shape[1]
+    if G > 1 and Tq <= 16:
+        mask, empty = _memo(q_layout, k_layout, f"sdpa-g{G}", lambda: tuple(
+            m.expand(B, G, Tq, m.shape[-1]).reshape(B, 1, G * Tq, -1) for m in _sdpa_mask(q_layout, k_layout)))
+        out = F.scaled_dot_product_attention(q.reshape(B, -1, G * Tq, D), k, v, attn_mask=mask, scale=scale)
+        return out.masked_fill(empty, 0.0).view(B, Hq, Tq, D)
     mask, empty = _memo(q_layout, k_layout, "sdpa", lambda: _sdpa_mask(q_layout, k_layout))
-    gqa = q.shape[1] != k.shape[1]
-    out = F.scaled_dot_product_attention(q, k, v, attn_mask=mask, scale=scale, enable_gqa=gqa)
+    out = F.scaled_dot_product_attention(q, k, v, attn_mask=mask, scale=scale, enable_gqa=G > 1)
     return out.masked_fill(empty, 0.0)
 
 

@@ -124,21 +124,30 @@ class Sampler:
         self.step_mode = "auto"
         self.compile_step = False   # fast path through torch.compile too (decode_graph.py; attn_impl "sdpa")
         self.fast = None    # the StaticStep (with its KV cache and graphs) kept for the next call
+        self.kept = None    # the eager step's KV cache, kept likewise
 
     def release(self):
-        """Free the fast path's KV cache and graphs (e.g. before a training step)."""
-        self.fast = None
+        """Free the kept KV cache and graphs (e.g. before a training step)."""
+        self.fast = self.kept = None
 
     def make_cache(self, R, cap, dev, dtype):
-        """-> (KVCache, StaticStep or None). The fast path's cache and graphs are kept while the
+        """-> (KVCache, StaticStep or None). The cache (and the fast path's graphs) is kept while the
         next generate() has the same rows and capacity (generate_many's calls, benchmarks)."""
         mode = self.step_mode
         if mode == "auto":
             mode = "graph" if dev.type == "cuda" and not torch.is_autocast_enabled("cuda") else "eager"
         if mode not in ("eager", "static", "graph"):
             raise ValueError(f"step_mode must be auto, eager, static or graph, not {self.step_mode!r}")
-        if mode == "eager":
-            return KVCache(self.model.config, R, cap, device=dev, dtype=dtype), None
+        if mode == "eager":      # the cache is kept too: allocating a worst-case cache costs ~7% of a call
+            c = self.kept
+            if c is None or (c.doc.shape, c.k[0].dtype, c.k[0].device) != ((R, cap), dtype, dev):
+                self.kept = c = None
+                c = self.kept = KVCache(self.model.config, R, cap, device=dev, dtype=dtype)
+            c.doc.fill_(-1)      # stale k/v in empty slots are finite and masked: only the metadata resets
+            c.block.zero_()
+            c.branch.zero_()
+            return c, None
+        self.kept = None
         f = self.fast
         key = (R, cap, dtype, mode == "graph", self.compile_step)
         if f is None or (f.R, f.S, f.cache.k[0].dtype, f.graphs, f.compiled) != key:

@@ -330,3 +330,20 @@ def test_params_per_prompt_batch_like_alone(ck):
     assert len(together[0].ids) <= 12 and len(set(together[2].ids)) > 3
     with pytest.raises(ValueError, match="2 SamplingParams for 3 prompts"):
         sampler.generate(prompts, params=ps[:2])
+
+
+def test_eager_cache_kept_between_calls_changes_nothing(ck):
+    """The eager step's KV cache is kept for the next call with the same rows and capacity; its
+    stale k/v (masked by the reset metadata) must not change what the next call decodes."""
+    model, tok = ck
+    p = SamplingParams(temperature=1.0, max_new_tokens=120, seed=11)
+    steer = Script({0: block_script(tok, ["1", "2"])})
+    s = Sampler(model, tok)
+    s.generate([chat(tok, "something else entirely")], params=p)
+    kept = s.kept
+    again = s.generate([chat(tok)], params=p, steer=steer)[0][0]
+    assert s.kept is kept and kept is not None
+    fresh = Sampler(model, tok).generate([chat(tok)], params=p, steer=steer)[0][0]
+    assert again.ids == fresh.ids and again.logprobs == fresh.logprobs and fresh.stats["forks"] == 1
+    s.release()
+    assert s.kept is None and s.fast is None
