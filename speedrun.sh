@@ -1,5 +1,5 @@
 #!/usr/bin/env bash
-# The whole NPR pipeline on the built-in default, end to end, on any machine (a 2-core CPU: ~14 min):
+# The whole NPR pipeline on the built-in default, end to end, on any machine (a 2-core CPU: ~20 min):
 #   base model (toy.py) -> [stage 1: grpo.py --mode serial, with STAGE1=1] -> distill.py -> sft.py
 #   -> grpo.py (PAPO) -> eval.py of every stage in serial and parallel mode -> out/report.md
 # Every stage is an ordinary script; rerunning skips finished stages and resumes unfinished ones.
@@ -10,6 +10,7 @@ PY=.venv/bin/python
 OUT=${OUT:-out}
 EVAL_K=${EVAL_K:-4}
 EVAL_N=${EVAL_N:-500}
+LATENCY_N=${LATENCY_N:-30}   # problems answered one at a time for the one-request time-to-answer
 mkdir -p "$OUT"
 touch "$OUT/times.txt"
 done_() {  # a finished checkpoint folder (single-file or sharded weights)
@@ -29,12 +30,11 @@ if [ "${STAGE1:-0}" = 1 ] && ! done_ "$OUT/zero"; then
     --data "$OUT/data/train.jsonl" --eval-data "$OUT/data/test.jsonl" --format-reward
 fi
 stage distill $PY distill.py --model "$OUT/base" --data "$OUT/data/train.jsonl" --out "$OUT/distill/train.jsonl"
-done_ "$OUT/sft" || stage sft $PY sft.py --model "$OUT/base" --data "$OUT/distill/train.jsonl" --out-dir "$OUT/sft" \
-  --epochs 4   # ~1900 kept trajectories: 4 epochs (sft.py default 8) keeps the run near 14 min
+done_ "$OUT/sft" || stage sft $PY sft.py --model "$OUT/base" --data "$OUT/distill/train.jsonl" --out-dir "$OUT/sft"
 done_ "$OUT/grpo" || stage grpo $PY grpo.py --model "$OUT/sft" --out-dir "$OUT/grpo" \
   --data "$OUT/data/train.jsonl" --eval-data "$OUT/data/test.jsonl"
 for s in base zero sft grpo; do
   [ -d "$OUT/$s" ] || continue
-  $PY eval.py --model "$OUT/$s" --data "$OUT/data/test.jsonl" --n-problems "$EVAL_N" --mode both -k "$EVAL_K" --out "$OUT/$s/eval.json"
+  $PY eval.py --model "$OUT/$s" --data "$OUT/data/test.jsonl" --n-problems "$EVAL_N" --mode both -k "$EVAL_K" --latency-n "$LATENCY_N" --out "$OUT/$s/eval.json"
 done
 $PY eval.py --report "$OUT"
