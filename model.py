@@ -219,6 +219,20 @@ class KVCache:
         self.v[layer_idx].scatter_(2, idx, v.to(self.v[layer_idx].dtype))
         return self.k[layer_idx][:, :, :self.limit], self.v[layer_idx][:, :, :self.limit]
 
+    def grow(self, capacity):
+        """Enlarge every row to `capacity` slots, keeping what is written (a new allocation + a copy)."""
+        n = self.capacity
+        for kv in (self.k, self.v):
+            for i, t in enumerate(kv):
+                kv[i] = torch.zeros(*t.shape[:2], capacity, t.shape[3], dtype=t.dtype, device=t.device)
+                kv[i][:, :, :n] = t
+        for name, fill in (("doc", -1), ("block", 0), ("branch", 0)):
+            t = getattr(self, name)
+            new = torch.full((t.shape[0], capacity), fill, dtype=t.dtype, device=t.device)
+            new[:, :n] = t
+            setattr(self, name, new)
+        self.capacity = capacity
+
     def layout(self):
         n = self.limit
         return Layout(self.doc[:, :n], self.block[:, :n], self.branch[:, :n])

@@ -14,7 +14,9 @@ parallel mode: when a row's trunk emits </guideline>, count its numbered plans (
 No KV copying: every row owns one cache row; branch tokens are appended to it interleaved (one
 slot per token, in the order they are decoded) and the branch mask is applied from per-slot
 metadata (parallel_attention.py). Several new tokens per row go through one forward: one per
-live branch, or a whole forced header. Slots and RoPE positions are separate quantities.
+live branch, or a whole forced header. Slots and RoPE positions are separate quantities. The cache
+starts with room for the critical-path budget and doubles (for every row: one copy) when a row's
+branches outgrow it, up to the worst case of max_branches x budget.
 
 Output per sample, in the trainer's layout: response ids in canonical order (trunk, step 1 ..
 step k, trunk ...), per-token block / branch / position, a sampled-vs-forced mask, the log-prob of
@@ -125,6 +127,9 @@ class Sampler:
         self.compile_step = False   # fast path through torch.compile too (decode_graph.py; attn_impl "sdpa")
         self.fast = None    # the StaticStep (with its KV cache and graphs) kept for the next call
         self.kept = None    # the eager step's KV cache, kept likewise
+        # KV-cache slots per row allocated at first (0 = the critical-path budget, not the worst case
+        # of max_branches x budget); when a row gets there, every row's cache doubles (up to the worst case)
+        self.initial_slots = 0
 
     def release(self):
         """Free the kept KV cache and graphs (e.g. before a training step)."""
@@ -140,7 +145,7 @@ class Sampler:
             raise ValueError(f"step_mode must be auto, eager, static or graph, not {self.step_mode!r}")
         if mode == "eager":      # the cache is kept too: allocating a worst-case cache costs ~7% of a call
             c = self.kept
-            if c is None or (c.doc.shape, c.k[0].dtype, c.k[0].device) != ((R, cap), dtype, dev):
+            if c is None or (c.doc.shape[0], c.k[0].dtype, c.k[0].device) != (R, dtype, dev) or c.capacity < cap:
                 self.kept = c = None
                 c = self.kept = KVCache(self.model.config, R, cap, device=dev, dtype=dtype)
             c.doc.fill_(-1)      # stale k/v in empty slots are finite and masked: only the metadata resets
@@ -149,14 +154,22 @@ class Sampler:
             return c, None
         self.kept = None
         f = self.fast
-        key = (R, cap, dtype, mode == "graph", self.compile_step)
-        if f is None or (f.R, f.S, f.cache.k[0].dtype, f.graphs, f.compiled) != key:
+        key = (R, dtype, mode == "graph", self.compile_step)
+        if f is None or (f.R, f.cache.k[0].dtype, f.graphs, f.compiled) != key or f.S < cap:
             self.fast = f = None            # free the old cache before allocating the new one
             f = StaticStep(self.model, KVCache(self.model.config, R, cap, device=dev, dtype=dtype),
                            mode == "graph", self.compile_step)
             self.fast = f
         f.reset()
         return f.cache, f
+
+    def grow(self, cache, fast, cap):
+        """More KV-cache slots for every row (the written ones copied); the fast path's graphs are
+        captured again for the new cache (its addresses changed)."""
+        cache.grow(cap)
+        if fast is not None:
+            fast = self.fast = StaticStep(self.model, cache, fast.graphs, fast.compiled)
+        return cache, fast
 
     # ---- the engine's decisions ------------------------------------------------------------
     def finish(self, row, reason):
@@ -294,10 +307,12 @@ class Sampler:
             raise ValueError(f"{len(seeds)} seeds for {len(flat)} rows")
         rows = [Row(list(x), i, sd, p) for i, (x, sd, p) in enumerate(zip(flat, seeds, row_p))]
         R, L = len(rows), max(len(x) for x in prompts)
-        cap = capacity(L, plist)
+        cap_max = capacity(L, plist)                             # the worst case: every budget spent
+        cap = min(cap_max, capacity(L, plist, self.initial_slots or max(p.max_new_tokens for p in plist)))
         cache_dtype = (torch.get_autocast_dtype(dev.type) if torch.is_autocast_enabled(dev.type)
                        else self.model.output_weight.dtype)        # under autocast k/v come out in bf16
         cache, fast = self.make_cache(R, cap, dev, cache_dtype)
+        cap = cache.capacity                                     # a kept cache may be larger
         t0 = time.perf_counter()
         bar = None
         if progress:
@@ -334,6 +349,10 @@ class Sampler:
             # live, one token per stream per step (a fork's forced headers would pad every row)
             one_each = len(live) > 1
             items = [self.to_feed(row, one_each) if row.finish is None else [] for row in rows]
+            need = max(row.next_slot + len(x) for row, x in zip(rows, items)) + 1   # + the scratch slot
+            if need > cap:
+                cap = min(cap_max, max(2 * cap, -(-need // 256) * 256))
+                cache, fast = self.grow(cache, fast, cap)
             W = max(len(x) for x in items)
             Wg = fast.width(W) if fast is not None else None          # static width of the fast path
             W = Wg or W
@@ -380,7 +399,8 @@ class Sampler:
         if seeds is None:
             seeds = [params.seed * 1000003 + i for i in range(len(prompts) * n)]
         per_call = max(1, batch_rows // n)
-        # bound the rows of one call by the memory of their KV cache (allocated for the worst case)
+        # bound the rows of one call by the memory of their KV cache in the worst case (a call's cache
+        # starts at the critical-path budget and grows up to it)
         cfg, w = self.model.config, self.model.output_weight
         slots = capacity(max(len(x) for x in prompts), [resolved(params)])
         per_row = 2 * cfg.num_hidden_layers * cfg.num_key_value_heads * cfg.head_dim * slots * w.element_size()
@@ -482,11 +502,11 @@ class Sampler:
         return s
 
 
-def capacity(L, plist):
-    """KV-cache slots per row for prompts of up to L tokens and these (resolved) params: the budget, room
-    for forced tokens, the scratch slot; a multiple of 256, so calls with similar prompts share the
-    fast path's cache and graphs."""
-    cap = L + max(p.max_total_tokens + 16 * (p.max_branches + 2) for p in plist) + 1
+def capacity(L, plist, slots=None):
+    """KV-cache slots per row for prompts of up to L tokens and these (resolved) params: the total budget
+    (or `slots` tokens), room for forced tokens, the scratch slot; a multiple of 256, so calls with
+    similar prompts share the kept cache and graphs."""
+    cap = L + max((p.max_total_tokens if slots is None else slots) + 16 * (p.max_branches + 2) for p in plist) + 1
     return -(-cap // 256) * 256
 
 

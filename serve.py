@@ -51,9 +51,11 @@ wait for the next call. At most --max-queue requests wait; one more is answered 
 client that disconnects has its rows cancelled at the next decoding step (on_step returns them; they
 stop costing compute at once, their KV-cache memory goes when the batch's generate call returns); a
 non-streaming client that goes away is only noticed when its answer is written. Every row of a call
-gets a KV cache sized for the call's worst case (longest prompt + largest max_branches x max_tokens
-of any request in the batch): one max_tokens=4096 request sizes all 32 rows for it (~76 GB for
-Qwen3-0.6B), so size --max-batch-rows and --max-tokens-limit to the accelerator for a real checkpoint.
+starts with a KV cache of the call's longest prompt + largest max_tokens (the critical-path budget),
+and all rows' caches double when one row's branches outgrow it, up to the worst case (longest prompt
++ largest max_branches x max_tokens): one max_tokens=4096 request gives all 32 rows ~4.4k slots
+(~16 GB for Qwen3-0.6B in bf16) and up to 5x that if its branches spend the whole budget, so size
+--max-batch-rows and --max-tokens-limit to the accelerator for a real checkpoint.
 Errors: {"error": {"message", "type", "param"}} with 400 (bad request), 404, 405, 411, 413 (body
 over --max-body-bytes), 503 (queue full), 500 (the sampler failed; the server keeps serving).
 """

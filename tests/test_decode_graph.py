@@ -130,3 +130,24 @@ def test_cuda_graph_compiled_equals_static(tmp_path):
     comp = run(model, tok, "graph", [ts.chat(tok, "x"), ts.chat(tok, "y")], p, sampler=sampler)
     assert sampler.fast.compiled and len(sampler.fast.graph) == 1
     same(comp, run(model, tok, "static", [ts.chat(tok, "x"), ts.chat(tok, "y")], p), 1e-4)
+
+
+@pytest.mark.parametrize("mode", ["eager", "static"])
+def test_cache_grows_on_demand(ck, mode):
+    """The KV cache starts small and doubles when a row gets to its end (the written slots copied,
+    the fast path rebuilt on the new cache): the same samples as with the worst-case cache."""
+    model, tok = ck
+    prompts, _ = workload(tok)
+    trunks = {0: ts.block_script(tok, ["1", "2"]), 1: ts.block_script(tok, ["1", "2", "3", "4", "5"])}
+    branches = {(r, 1, i): ts.step_script(tok, i, "w" * (40 * i)) for r in (0, 1) for i in range(1, 6)}
+    steer = ts.Script(trunks, branches)
+    p = SamplingParams(temperature=1.0, max_new_tokens=400)
+    full, small = Sampler(model, tok), Sampler(model, tok)
+    full.initial_slots, small.initial_slots = 10 ** 6, 1      # worst case at once / 256 slots at first
+    a = run(model, tok, mode, prompts, p, steer, sampler=full)
+    b = run(model, tok, mode, prompts, p, steer, sampler=small)
+    same(a, b, 1e-5)
+    cache = small.kept if mode == "eager" else small.fast.cache
+    big = full.kept if mode == "eager" else full.fast.cache
+    assert 256 < cache.capacity < big.capacity                 # it grew, and stayed below the worst case
+    assert max(len(s.ids) for s in b) > 300 and b[1].stats["branches_per_fork"] == [5]
