@@ -132,7 +132,7 @@ def test_cuda_graph_compiled_equals_static(tmp_path):
     same(comp, run(model, tok, "static", [ts.chat(tok, "x"), ts.chat(tok, "y")], p), 1e-4)
 
 
-@pytest.mark.parametrize("mode", ["eager", "static"])
+@pytest.mark.parametrize("mode", ["eager", "static", pytest.param("graph", marks=[pytest.mark.cuda, cuda])])
 def test_cache_grows_on_demand(ck, mode):
     """The KV cache starts small and doubles when a row gets to its end (the written slots copied,
     the fast path rebuilt on the new cache): the same samples as with the worst-case cache."""
@@ -142,11 +142,14 @@ def test_cache_grows_on_demand(ck, mode):
     branches = {(r, 1, i): ts.step_script(tok, i, "w" * (40 * i)) for r in (0, 1) for i in range(1, 6)}
     steer = ts.Script(trunks, branches)
     p = SamplingParams(temperature=1.0, max_new_tokens=400)
+    if mode == "graph":
+        import copy
+        model = copy.deepcopy(model).cuda()       # the fixture's model stays on the CPU
     full, small = Sampler(model, tok), Sampler(model, tok)
     full.initial_slots, small.initial_slots = 10 ** 6, 1      # worst case at once / 256 slots at first
     a = run(model, tok, mode, prompts, p, steer, sampler=full)
     b = run(model, tok, mode, prompts, p, steer, sampler=small)
-    same(a, b, 1e-5)
+    same(a, b, 1e-5 if mode != "graph" else 1e-4)     # graph: the decode kernel splits other spans
     cache = small.kept if mode == "eager" else small.fast.cache
     big = full.kept if mode == "eager" else full.fast.cache
     assert 256 < cache.capacity < big.capacity                 # it grew, and stayed below the worst case
