@@ -79,7 +79,7 @@ import torch
 from tqdm import tqdm
 
 import npr
-from cli import INSTRUCTION_FILE, parse_cli
+from cli import INSTRUCTION_FILE, chat_prompt, instruction_for, load_for_sampling, parse_cli
 from model import Qwen, QwenConfig, Tokenizer, token_logprobs
 from sampler import Sampler, SamplingParams
 
@@ -126,6 +126,9 @@ class Config:
     eval_n: int = 200
     eval_batch: int = 100
     eval_max_new_tokens: int = 256
+    # --diagnose DIR: classify the parallel-mode answers of a checkpoint (what goes wrong), then exit
+    diagnose: str = ""
+    diagnose_n: int = 200            # first N test problems x 4 samples, T=1, top-p 0.7 (eval.py's settings)
 
 
 # -----------------------------------------------------------------------------
@@ -213,6 +216,36 @@ def tagged_solution(terms, serial_writer=False):
 def serial_writer_step(step):
     """A step that carries a running sum (". 92+102=194"): it reads a sibling's result."""
     return ". " in step
+
+
+def answer_errors(text, terms):
+    """Where a tagged answer to `terms` goes wrong -> "right", "step" (a step's result is not its
+    product), "copy" (the takeaway's operands are not the step results) or "add" (operands right,
+    the sum wrong). The takeaway chain a+b=c+d=e has operands a, b, d, ..."""
+    prods = [a * b for a, b in terms]
+    res = {int(n): re.findall(r"=(\d+)\s*$", body.strip()) for n, body in re.findall(r"<step>\s*(\d+):(.*?)</step>", text, re.S)}
+    got = re.findall(r"\\boxed\{(\d+)\}", text)
+    if got and int(got[-1]) == sum(prods):
+        return "right"
+    if [int(res[i][-1]) if res.get(i) else None for i in range(1, len(prods) + 1)] != prods:
+        return "step"
+    take = re.search(r"<takeaway>\s*(.*?)</takeaway>", text, re.S)
+    nums = [int(x) for x in re.findall(r"\d+", take.group(1) if take else "")]
+    return "copy" if sorted(nums[:2] + nums[3::2]) != sorted(prods) else "add"
+
+
+def diagnose(path, test, n):
+    """Parallel-mode answers of a checkpoint on the first n test problems x 4 (T=1, top-p 0.7): how
+    many are right, and where the others go wrong (answer_errors)."""
+    model, tok = load_for_sampling(path, "cuda" if torch.cuda.is_available() else "cpu", "", True)
+    probs, ins = test[:n], instruction_for(path, "")
+    p = SamplingParams(mode="parallel", temperature=1.0, top_p=0.7, max_new_tokens=512)
+    prompts = [chat_prompt(tok, q["question"], ins) for q in probs]          # as eval.py prompts
+    got, _ = Sampler(model, tok).generate_many(prompts, 4, p, 256, progress=True)
+    kinds = [answer_errors(s.text, parse_terms(q["question"])) for q, ss in zip(probs, got) for s in ss]
+    out = {k: kinds.count(k) for k in ("right", "step", "copy", "add")}
+    print(f"{path}: {len(kinds)} parallel answers: " + ", ".join(f"{k} {v} ({v / len(kinds):.3f})" for k, v in out.items()))
+    return out
 
 
 def user_prompt(question, tagged=True):
@@ -364,6 +397,8 @@ def evaluate(model, tok, problems, mode="serial", tagged=True, batch_size=100, m
 # -----------------------------------------------------------------------------
 
 def main(cfg: Config):
+    if cfg.diagnose:
+        return diagnose(cfg.diagnose, read_jsonl(os.path.join(cfg.data_dir, "test.jsonl")), cfg.diagnose_n)
     print(json.dumps(asdict(cfg), indent=2))
     torch.set_num_threads(cfg.threads)
     torch.manual_seed(cfg.seed)

@@ -216,3 +216,21 @@ def test_main_smoke(tmp_path):
                                             params=SamplingParams(mode=mode, temperature=1.0, max_new_tokens=16))[0]
         # the text is the response without its final stop token (a random model may stop early)
         assert 0 < len(s.ids) and tok.decode(s.ids[:-1] if s.finish_reason == "eos" else s.ids) == s.text
+    # --diagnose classifies the smoke model's parallel answers (4 per problem) into the four kinds
+    out = toy.main(toy.Config(diagnose=str(base), data_dir=str(tmp_path / "data"), diagnose_n=2))
+    assert set(out) == {"right", "step", "copy", "add"} and sum(out.values()) == 8
+
+
+def test_answer_errors():
+    terms = [(23, 4), (17, 6), (48, 9)]
+    right = toy.tagged_solution(terms)
+    assert toy.answer_errors(right, terms) == "right"
+    swapped = right.replace("92+102=194+432=626", "102+92=194+432=626")    # any order adds up the same
+    assert toy.answer_errors(swapped, terms) == "right"
+    copy = right.replace("92+102=194+432=626.", "61+102=163+432=595.").replace("{626}", "{595}")
+    assert toy.answer_errors(copy, terms) == "copy"
+    add = right.replace("92+102=194+432=626.", "92+102=184+432=616.").replace("{626}", "{616}")
+    assert toy.answer_errors(add, terms) == "add"
+    step = right.replace("80+12=92\n", "80+12=93\n").replace("{626}", "{627}")
+    assert toy.answer_errors(step, terms) == "step"
+    assert toy.answer_errors(right.replace("{626}", "{625}"), terms) == "add"
