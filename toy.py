@@ -223,14 +223,18 @@ def answer_errors(text, terms):
     product), "copy" (the takeaway's operands are not the step results) or "add" (operands right,
     the sum wrong). The takeaway chain a+b=c+d=e has operands a, b, d, ..."""
     prods = [a * b for a, b in terms]
-    res = {int(n): re.findall(r"=(\d+)\s*$", body.strip()) for n, body in re.findall(r"<step>\s*(\d+):(.*?)</step>", text, re.S)}
-    got = re.findall(r"\\boxed\{(\d+)\}", text)
-    if got and int(got[-1]) == sum(prods):
+    parsed = npr.parse(text)
+    if parsed.answer is not None and parsed.answer.strip() == str(sum(prods)):
         return "right"
-    if [int(res[i][-1]) if res.get(i) else None for i in range(1, len(prods) + 1)] != prods:
+    block = parsed.blocks[0] if parsed.blocks else None
+    res = {}                                       # step number -> the last number it wrote
+    for step in block.steps if block else []:
+        m = re.match(r"(\d+):.*=(\d+)$", step, re.S)
+        if m:
+            res[int(m.group(1))] = int(m.group(2))
+    if [res.get(i) for i in range(1, len(prods) + 1)] != prods:
         return "step"
-    take = re.search(r"<takeaway>\s*(.*?)</takeaway>", text, re.S)
-    nums = [int(x) for x in re.findall(r"\d+", take.group(1) if take else "")]
+    nums = [int(x) for x in re.findall(r"\d+", block.takeaway or "")]
     return "copy" if sorted(nums[:2] + nums[3::2]) != sorted(prods) else "add"
 
 
