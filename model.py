@@ -204,19 +204,24 @@ class KVCache:
         self.capacity = capacity
         self.limit = capacity  # attend over slots [0, limit): the caller may shrink it to the filled length
 
+    # Writes go through index_put_, not scatter_: under torch.compile (the GPU fast path) Inductor
+    # turns index_put back into an in-place write, while scatter becomes a copy of the whole cache
+    # per layer plus a copy back.
     def write_layout(self, layout):
         """Record the metadata of the new tokens at their slots (once per forward, before the layers)."""
         s = layout.slots().long()
-        self.doc.scatter_(1, s, layout.doc)
-        self.block.scatter_(1, s, layout.block)
-        self.branch.scatter_(1, s, layout.branch)
+        rows = torch.arange(s.shape[0], device=s.device)[:, None]
+        self.doc.index_put_((rows, s), layout.doc)
+        self.block.index_put_((rows, s), layout.block)
+        self.branch.index_put_((rows, s), layout.branch)
 
     def update(self, layer_idx, k, v, slots):
         """Write k/v (B, Hkv, T, D) at slots (B, T); return the cache views (B, Hkv, limit, D)."""
-        B, H, T, D = k.shape
-        idx = slots.long()[:, None, :, None].expand(B, H, T, D)
-        self.k[layer_idx].scatter_(2, idx, k.to(self.k[layer_idx].dtype))
-        self.v[layer_idx].scatter_(2, idx, v.to(self.v[layer_idx].dtype))
+        B, H = k.shape[:2]
+        idx = (torch.arange(B, device=k.device)[:, None, None], torch.arange(H, device=k.device)[None, :, None],
+               slots.long()[:, None, :])                                  # (B, H, T) -> the D values
+        self.k[layer_idx].index_put_(idx, k.to(self.k[layer_idx].dtype))
+        self.v[layer_idx].index_put_(idx, v.to(self.v[layer_idx].dtype))
         return self.k[layer_idx][:, :, :self.limit], self.v[layer_idx][:, :, :self.limit]
 
     def grow(self, capacity):

@@ -196,12 +196,18 @@ def _layout_info(q_layout, k_layout=None, holes=True):
 def _memo(q_layout, k_layout, tag, compute):
     """compute(), memoised on the q_layout object: all layers of one forward share it. The key holds
     each tensor's address, shape, strides and in-place version counter (the entry keeps the tensors
-    alive, so an address cannot be reused); no caching under inference_mode or torch.compile (which
-    dedupes the work itself); an entry made during a
-    CUDA-graph capture serves only that capture (its tensors live in the graph's memory pool)."""
+    alive, so an address cannot be reused); no caching under inference_mode; an entry made during a
+    CUDA-graph capture serves only that capture (its tensors live in the graph's memory pool).
+    While torch.compile traces, the entry is keyed by the tag alone (the layout is the trace's own
+    object): Inductor does not merge the layers' identical mask computations by itself."""
+    if torch.compiler.is_compiling():    # traced once per step: the layers share the traced mask
+        memo = q_layout.__dict__.setdefault("_traced", {})
+        if tag not in memo:
+            memo[tag] = compute()
+        return memo[tag]
     ts = [t for L in (q_layout, k_layout) if L is not None for t in (L.doc, L.block, L.branch, L.slot)
           if t is not None]
-    if torch.compiler.is_compiling() or torch.is_inference_mode_enabled() or any(t.is_inference() for t in ts):
+    if torch.is_inference_mode_enabled() or any(t.is_inference() for t in ts):
         return compute()
     capturing = ts[0].is_cuda and torch.cuda.is_current_stream_capturing()   # never reuse across a capture edge
     key = (k_layout is None, capturing) + tuple((t.data_ptr(), t.shape, t.stride(), t._version) for t in ts)
