@@ -17,6 +17,13 @@ only for fixed shapes and fixed addresses. So the step is made static:
 One graph per (W bucket, Sb) is captured lazily the first time that shape occurs (all share one
 memory pool), then every step is: copy the grid in, replay, read the (R, W, hidden) output.
 
+With `draw` (the sampling settings every request of the call shares: no steering, no repetition
+penalty) the step also ends with the head: logits of every grid cell, the token drawn with the
+cell's uniform (a second (R, W) buffer: the CPU generators' draws) and its log-prob; the sampler
+reads tokens and log-probs back as one (2, R*W) tensor. So a step is two small copies in, one
+replay and one copy out, instead of a dozen eager kernels and several transfers around the graph.
+Cells whose logits would not fit `HEAD_CELLS_BYTES` of fp32 take the old path (hidden states out).
+
 StaticStep(..., graphs=False) runs the very same padded step eagerly: on CPU that is how the suite
 checks the padding (static == ordinary step); on CUDA the graph is tested against both.
 StaticStep(..., compiled=True) also passes the step through torch.compile (fullgraph, static
@@ -27,26 +34,35 @@ Not under autocast (graph capture needs autocast's weight cache off): the sample
 ordinary eager step there.
 """
 import torch
+import torch.nn.functional as F
 
 from parallel_attention import Layout
 
 W_BUCKETS = (1, 2, 4, 8, 16, 32, 64)
 S_MIN = 256
+HEAD_CELLS_BYTES = 512 << 20    # the in-step head's fp32 logits (R x W x vocab) at most this big
 
 
 class StaticStep:
     """hidden_states of one decode step on a fixed (R, S) KV cache, padded to static shapes."""
 
-    def __init__(self, model, cache, graphs=True, compiled=False):
+    def __init__(self, model, cache, graphs=True, compiled=False, pick=None):
         self.model, self.cache = model, cache
         self.compiled = compiled
+        self.pick = pick    # pick(logits, temperature, top_p, top_k, u) -> tokens: the sampler's rule
+        if compiled:        # one compile per graph key: (W bucket, span, draw) keys outnumber dynamo's default 8
+            torch._dynamo.config.recompile_limit = max(torch._dynamo.config.recompile_limit, 256)
         self.step = torch.compile(self.forward, dynamic=False, fullgraph=True) if compiled else self.forward
         self.R, self.S = cache.doc.shape
         self.dev = cache.doc.device
         self.graphs = graphs and self.dev.type == "cuda"
         self.buf = {}       # W bucket -> (R, W, 6) long grid: id, pos, doc, block, branch, slot
-        self.out = {}       # (W, Sb) -> output tensor of the captured graph
-        self.graph = {}     # (W, Sb) -> torch.cuda.CUDAGraph
+        self.ubuf = {}      # W bucket -> (R, W) float: each cell's uniform for the in-step draw
+        self.host = {}      # W bucket -> pinned CPU staging of both (CUDA), so the copies are async
+        self.copied = None  # CUDA event: the last step's copies out of the staging are done
+        self.draws = 0      # steps that drew their tokens in the step
+        self.out = {}       # (W, Sb, draw) -> output tensor of the captured graph
+        self.graph = {}     # (W, Sb, draw) -> torch.cuda.CUDAGraph
         self.pool = torch.cuda.graph_pool_handle() if self.graphs else None
 
     def width(self, W):
@@ -60,43 +76,75 @@ class StaticStep:
             Sb *= 2
         return min(Sb, self.S)
 
-    def forward(self, g, Sb):
-        """The step itself: g (R, W, 6) on the device -> (R, W, hidden). Captured as is."""
+    def can_draw(self, W):
+        """Whether a step of width W may end with the head (its logits fit HEAD_CELLS_BYTES)."""
+        return self.pick is not None and self.R * W * self.model.config.vocab_size * 4 <= HEAD_CELLS_BYTES
+
+    def forward(self, g, Sb, u=None, draw=None):
+        """The step itself: g (R, W, 6) on the device -> (R, W, hidden); with draw = (temperature,
+        top_p, top_k) and u (R, W): -> (2, R*W) float64, each cell's drawn token and its log-prob
+        under the model (temperature 1, the sampler's rule). Captured as is."""
         ids, pos, meta = g[..., 0], g[..., 1], g[..., 2:].int()
         layout = Layout(meta[..., 0], meta[..., 1], meta[..., 2], meta[..., 3])
         self.cache.limit = Sb
-        return self.model.hidden_states(ids, pos, layout, self.cache)
+        h = self.model.hidden_states(ids, pos, layout, self.cache)
+        if draw is None:
+            return h
+        logits = F.linear(h.flatten(0, 1), self.model.output_weight).float()     # (R*W, V)
+        tok = self.pick(logits, *draw, u.flatten())
+        logp = logits.log_softmax(-1).gather(1, tok[:, None]).squeeze(1)
+        return torch.stack((tok.double(), logp.double()))
 
     @torch.no_grad()
-    def __call__(self, grid, limit):
-        """grid: (R, W, 6) long CPU tensor with W = width(...); limit: slots filled after this step.
-        -> (R, W, hidden), valid until the next call."""
+    def __call__(self, grid, limit, u=None, draw=None):
+        """grid: (R, W, 6) long CPU tensor with W = width(...); limit: slots filled after this step;
+        u: (R, W) float CPU tensor with draw (see forward). -> (R, W, hidden), or (2, R*W) with draw;
+        valid until the next call."""
         W = grid.shape[1]
         Sb = self.span(limit)
+        self.draws += draw is not None
         if W not in self.buf:
             self.buf[W] = torch.zeros(self.R, W, 6, dtype=torch.long, device=self.dev)
-        g = self.buf[W]
-        g.copy_(grid, non_blocking=False)
+            self.ubuf[W] = torch.zeros(self.R, W, dtype=torch.float32, device=self.dev)
+            if self.dev.type == "cuda":
+                self.host[W] = (torch.zeros_like(self.buf[W], device="cpu").pin_memory(),
+                                torch.zeros_like(self.ubuf[W], device="cpu").pin_memory())
+        g, ub = self.buf[W], self.ubuf[W]
+        if W in self.host:     # staging reused once the copies of the last step out of it are done
+            hg, hu = self.host[W]
+            if self.copied is not None:
+                self.copied.synchronize()
+            hg.copy_(grid)
+            g.copy_(hg, non_blocking=True)
+            if draw is not None:
+                hu.copy_(u)
+                ub.copy_(hu, non_blocking=True)
+            self.copied = torch.cuda.Event()
+            self.copied.record()
+        else:
+            g.copy_(grid)
+            if draw is not None:
+                ub.copy_(u)
         if not self.graphs:
-            return self.step(g, Sb)
-        key = (W, Sb)
+            return self.step(g, Sb, ub, draw)
+        key = (W, Sb, draw)
         if key not in self.graph:
-            self.capture(key, g)
+            self.capture(key, g, ub)
         self.cache.limit = Sb
         self.graph[key].replay()
         return self.out[key]
 
-    def capture(self, key, g):
+    def capture(self, key, g, ub):
         """Warm up on a side stream (Triton compiles, cuBLAS picks its kernels; the step is
         idempotent: the same k/v land in the same slots), then record the step into a graph."""
         s = torch.cuda.Stream(self.dev)
         s.wait_stream(torch.cuda.current_stream(self.dev))
         with torch.cuda.stream(s):
-            self.step(g, key[1])                  # torch.compile (if on) compiles here, not in the capture
+            self.step(g, key[1], ub, key[2])     # torch.compile (if on) compiles here, not in the capture
         torch.cuda.current_stream(self.dev).wait_stream(s)
         graph = torch.cuda.CUDAGraph()
         with torch.cuda.graph(graph, pool=self.pool):
-            self.out[key] = self.step(g, key[1])
+            self.out[key] = self.step(g, key[1], ub, key[2])
         self.graph[key] = graph
 
     def reset(self):

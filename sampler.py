@@ -158,7 +158,7 @@ class Sampler:
         if f is None or (f.R, f.cache.k[0].dtype, f.graphs, f.compiled) != key or f.S < cap:
             self.fast = f = None            # free the old cache before allocating the new one
             f = StaticStep(self.model, KVCache(self.model.config, R, cap, device=dev, dtype=dtype),
-                           mode == "graph", self.compile_step)
+                           mode == "graph", self.compile_step, pick)
             self.fast = f
         f.reset()
         return f.cache, f
@@ -168,7 +168,7 @@ class Sampler:
         captured again for the new cache (its addresses changed)."""
         cache.grow(cap)
         if fast is not None:
-            fast = self.fast = StaticStep(self.model, cache, fast.graphs, fast.compiled)
+            fast = self.fast = StaticStep(self.model, cache, fast.graphs, fast.compiled, pick)
         return cache, fast
 
     # ---- the engine's decisions ------------------------------------------------------------
@@ -313,6 +313,7 @@ class Sampler:
                        else self.model.output_weight.dtype)        # under autocast k/v come out in bf16
         cache, fast = self.make_cache(R, cap, dev, cache_dtype)
         cap = cache.capacity                                     # a kept cache may be larger
+        draw = in_step_draw(plist, steer)                        # the fast path may draw in its step
         t0 = time.perf_counter()
         bar = None
         if progress:
@@ -372,7 +373,16 @@ class Sampler:
             g = torch.tensor(grid, dtype=torch.long)             # (R, W, 6)
             limit = max(row.next_slot for row in rows)
             assert limit < cap, "KV cache overflow: budget accounting is wrong"
-            if Wg:
+            if Wg and draw is not None and fast.can_draw(W):       # the step draws the tokens itself
+                u = [[0.0] * W for _ in range(R)]
+                for (row, st), (r, j) in zip(requests, where):
+                    u[r][j] = torch.rand(1, generator=st.gen).item()
+                toks, lps = fast(g, limit, torch.tensor(u), draw).tolist()   # one copy back
+                for (row, st), (r, j) in zip(requests, where):
+                    if row.finish is None:
+                        self.on_token(row, st, int(toks[r * W + j]), lps[r * W + j])
+                requests = []
+            elif Wg:
                 h = fast(g, limit)                                  # (R, W, hidden)
             else:
                 ids, pos, meta = (t.to(dev) for t in (g[..., 0], g[..., 1], g[..., 2:].int()))
@@ -518,6 +528,16 @@ def resolved(p):
         return p
     return SamplingParams(**{**p.__dict__, "max_total_tokens": p.max_new_tokens *
                              (p.max_branches if p.mode == "parallel" else 1)})
+
+
+def in_step_draw(plist, steer):
+    """(temperature, top_p, top_k) when every row samples alike and nothing edits the logits (no
+    steering, no repetition penalty): the fast path then draws inside its step; else None."""
+    if steer is not None or any(p.repetition_penalty != 1.0 for p in plist):
+        return None
+    kinds = {(0.0, 1.0, 0) if p.temperature <= 0 else (float(p.temperature), float(p.top_p), int(p.top_k))
+             for p in plist}
+    return kinds.pop() if len(kinds) == 1 else None
 
 
 def row_generator(seed):

@@ -74,6 +74,66 @@ def test_static_cache_reused_across_calls_and_spans_grow(ck):
     assert fast.span(len(prompts[0]) + 300) > 256 and fast.span(10) == 256   # two spans were used
 
 
+@pytest.mark.parametrize("mode", ["serial", "parallel"])
+def test_in_step_draw_equals_eager(ck, mode):
+    """Unsteered sampling: the static step draws the tokens itself (logits, top-k / top-p, the
+    uniform of each cell, log-probs) and gives what the eager step's sampling gives."""
+    import copy
+    model, tok = ck
+    model = copy.deepcopy(model)
+    with torch.no_grad():
+        model.model.norm.weight.mul_(0.02)     # flat next-token distributions (the fixture's is peaked)
+    prompts = [ts.chat(tok, "a"), ts.chat(tok, "a longer question")]
+    for temperature, top_p, top_k in ((1.0, 1.0, 0), (0.7, 0.8, 0), (1.3, 1.0, 7), (0.0, 1.0, 0)):
+        p = SamplingParams(mode=mode, temperature=temperature, top_p=top_p, top_k=top_k, max_new_tokens=60, seed=3)
+        sampler = Sampler(model, tok)
+        static = [s for o in sampler_run(sampler, "static", prompts, p) for s in o]
+        assert sampler.fast.draws > 50                 # the step drew (every step of this call)
+        eager = [s for o in sampler_run(Sampler(model, tok), "eager", prompts, p) for s in o]
+        same(eager, static, 1e-4)
+        if temperature:
+            assert len({tuple(s.ids) for s in static}) == 4          # the rows' draws differ
+
+
+def test_in_step_draw_of_a_wide_grid(ck):
+    """A (2, 4) grid (a fork's width): the step's own draw of every cell equals the head applied to
+    the hidden states it returns without drawing, cell by cell (row-major cells, one uniform each)."""
+    import copy
+    from model import KVCache
+    from sampler import pick
+    model, tok = ck
+    model = copy.deepcopy(model)
+    with torch.no_grad():
+        model.model.norm.weight.mul_(0.02)
+    grid = torch.tensor([[[5 + r + j, j, 0, 1, j + 1, j] for j in range(4)] for r in range(2)])
+    grid[1, 3] = torch.tensor([0, 0, -1, 0, 0, 255])                   # a padding cell
+    u = torch.rand(2, 4, generator=torch.Generator().manual_seed(0))
+    for draw in ((1.0, 1.0, 0), (0.8, 0.9, 5)):
+        fast = StaticStep(model, KVCache(model.config, 2, 256), graphs=False, pick=pick)
+        toks, lps = fast(grid, 4, u, draw)
+        fast.reset()
+        h = fast(grid, 4).flatten(0, 1)
+        logits = torch.nn.functional.linear(h, model.output_weight).float()
+        want = pick(logits, *draw, u.flatten())
+        assert toks.long().tolist() == want.tolist() and len(set(want.tolist())) > 4
+        assert torch.allclose(lps.float(), logits.log_softmax(-1).gather(1, want[:, None])[:, 0], atol=1e-6)
+
+
+def sampler_run(sampler, mode, prompts, p):
+    sampler.step_mode = mode
+    return sampler.generate(prompts, n=2, params=p)
+
+
+def test_in_step_draw_only_when_nothing_edits_the_logits():
+    from sampler import in_step_draw
+    p = SamplingParams(temperature=0.7, top_p=0.9)
+    assert in_step_draw([p, p], None) == (0.7, 0.9, 0)
+    assert in_step_draw([SamplingParams(temperature=0), SamplingParams(temperature=0, top_p=0.5)], None) == (0.0, 1.0, 0)
+    assert in_step_draw([p], steer=lambda r, x: x) is None                          # steering edits logits
+    assert in_step_draw([SamplingParams(repetition_penalty=1.02)], None) is None     # so does the penalty
+    assert in_step_draw([p, SamplingParams(temperature=1.0)], None) is None          # two settings: two groups
+
+
 def test_buckets():
     class Cache:
         doc = torch.zeros(2, 3000)
