@@ -24,6 +24,11 @@ reads tokens and log-probs back as one (2, R*W) tensor. So a step is two small c
 replay and one copy out, instead of a dozen eager kernels and several transfers around the graph.
 Cells whose logits would not fit `HEAD_CELLS_BYTES` of fp32 take the old path (hidden states out).
 
+StaticStep(..., fuse=True) runs the layers with q/k/v and gate/up concatenated (model.fused_projections):
+two GEMMs where there were five, i.e. 84 fewer kernels per step for Qwen3-0.6B; the copies cost
+the memory of those weights once more and are refreshed in place (graphs stay valid) when the
+model's weights have changed since (an RL update).
+
 StaticStep(..., graphs=False) runs the very same padded step eagerly: on CPU that is how the suite
 checks the padding (static == ordinary step); on CUDA the graph is tested against both.
 StaticStep(..., compiled=True) also passes the step through torch.compile (fullgraph, static
@@ -36,6 +41,7 @@ ordinary eager step there.
 import torch
 import torch.nn.functional as F
 
+from model import fused_projections, weights_version
 from parallel_attention import Layout
 
 W_BUCKETS = (1, 2, 4, 8, 16, 32, 64)
@@ -46,9 +52,12 @@ HEAD_CELLS_BYTES = 512 << 20    # the in-step head's fp32 logits (R x W x vocab)
 class StaticStep:
     """hidden_states of one decode step on a fixed (R, S) KV cache, padded to static shapes."""
 
-    def __init__(self, model, cache, graphs=True, compiled=False, pick=None):
+    def __init__(self, model, cache, graphs=True, compiled=False, pick=None, fuse=False):
         self.model, self.cache = model, cache
         self.compiled = compiled
+        # fuse: True, or the fused weights of the StaticStep this one replaces (a grown cache)
+        self.fused = (fuse if isinstance(fuse, list) else fused_projections(model)) if fuse else None
+        self.version = weights_version(model) if fuse else None
         self.pick = pick    # pick(logits, temperature, top_p, top_k, u) -> tokens: the sampler's rule
         if compiled:        # one compile per graph key: (W bucket, span, draw) keys outnumber dynamo's default 8
             torch._dynamo.config.recompile_limit = max(torch._dynamo.config.recompile_limit, 256)
@@ -87,7 +96,7 @@ class StaticStep:
         ids, pos, meta = g[..., 0], g[..., 1], g[..., 2:].int()
         layout = Layout(meta[..., 0], meta[..., 1], meta[..., 2], meta[..., 3])
         self.cache.limit = Sb
-        h = self.model.hidden_states(ids, pos, layout, self.cache)
+        h = self.model.hidden_states(ids, pos, layout, self.cache, self.fused)
         if draw is None:
             return h
         logits = F.linear(h.flatten(0, 1), self.model.output_weight).float()     # (R*W, V)
@@ -148,7 +157,16 @@ class StaticStep:
         self.graph[key] = graph
 
     def reset(self):
-        """Empty the cache for the next generate() call (same rows and capacity: graphs stay valid)."""
+        """Empty the cache for the next generate() call (same rows and capacity: graphs stay valid);
+        fused weights that went stale are rewritten in place."""
+        if self.fused is not None and weights_version(self.model) != self.version:
+            with torch.no_grad():
+                for (qkv, gate_up), ((w, b), gu) in zip(self.fused, fused_projections(self.model)):
+                    qkv[0].copy_(w)
+                    if b is not None:
+                        qkv[1].copy_(b)
+                    gate_up.copy_(gu)
+            self.version = weights_version(self.model)
         self.cache.doc.fill_(-1)
         self.cache.block.zero_()
         self.cache.branch.zero_()

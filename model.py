@@ -137,11 +137,17 @@ class Attention(nn.Module):
             self.k_norm = RMSNorm(self.head_dim, cfg.rms_norm_eps)
         self.qk_norm = cfg.qk_norm
 
-    def forward(self, x, cos, sin, layout, kv_cache, attn_impl):
+    def forward(self, x, cos, sin, layout, kv_cache, attn_impl, qkv=None):
+        """qkv: optional (weight, bias) of q/k/v concatenated (fused_projections): one GEMM for three."""
         B, T, _ = x.shape
-        q = self.q_proj(x).view(B, T, self.n_head, self.head_dim)
-        k = self.k_proj(x).view(B, T, self.n_kv, self.head_dim)
-        v = self.v_proj(x).view(B, T, self.n_kv, self.head_dim)
+        if qkv is None:
+            q, k, v = self.q_proj(x), self.k_proj(x), self.v_proj(x)
+        else:
+            q, k, v = F.linear(x, *qkv).split([self.n_head * self.head_dim, self.n_kv * self.head_dim,
+                                               self.n_kv * self.head_dim], dim=-1)
+        q = q.view(B, T, self.n_head, self.head_dim)
+        k = k.view(B, T, self.n_kv, self.head_dim)
+        v = v.view(B, T, self.n_kv, self.head_dim)
         if self.qk_norm:  # Qwen3: RMSNorm over head_dim, before RoPE
             q, k = self.q_norm(q), self.k_norm(k)
         q, k, v = q.transpose(1, 2), k.transpose(1, 2), v.transpose(1, 2)  # (B, H, T, D)
@@ -163,8 +169,11 @@ class MLP(nn.Module):
         self.up_proj = nn.Linear(cfg.hidden_size, cfg.intermediate_size, bias=False)
         self.down_proj = nn.Linear(cfg.intermediate_size, cfg.hidden_size, bias=False)
 
-    def forward(self, x):
-        return self.down_proj(F.silu(self.gate_proj(x)) * self.up_proj(x))
+    def forward(self, x, gate_up=None):
+        if gate_up is None:
+            return self.down_proj(F.silu(self.gate_proj(x)) * self.up_proj(x))
+        g, u = F.linear(x, gate_up).chunk(2, dim=-1)       # fused_projections: one GEMM for two
+        return self.down_proj(F.silu(g) * u)
 
 
 class DecoderLayer(nn.Module):
@@ -175,9 +184,10 @@ class DecoderLayer(nn.Module):
         self.input_layernorm = RMSNorm(cfg.hidden_size, cfg.rms_norm_eps)
         self.post_attention_layernorm = RMSNorm(cfg.hidden_size, cfg.rms_norm_eps)
 
-    def forward(self, x, cos, sin, layout, kv_cache, attn_impl):
-        x = x + self.self_attn(self.input_layernorm(x), cos, sin, layout, kv_cache, attn_impl)
-        return x + self.mlp(self.post_attention_layernorm(x))
+    def forward(self, x, cos, sin, layout, kv_cache, attn_impl, fused=None):
+        qkv, gate_up = fused or (None, None)
+        x = x + self.self_attn(self.input_layernorm(x), cos, sin, layout, kv_cache, attn_impl, qkv)
+        return x + self.mlp(self.post_attention_layernorm(x), gate_up)
 
 
 class QwenBody(nn.Module):
@@ -257,8 +267,9 @@ class Qwen(nn.Module):
     def output_weight(self):
         return self.model.embed_tokens.weight if self.config.tie_word_embeddings else self.lm_head.weight
 
-    def hidden_states(self, input_ids, positions=None, layout=None, kv_cache=None):
-        """(B, T) ids -> (B, T, hidden) after the final norm."""
+    def hidden_states(self, input_ids, positions=None, layout=None, kv_cache=None, fused=None):
+        """(B, T) ids -> (B, T, hidden) after the final norm. fused: fused_projections(self), optional
+        (inference: fewer, larger GEMMs)."""
         B, T = input_ids.shape
         if positions is None:
             if kv_cache is not None:
@@ -276,7 +287,7 @@ class Qwen(nn.Module):
                 x = torch.utils.checkpoint.checkpoint(layer, x, cos, sin, layout, kv_cache, self.attn_impl,
                                                       use_reentrant=False)
             else:
-                x = layer(x, cos, sin, layout, kv_cache, self.attn_impl)
+                x = layer(x, cos, sin, layout, kv_cache, self.attn_impl, fused[layer.self_attn.layer_idx] if fused else None)
         return self.model.norm(x)
 
     def forward(self, input_ids, positions=None, layout=None, kv_cache=None, targets=None, chunk_size=2048,
@@ -348,6 +359,25 @@ class Qwen(nn.Module):
 
     def num_params(self):
         return sum(p.numel() for p in self.parameters())
+
+
+@torch.no_grad()
+def fused_projections(model):
+    """Per layer ((q|k|v weight, bias or None), gate|up weight): concatenated copies for decoding, where
+    a step of few tokens costs per kernel launched, not per byte (the sampler's CUDA-graph fast path).
+    Copies: they go stale when the weights change (see weights_version)."""
+    out = []
+    for layer in model.model.layers:
+        a, m = layer.self_attn, layer.mlp
+        bias = torch.cat([a.q_proj.bias, a.k_proj.bias, a.v_proj.bias]) if a.q_proj.bias is not None else None
+        out.append(((torch.cat([a.q_proj.weight, a.k_proj.weight, a.v_proj.weight]), bias),
+                    torch.cat([m.gate_proj.weight, m.up_proj.weight])))
+    return out
+
+
+def weights_version(model):
+    """Changes whenever a parameter is written in place (an optimizer step) or replaced."""
+    return tuple((id(p), p.data_ptr(), p._version) for p in model.parameters())
 
 
 def read_config(path):

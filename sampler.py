@@ -125,6 +125,9 @@ class Sampler:
         # "static" = the graphs' padded shapes run eagerly (the CPU test of the fast path)
         self.step_mode = "auto"
         self.compile_step = False   # fast path through torch.compile too (decode_graph.py; attn_impl "sdpa")
+        # fast path with q/k/v and gate/up fused into one GEMM each (a copy of those weights);
+        # None = with CUDA graphs only, where a step costs per kernel
+        self.fuse_step = None
         self.fast = None    # the StaticStep (with its KV cache and graphs) kept for the next call
         self.kept = None    # the eager step's KV cache, kept likewise
         # KV-cache slots per row allocated at first (0 = the critical-path budget, not the worst case
@@ -154,11 +157,12 @@ class Sampler:
             return c, None
         self.kept = None
         f = self.fast
-        key = (R, dtype, mode == "graph", self.compile_step)
-        if f is None or (f.R, f.cache.k[0].dtype, f.graphs, f.compiled) != key or f.S < cap:
+        fuse = mode == "graph" if self.fuse_step is None else self.fuse_step
+        key = (R, dtype, mode == "graph", self.compile_step, fuse)
+        if f is None or (f.R, f.cache.k[0].dtype, f.graphs, f.compiled, f.fused is not None) != key or f.S < cap:
             self.fast = f = None            # free the old cache before allocating the new one
             f = StaticStep(self.model, KVCache(self.model.config, R, cap, device=dev, dtype=dtype),
-                           mode == "graph", self.compile_step, pick)
+                           mode == "graph", self.compile_step, pick, fuse)
             self.fast = f
         f.reset()
         return f.cache, f
@@ -168,7 +172,7 @@ class Sampler:
         captured again for the new cache (its addresses changed)."""
         cache.grow(cap)
         if fast is not None:
-            fast = self.fast = StaticStep(self.model, cache, fast.graphs, fast.compiled, pick)
+            fast = self.fast = StaticStep(self.model, cache, fast.graphs, fast.compiled, pick, fast.fused or False)
         return cache, fast
 
     # ---- the engine's decisions ------------------------------------------------------------

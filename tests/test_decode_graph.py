@@ -214,3 +214,54 @@ def test_cache_grows_on_demand(ck, mode):
     big = full.kept if mode == "eager" else full.fast.cache
     assert 256 < cache.capacity < big.capacity                 # it grew, and stayed below the worst case
     assert max(len(s.ids) for s in b) > 300 and b[1].stats["branches_per_fork"] == [5]
+
+
+@pytest.mark.parametrize("arch", ["qwen2", "qwen3"])
+def test_fused_projections_equal_separate(arch):
+    """q|k|v and gate|up concatenated (the decode fast path's weights) give the same hidden states,
+    biases included (Qwen2); an in-place update shows in weights_version."""
+    from model import Qwen, QwenConfig, fused_projections, weights_version
+    d = dict(architectures=[arch.capitalize() + "ForCausalLM"], model_type=arch, vocab_size=64, hidden_size=32,
+             intermediate_size=48, num_hidden_layers=2, num_attention_heads=4, num_key_value_heads=2, head_dim=8,
+             rms_norm_eps=1e-6, rope_theta=1e4, tie_word_embeddings=True, max_position_embeddings=256)
+    torch.manual_seed(0)
+    model = Qwen(QwenConfig.from_dict(d))
+    with torch.no_grad():
+        for n, p in model.named_parameters():
+            if n.endswith("bias"):
+                p.normal_()
+    assert (model.model.layers[0].self_attn.q_proj.bias is not None) == (arch == "qwen2")
+    ids = torch.randint(0, 64, (2, 9))
+    fused = fused_projections(model)
+    with torch.no_grad():
+        a, b = model.hidden_states(ids), model.hidden_states(ids, fused=fused)
+    torch.testing.assert_close(a, b, atol=1e-5, rtol=1e-5)
+    v = weights_version(model)
+    with torch.no_grad():
+        model.model.layers[1].mlp.up_proj.weight.mul_(2)
+    assert weights_version(model) != v
+    with torch.no_grad():
+        assert not torch.allclose(model.hidden_states(ids), b, atol=1e-3)    # the copies are now stale
+
+
+def test_fused_static_step_equals_eager_and_follows_weight_updates(ck):
+    """The fast path with fused projections: same samples as the eager step; after an in-place
+    update of the weights (an RL step) the kept step rewrites its fused copies in place."""
+    import copy
+    model, tok = ck
+    model = copy.deepcopy(model)
+    prompts, steer = workload(tok)
+    p = SamplingParams(temperature=1.0, max_new_tokens=240)
+    sampler = Sampler(model, tok)
+    sampler.fuse_step = True
+    fused = run(model, tok, "static", prompts, p, steer, sampler=sampler)
+    assert sampler.fast.fused is not None
+    same(run(model, tok, "eager", prompts, p, steer), fused, 1e-4)
+    fast, qkv = sampler.fast, sampler.fast.fused[0][0][0]
+    with torch.no_grad():
+        model.model.layers[0].self_attn.k_proj.weight.mul_(1.5)
+        model.model.layers[1].mlp.gate_proj.weight.mul_(0.5)
+    again = run(model, tok, "static", prompts, p, steer, sampler=sampler)
+    assert sampler.fast is fast and sampler.fast.fused[0][0][0] is qkv      # same tensors, rewritten
+    same(run(model, tok, "eager", prompts, p, steer), again, 1e-4)
+    assert any(a.logprobs != b.logprobs for a, b in zip(fused, again))
