@@ -37,6 +37,8 @@ SHAPES = {
 }
 ATTN = ["auto"]   # the models' attention impl (--attn)
 COMPILE = [False]  # --compile
+FUSE = [None]      # --fuse: the fast path's fused projections (None = its default)
+PROFILE = [""]     # --profile PREFIX: a torch.profiler table of a few graph-mode steps per batch
 CKPT_DIR = [""]    # --ckpt-dir
 DEVICE = "cuda" if torch.cuda.is_available() else "cpu"
 TAGS = ["<guideline>", "</guideline>", "<plan>", "</plan>", "<step>", "</step>", "<takeaway>", "</takeaway>"]
@@ -96,7 +98,7 @@ def load(shape, dtype):
 def replay_ms(sampler, repeat=50):
     """GPU time of one captured decode step (the smallest-span graph of width 1), no Python around it."""
     fast = sampler.fast
-    key = min((k for k in fast.graph if k[0] == 1), default=None) if fast is not None else None
+    key = min((k for k in fast.graph if k[0] == 1), key=lambda k: k[:2], default=None) if fast is not None else None
     if key is None:
         return None
     fast.graph[key].replay()
@@ -128,12 +130,17 @@ def bench_decode(shapes, batches, new_tokens, prompt_len, dtype, hf_tokens=0, mo
                 sampler.stop_ids = set()                               # decode exactly new_tokens
                 sampler.step_mode = mode
                 sampler.compile_step = COMPILE[0] and mode in ("graph", "static")   # static: the CPU compiled step
+                sampler.fuse_step = FUSE[0]
                 p = SamplingParams(mode="serial", temperature=0, max_new_tokens=new_tokens)
                 t = timed(lambda: sampler.generate([prompt] * B, params=p))
                 sfx = "" if mode == "eager" else "_" + mode
                 r.update({f"ours{sfx}_tok_s": round(B * new_tokens / t, 1), f"ours{sfx}_ms_step": round(1e3 * t / new_tokens, 2)})
                 if mode == "graph":
                     r["graph_replay_ms"] = replay_ms(sampler)
+                    r["fused"] = sampler.fast.fused is not None
+                    r["drawn_in_step"] = sampler.fast.draws > 0
+                    if PROFILE[0]:
+                        profile_steps(sampler, [prompt] * B, f"{PROFILE[0]}_{shape}_bs{B}.txt")
                 sampler.release()
             if hf is not None:
                 x = torch.tensor([prompt] * B, device=model.output_weight.device)
@@ -147,6 +154,24 @@ def bench_decode(shapes, batches, new_tokens, prompt_len, dtype, hf_tokens=0, mo
             rows.append(r)
         hf = None                                             # free it before the next shape
     return rows
+
+
+def profile_steps(sampler, prompts, path, steps=16):
+    """torch.profiler over `steps` decode steps of a warm sampler: what the GPU runs per step (kernels
+    inside the replayed graphs included, where CUPTI reports them) and the host calls around it."""
+    from torch.profiler import ProfilerActivity, profile
+    p = SamplingParams(mode="serial", temperature=0, max_new_tokens=steps)
+    sampler.generate(prompts, params=p)
+    torch.cuda.synchronize()
+    with profile(activities=[ProfilerActivity.CPU, ProfilerActivity.CUDA]) as prof:
+        sampler.generate(prompts, params=p)
+        torch.cuda.synchronize()
+    ev = prof.key_averages()
+    kernels = sum(e.count for e in ev if e.device_type == torch.autograd.DeviceType.CUDA)
+    with open(path, "w") as f:
+        f.write(f"{steps} steps (+ prefill); CUDA-side events: {kernels} ({kernels / steps:.0f} per step)\n")
+        f.write(ev.table(sort_by="self_cuda_time_total", row_limit=40) + "\n")
+        f.write(ev.table(sort_by="self_cpu_time_total", row_limit=25) + "\n")
 
 
 class Forced:
@@ -219,14 +244,18 @@ def main():
     ap.add_argument("--threads", type=int, default=0, help="torch threads on CPU (0 = default)")
     ap.add_argument("--attn", default="auto", help="attention impl of the model: auto (Triton on CUDA) | triton | sdpa")
     ap.add_argument("--compile", action="store_true", help="decode: the fast path through torch.compile too (use --attn sdpa)")
+    ap.add_argument("--fuse", choices=["auto", "on", "off"], default="auto",
+                    help="decode: q/k/v and gate/up fused in the fast path (auto: with CUDA graphs)")
+    ap.add_argument("--profile", default="", help="decode, graph mode: write a torch.profiler table per batch to PREFIX_<shape>_bs<B>.txt")
     ap.add_argument("--ckpt-dir", default="", help="keep the random checkpoints here and reuse them (default: a temp dir)")
     ap.add_argument("--out", default="")
     a = ap.parse_args()
     if a.threads:
         torch.set_num_threads(a.threads)
     ATTN[0], COMPILE[0], CKPT_DIR[0] = a.attn, a.compile, a.ckpt_dir
+    FUSE[0], PROFILE[0] = {"auto": None, "on": True, "off": False}[a.fuse], a.profile
     dtype = torch.bfloat16 if torch.cuda.is_available() else torch.float32
-    res = dict(date=time.strftime("%Y-%m-%d"), torch=torch.__version__, threads=torch.get_num_threads(), attn=a.attn, compile=a.compile,
+    res = dict(date=time.strftime("%Y-%m-%d"), torch=torch.__version__, threads=torch.get_num_threads(), attn=a.attn, compile=a.compile, fuse=a.fuse,
                device=torch.cuda.get_device_name() if torch.cuda.is_available() else platform.processor() or "cpu")
     shapes = a.shapes.split(",")
     if a.what in ("decode", "all"):

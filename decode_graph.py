@@ -60,7 +60,9 @@ class StaticStep:
         self.version = weights_version(model) if fuse else None
         self.pick = pick    # pick(logits, temperature, top_p, top_k, u) -> tokens: the sampler's rule
         if compiled:        # one compile per graph key: (W bucket, span, draw) keys outnumber dynamo's default 8
-            torch._dynamo.config.recompile_limit = max(torch._dynamo.config.recompile_limit, 256)
+            cfg = torch._dynamo.config
+            name = "recompile_limit" if hasattr(cfg, "recompile_limit") else "cache_size_limit"
+            setattr(cfg, name, max(getattr(cfg, name), 256))
         self.step = torch.compile(self.forward, dynamic=False, fullgraph=True) if compiled else self.forward
         self.R, self.S = cache.doc.shape
         self.dev = cache.doc.device

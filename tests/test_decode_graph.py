@@ -74,20 +74,21 @@ def test_static_cache_reused_across_calls_and_spans_grow(ck):
     assert fast.span(len(prompts[0]) + 300) > 256 and fast.span(10) == 256   # two spans were used
 
 
+@pytest.mark.parametrize("step", ["static", pytest.param("graph", marks=[pytest.mark.cuda, cuda])])
 @pytest.mark.parametrize("mode", ["serial", "parallel"])
-def test_in_step_draw_equals_eager(ck, mode):
-    """Unsteered sampling: the static step draws the tokens itself (logits, top-k / top-p, the
-    uniform of each cell, log-probs) and gives what the eager step's sampling gives."""
+def test_in_step_draw_equals_eager(ck, mode, step):
+    """Unsteered sampling: the static step (CPU) or the CUDA graph draws the tokens itself (logits,
+    top-k / top-p, the uniform of each cell, log-probs) and gives what the eager step's sampling gives."""
     import copy
     model, tok = ck
-    model = copy.deepcopy(model)
+    model = copy.deepcopy(model).to("cuda" if step == "graph" else "cpu")
     with torch.no_grad():
         model.model.norm.weight.mul_(0.02)     # flat next-token distributions (the fixture's is peaked)
     prompts = [ts.chat(tok, "a"), ts.chat(tok, "a longer question")]
     for temperature, top_p, top_k in ((1.0, 1.0, 0), (0.7, 0.8, 0), (1.3, 1.0, 7), (0.0, 1.0, 0)):
         p = SamplingParams(mode=mode, temperature=temperature, top_p=top_p, top_k=top_k, max_new_tokens=60, seed=3)
         sampler = Sampler(model, tok)
-        static = [s for o in sampler_run(sampler, "static", prompts, p) for s in o]
+        static = [s for o in sampler_run(sampler, step, prompts, p) for s in o]
         assert sampler.fast.draws > 50                 # the step drew (every step of this call)
         eager = [s for o in sampler_run(Sampler(model, tok), "eager", prompts, p) for s in o]
         same(eager, static, 1e-4)
