@@ -110,8 +110,10 @@ def attention_sdpa(q, k, v, q_layout, k_layout=None, scale=None):
     B, Hq, Tq, D = q.shape
     G = Hq // k.shape[1]
     if G > 1 and Tq <= 16:
-        mask, empty = _memo(q_layout, k_layout, f"sdpa-g{G}", lambda: tuple(
-            m.expand(B, G, Tq, m.shape[-1]).reshape(B, 1, G * Tq, -1) for m in _sdpa_mask(q_layout, k_layout)))
+        def folded():   # an additive mask in q's dtype, made once per step (SDPA would convert a bool one per layer)
+            mask, empty = (m.expand(B, G, Tq, m.shape[-1]).reshape(B, 1, G * Tq, -1) for m in _sdpa_mask(q_layout, k_layout))
+            return torch.zeros(mask.shape, dtype=q.dtype, device=q.device).masked_fill(~mask, float("-inf")), empty
+        mask, empty = _memo(q_layout, k_layout, f"sdpa-g{G}-{q.dtype}", folded)
         out = F.scaled_dot_product_attention(q.reshape(B, -1, G * Tq, D), k, v, attn_mask=mask, scale=scale)
         return out.masked_fill(empty, 0.0).view(B, Hq, Tq, D)
     mask, empty = _memo(q_layout, k_layout, "sdpa", lambda: _sdpa_mask(q_layout, k_layout))

@@ -380,7 +380,8 @@ class Sampler:
             if Wg and draw is not None and fast.can_draw(W):       # the step draws the tokens itself
                 u = [[0.0] * W for _ in range(R)]
                 for (row, st), (r, j) in zip(requests, where):
-                    u[r][j] = torch.rand(1, generator=st.gen).item()
+                    if draw[0] > 0:                                 # greedy needs no uniforms
+                        u[r][j] = torch.rand(1, generator=st.gen).item()
                 toks, lps = fast(g, limit, torch.tensor(u), draw).tolist()   # one copy back
                 for (row, st), (r, j) in zip(requests, where):
                     if row.finish is None:
