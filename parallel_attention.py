@@ -203,7 +203,9 @@ def _memo(q_layout, k_layout, tag, compute):
     While torch.compile traces, the entry is keyed by the tag alone (the layout is the trace's own
     object): Inductor does not merge the layers' identical mask computations by itself."""
     if torch.compiler.is_compiling():    # traced once per step: the layers share the traced mask
-        memo = q_layout.__dict__.setdefault("_traced", {})
+        memo = getattr(q_layout, "_traced", None)    # (torch 2.11's dynamo cannot trace __dict__.setdefault)
+        if memo is None:
+            memo = q_layout._traced = {}
         if tag not in memo:
             memo[tag] = compute()
         return memo[tag]
