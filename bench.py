@@ -246,6 +246,8 @@ def main():
     ap.add_argument("--compile", action="store_true", help="decode: the fast path through torch.compile too (use --attn sdpa)")
     ap.add_argument("--fuse", choices=["auto", "on", "off"], default="auto",
                     help="decode: q/k/v and gate/up fused in the fast path (auto: with CUDA graphs)")
+    ap.add_argument("--decode-sdpa", default="", help="decode steps' SDPA kernels, e.g. efficient | math | cudnn | flash "
+                    "(parallel_attention.DECODE_SDPA_BACKENDS; default: PyTorch's choice)")
     ap.add_argument("--profile", default="", help="decode, graph mode: write a torch.profiler table per batch to PREFIX_<shape>_bs<B>.txt")
     ap.add_argument("--ckpt-dir", default="", help="keep the random checkpoints here and reuse them (default: a temp dir)")
     ap.add_argument("--out", default="")
@@ -254,8 +256,13 @@ def main():
         torch.set_num_threads(a.threads)
     ATTN[0], COMPILE[0], CKPT_DIR[0] = a.attn, a.compile, a.ckpt_dir
     FUSE[0], PROFILE[0] = {"auto": None, "on": True, "off": False}[a.fuse], a.profile
+    if a.decode_sdpa:
+        import parallel_attention
+        from torch.nn.attention import SDPBackend
+        names = dict(efficient="EFFICIENT_ATTENTION", math="MATH", cudnn="CUDNN_ATTENTION", flash="FLASH_ATTENTION")
+        parallel_attention.DECODE_SDPA_BACKENDS = [getattr(SDPBackend, names[x]) for x in a.decode_sdpa.split(",")]
     dtype = torch.bfloat16 if torch.cuda.is_available() else torch.float32
-    res = dict(date=time.strftime("%Y-%m-%d"), torch=torch.__version__, threads=torch.get_num_threads(), attn=a.attn, compile=a.compile, fuse=a.fuse,
+    res = dict(date=time.strftime("%Y-%m-%d"), torch=torch.__version__, threads=torch.get_num_threads(), attn=a.attn, compile=a.compile, fuse=a.fuse, decode_sdpa=a.decode_sdpa or "default",
                device=torch.cuda.get_device_name() if torch.cuda.is_available() else platform.processor() or "cpu")
     shapes = a.shapes.split(",")
     if a.what in ("decode", "all"):

@@ -52,13 +52,14 @@ HEAD_CELLS_BYTES = 512 << 20    # the in-step head's fp32 logits (R x W x vocab)
 class StaticStep:
     """hidden_states of one decode step on a fixed (R, S) KV cache, padded to static shapes."""
 
-    def __init__(self, model, cache, graphs=True, compiled=False, pick=None, fuse=False):
+    def __init__(self, model, cache, graphs=True, compiled=False, pick=None, fuse=False, logprob=None):
         self.model, self.cache = model, cache
         self.compiled = compiled
         # fuse: True, or the fused weights of the StaticStep this one replaces (a grown cache)
         self.fused = (fuse if isinstance(fuse, list) else fused_projections(model)) if fuse else None
         self.version = weights_version(model) if fuse else None
         self.pick = pick    # pick(logits, temperature, top_p, top_k, u) -> tokens: the sampler's rule
+        self.logprob = logprob or (lambda logits, tok: logits.log_softmax(-1).gather(1, tok[:, None]).squeeze(1))
         if compiled:        # one compile per graph key: (W bucket, span, draw) keys outnumber dynamo's default 8
             cfg = torch._dynamo.config
             name = "recompile_limit" if hasattr(cfg, "recompile_limit") else "cache_size_limit"
@@ -70,7 +71,8 @@ class StaticStep:
         self.buf = {}       # W bucket -> (R, W, 6) long grid: id, pos, doc, block, branch, slot
         self.ubuf = {}      # W bucket -> (R, W) float: each cell's uniform for the in-step draw
         self.host = {}      # W bucket -> pinned CPU staging of both (CUDA), so the copies are async
-        self.copied = None  # CUDA event: the last step's copies out of the staging are done
+        self.copied = torch.cuda.Event() if self.dev.type == "cuda" else None   # the last step's copies are done
+        self.copying = False
         self.draws = 0      # steps that drew their tokens in the step
         self.out = {}       # (W, Sb, draw) -> output tensor of the captured graph
         self.graph = {}     # (W, Sb, draw) -> torch.cuda.CUDAGraph
@@ -103,13 +105,13 @@ class StaticStep:
             return h
         logits = F.linear(h.flatten(0, 1), self.model.output_weight).float()     # (R*W, V)
         tok = self.pick(logits, *draw, u.flatten())
-        logp = logits.log_softmax(-1).gather(1, tok[:, None]).squeeze(1)
-        return torch.stack((tok.double(), logp.double()))
+        return torch.stack((tok.double(), self.logprob(logits, tok).double()))
 
     @torch.no_grad()
     def __call__(self, grid, limit, u=None, draw=None):
         """grid: (R, W, 6) long CPU tensor with W = width(...); limit: slots filled after this step;
-        u: (R, W) float CPU tensor with draw (see forward). -> (R, W, hidden), or (2, R*W) with draw;
+        u: (R, W) float CPU tensor with draw (see forward; None: greedy, no uniforms needed).
+        -> (R, W, hidden), or (2, R*W) with draw;
         valid until the next call."""
         W = grid.shape[1]
         Sb = self.span(limit)
@@ -123,18 +125,18 @@ class StaticStep:
         g, ub = self.buf[W], self.ubuf[W]
         if W in self.host:     # staging reused once the copies of the last step out of it are done
             hg, hu = self.host[W]
-            if self.copied is not None:
+            if self.copying:
                 self.copied.synchronize()
             hg.copy_(grid)
             g.copy_(hg, non_blocking=True)
-            if draw is not None:
+            if u is not None:
                 hu.copy_(u)
                 ub.copy_(hu, non_blocking=True)
-            self.copied = torch.cuda.Event()
             self.copied.record()
+            self.copying = True
         else:
             g.copy_(grid)
-            if draw is not None:
+            if u is not None:
                 ub.copy_(u)
         if not self.graphs:
             return self.step(g, Sb, ub, draw)

@@ -38,6 +38,7 @@ Triton kernels (guarded import; FlashAttention-2 after the Triton fused-attentio
 from dataclasses import dataclass
 
 import torch
+import torch.nn.attention
 import torch.nn.functional as F
 
 
@@ -96,6 +97,11 @@ def attention_ref(q, k, v, q_layout, k_layout=None, scale=None):
     return torch.matmul(p, v.float()).to(q.dtype)
 
 
+# The SDPA kernels a decode step (the folded path below) may use, e.g. [SDPBackend.EFFICIENT_ATTENTION];
+# None: PyTorch's choice (on an H100/H200 with bf16 that was cuDNN's, ~20 us per layer at 32 rows).
+DECODE_SDPA_BACKENDS = None
+
+
 def _sdpa_mask(q_layout, k_layout):
     mask = visible_mask(q_layout, k_layout)[:, None]                         # (B, 1, Tq, Tk)
     empty = ~mask.any(-1, keepdim=True)                                      # (B, 1, Tq, 1)
@@ -114,7 +120,11 @@ def attention_sdpa(q, k, v, q_layout, k_layout=None, scale=None):
             mask, empty = (m.expand(B, G, Tq, m.shape[-1]).reshape(B, 1, G * Tq, -1) for m in _sdpa_mask(q_layout, k_layout))
             return torch.zeros(mask.shape, dtype=q.dtype, device=q.device).masked_fill(~mask, float("-inf")), empty
         mask, empty = _memo(q_layout, k_layout, f"sdpa-g{G}-{q.dtype}", folded)
-        out = F.scaled_dot_product_attention(q.reshape(B, -1, G * Tq, D), k, v, attn_mask=mask, scale=scale)
+        if DECODE_SDPA_BACKENDS:
+            with torch.nn.attention.sdpa_kernel(DECODE_SDPA_BACKENDS):
+                out = F.scaled_dot_product_attention(q.reshape(B, -1, G * Tq, D), k, v, attn_mask=mask, scale=scale)
+        else:
+            out = F.scaled_dot_product_attention(q.reshape(B, -1, G * Tq, D), k, v, attn_mask=mask, scale=scale)
         return out.masked_fill(empty, 0.0).view(B, Hq, Tq, D)
     mask, empty = _memo(q_layout, k_layout, "sdpa", lambda: _sdpa_mask(q_layout, k_layout))
     out = F.scaled_dot_product_attention(q, k, v, attn_mask=mask, scale=scale, enable_gqa=G > 1)
