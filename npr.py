@@ -86,6 +86,34 @@ def plan_numbers(guideline_text: str) -> list[str]:
     return _PLAN_NUM_RE.findall(guideline_text)
 
 
+_NUMBER_RE = re.compile(r"\d+(?:\.\d+)?")
+_HEADER_RE = re.compile(r"\s*\d+(?:\.\d+)*\s*:")
+
+
+def sibling_numbers(text: str, question: str = "") -> list[tuple[int, int, str]]:
+    """Results a step can only have read in an earlier sibling step: (block, step, number), both
+    counted from 1. A step's result is the last number it writes; a later step of the same block that
+    writes it too (its "N:" header aside) is flagged unless the number also appears where that step
+    may look: the question and the text before the block's first <step> (earlier blocks, the
+    guideline). Serial decoding lets step 2 read step 1 ("2: 17*6=102. 92+102=194" takes 92, step
+    1's result); branch-isolated decoding cannot, so training on such a step teaches the model to
+    guess. A later step that happens to compute the same number on its own is flagged too."""
+    found = []
+    blocks, _ = _scan(text)
+    for bi, blk in enumerate(blocks, 1):
+        if not blk.steps:
+            continue
+        seen = set(_NUMBER_RE.findall(question)) | set(_NUMBER_RE.findall(text[:blk.steps[0][0]]))
+        results = set()                               # the earlier steps' results
+        for si, (_, _, a, b) in enumerate(blk.steps, 1):
+            body = text[a:b].replace("<step>", "", 1)
+            body = body[m.end():] if (m := _HEADER_RE.match(body)) else body
+            nums = _NUMBER_RE.findall(body)
+            found += [(bi, si, n) for n in dict.fromkeys(nums) if n in results and n not in seen]
+            results |= set(nums[-1:])
+    return found
+
+
 # -----------------------------------------------------------------------------
 # Structural scan: one left-to-right pass over the tags, shared by parse() and token_layout().
 # It records character spans, so the token layout can be derived from pieces of any granularity.

@@ -50,6 +50,10 @@ def test_judge():
     assert distill.judge(sample(WRONG), "26") == "wrong answer"
     assert distill.judge(sample(BAD_FORMAT), "26").startswith("format")
     assert distill.judge(sample(GOOD, finish="budget"), "26").startswith("unfinished")
+    reads = GOOD.replace("2: 4*5=20\n", "2: 4*5=20. 6+20=26\n")          # step 2 uses step 1's result
+    assert distill.judge(sample(reads), "26", "Compute 2*3 + 4*5.") is None  # the paper's rule: kept
+    assert distill.judge(sample(reads), "26", "Compute 2*3 + 4*5.", siblings=True) == "a step uses an earlier step's result"
+    assert distill.judge(sample(GOOD), "26", "Compute 2*3 + 4*5.", siblings=True) is None
 
 
 def test_first_correct_and_well_formed_sample_is_kept():

@@ -291,3 +291,22 @@ def test_plan_numbers():
 def test_grade():
     assert npr.grade(GOOD, "4") and not npr.grade(GOOD, "5")
     assert npr.grade("... \\boxed{\\dfrac{1}{2}}", "0.5") and not npr.grade("no answer", "0.5")
+
+
+def test_sibling_numbers():
+    """A step that writes an earlier step's result (the last number it wrote) is flagged, unless the
+    number is also in the question or before the block's steps; the "N:" header never counts."""
+    steps = lambda *bodies: "".join(f"<step>\n{b}\n</step>\n" for b in bodies)
+    head = "<guideline>\n<plan>1: 23*4</plan>\n<plan>2: 17*6</plan>\n<plan>3: 2*1</plan>\n</guideline>\n"
+    tail = "<takeaway>\n92+102=194.\n</takeaway>\n\\boxed{194}"
+    q = "Compute 23*4 + 17*6 + 2*1."
+    assert npr.sibling_numbers(head + steps("1: 23*4=92", "2: 17*6=102", "3: 2*1=2") + tail, q) == []
+    reads = head + steps("1: 23*4=92", "2: 17*6=102. 92+102=194", "3: 2*1=2. 194+2=196") + tail
+    assert npr.sibling_numbers(reads, q) == [(1, 2, "92"), (1, 3, "194")]
+    assert npr.sibling_numbers(reads, q + " Hint: 92.") == [(1, 3, "194")]         # 92 is in the question
+    assert npr.sibling_numbers(head + steps("1: 23*4=92", "2: 1*2=2") + tail, q) == []   # "2:" is a header
+    # an earlier block's results are visible to the next block's steps; only siblings count
+    two = reads.replace("\\boxed{194}", "") + "<guideline>\n<plan>1: x</plan>\n<plan>2: y</plan>\n</guideline>\n" + \
+        steps("1: 92*2=184", "2: 184+1=185") + "<takeaway>\n185.\n</takeaway>\n\\boxed{185}"
+    assert npr.sibling_numbers(two, q) == [(1, 2, "92"), (1, 3, "194"), (2, 2, "184")]
+    assert npr.sibling_numbers("no blocks at all 92 92", q) == []
