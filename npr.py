@@ -97,7 +97,8 @@ def sibling_numbers(text: str, question: str = "") -> list[tuple[int, int, str]]
     may look: the question and the text before the block's first <step> (earlier blocks, the
     guideline). Serial decoding lets step 2 read step 1 ("2: 17*6=102. 92+102=194" takes 92, step
     1's result); branch-isolated decoding cannot, so training on such a step teaches the model to
-    guess. A later step that happens to compute the same number on its own is flagged too."""
+    guess. A later step that happens to compute the same number on its own is flagged too; results of
+    one digit are ignored (too common to tell)."""
     found = []
     blocks, _ = _scan(text)
     for bi, blk in enumerate(blocks, 1):
@@ -110,7 +111,7 @@ def sibling_numbers(text: str, question: str = "") -> list[tuple[int, int, str]]
             body = body[m.end():] if (m := _HEADER_RE.match(body)) else body
             nums = _NUMBER_RE.findall(body)
             found += [(bi, si, n) for n in dict.fromkeys(nums) if n in results and n not in seen]
-            results |= set(nums[-1:])
+            results |= {n for n in nums[-1:] if len(n) > 1}     # single digits are everywhere: not evidence
     return found
 
 

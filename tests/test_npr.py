@@ -310,3 +310,5 @@ def test_sibling_numbers():
         steps("1: 92*2=184", "2: 184+1=185") + "<takeaway>\n185.\n</takeaway>\n\\boxed{185}"
     assert npr.sibling_numbers(two, q) == [(1, 2, "92"), (1, 3, "194"), (2, 2, "184")]
     assert npr.sibling_numbers("no blocks at all 92 92", q) == []
+    one_digit = head + steps("1: 2*1=2", "2: 17*6=102. 2+102=104") + tail                # a 1-digit result: not evidence
+    assert npr.sibling_numbers(one_digit, "Compute 17*6 + 2*1.") == []
