@@ -9,11 +9,11 @@ Stage 2a: self-distillation by rejection sampling (NPR.md section 4).
 For every problem: sample with the NPR instruction at temperature 1.0, serial decoding (the tags
 are plain text to a model that has not been through SFT), up to --max-tries samples; keep the
 FIRST sample that is both correct (npr.grade) and format-perfect (npr.format_score == 0, finished
-with end-of-turn): one trajectory per problem. Our addition (--no-reject-sibling-results turns it
-off): a sample is also rejected when a step writes the result of an earlier step of its block
+with end-of-turn): one trajectory per problem. Option, not in the paper (--reject-sibling-results):
+a sample is also rejected when a step writes the result of an earlier step of its block
 (npr.sibling_numbers). Serial sampling lets step 2 read step 1; parallel SFT hides step 1 from
-step 2, so such a step would teach the model to guess (36% of the built-in default's accepted
-trajectories did that before the check). Tries are drawn in rounds (--tries-per-round
+step 2, so such a step teaches the model to guess (36% of the built-in default's accepted
+trajectories do that; README: what the option changes downstream). Tries are drawn in rounds (--tries-per-round
 samples for each still-unsolved problem), which keeps "first passing try" and wastes nothing on
 problems already solved.
 
@@ -49,7 +49,7 @@ class Config:
     top_p: float = 1.0
     max_new_tokens: int = 400               # paper: 30k on real models
     mode: str = "serial"                    # decoding used for sampling (paper: serial)
-    reject_sibling_results: bool = True     # drop samples whose steps use an earlier step's result (not in the paper)
+    reject_sibling_results: bool = False    # also drop samples whose steps use an earlier step's result (not in the paper)
     batch_size: int = 512                   # rows decoded together (problems x tries_per_round)
     chunk: int = 256                        # problems per resumable unit (written when done)
     instruction: str = ""                   # "" = the checkpoint's own, else npr.INSTRUCTION

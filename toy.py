@@ -40,9 +40,8 @@ every first factor of 2 digits, b in 2..9.
   carries the running sum (2: 17*6=10*6+7*6=60+42=102. 92+102=194) and the takeaway only restates
   the last sum. It is what a serial model imitating the format writes. Decoded in parallel, step i
   cannot see step i-1 and must guess the running sum: the base model loses accuracy in parallel mode,
-  which self-distillation + parallel SFT are meant to recover (the point of the demo). distill.py
-  rejects serial-writer samples (a step that writes an earlier step's result: npr.sibling_numbers),
-  so SFT learns independent steps only.
+  which self-distillation + parallel SFT are meant to recover (the point of the demo). With
+  `distill.py --reject-sibling-results` (npr.sibling_numbers) serial-writer samples are not kept.
 The base model sees a mix: prompts with the short INSTRUCTION get tagged solutions (a share of
 them serial-writer), plain prompts get serial solutions.
 

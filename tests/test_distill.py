@@ -50,10 +50,16 @@ def test_judge():
     assert distill.judge(sample(WRONG), "26") == "wrong answer"
     assert distill.judge(sample(BAD_FORMAT), "26").startswith("format")
     assert distill.judge(sample(GOOD, finish="budget"), "26").startswith("unfinished")
-    reads = GOOD.replace("2: 4*5=20\n", "2: 4*5=20. 6+20=26\n")          # step 2 uses step 1's result
-    assert distill.judge(sample(reads), "26", "Compute 2*3 + 4*5.") is None  # the paper's rule: kept
-    assert distill.judge(sample(reads), "26", "Compute 2*3 + 4*5.", siblings=True) == "a step uses an earlier step's result"
-    assert distill.judge(sample(GOOD), "26", "Compute 2*3 + 4*5.", siblings=True) is None
+    good, reads = two_steps()
+    assert distill.judge(sample(reads), "32", "Compute 3*4 + 4*5.") is None  # the paper's rule: kept
+    assert distill.judge(sample(reads), "32", "Compute 3*4 + 4*5.", siblings=True) == "a step uses an earlier step's result"
+    assert distill.judge(sample(good), "32", "Compute 3*4 + 4*5.", siblings=True) is None
+
+
+def two_steps():
+    """A well-formed sample for 3*4 + 4*5, and the same with step 2 reusing step 1's result (12)."""
+    good = GOOD.replace("2*3", "3*4").replace("=6\n", "=12\n").replace("6+20=26", "12+20=32").replace("{26}", "{32}")
+    return good, good.replace("2: 4*5=20\n", "2: 4*5=20. 12+20=32\n")
 
 
 def test_first_correct_and_well_formed_sample_is_kept():
@@ -70,6 +76,21 @@ def test_first_correct_and_well_formed_sample_is_kept():
     assert "first kept." in acc[0]["trajectory"] and acc[0]["tries"] == 2 and acc[1]["tries"] == 2
     assert state[1] == dict(index=1, accepted=False, tries=4, reasons={"wrong answer": 4})
     assert state[2]["reasons"] == {"format: " + distill.judge(sample(BAD_FORMAT), "26").split(": ", 1)[1]: 1}
+
+
+@pytest.mark.parametrize("reject", [False, True])
+def test_reject_sibling_results_option(reject):
+    """--reject-sibling-results: a sample whose step 2 reuses step 1's result is passed over."""
+    tok = FakeTok()
+    good, reads = two_steps()
+    q = "Compute 3*4 + 4*5."
+    fake = FakeSampler({q: [(reads,), (good,)]})
+    from cli import chat_prompt
+    fake.key = {tuple(chat_prompt(tok, q, "I")): q}
+    cfg = distill.Config(max_tries=4, tries_per_round=1, reject_sibling_results=reject)
+    acc, state = distill.distill_chunk(fake, tok, [(0, {"question": q, "answer": "32"})], cfg, "I", seed=0)
+    assert acc[0]["trajectory"] == (good if reject else reads) and acc[0]["tries"] == (2 if reject else 1)
+    assert state[0]["reasons"] == ({"a step uses an earlier step's result": 1} if reject else {})
 
 
 def test_resume_after_a_kill_loses_nothing(tmp_path, monkeypatch):
