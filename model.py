@@ -153,7 +153,7 @@ class Attention(nn.Module):
         q, k, v = q.transpose(1, 2), k.transpose(1, 2), v.transpose(1, 2)  # (B, H, T, D)
         q, k = apply_rope(q, cos, sin), apply_rope(k, cos, sin)
         if kv_cache is not None:
-            k, v = kv_cache.update(self.layer_idx, k, v, layout.slots())  # (B, Hkv, S, D)
+            k, v = kv_cache.update(self.layer_idx, k, v)                  # (B, Hkv, S, D)
             y = attention(q, k, v, layout, kv_cache.k_layout, impl=attn_impl)
         elif layout is None:
             y = F.scaled_dot_product_attention(q, k, v, is_causal=True, enable_gqa=self.n_head != self.n_kv)
@@ -218,20 +218,21 @@ class KVCache:
     # turns index_put back into an in-place write, while scatter becomes a copy of the whole cache
     # per layer plus a copy back.
     def write_layout(self, layout):
-        """Record the metadata of the new tokens at their slots (once per forward, before the layers)."""
+        """Record the metadata of the new tokens at their slots and make the k/v write index (once per
+        forward, before the layers)."""
         s = layout.slots().long()
         rows = torch.arange(s.shape[0], device=s.device)[:, None]
         self.doc.index_put_((rows, s), layout.doc)
         self.block.index_put_((rows, s), layout.block)
         self.branch.index_put_((rows, s), layout.branch)
+        heads = torch.arange(self.k[0].shape[1], device=s.device)
+        self.index = (rows[:, :, None], heads[None, :, None], s[:, None, :])   # (B, Hkv, T) -> the D values
 
-    def update(self, layer_idx, k, v, slots):
-        """Write k/v (B, Hkv, T, D) at slots (B, T); return the cache views (B, Hkv, limit, D)."""
-        B, H = k.shape[:2]
-        idx = (torch.arange(B, device=k.device)[:, None, None], torch.arange(H, device=k.device)[None, :, None],
-               slots.long()[:, None, :])                                  # (B, H, T) -> the D values
-        self.k[layer_idx].index_put_(idx, k.to(self.k[layer_idx].dtype))
-        self.v[layer_idx].index_put_(idx, v.to(self.v[layer_idx].dtype))
+    def update(self, layer_idx, k, v):
+        """Write k/v (B, Hkv, T, D) at the slots given to write_layout; return the cache views
+        (B, Hkv, limit, D)."""
+        self.k[layer_idx].index_put_(self.index, k.to(self.k[layer_idx].dtype))
+        self.v[layer_idx].index_put_(self.index, v.to(self.v[layer_idx].dtype))
         return self.k[layer_idx][:, :, :self.limit], self.v[layer_idx][:, :, :self.limit]
 
     def grow(self, capacity):

@@ -385,10 +385,9 @@ class Sampler:
                         u[r][j] = torch.rand(1, generator=st.gen).item()
                     u = torch.tensor(u)
                 toks, lps = fast(g, limit, u, draw).tolist()        # one copy back
-                for (row, st), (r, j) in zip(requests, where):
-                    if row.finish is None:
-                        self.on_token(row, st, int(toks[r * W + j]), lps[r * W + j])
-                requests = []
+                cells = [r * W + j for r, j in where]
+                self.record(requests, [int(toks[c]) for c in cells], [lps[c] for c in cells])
+                requests = []                                       # drawn: no logits pass below
             elif Wg:
                 h = fast(g, limit)                                  # (R, W, hidden)
             else:
@@ -466,8 +465,11 @@ class Sampler:
             for (temp, top_p, top_k), idx in groups.items():
                 ii = torch.tensor(idx, device=logits.device)
                 toks[ii] = pick(logits[ii], temp, top_p, top_k, u[ii])
-        lps = logp.gather(1, toks[:, None]).squeeze(1).tolist()
-        for (row, st), t, lp in zip(requests, toks.tolist(), lps):
+        self.record(requests, toks.tolist(), logp.gather(1, toks[:, None]).squeeze(1).tolist())
+
+    def record(self, requests, toks, lps):
+        """Hand each drawn token to its stream (a row that ended on an earlier token of this step takes no more)."""
+        for (row, st), t, lp in zip(requests, toks, lps):
             if row.finish is None:
                 self.on_token(row, st, t, lp)
 
