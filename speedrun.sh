@@ -29,7 +29,7 @@ if [ "${STAGE1:-0}" = 1 ] && ! done_ "$OUT/zero"; then
   stage stage1 $PY grpo.py --mode serial --model "$OUT/base" --out-dir "$OUT/zero" \
     --data "$OUT/data/train.jsonl" --eval-data "$OUT/data/test.jsonl" --format-reward
 fi
-stage distill $PY distill.py --model "$OUT/base" --data "$OUT/data/train.jsonl" --out "$OUT/distill/train.jsonl"
+stage distill $PY distill.py --model "$OUT/base" --data "$OUT/data/train.jsonl" --out "$OUT/distill/train.jsonl" ${DISTILL_ARGS:-}
 done_ "$OUT/sft" || stage sft $PY sft.py --model "$OUT/base" --data "$OUT/distill/train.jsonl" --out-dir "$OUT/sft"
 done_ "$OUT/grpo" || stage grpo $PY grpo.py --model "$OUT/sft" --out-dir "$OUT/grpo" \
   --data "$OUT/data/train.jsonl" --eval-data "$OUT/data/test.jsonl"
