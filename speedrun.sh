@@ -24,7 +24,7 @@ stage() {  # stage NAME command...: run it and record its wall time
   grep -v "^$name " "$OUT/times.txt" > "$OUT/times.tmp" || true
   echo "$name $(( $(date +%s) - t0 ))" >> "$OUT/times.tmp" && mv "$OUT/times.tmp" "$OUT/times.txt"
 }
-done_ "$OUT/base" || stage base $PY toy.py --out-dir "$OUT/base" --data-dir "$OUT/data"
+done_ "$OUT/base" || stage base $PY toy.py --out-dir "$OUT/base" --data-dir "$OUT/data" ${TOY_ARGS:-}
 if [ "${STAGE1:-0}" = 1 ] && ! done_ "$OUT/zero"; then
   stage stage1 $PY grpo.py --mode serial --model "$OUT/base" --out-dir "$OUT/zero" \
     --data "$OUT/data/train.jsonl" --eval-data "$OUT/data/test.jsonl" --format-reward

@@ -22,7 +22,7 @@ every first factor of 2 digits, b in 2..9.
       ...
       </guideline>
       <step>
-      1: 23*4=20*4+3*4=80+12=92
+      1: 23*4=20*4+3*4=80+12=92 #1:92
       </step>
       ...
       <takeaway>
@@ -36,6 +36,9 @@ every first factor of 2 digits, b in 2..9.
   1-digit product has nothing to work out). The worked form also gives the tiny model a chain of
   thought per product: greedy accuracy 0.77 after 1450 steps, where the old 2-3-term task with
   1-2-digit a reached 0.31.
+  Why " #1:92": every step names its result, so the takeaway can find step i's result by content
+  (all branches share their RoPE positions). Without it the parallel answers lost ~10 points to
+  digits copied across steps; `--label-share 0` gives the old, unnamed format (tagged_solution).
   "serial-writer" tagged variant: the steps were written one after another, so step i >= 2 also
   carries the running sum (2: 17*6=10*6+7*6=60+42=102. 92+102=194) and the takeaway only restates
   the last sum. It is what a serial model imitating the format writes. Decoded in parallel, step i
@@ -102,6 +105,7 @@ class Config:
     # training mix
     tagged_share: float = 0.7        # share of training prompts with INSTRUCTION and a tagged solution
     serial_writer_share: float = 0.4  # share of the tagged solutions in the serial-writer variant
+    label_share: float = 1.0         # share of the tagged solutions whose steps name their results (" #1:92"); 0 = the old format
     # model: size S of toy_feasibility.md (0.40M parameters)
     hidden_size: int = 128
     num_layers: int = 2
@@ -196,16 +200,27 @@ def serial_solution(terms):
     return " ".join(f"{worked(a, b)}." for a, b in terms) + f" {chain(prods)}. {BOXED}{sum(prods)}}}"
 
 
-def tagged_solution(terms, serial_writer=False):
+def label(i, value):
+    """A step's result under its step's name: " #2:102" (see tagged_solution)."""
+    return f" #{i}:{value}"
+
+
+def tagged_solution(terms, serial_writer=False, labels=True):
     """The NPR format (NPR.md section 2), one plan and one step per product; each step works its
     product out, the takeaway adds the products up. serial_writer: step i >= 2 also adds its product
     to the running sum of the earlier steps, and the takeaway restates the last addition (what a model
-    that writes the steps one after another produces)."""
+    that writes the steps one after another produces).
+    labels: step i ends by naming its result (" #2:102"). All branches share their positions, so
+    the takeaway can only tell the steps' results apart by content; a name right before each result
+    gives every digit of it a nearby, distinct mark. Without the names, a third of the wrong parallel
+    answers copied digits across steps (560 with a sibling's 522 became 520). The name avoids "=":
+    with ", s2=102" the base model learned its arithmetic far more slowly (serial accuracy 0.2-0.5
+    instead of ~0.78 after the same training), as if "=" no longer always meant "work it out"."""
     prods, adds = _sums(terms)
     plans = "".join(f"<plan>{i}: {a}*{b}</plan>\n" for i, (a, b) in enumerate(terms, 1))
     steps = []
     for i, (a, b) in enumerate(terms, 1):
-        body = f"{i}: {worked(a, b)}"
+        body = f"{i}: {worked(a, b)}" + (label(i, a * b) if labels else "")
         if serial_writer and i >= 2:
             x, y, z = adds[i - 2]
             body += f". {x}+{y}={z}"
@@ -230,9 +245,9 @@ def answer_errors(text, terms):
     block = parsed.blocks[0] if parsed.blocks else None
     res = {}                                       # step number -> the last number it wrote
     for step in block.steps if block else []:
-        m = re.match(r"(\d+):.*=(\d+)$", step, re.S)
-        if m:
-            res[int(m.group(1))] = int(m.group(2))
+        nums = re.findall(r"\d+", step)                  # "N: ...=92" or "N: ...=92 #N:92"
+        if len(nums) > 1 and re.match(r"\s*\d+:", step):
+            res[int(nums[0])] = int(nums[-1])
     if [res.get(i) for i in range(1, len(prods) + 1)] != prods:
         return "step"
     nums = [int(x) for x in re.findall(r"\d+", block.takeaway or "")]
@@ -343,7 +358,8 @@ def sample_example(rng, tok, cfg, exclude=()):
         if prob["question"] not in exclude:
             break
     if rng.random() < cfg.tagged_share:
-        sol = tagged_solution(prob["terms"], serial_writer=rng.random() < cfg.serial_writer_share)
+        sol = tagged_solution(prob["terms"], serial_writer=rng.random() < cfg.serial_writer_share,
+                              labels=rng.random() < cfg.label_share)
         return example(tok, prob["question"], sol, True)
     return example(tok, prob["question"], serial_solution(prob["terms"]), False)
 

@@ -32,13 +32,19 @@ def test_problem_and_solutions_example():
     assert toy.chain([92, 102, 72]) == "92+102=194+72=266"
     assert toy.serial_solution(terms) == \
         "23*4=20*4+3*4=80+12=92. 17*6=10*6+7*6=60+42=102. 8*9=72. 92+102=194+72=266. \\boxed{266}"
-    assert toy.tagged_solution(terms) == (
-        "<guideline>\n<plan>1: 23*4</plan>\n<plan>2: 17*6</plan>\n<plan>3: 8*9</plan>\n</guideline>\n"
+    head = "<guideline>\n<plan>1: 23*4</plan>\n<plan>2: 17*6</plan>\n<plan>3: 8*9</plan>\n</guideline>\n"
+    assert toy.tagged_solution(terms, labels=False) == head + (
         "<step>\n1: 23*4=20*4+3*4=80+12=92\n</step>\n<step>\n2: 17*6=10*6+7*6=60+42=102\n</step>\n"
         "<step>\n3: 8*9=72\n</step>\n<takeaway>\n92+102=194+72=266.\n</takeaway>\n\\boxed{266}")
-    sw = toy.tagged_solution(terms, serial_writer=True)
+    assert toy.tagged_solution(terms) == head + (      # the default: named results
+        "<step>\n1: 23*4=20*4+3*4=80+12=92 #1:92\n</step>\n<step>\n2: 17*6=10*6+7*6=60+42=102 #2:102\n</step>\n"
+        "<step>\n3: 8*9=72 #3:72\n</step>\n<takeaway>\n92+102=194+72=266.\n</takeaway>\n\\boxed{266}")
+    sw = toy.tagged_solution(terms, serial_writer=True, labels=False)
     assert "<step>\n2: 17*6=10*6+7*6=60+42=102. 92+102=194\n</step>" in sw
     assert "<step>\n3: 8*9=72. 194+72=266\n</step>" in sw
+    assert "<takeaway>\n194+72=266.\n</takeaway>" in sw
+    sw = toy.tagged_solution(terms, serial_writer=True)
+    assert "<step>\n2: 17*6=10*6+7*6=60+42=102 #2:102. 92+102=194\n</step>" in sw
     assert "<takeaway>\n194+72=266.\n</takeaway>" in sw
     assert toy.serial_writer_step("2: 17*6=10*6+7*6=60+42=102. 92+102=194")
     assert not toy.serial_writer_step("2: 17*6=10*6+7*6=60+42=102")
@@ -62,8 +68,8 @@ def test_solutions_are_correct_and_well_formed(tok):
     for i, p in enumerate(problems(300)):
         k = len(p["terms"])
         assert npr.grade(toy.serial_solution(p["terms"]), p["answer"])
-        for sw in (False, True):
-            sol = toy.tagged_solution(p["terms"], serial_writer=sw)
+        for sw, labels in ((False, True), (True, True), (False, False), (True, False)):
+            sol = toy.tagged_solution(p["terms"], serial_writer=sw, labels=labels)
             assert npr.format_score(sol) == (0.0, []), sol
             assert npr.grade(sol, p["answer"])
             parsed = npr.parse(sol)
@@ -76,7 +82,8 @@ def test_solutions_are_correct_and_well_formed(tok):
             # independent steps: step i is its own product worked out, nothing from its siblings
             steps = [s.strip() for s in parsed.blocks[0].steps]
             if not sw:
-                assert steps == [f"{j}: {toy.worked(a, b)}" for j, (a, b) in enumerate(p["terms"], 1)]
+                assert steps == [f"{j}: {toy.worked(a, b)}" + (toy.label(j, a * b) if labels else "")
+                                 for j, (a, b) in enumerate(p["terms"], 1)]
                 assert not any(toy.serial_writer_step(s) for s in steps)
             else:
                 assert [toy.serial_writer_step(s) for s in steps] == [False] + [True] * (k - 1)
@@ -91,7 +98,7 @@ def test_tokenizer_round_trip_and_single_tokens(tok):
     texts = []
     for p in problems(300, seed=1):
         texts += [toy.serial_solution(p["terms"]), toy.tagged_solution(p["terms"]),
-                  toy.tagged_solution(p["terms"], serial_writer=True)]
+                  toy.tagged_solution(p["terms"], serial_writer=True), toy.tagged_solution(p["terms"], labels=False)]
         texts += [tok.render_chat([{"role": "user", "content": toy.user_prompt(p["question"], t)}]) for t in (True, False)]
     multi = npr.TAGS + (toy.BOXED,) + toy.SPECIAL_TOKENS
     for t in texts:
@@ -221,9 +228,10 @@ def test_main_smoke(tmp_path):
     assert set(out) == {"right", "step", "copy", "add"} and sum(out.values()) == 8
 
 
-def test_answer_errors():
+@pytest.mark.parametrize("labels", [True, False])
+def test_answer_errors(labels):
     terms = [(23, 4), (17, 6), (48, 9)]
-    right = toy.tagged_solution(terms)
+    right = toy.tagged_solution(terms, labels=labels)
     assert toy.answer_errors(right, terms) == "right"
     swapped = right.replace("92+102=194+432=626", "102+92=194+432=626")    # any order adds up the same
     assert toy.answer_errors(swapped, terms) == "right"
@@ -231,6 +239,6 @@ def test_answer_errors():
     assert toy.answer_errors(copy, terms) == "copy"
     add = right.replace("92+102=194+432=626.", "92+102=184+432=616.").replace("{626}", "{616}")
     assert toy.answer_errors(add, terms) == "add"
-    step = right.replace("80+12=92\n", "80+12=93\n").replace("{626}", "{627}")
+    step = right.replace("80+12=92", "80+12=93").replace("#1:92", "#1:93").replace("{626}", "{627}")
     assert toy.answer_errors(step, terms) == "step"
     assert toy.answer_errors(right.replace("{626}", "{625}"), terms) == "add"
