@@ -30,7 +30,7 @@ if [ "${STAGE1:-0}" = 1 ] && ! done_ "$OUT/zero"; then
     --data "$OUT/data/train.jsonl" --eval-data "$OUT/data/test.jsonl" --format-reward
 fi
 stage distill $PY distill.py --model "$OUT/base" --data "$OUT/data/train.jsonl" --out "$OUT/distill/train.jsonl" ${DISTILL_ARGS:-}
-done_ "$OUT/sft" || stage sft $PY sft.py --model "$OUT/base" --data "$OUT/distill/train.jsonl" --out-dir "$OUT/sft"
+done_ "$OUT/sft" || stage sft $PY sft.py --model "$OUT/base" --data "$OUT/distill/train.jsonl" --out-dir "$OUT/sft" ${SFT_ARGS:-}
 done_ "$OUT/grpo" || stage grpo $PY grpo.py --model "$OUT/sft" --out-dir "$OUT/grpo" \
   --data "$OUT/data/train.jsonl" --eval-data "$OUT/data/test.jsonl"
 for s in base zero sft grpo; do
