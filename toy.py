@@ -37,8 +37,8 @@ every first factor of 2 digits, b in 2..9.
   thought per product: greedy accuracy 0.77 after 1450 steps, where the old 2-3-term task with
   1-2-digit a reached 0.31.
   Why " #1:92": every step names its result, so the takeaway can find step i's result by content
-  (all branches share their RoPE positions). Without it the parallel answers lost ~10 points to
-  digits copied across steps; `--label-share 0` gives the old, unnamed format (tagged_solution).
+  (all branches share their RoPE positions). Without it 17% of the RL model's parallel answers
+  mis-copied a step's result (140 of 800); `--label-share 0` gives the old, unnamed format (tagged_solution).
   "serial-writer" tagged variant: the steps were written one after another, so step i >= 2 also
   carries the running sum (2: 17*6=10*6+7*6=60+42=102. 92+102=194) and the takeaway only restates
   the last sum. It is what a serial model imitating the format writes. Decoded in parallel, step i
@@ -212,8 +212,8 @@ def tagged_solution(terms, serial_writer=False, labels=True):
     that writes the steps one after another produces).
     labels: step i ends by naming its result (" #2:102"). All branches share their positions, so
     the takeaway can only tell the steps' results apart by content; a name right before each result
-    gives every digit of it a nearby, distinct mark. Without the names, a third of the wrong parallel
-    answers copied digits across steps (560 with a sibling's 522 became 520). The name avoids "=":
+    gives every digit of it a nearby, distinct mark. Without the names, over half of the wrong parallel
+    answers mis-copied a step's result (560 with a sibling's 522 became 520). The name avoids "=":
     with ", s2=102" the base model learned its arithmetic far more slowly (serial accuracy 0.2-0.5
     instead of ~0.78 after the same training), as if "=" no longer always meant "work it out"."""
     prods, adds = _sums(terms)
