@@ -37,6 +37,7 @@ SHAPES = {
 }
 ATTN = ["auto"]   # the models' attention impl (--attn)
 COMPILE = [False]  # --compile
+REPEAT = [3]       # --repeat
 FUSE = [None]      # --fuse: the fast path's fused projections (None = its default)
 PROFILE = [""]     # --profile PREFIX: a torch.profiler table of a few graph-mode steps per batch
 CKPT_DIR = [""]    # --ckpt-dir
@@ -63,16 +64,28 @@ def make_checkpoint(path, shape, dtype):
 
 
 def timed(fn, repeat=3):
-    fn()  # warm-up
-    best = float("inf")
-    for _ in range(repeat):
-        if torch.cuda.is_available():
-            torch.cuda.synchronize()
-        t0 = time.perf_counter()
-        fn()
-        if torch.cuda.is_available():
-            torch.cuda.synchronize()
-        best = min(best, time.perf_counter() - t0)
+    return timed_rounds({"fn": (fn, repeat)})["fn"]
+
+
+def timed_rounds(fns, repeat=3):
+    """{name: (fn, n)} -> {name: best seconds of n timed calls}, after one warm-up call each. The
+    calls are interleaved round by round (a, b, a, b, ...) so a drift of the machine's speed (this
+    VM's varies by 10-30%) hits every contender alike instead of whichever ran last."""
+    best = {}
+    for name, (fn, n) in fns.items():
+        fn()  # warm-up
+        best[name] = float("inf")
+    for r in range(max(n for _, n in fns.values())):
+        for name, (fn, n) in fns.items():
+            if r >= n:
+                continue
+            if torch.cuda.is_available():
+                torch.cuda.synchronize()
+            t0 = time.perf_counter()
+            fn()
+            if torch.cuda.is_available():
+                torch.cuda.synchronize()
+            best[name] = min(best[name], time.perf_counter() - t0)
     return best
 
 
@@ -125,16 +138,26 @@ def bench_decode(shapes, batches, new_tokens, prompt_len, dtype, hf_tokens=0, mo
         for B in batches:
             prompt = torch.randint(0, 256, (prompt_len,)).tolist()
             r = dict(model=shape, params_M=round(model.num_params() / 1e6, 1), batch=B, new_tokens=new_tokens)
+            samplers, fns = {}, {}
             for mode in modes:
-                sampler = Sampler(model, tok)
+                sampler = samplers[mode] = Sampler(model, tok)
                 sampler.stop_ids = set()                               # decode exactly new_tokens
                 sampler.step_mode = mode
                 sampler.compile_step = COMPILE[0] and mode in ("graph", "static")   # static: the CPU compiled step
                 sampler.fuse_step = FUSE[0]
                 p = SamplingParams(mode="serial", temperature=0, max_new_tokens=new_tokens)
-                t = timed(lambda: sampler.generate([prompt] * B, params=p))
+                fns[mode] = (functools.partial(sampler.generate, [prompt] * B, params=p), REPEAT[0])
+            if hf is not None:
+                x = torch.tensor([prompt] * B, device=model.output_weight.device)
+
+                def theirs():
+                    with torch.no_grad():
+                        hf.generate(x, max_new_tokens=hf_tokens, min_new_tokens=hf_tokens, do_sample=False, pad_token_id=0)
+                fns["hf"] = (theirs, 1 if hf_tokens < new_tokens else REPEAT[0])
+            t = timed_rounds(fns)
+            for mode, sampler in samplers.items():
                 sfx = "" if mode == "eager" else "_" + mode
-                r.update({f"ours{sfx}_tok_s": round(B * new_tokens / t, 1), f"ours{sfx}_ms_step": round(1e3 * t / new_tokens, 2)})
+                r.update({f"ours{sfx}_tok_s": round(B * new_tokens / t[mode], 1), f"ours{sfx}_ms_step": round(1e3 * t[mode] / new_tokens, 2)})
                 if mode == "graph":
                     r["graph_replay_ms"] = replay_ms(sampler)
                     r["fused"] = sampler.fast.fused is not None
@@ -143,13 +166,9 @@ def bench_decode(shapes, batches, new_tokens, prompt_len, dtype, hf_tokens=0, mo
                         profile_steps(sampler, [prompt] * B, f"{PROFILE[0]}_{shape}_bs{B}.txt")
                 sampler.release()
             if hf is not None:
-                x = torch.tensor([prompt] * B, device=model.output_weight.device)
-                with torch.no_grad():
-                    theirs = timed(lambda: hf.generate(x, max_new_tokens=hf_tokens, min_new_tokens=hf_tokens,
-                                                       do_sample=False, pad_token_id=0), 1 if hf_tokens < new_tokens else 3)
-                best = min(r[f"ours{'' if m == 'eager' else '_' + m}_ms_step"] for m in modes)
-                r.update(hf_new_tokens=hf_tokens, hf_tok_s=round(B * hf_tokens / theirs, 1),
-                         hf_ms_step=round(1e3 * theirs / hf_tokens, 2), speedup=round(1e3 * theirs / hf_tokens / best, 2))
+                best = min(t[m] for m in modes) / new_tokens
+                r.update(hf_new_tokens=hf_tokens, hf_tok_s=round(B * hf_tokens / t["hf"], 1),
+                         hf_ms_step=round(1e3 * t["hf"] / hf_tokens, 2), speedup=round(t["hf"] / hf_tokens / best, 2))
             print(" | ".join(f"{k} {v}" for k, v in r.items()), flush=True)
             rows.append(r)
         hf = None                                             # free it before the next shape
@@ -250,11 +269,12 @@ def main():
                     "(parallel_attention.DECODE_SDPA_BACKENDS; default: PyTorch's choice)")
     ap.add_argument("--profile", default="", help="decode, graph mode: write a torch.profiler table per batch to PREFIX_<shape>_bs<B>.txt")
     ap.add_argument("--ckpt-dir", default="", help="keep the random checkpoints here and reuse them (default: a temp dir)")
+    ap.add_argument("--repeat", type=int, default=3, help="decode: timed calls per contender (best counts), interleaved")
     ap.add_argument("--out", default="")
     a = ap.parse_args()
     if a.threads:
         torch.set_num_threads(a.threads)
-    ATTN[0], COMPILE[0], CKPT_DIR[0] = a.attn, a.compile, a.ckpt_dir
+    ATTN[0], COMPILE[0], CKPT_DIR[0], REPEAT[0] = a.attn, a.compile, a.ckpt_dir, a.repeat
     FUSE[0], PROFILE[0] = {"auto": None, "on": True, "off": False}[a.fuse], a.profile
     if a.decode_sdpa:
         import parallel_attention
