@@ -67,7 +67,7 @@ def timed(fn, repeat=3):
     return timed_rounds({"fn": (fn, repeat)})["fn"]
 
 
-def timed_rounds(fns, repeat=3):
+def timed_rounds(fns):
     """{name: (fn, n)} -> {name: best seconds of n timed calls}, after one warm-up call each. The
     calls are interleaved round by round (a, b, a, b, ...) so a drift of the machine's speed (this
     VM's varies by 10-30%) hits every contender alike instead of whichever ran last."""
