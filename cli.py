@@ -106,7 +106,9 @@ def instruction_for(model_dir, override=""):
 
 def chat_prompt(tok, question, instruction):
     import npr
-    return tok.encode(tok.render_chat([{"role": "user", "content": npr.build_prompt(question, instruction)}]))
+    # a hybrid Qwen3 runs in non-thinking mode: the NPR format takes the place of the think block
+    return tok.encode(tok.render_chat([{"role": "user", "content": npr.build_prompt(question, instruction)}],
+                                      enable_thinking=False))
 
 
 # -----------------------------------------------------------------------------

@@ -456,7 +456,8 @@ def chunked_logprobs(h, W, targets, chunk_size=2048, with_entropy=False):
 
 @torch.no_grad()
 def add_special_tokens(model, tokenizer, names: dict):
-    """Add each key of `names` (e.g. "<step>") as one special token; initialise its embedding row
+    """Add each key of `names` (e.g. "<step>") as one added token (not special: decoding with
+    skip_special_tokens=True keeps it, as for Qwen's <think>); initialise its embedding row
     (and untied lm_head row) to the mean of the rows of the sub-tokens of its name ("step").
     Grows the matrices when an id falls past the current vocab (Qwen's files have spare rows:
     151936 rows for 151669 ids). Tokens already in the vocabulary keep their rows. Returns the ids."""

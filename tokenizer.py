@@ -15,7 +15,7 @@ exactly the checkpoint's. What we add on top:
       "qwen3_thinking" Qwen3 Thinking-2507: same history rules, the prompt always opens <think>.
       "qwen3_instruct" Qwen3 Instruct-2507 style ChatML: no default system, no think handling.
       "chatml"         no template in the checkpoint: plain ChatML.
-  - `add_special_tokens` (the NPR tags) and `save_pretrained`, which writes files that both this
+  - `add_special_tokens` (the NPR tags, as non-special added tokens) and `save_pretrained`, which writes files that both this
     class and transformers' AutoTokenizer load to the same ids.
 """
 
@@ -127,22 +127,25 @@ class Tokenizer:
         return self.vocab_size
 
     def add_special_tokens(self, tokens):
-        """Registers `tokens` as special added tokens (one id each, also inside running text).
-        New ids go after the current vocabulary; already added tokens keep their id (and flags).
-        For real Qwen checkpoints the new ids stay below the embedding size (151936), so the
-        model needs no resize; callers should still check len(tokenizer) <= vocab rows."""
+        """Registers `tokens` (the NPR tags) as added tokens: one id each, also inside running text,
+        but NOT special, like Qwen's own <think>: readers that decode with skip_special_tokens=True
+        (vLLM, transformers pipelines) must keep them in the answer. New ids go after the current
+        vocabulary; already added tokens keep their id (and flags). For real Qwen checkpoints the
+        new ids stay below the embedding size (151936), so the model needs no resize."""
         added = {t.content for t in self._tk.get_added_tokens_decoder().values()}
         new = [t for t in tokens if t not in added]
-        # normalized=False: matched on the raw text, like Qwen's own control tokens
-        self._tk.add_special_tokens([AddedToken(t, special=True, normalized=False) for t in new])
+        # normalized=False: matched on the raw text, like Qwen's own added tokens
+        self._tk.add_tokens([AddedToken(t, special=False, normalized=False) for t in new])
         return [self._tk.token_to_id(t) for t in tokens]
 
     # ---- chat ----
 
-    def render_chat(self, messages, add_generation_prompt=True, enable_thinking=False):
+    def render_chat(self, messages, add_generation_prompt=True, enable_thinking=None):
         """ChatML text for plain system/user/assistant turns with string contents, equal to the
         checkpoint's template under apply_chat_template(tokenize=False). `enable_thinking` only
-        matters for the Qwen3 hybrid template; False (an empty think block) is what we train.
+        matters for the Qwen3 hybrid template: None renders what the template does without the
+        variable (no think block), False pre-fills an empty think block (the non-thinking mode the
+        stages run in, cli.chat_prompt), True is the same as None.
         The flavour comes from `self.chat_variant` (and `self.default_system` for "qwen2"), both
         detected from the template and free to be overridden."""
         v = self.chat_variant
@@ -184,7 +187,7 @@ class Tokenizer:
                 out.append(f"<|im_start|>assistant\n{content}<|im_end|>\n")
         if add_generation_prompt:
             out.append("<|im_start|>assistant\n")
-            if v == "qwen3" and not enable_thinking:
+            if v == "qwen3" and enable_thinking is False:  # the template tests `is false`
                 out.append("<think>\n\n</think>\n\n")
             elif v == "qwen3_thinking":
                 out.append("<think>\n")
@@ -221,3 +224,8 @@ class Tokenizer:
                     f.write(self.chat_template)
         with open(os.path.join(path, "tokenizer_config.json"), "w", encoding="utf-8") as f:
             json.dump(cfg, f, indent=2, ensure_ascii=False)
+        added_file = os.path.join(path, "added_tokens.json")
+        if os.path.isfile(added_file):  # a legacy copy of the same table (content -> id): keep it in step
+            with open(added_file, "w", encoding="utf-8") as f:
+                json.dump({t.content: i for i, t in sorted(self._tk.get_added_tokens_decoder().items())},
+                          f, indent=2, ensure_ascii=False)

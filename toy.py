@@ -341,7 +341,8 @@ def init_weights(model, std=0.02):
 
 def prompt_ids(tok, question, tagged=True):
     """Chat-rendered prompt ids, ending with the assistant header."""
-    return tok.encode(tok.render_chat([{"role": "user", "content": user_prompt(question, tagged)}]))
+    return tok.encode(tok.render_chat([{"role": "user", "content": user_prompt(question, tagged)}],
+                                      enable_thinking=False))
 
 
 def example(tok, question, solution, tagged):

