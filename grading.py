@@ -1,8 +1,21 @@
 """
 Answer grading (NPR.md section 6): the last brace-matched \\boxed{} of a response, and an equivalence
-check for math answers: integers, decimals (relative tolerance), fractions (\\frac, \\dfrac, a/b),
-percentages, \\text{}, \\left / \\right, degrees, simple tuples and intervals, units stripped;
-symbolic equality through sympy only when sympy is importable (imported lazily).
+check for math answers: integers (leading zeros allowed: AIME writes 033), decimals (relative
+tolerance), fractions (\\frac, \\dfrac, a/b), percentages, \\binom, \\text{}, \\left / \\right,
+degrees, tuples, intervals and sets, units stripped; symbolic equality through sympy only when sympy
+is importable (imported lazily).
+
+Judgement calls (tests/test_grading.py pins each one):
+- tuples and intervals are ordered; sets \\{...\\} and bare lists "1, 2" (a list of solutions) are
+  compared unordered, as multisets, and a set equals the same bare list
+- "1,000" is a thousand (a comma between groups of three digits); "1,2" is a list
+- units go after a number: any \\text{ unit} ("m/s", "cm}^2") and words of two letters or more or
+  with a slash ("5 cm", "60 km/h"); a lone letter stays ("5 m" != "5": it may be a product)
+- a % on one side also matches its value / 100 ("50\\%" == "0.5"), but no % means no scaling
+  ("0.5" != "50"), and "50\\%" != "0.5\\%"
+- decimals match within a relative 1e-4 ("0.33333" == 1/3, "0.333" != 1/3, "3.14" != pi);
+  degrees are dropped, never converted ("90^\\circ" != pi/2)
+- a cut-off last \\boxed{ (generation ran out) falls back to the box before it
 
 Used by npr.sample_metrics (eval, grpo), distill (acceptance) and the RL reward. Standard library only.
 """
@@ -57,25 +70,31 @@ def _unwrap(s, cmds):
     return s
 
 
-_UNIT_TEXT_RE = re.compile(r"(?<=[\d}])\s*\\(?:text|mbox|mathrm)\{\s*[a-zA-Z][a-zA-Z\s.]*\}(?:\s*\^\s*\{?\d\}?)?\s*$")
-_UNIT_WORD_RE = re.compile(r"([-+]?\d[\d.,]*(?:/\d+)?)\s+(?:[a-zA-Z]{2,}\.?\s*)+(?:\^\{?\d\}?)?")
+_UNIT = r"\\(?:text|mbox|mathrm)\{\s*[a-zA-Z][a-zA-Z\s./]*\}"  # \text{ cm}, \text{ m/s}
+_UNIT_TEXT_RE = re.compile(r"(?<=[\d}])\s*" + _UNIT + r"(?:\s*(?:\^\s*\{?-?\d\}?|/\s*" + _UNIT + r"))*\s*$")
+_UNIT_WORD_RE = re.compile(r"([-+]?\d[\d.,]*(?:/\d+)?)\s+"
+                           r"(?:(?:[a-zA-Z]{2,}|[a-zA-Z]+/[a-zA-Z]+)\.?\s*)+(?:\^\{?\d\}?)?")
 
 
 def normalize_answer(s) -> str:
     """A canonical string for comparison. Percent signs are dropped here ("50\\%" -> "50");
     is_equiv remembers them and also accepts the value / 100. Trailing unit words are dropped only
-    after a plain number and when at least two letters long ("5 cm" -> "5", but "5 m" stays)."""
+    after a plain number and when at least two letters long or with a slash ("5 cm" -> "5",
+    "3 m/s" -> "3", but "5 m" stays)."""
     if s is None:
         return ""
     s = str(s).strip()
     if "\\boxed" in s or "\\fbox" in s:
         s = extract_boxed(s) or s
-    s = _UNIT_TEXT_RE.sub("", s)  # "5\text{ cm}^2" -> "5"
+    for a in ("\\!", "\\,", "\\;", "\\:", "\\qquad", "\\quad", "\\displaystyle", "\\$", "$"):
+        s = s.replace(a, "")
+    s = s.replace("\\ ", " ").replace("~", " ")
+    s = _UNIT_TEXT_RE.sub("", s)  # "5\text{ cm}^2" -> "5", "3\text{ m/s}" -> "3"
     s = _unwrap(s, ("\\text", "\\textbf", "\\textit", "\\mathrm", "\\mathbf", "\\mbox", "\\boldsymbol"))
     s = re.sub(r"\\(?:left|right)(?![a-zA-Z])", "", s)
-    for a in ("\\!", "\\,", "\\;", "\\:", "\\displaystyle", "\\$", "$"):
-        s = s.replace(a, "")
-    s = s.replace("\\ ", " ").replace("~", " ").replace("\\dfrac", "\\frac").replace("\\tfrac", "\\frac")
+    for a, b in (("\\dfrac", "\\frac"), ("\\tfrac", "\\frac"), ("\\dbinom", "\\binom"), ("\\tbinom", "\\binom"),
+                 ("\\lbrace", "\\{"), ("\\rbrace", "\\}")):
+        s = s.replace(a, b)
     s = re.sub(r"\^\s*\{?\s*\\circ\s*\}?", "", s).replace("°", "").replace("\\degree", "")
     s = s.replace("\\%", "").replace("%", "").strip().rstrip(".").strip()
     m = re.fullmatch(r"(?:[a-zA-Z]|\\[a-zA-Z]+)(?:_\{?\w+\}?)?\s*(?:=|\\in(?![a-zA-Z]))\s*(.+)", s, re.S)
@@ -100,8 +119,11 @@ def normalize_answer(s) -> str:
 
 
 def _split_seq(s):
-    """"(1,2)" -> ("()", ["1", "2"]); "[0,1)" -> ("[)", ...); bare "1,2" -> ("", [...]); else None."""
+    """"(1,2)" -> ("()", ["1", "2"]); "[0,1)" -> ("[)", ...); "\\{1,2\\}" and "\\{1\\}" -> ("{}", ...);
+    bare "1,2" -> ("", [...]); else None."""
     whole = [(s[0] + s[-1], s[1:-1])] if len(s) >= 2 and s[0] in "([" and s[-1] in ")]" else []
+    if len(s) >= 4 and s.startswith("\\{") and s.endswith("\\}"):
+        whole = [("{}", s[2:-2])]
     for outer, body in whole + [("", s)]:
         items, depth, cur = [], 0, ""
         for ch in body:
@@ -113,7 +135,7 @@ def _split_seq(s):
             else:
                 cur += ch
         else:
-            return (outer, items + [cur]) if items else None
+            return (outer, items + [cur]) if items or outer == "{}" else None
     return None
 
 
@@ -127,6 +149,7 @@ def _to_py(s):
     s = re.sub(r"(\d)[eE]([-+]?\d+)(?![\w.])", r"\1*10^{\2}", s)  # 1.5e-3
     s = re.sub(r"\\pi(?![a-zA-Z])", "(pi)", s)  # "2\pi r" -> "2(pi) r": a product either way
     s = re.sub(r"\\(sin|cos|tan|log|ln|exp)(?![a-zA-Z])", r"\1 ", s)  # "\ln2" -> "ln 2" (sympy applies it)
+    s = re.sub(r"\\binom\{(\d{1,3})\}\{(\d{1,3})\}", lambda m: str(math.comb(int(m[1]), int(m[2]))), s)
     for cmd in ("\\frac", "\\sqrt"):
         while (i := s.rfind(cmd)) >= 0:  # the last one holds no other: innermost first
             j = i + len(cmd)
@@ -147,6 +170,7 @@ def _to_py(s):
                 rep = f"(({a})**(1/({root})))" if root else f"sqrt({a})"
             s = s[:i] + rep + s[k + 1:]
     s = s.replace("^", "**").replace("{", "(").replace("}", ")")
+    s = re.sub(r"(?<![\w.])0+(?=\d)", "", s)  # "033" -> "33": Python rejects leading zeros, AIME writes them
     if re.search(r"[^\w+\-*/(). ]", s) or "__" in s or re.search(r"\.(?!\d)", s):
         return None
 
@@ -267,9 +291,12 @@ def is_equiv(pred, gold, rel_tol: float = 1e-4) -> bool:
         return True
     sa, sb = _split_seq(a), _split_seq(b)
     if sa or sb:
-        if not (sa and sb) or sa[0] != sb[0] or len(sa[1]) != len(sb[1]):
+        if not (sa and sb) or len(sa[1]) != len(sb[1]):
             return False
-        if sa[0]:
+        unordered = sa[0] in ("", "{}") and sb[0] in ("", "{}")  # a set, or a bare list of solutions
+        if sa[0] != sb[0] and not unordered:
+            return False
+        if not unordered:
             return all(is_equiv(x, y, rel_tol) for x, y in zip(sa[1], sb[1]))
         rest = list(sb[1])
         for x in sa[1]:
@@ -281,9 +308,9 @@ def is_equiv(pred, gold, rel_tol: float = 1e-4) -> bool:
     x, y = _number(a), _number(b)
     if x is not None and y is not None:
         exact = bool(re.fullmatch(r"[-+]?\d+", a) and re.fullmatch(r"[-+]?\d+", b))
-        pa, pb = "%" in str(pred), "%" in str(gold)
-        return (_num_close(x, y, rel_tol, exact) or (pa and _num_close(x / 100, y, rel_tol, False))
-                or (pb and _num_close(x, y / 100, rel_tol, False)))
+        pa, pb = "%" in str(pred), "%" in str(gold)  # both with %: the values compare as they are
+        return (_num_close(x, y, rel_tol, exact) or (pa and not pb and _num_close(x / 100, y, rel_tol, False))
+                or (pb and not pa and _num_close(x, y / 100, rel_tol, False)))
     return _symbolic_equal(a, b, rel_tol)
 
 
