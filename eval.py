@@ -19,6 +19,10 @@ Metrics (per mode):
   total work, not the critical path, so it is reported beside the one-request figure, not instead;
 - total / critical-path tokens (sum over samples of each): how much work ran side by side.
 Running both modes prints the parallel/serial ratios side by side. A JSON report is written.
+Budget: --budget total (the default, the official rule) bounds all tokens of all branches by
+--max-new-tokens, so serial and parallel get the same amount of work; --budget critical bounds the
+critical path instead (parallel may then write up to --max-branches x as many tokens in all). Each
+mode's budget is printed and stored in the report.
 Official settings: k = 8, T = 1.0, top-p 0.7 (the defaults here).
 """
 import json
@@ -44,8 +48,9 @@ class Config:
     n_problems: int = 0                 # first N problems only (0 = all)
     temperature: float = 1.0
     top_p: float = 0.7
-    max_new_tokens: int = 512           # critical-path budget per sample
-    max_total_tokens: int = 0           # all-branch budget (0 = max_branches x max_new_tokens)
+    max_new_tokens: int = 512           # token budget per sample, counted as --budget says
+    budget: str = "total"               # total: all tokens of all branches (official) | critical: the critical path
+    max_total_tokens: int = 0           # --budget critical: cap on all tokens (0 = max_branches x max_new_tokens)
     max_branches: int = 5
     batch_size: int = 256               # rows (problems x k) decoded together
     latency_n: int = 50                 # problems answered alone (batch 1) for time-to-answer (0 = skip)
@@ -144,13 +149,17 @@ def main(cfg: Config):
     report = dict(model=cfg.model, data=cfg.data, k=cfg.k, problems=len(problems))
     modes = ["serial", "parallel"] if cfg.mode == "both" else [cfg.mode]
     for mode in modes:
-        print(f"== {mode} decoding: {len(problems)} problems x {cfg.k} ==", flush=True)
+        budget = dict(budget=cfg.budget, max_new_tokens=cfg.max_new_tokens)
+        print(f"== {mode} decoding: {len(problems)} problems x {cfg.k} | budget {cfg.budget} "
+              f"({'all tokens of all branches' if cfg.budget == 'total' else 'critical path'}): "
+              f"{cfg.max_new_tokens} tokens ==", flush=True)
         params = SamplingParams(mode=mode, temperature=cfg.temperature, top_p=cfg.top_p,
-                                max_new_tokens=cfg.max_new_tokens, max_total_tokens=cfg.max_total_tokens,
-                                max_branches=cfg.max_branches, seed=cfg.seed)
+                                max_new_tokens=cfg.max_new_tokens, budget=cfg.budget,
+                                max_total_tokens=cfg.max_total_tokens, max_branches=cfg.max_branches, seed=cfg.seed)
         prompts = [chat_prompt(tok, p["question"], instruction) for p in problems]
         got, wall = sampler.generate_many(prompts, cfg.k, params, cfg.batch_size, progress=True)
         report[mode] = npr.sample_metrics([(s, p["answer"]) for p, ss in zip(problems, got) for s in ss], wall)
+        report[mode].update(budget)
         if cfg.latency_n:
             report[mode].update(one_request_latency(sampler, prompts[:cfg.latency_n], params, cfg.k))
     if len(modes) == 2:

@@ -15,8 +15,13 @@ No KV copying: every row owns one cache row; branch tokens are appended to it in
 slot per token, in the order they are decoded) and the branch mask is applied from per-slot
 metadata (parallel_attention.py). Several new tokens per row go through one forward: one per
 live branch, or a whole forced header. Slots and RoPE positions are separate quantities. The cache
-starts with room for the critical-path budget and doubles (for every row: one copy) when a row's
-branches outgrow it, up to the worst case of max_branches x budget.
+starts with room for max_new_tokens; under the critical-path budget it doubles (for every row: one
+copy) when a row's branches outgrow it, up to the cap on all tokens.
+
+Budget (SamplingParams.budget): "total" (default, the official engine's rule) ends a sample when all
+tokens of all its branches reach max_new_tokens; "critical" when its critical path does (all tokens
+then capped by max_total_tokens). Near the budget (less than fork_min_tokens left per branch) the
+engine does not fork: the block's steps are written serially in the trunk, as the official engine does.
 
 Output per sample, in the trainer's layout: response ids in canonical order (trunk, step 1 ..
 step k, trunk ...), per-token block / branch / position, a sampled-vs-forced mask, the log-prob of
@@ -42,8 +47,10 @@ class SamplingParams:
     temperature: float = 1.0         # 0 = greedy
     top_p: float = 1.0
     top_k: int = 0                   # 0 = off
-    max_new_tokens: int = 512        # budget on the critical path (longest chain of dependent tokens)
-    max_total_tokens: int = 0        # budget on all tokens of all branches; 0 = max_branches x max_new_tokens
+    max_new_tokens: int = 512        # the token budget, counted as `budget` says
+    budget: str = "total"            # "total": all tokens of all branches (official engine; OpenAI's max_tokens)
+                                     # "critical": the critical path (longest chain of dependent tokens)
+    max_total_tokens: int = 0        # budget "critical": cap on all tokens (0 = max_branches x max_new_tokens)
     max_branches: int = 5            # more numbered plans than this ends the sample as malformed
     fork_min_tokens: int = 8         # near the budget (less than this left per branch) do not fork
     repetition_penalty: float = 1.0  # inside branches only (official engine: 1.02)
@@ -130,8 +137,8 @@ class Sampler:
         self.fuse_step = None
         self.fast = None    # the StaticStep (with its KV cache and graphs) kept for the next call
         self.kept = None    # the eager step's KV cache, kept likewise
-        # KV-cache slots per row allocated at first (0 = the critical-path budget, not the worst case
-        # of max_branches x budget); when a row gets there, every row's cache doubles (up to the worst case)
+        # KV-cache slots per row allocated at first (0 = max_new_tokens, not the worst case of the
+        # all-token cap); when a row gets there, every row's cache doubles (up to the worst case)
         self.initial_slots = 0
 
     def release(self):
@@ -416,7 +423,7 @@ class Sampler:
             seeds = [params.seed * 1000003 + i for i in range(len(prompts) * n)]
         per_call = max(1, batch_rows // n)
         # bound the rows of one call by the memory of their KV cache in the worst case (a call's cache
-        # starts at the critical-path budget and grows up to it)
+        # starts at max_new_tokens and grows up to the all-token cap)
         cfg, w = self.model.config, self.model.output_weight
         slots = capacity(max(len(x) for x in prompts), [resolved(params)])
         per_row = 2 * cfg.num_hidden_layers * cfg.num_key_value_heads * cfg.head_dim * slots * w.element_size()
@@ -530,13 +537,17 @@ def capacity(L, plist, slots=None):
 
 
 def resolved(p):
-    """Checked params with the all-branch budget filled in (0 = max_branches x max_new_tokens)."""
+    """Checked params with the all-branch cap filled in: max_new_tokens under budget "total";
+    under "critical" max_total_tokens, 0 = max_branches x max_new_tokens."""
     if p.mode not in ("serial", "parallel"):
         raise ValueError(f"mode must be 'serial' or 'parallel', not {p.mode!r}")
-    if p.max_total_tokens:
-        return p
-    return SamplingParams(**{**p.__dict__, "max_total_tokens": p.max_new_tokens *
-                             (p.max_branches if p.mode == "parallel" else 1)})
+    if p.budget not in ("total", "critical"):
+        raise ValueError(f"budget must be 'total' or 'critical', not {p.budget!r}")
+    if p.budget == "total":
+        total = p.max_new_tokens
+    else:
+        total = p.max_total_tokens or p.max_new_tokens * (p.max_branches if p.mode == "parallel" else 1)
+    return SamplingParams(**{**p.__dict__, "max_total_tokens": total})
 
 
 def in_step_draw(plist, steer):
@@ -653,6 +664,7 @@ def main():
     ap.add_argument("--top-p", type=float, default=1.0)
     ap.add_argument("--top-k", type=int, default=0)
     ap.add_argument("--max-new-tokens", type=int, default=512)
+    ap.add_argument("--budget", default="total", choices=["total", "critical"], help="what --max-new-tokens counts")
     ap.add_argument("--max-branches", type=int, default=5)
     ap.add_argument("--repetition-penalty", type=float, default=1.0)
     ap.add_argument("--seed", type=int, default=0)
@@ -663,9 +675,9 @@ def main():
     model = Qwen.from_pretrained(a.model, device=a.device)
     from cli import instruction_for   # the checkpoint's own instruction (the built-in default has one)
     user = a.prompt if a.no_instruction else npr.build_prompt(a.prompt, instruction_for(a.model))
-    prompt = tok.encode(tok.render_chat([{"role": "user", "content": user}]))
+    prompt = tok.encode(tok.render_chat([{"role": "user", "content": user}], enable_thinking=False))
     params = SamplingParams(mode=a.mode, temperature=a.temperature, top_p=a.top_p, top_k=a.top_k,
-                            max_new_tokens=a.max_new_tokens, max_branches=a.max_branches,
+                            max_new_tokens=a.max_new_tokens, budget=a.budget, max_branches=a.max_branches,
                             repetition_penalty=a.repetition_penalty, seed=a.seed)
     t0 = time.perf_counter()
     samples = Sampler(model, tok).generate([prompt], n=a.n, params=params)[0]

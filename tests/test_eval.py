@@ -44,6 +44,9 @@ def test_main_both_modes_and_pipeline_report(tmp_path):
     rep = ev.main(ev.Config(model=str(tmp_path / "grpo"), data=str(data), k=2, max_new_tokens=24))
     assert set(rep) >= {"serial", "parallel", "speedup"} and rep["parallel"]["samples"] == 10
     assert json.load(open(tmp_path / "grpo" / "eval.json"))["k"] == 2
+    for mode in ("serial", "parallel"):      # the budget each mode ran, and the default bounds ALL tokens
+        assert (rep[mode]["budget"], rep[mode]["max_new_tokens"]) == ("total", 24)
+        assert rep[mode]["mean_tokens"] <= 24
     for mode in ("serial", "parallel"):      # every problem also answered alone (batch 1) for the latency
         assert rep[mode]["latency_problems"] == 5 and rep[mode]["time_to_answer_1_s"] > 0
         assert rep[mode]["latency_tokens"] > 0

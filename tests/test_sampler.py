@@ -168,12 +168,28 @@ def test_malformed_and_edge_cases_end_with_their_reason(ck, case, reason):
              "nested guideline": "<guideline>\n<plan>1: a</plan>\n<guideline>"}.get(case, two)
     branch = {"guideline in step": step_script(tok, 1, "x <guideline>"), "step in step": step_script(tok, 1, "x <step>"),
               "eos in step": ids_of(tok, "<step>\n1:", " x") + [tok.eos_id]}.get(case)
-    p = SamplingParams(max_new_tokens=40 if case == "budget in step" else 200, fork_min_tokens=1)
+    p = SamplingParams(max_new_tokens=60 if case == "budget in step" else 200, fork_min_tokens=1)
     steer = Script({0: ids_of(tok, trunk)}, {(0, 1, 1): branch} if branch else {})
     s = Sampler(model, tok).generate([chat(tok)], params=p, steer=steer)[0][0]
     assert reason in s.finish_reason, (s.finish_reason, show(s, tok))
     if case == "budget in step":
-        assert s.branch[-1] > 0 and s.stats["critical_path_tokens"] == 40
+        assert s.branch[-1] > 0 and s.stats["total_tokens"] == 60
+
+
+@pytest.mark.parametrize("budget", ["total", "critical"])
+def test_budget_counts_all_branches_or_the_critical_path(ck, budget):
+    """Default "total" (the official engine): all tokens of all branches stop at max_new_tokens, so a
+    parallel answer gets no more tokens than a serial one; "critical": the critical path does."""
+    model, tok = ck
+    trunk = ids_of(tok, "<guideline>\n<plan>1: a</plan>\n<plan>2: b</plan>\n</guideline>")
+    kw = {} if budget == "total" else dict(budget="critical")
+    sampler = Sampler(model, tok)
+    sampler.stop_ids = set()
+    s = sampler.generate([chat(tok)], params=SamplingParams(max_new_tokens=60, fork_min_tokens=1, **kw),
+                         steer=Script({0: trunk}))[0][0]
+    assert s.finish_reason == "budget" and s.stats["forks"] == 1, show(s, tok)
+    total, crit = s.stats["total_tokens"], s.stats["critical_path_tokens"]
+    assert (total, crit < 60) == (60, True) if budget == "total" else (crit, total > 60) == (60, True)
 
 
 def test_no_fork_near_the_budget(ck):
