@@ -3,9 +3,11 @@
 #   base model (toy.py) -> [stage 1: grpo.py --mode serial, with STAGE1=1] -> distill.py -> sft.py
 #   -> grpo.py (PAPO) -> eval.py of every stage in serial and parallel mode -> out/report.md
 # Every stage is an ordinary script; rerunning skips finished stages and resumes unfinished ones.
+# DRY_RUN=1 prints the commands instead of running them.
 set -euo pipefail
 cd "$(dirname "$0")"
-bash install.sh
+RUN=${DRY_RUN:+echo}
+[ -n "$RUN" ] || bash install.sh
 PY=.venv/bin/python
 OUT=${OUT:-out}
 EVAL_K=${EVAL_K:-4}
@@ -20,7 +22,7 @@ stage() {  # stage NAME command...: run it and record its wall time
   local name=$1; shift
   echo "=================== $name: $* ==================="
   local t0=$(date +%s)
-  "$@"
+  $RUN "$@"
   grep -v "^$name " "$OUT/times.txt" > "$OUT/times.tmp" || true
   echo "$name $(( $(date +%s) - t0 ))" >> "$OUT/times.tmp" && mv "$OUT/times.tmp" "$OUT/times.txt"
 }
@@ -35,6 +37,6 @@ done_ "$OUT/grpo" || stage grpo $PY grpo.py --model "$OUT/sft" --out-dir "$OUT/g
   --data "$OUT/data/train.jsonl" --eval-data "$OUT/data/test.jsonl"
 for s in base zero sft grpo; do
   [ -d "$OUT/$s" ] || continue
-  $PY eval.py --model "$OUT/$s" --data "$OUT/data/test.jsonl" --n-problems "$EVAL_N" --mode both -k "$EVAL_K" --latency-n "$LATENCY_N" --out "$OUT/$s/eval.json"
+  $RUN $PY eval.py --model "$OUT/$s" --data "$OUT/data/test.jsonl" --n-problems "$EVAL_N" --mode both -k "$EVAL_K" --latency-n "$LATENCY_N" --out "$OUT/$s/eval.json"
 done
-$PY eval.py --report "$OUT"
+$RUN $PY eval.py --report "$OUT"
