@@ -1,7 +1,7 @@
 #!/usr/bin/env bash
 # The whole NPR pipeline on the built-in default, end to end, on any machine (a 2-core CPU: ~20 min):
-#   base model (toy.py) -> [stage 1: grpo.py --mode serial, with STAGE1=1] -> distill.py -> sft.py
-#   -> grpo.py (PAPO) -> eval.py of every stage in serial and parallel mode -> out/report.md
+#   base model (toy.py) -> [stage 1: grpo.py --mode serial, with STAGE1=1] -> distill.py (from the
+#   stage-1 model, else the base) -> sft.py (from the base) -> grpo.py (PAPO) -> eval.py of every stage in serial and parallel mode -> out/report.md
 # Every stage is an ordinary script; rerunning skips finished stages and resumes unfinished ones.
 # DRY_RUN=1 prints the commands instead of running them.
 set -euo pipefail
@@ -31,7 +31,9 @@ if [ "${STAGE1:-0}" = 1 ] && ! done_ "$OUT/zero"; then
   stage stage1 $PY grpo.py --mode serial --model "$OUT/base" --out-dir "$OUT/zero" \
     --data "$OUT/data/train.jsonl" --eval-data "$OUT/data/test.jsonl" --format-reward
 fi
-stage distill $PY distill.py --model "$OUT/base" --data "$OUT/data/train.jsonl" --out "$OUT/distill/train.jsonl" ${DISTILL_ARGS:-}
+SRC="$OUT/base"   # the model the distillation samples from: the stage-1 model when there is one (the paper)
+if [ "${STAGE1:-0}" = 1 ]; then SRC="$OUT/zero"; fi
+stage distill $PY distill.py --model "$SRC" --data "$OUT/data/train.jsonl" --out "$OUT/distill/train.jsonl" ${DISTILL_ARGS:-}
 done_ "$OUT/sft" || stage sft $PY sft.py --model "$OUT/base" --data "$OUT/distill/train.jsonl" --out-dir "$OUT/sft" ${SFT_ARGS:-}
 done_ "$OUT/grpo" || stage grpo $PY grpo.py --model "$OUT/sft" --out-dir "$OUT/grpo" \
   --data "$OUT/data/train.jsonl" --eval-data "$OUT/data/test.jsonl"

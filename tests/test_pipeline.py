@@ -29,3 +29,21 @@ def test_base_distill_sft_eval(tmp_path):
 
 
 STEPS = 500
+
+
+def test_speedrun_distils_from_the_stage1_model(tmp_path):
+    """With STAGE1=1 the distillation samples from the stage-1 model (the paper), the SFT still starts
+    from the base model (NPR.md stage 2b); without it both use the base model. DRY_RUN prints the commands."""
+    import os
+    import subprocess
+    root = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+    assert subprocess.run(["bash", "-n", "speedrun.sh"], cwd=root).returncode == 0
+    for stage1, src in [("1", "zero"), ("0", "base")]:
+        out = tmp_path / stage1
+        p = subprocess.run(["bash", "speedrun.sh"], cwd=root, capture_output=True, text=True, timeout=60,
+                           env={**os.environ, "DRY_RUN": "1", "STAGE1": stage1, "OUT": str(out)})
+        assert p.returncode == 0, p.stderr
+        cmds = [line.split() for line in p.stdout.splitlines() if not line.startswith("=")]
+        model_of = {c[1]: c[c.index("--model") + 1] for c in cmds if "--model" in c and c[1] != "grpo.py"}
+        assert model_of["distill.py"] == str(out / src) and model_of["sft.py"] == str(out / "base"), model_of
+        assert (["grpo.py", "--mode", "serial"] == cmds[1][1:4]) == (stage1 == "1")
