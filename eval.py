@@ -8,7 +8,8 @@ Metrics (per mode):
 - avg@k: mean correctness over k samples per problem (last brace-matched \\boxed{}, npr.is_equiv);
 - format validity: share of samples that finished with EOS and score 0 under npr.format_score;
 - parallel trigger rate: share of samples in which at least one guideline actually forked into
-  >= 2 branches (serial mode: share whose text holds a block with >= 2 steps, i.e. would fork);
+  >= 2 branches (steps written serially near the budget do not count; serial mode: share whose text
+  holds a block with >= 2 steps, i.e. would fork);
 - branches per fork (mean over forks);
 - tokens/s counting every branch token (all tokens of all samples / wall time of generation);
 - time-to-answer, one request: the first --latency-n problems answered one at a time (one prompt,

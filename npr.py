@@ -449,14 +449,16 @@ def token_layout(pieces: list[str], start_pos: int = 0, max_branches: int = 5,
 
 def sample_metrics(samples, wall_s):
     """samples: [(Sample, gold answer)] (duck-typed: .text, .finish_reason, .stats); wall_s: generation
-    wall time. -> avg accuracy, format validity, trigger rate (a fork into >= 2 branches; for serial
-    decoding: a block with >= 2 steps in the text), branches per fork, tokens/s over every branch
-    token, time-to-answer, total/critical-path tokens, finish reasons. eval.py documents each."""
+    wall time. -> avg accuracy, format validity, trigger rate, branches per fork, tokens/s over every
+    branch token, time-to-answer, total/critical-path tokens, finish reasons. eval.py documents each.
+    Trigger: a parallel-mode sample counts only when the engine forked into >= 2 branches (a block
+    written serially near the budget does not); a serial-mode sample (stats["mode"] == "serial")
+    when its text holds a block with >= 2 steps, i.e. would have forked."""
     n = max(len(samples), 1)
     forks = [b for s, _ in samples for b in s.stats["branches_per_fork"]]
     total = sum(s.stats["total_tokens"] for s, _ in samples)
     crit = sum(s.stats["critical_path_tokens"] for s, _ in samples)
-    triggered = [any(b >= 2 for b in s.stats["branches_per_fork"]) or (not s.stats["forks"] and is_parallel(s.text))
+    triggered = [is_parallel(s.text) if s.stats.get("mode") == "serial" else any(b >= 2 for b in s.stats["branches_per_fork"])
                  for s, _ in samples]
     valid = [s.finish_reason == "eos" and format_score(s.text)[0] == 0.0 for s, _ in samples]
     return dict(

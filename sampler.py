@@ -523,7 +523,7 @@ class Sampler:
         s = Sample(prompt_ids=row.prompt, ids=col(0), sampled=col(1), logprobs=col(2), block=col(3),
                    branch=col(4), pos=col(5), finish_reason=row.finish)
         s.text = self.tok.decode(s.ids[:-1] if row.finish == "eos" else s.ids)   # without the stop token
-        s.stats = dict(total_tokens=len(recs), critical_path_tokens=row.crit, forks=len(row.forks),
+        s.stats = dict(mode=row.p.mode, total_tokens=len(recs), critical_path_tokens=row.crit, forks=len(row.forks),
                        branches_per_fork=list(row.forks), time_s=row.t_end - t0)
         return s
 

@@ -9,9 +9,9 @@ GOOD = ("<guideline>\n<plan>1: 2*3</plan>\n<plan>2: 4*5</plan>\n</guideline>\n<s
         "<step>\n2: 4*5=20\n</step>\n<takeaway>\n6+20=26.\n</takeaway>\n\\boxed{26}")
 
 
-def sample(text, finish, total, crit, forks, t):
+def sample(text, finish, total, crit, forks, t, mode="parallel"):
     return Sample(prompt_ids=[1], finish_reason=finish, text=text,
-                  stats=dict(total_tokens=total, critical_path_tokens=crit, forks=len(forks),
+                  stats=dict(mode=mode, total_tokens=total, critical_path_tokens=crit, forks=len(forks),
                              branches_per_fork=forks, time_s=t))
 
 
@@ -19,18 +19,19 @@ def test_metrics_on_known_samples():
     samples = [
         (sample(GOOD, "eos", 100, 60, [2], 1.0), "26"),                          # right, valid, forked
         (sample(GOOD.replace("{26}", "{25}"), "eos", 120, 60, [3, 1], 2.0), "26"),  # wrong, forked (3), valid
-        (sample(GOOD, "budget", 80, 80, [], 3.0), "26"),                          # serial text with 2 steps
+        (sample(GOOD, "budget", 80, 80, [], 3.0, "serial"), "26"),                # serial text with 2 steps
         (sample("no idea", "malformed: guideline with 0 numbered plans", 20, 20, [], 2.0), "7"),
+        (sample(GOOD, "budget", 80, 80, [], 2.0), "26"),    # parallel, steps written serially near the budget
     ]
     m = sample_metrics(samples, wall_s=4.0)
-    assert m["accuracy"] == pytest.approx(2 / 4)                 # the budget one still has the right box
-    assert m["format_valid"] == pytest.approx(2 / 4)             # eos + score 0
-    assert m["trigger_rate"] == pytest.approx(3 / 4)             # forks >= 2, or would fork (serial text)
+    assert m["accuracy"] == pytest.approx(3 / 5)                 # the budget ones still have the right box
+    assert m["format_valid"] == pytest.approx(2 / 5)             # eos + score 0
+    assert m["trigger_rate"] == pytest.approx(3 / 5)             # forked >= 2, or would fork (serial mode)
     assert m["branches_per_fork"] == pytest.approx((2 + 3 + 1) / 3)
-    assert m["tokens_per_s"] == pytest.approx(320 / 4.0)
-    assert m["time_to_answer_s"] == pytest.approx(8.0 / 4)
-    assert m["total_over_critical"] == pytest.approx(320 / 220)
-    assert m["finish"]["eos"] == 0.5
+    assert m["tokens_per_s"] == pytest.approx(400 / 4.0)
+    assert m["time_to_answer_s"] == pytest.approx(10.0 / 5)
+    assert m["total_over_critical"] == pytest.approx(400 / 300)
+    assert m["finish"]["eos"] == 0.4
     assert "| serial |" in table({"serial": m})
 
 

@@ -193,13 +193,15 @@ def test_budget_counts_all_branches_or_the_critical_path(ck, budget):
 
 
 def test_no_fork_near_the_budget(ck):
-    """With too little budget left, the guideline's steps are written serially (no fork)."""
+    """With too little budget left, the guideline's steps are written serially (no fork); such a
+    sample has two steps in its text but did not trigger parallel decoding."""
     model, tok = ck
     trunk = ids_of(tok, "<guideline>\n<plan>1: a</plan>\n<plan>2: b</plan>\n</guideline>")
-    p = SamplingParams(max_new_tokens=len(trunk) + 5, fork_min_tokens=8)
-    serial_steps = ids_of(tok, "<step>\n1: a b c d e f g h i j k l m n")   # allowed: this block did not fork
+    serial_steps = ids_of(tok, "\n<step>\n1: a b c</step>\n<step>\n2: d e f</step>\n")   # allowed: no fork
+    p = SamplingParams(max_new_tokens=len(trunk) + len(serial_steps) + 5, fork_min_tokens=len(serial_steps) + 10)
     s = Sampler(model, tok).generate([chat(tok)], params=p, steer=Script({0: trunk + serial_steps}))[0][0]
     assert s.stats["forks"] == 0 and set(s.branch) == {0} and s.finish_reason == "budget"
+    assert npr.is_parallel(s.text) and npr.sample_metrics([(s, "1")], 1.0)["trigger_rate"] == 0.0
 
 
 def test_seeded_runs_repeat_and_batch_rows_differ(ck):
