@@ -31,7 +31,8 @@ from dataclasses import dataclass
 import torch.distributed as dist
 
 import npr
-from cli import chat_prompt, init_distributed, instruction_for, load_for_sampling, parse_cli, print_config, read_problems
+from cli import (atomic_write, chat_prompt, init_distributed, instruction_for, load_for_sampling, parse_cli,
+                 print_config, read_problems)
 from sampler import Sampler, SamplingParams
 
 
@@ -195,15 +196,12 @@ def main(cfg: Config):
                 p = f"{cfg.out}.rank{r}"
                 rows.update({x["index"]: x for x in read_jsonl_tolerant(p)})
                 states.update(read_done(p + ".state.jsonl"))
-            with open(cfg.out, "w") as f:
-                f.write("".join(json.dumps(rows[i]) + "\n" for i in sorted(rows)))
-            with open(cfg.out + ".state.jsonl", "w") as f:
-                f.write("".join(json.dumps(states[i]) + "\n" for i in sorted(states)))
+            atomic_write(cfg.out, (json.dumps(rows[i]) + "\n" for i in sorted(rows)))
+            atomic_write(cfg.out + ".state.jsonl", (json.dumps(states[i]) + "\n" for i in sorted(states)))
             done = states
         summary = summarize(done, cfg.out, time.perf_counter() - t0)
         print(json.dumps(summary, indent=2))
-        with open(os.path.splitext(cfg.out)[0] + ".summary.json", "w") as f:
-            json.dump(summary, f, indent=2)
+        atomic_write(os.path.splitext(cfg.out)[0] + ".summary.json", json.dumps(summary, indent=2))
     if world > 1:
         dist.destroy_process_group()
 
@@ -214,7 +212,8 @@ def summarize(done, out_path, wall_s):
     reasons = Counter()
     for r in done.values():
         reasons.update(r["reasons"])
-    # dedupe the output file in place (a kill between the two appends may repeat a chunk)
+    # dedupe the output file (a kill between the two appends may repeat a chunk); the rewrite is
+    # atomic: a kill or a full disk in the middle must not empty a file the state calls done
     seen, rows = set(), []
     if os.path.isfile(out_path):
         for line in open(out_path):
@@ -225,8 +224,7 @@ def summarize(done, out_path, wall_s):
             if x["index"] not in seen:
                 seen.add(x["index"])
                 rows.append(line if line.endswith("\n") else line + "\n")
-        with open(out_path, "w") as f:
-            f.writelines(rows)
+        atomic_write(out_path, rows)
     return dict(problems=len(done), accepted=len(acc), acceptance=len(acc) / max(len(done), 1),
                 mean_tries_accepted=sum(r["tries"] for r in acc) / max(len(acc), 1),
                 rejected_tries=dict(reasons.most_common()), trajectories=len(rows), wall_s=round(wall_s, 1))

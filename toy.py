@@ -83,7 +83,7 @@ import torch
 from tqdm import tqdm
 
 import npr
-from cli import INSTRUCTION_FILE, chat_prompt, instruction_for, load_for_sampling, parse_cli
+from cli import INSTRUCTION_FILE, atomic_write, chat_prompt, instruction_for, load_for_sampling, parse_cli
 from model import Qwen, QwenConfig, Tokenizer, token_logprobs
 from sampler import Sampler, SamplingParams
 
@@ -290,8 +290,7 @@ def write_data(out_dir, n_train, n_test, seed=0, **task):
         splits[name] = rows
     os.makedirs(out_dir, exist_ok=True)
     for name, rows in splits.items():
-        with open(os.path.join(out_dir, f"{name}.jsonl"), "w") as f:
-            f.writelines(json.dumps(r) + "\n" for r in rows)
+        atomic_write(os.path.join(out_dir, f"{name}.jsonl"), (json.dumps(r) + "\n" for r in rows))
     return splits["train"], splits["test"]
 
 

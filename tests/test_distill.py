@@ -1,5 +1,6 @@
 """distill.py: acceptance (correct AND format-perfect, first one kept), resume, data layouts, errors."""
 import json
+import os
 
 import pytest
 
@@ -41,7 +42,7 @@ class FakeTok:
     def encode(self, text):
         return [ord(c) for c in text]
 
-    def render_chat(self, messages, add_generation_prompt=True):
+    def render_chat(self, messages, add_generation_prompt=True, enable_thinking=None):
         return messages[0]["content"]
 
 
@@ -147,3 +148,20 @@ def test_a_torn_last_line_is_cut_before_appending(tmp_path):
     distill.append_lines(str(p), ['{"index": 1}', '{"index": 2}'])
     assert [json.loads(x)["index"] for x in p.read_text().splitlines()] == [0, 1, 2]
     assert [r["index"] for r in distill.read_jsonl_tolerant(str(p))] == [0, 1, 2]
+
+
+def test_the_end_of_run_rewrite_never_loses_the_trajectories(tmp_path, monkeypatch):
+    import cli
+    from helpers import full_disk_open
+    out = tmp_path / "d.jsonl"
+    out.write_text('{"index": 0}\n{"index": 1}\n{"index": 0}\n')     # a chunk repeated after a kill
+    before = out.read_text()
+    done = {i: {"index": i, "accepted": True, "tries": 1, "reasons": {}} for i in (0, 1)}
+    monkeypatch.setattr(cli, "open", full_disk_open(), raising=False)   # the disk fills mid-write
+    monkeypatch.setattr(distill, "open", full_disk_open(), raising=False)
+    with pytest.raises(OSError):
+        distill.summarize(done, str(out), 1.0)
+    monkeypatch.undo()
+    assert out.read_text() == before and os.listdir(tmp_path) == ["d.jsonl"]
+    assert distill.summarize(done, str(out), 1.0)["trajectories"] == 2
+    assert out.read_text() == '{"index": 0}\n{"index": 1}\n'
