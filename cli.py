@@ -57,8 +57,14 @@ def read_problems(path, question_field="question", answer_field="answer"):
     A malformed line raises ValueError naming the file and line."""
     if not os.path.isfile(path):
         raise FileNotFoundError(f"data file not found: {path}")
-    with open(path) as f:
-        text = f.read()
+    try:
+        with open(path, encoding="utf-8") as f:
+            text = f.read()
+    except UnicodeDecodeError as e:
+        with open(path, "rb") as f:
+            line = f.read(e.start).count(b"\n") + 1
+        raise ValueError(f"{path}:{line}: not UTF-8 text (byte {e.start}): expected JSONL or JSON, "
+                         "is this a binary file?") from None
     items = None
     if text.lstrip().startswith("["):
         try:

@@ -20,7 +20,7 @@ from dataclasses import dataclass, field, replace
 import torch
 import torch.nn as nn
 import torch.nn.functional as F
-from safetensors import safe_open
+from safetensors import SafetensorError, safe_open
 from safetensors.torch import save_file
 
 from parallel_attention import Layout, attention
@@ -303,7 +303,10 @@ class Qwen(nn.Module):
     # ---- loading and saving ---------------------------------------------------------------
     @staticmethod
     def from_pretrained(path, device="cpu", dtype=None):
-        cfg = QwenConfig.from_dict(read_config(path))
+        try:
+            cfg = QwenConfig.from_dict(read_config(path))
+        except KeyError as e:
+            raise ValueError(f"{os.path.join(path, 'config.json')}: required field {e.args[0]!r} is missing") from None
         if dtype is not None:
             cfg.dtype = dtype
         with torch.device("meta"):
@@ -388,16 +391,22 @@ def read_config(path):
     cfg_path = os.path.join(path, "config.json")
     if not os.path.isfile(cfg_path):
         raise FileNotFoundError(f"no config.json in checkpoint folder {path}")
-    with open(cfg_path) as f:
-        return json.load(f)
+    return read_json(cfg_path)
+
+
+def read_json(path):
+    try:
+        with open(path, encoding="utf-8") as f:
+            return json.load(f)
+    except ValueError as e:  # JSONDecodeError (with its line and column), UnicodeDecodeError
+        raise ValueError(f"{path}: not valid JSON ({e})") from None
 
 
 def load_safetensors(path, dtype, device):
     """All tensors of a single-file or sharded checkpoint, each cast to dtype on device as it is read."""
     index = os.path.join(path, "model.safetensors.index.json")
     if os.path.isfile(index):
-        with open(index) as f:
-            files = sorted(set(json.load(f)["weight_map"].values()))
+        files = sorted(set(read_json(index)["weight_map"].values()))
     elif os.path.isfile(os.path.join(path, "model.safetensors")):
         files = ["model.safetensors"]
     else:
@@ -409,9 +418,12 @@ def load_safetensors(path, dtype, device):
         fp = os.path.join(path, name)
         if not os.path.isfile(fp):
             raise FileNotFoundError(f"shard {name} listed in the index is missing from {path}")
-        with safe_open(fp, framework="pt", device=str(device)) as f:
-            for k in f.keys():
-                state[k] = f.get_tensor(k).to(dtype)
+        try:
+            with safe_open(fp, framework="pt", device=str(device)) as f:
+                for k in f.keys():
+                    state[k] = f.get_tensor(k).to(dtype)
+        except SafetensorError as e:
+            raise ValueError(f"{fp}: not a complete safetensors file ({e}): an interrupted download or save?") from None
     return state
 
 

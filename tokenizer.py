@@ -88,8 +88,11 @@ class Tokenizer:
         config = {}
         cfg_file = os.path.join(path, "tokenizer_config.json")
         if os.path.isfile(cfg_file):
-            with open(cfg_file, encoding="utf-8") as f:
-                config = json.load(f)
+            try:
+                with open(cfg_file, encoding="utf-8") as f:
+                    config = json.load(f)
+            except ValueError as e:
+                raise ValueError(f"{cfg_file}: not valid JSON ({e})") from None
         # transformers >= 4.43 may save the template as its own file; it wins over the config's
         template = config.get("chat_template")
         jinja_file = os.path.join(path, "chat_template.jinja")
@@ -98,7 +101,11 @@ class Tokenizer:
                 template = f.read()
         if isinstance(template, list):  # named templates: [{"name": "default", "template": ...}]
             template = next((t["template"] for t in template if t.get("name") == "default"), None)
-        return cls(HFTokenizer.from_file(tk_file), config, template)
+        try:
+            tk = HFTokenizer.from_file(tk_file)
+        except Exception as e:  # the tokenizers library's error names no file
+            raise ValueError(f"{tk_file}: not a readable tokenizer.json ({e})") from None
+        return cls(tk, config, template)
 
     # ---- ids <-> text ----
 

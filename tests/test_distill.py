@@ -140,6 +140,10 @@ def test_read_problems_layouts_and_errors(tmp_path):
         read_problems(str(custom))
     with pytest.raises(FileNotFoundError):
         read_problems(str(tmp_path / "none.jsonl"))
+    binary = tmp_path / "data.parquet"                            # e.g. a parquet file passed as --data
+    binary.write_bytes(b'{"question": "a", "answer": "1"}\nPAR1\x15\x04\x15\xff\xfe\x00')
+    with pytest.raises(ValueError, match=r"data.parquet:2: not UTF-8 text"):
+        read_problems(str(binary))
 
 
 def test_a_torn_last_line_is_cut_before_appending(tmp_path):

@@ -119,8 +119,19 @@ def test_clear_errors(tmp_path):
     with pytest.raises(ValueError, match="shape mismatch: model.layers.0.mlp"):
         Qwen.from_pretrained(str(tmp_path))
     json.dump(cfg, open(tmp_path / "config.json", "w"))
+    weights = (tmp_path / "model.safetensors").read_bytes()
+    for cut in (len(weights) // 2, 0):                                  # an interrupted download or save
+        (tmp_path / "model.safetensors").write_bytes(weights[:cut])
+        with pytest.raises(ValueError, match=r"model.safetensors: not a complete safetensors file"):
+            Qwen.from_pretrained(str(tmp_path))
     os.remove(tmp_path / "model.safetensors")
     with pytest.raises(FileNotFoundError, match="no model.safetensors"):
+        Qwen.from_pretrained(str(tmp_path))
+    (tmp_path / "config.json").write_text('{"vocab_size": 97,\n "hidden_size": 64,,\n}')
+    with pytest.raises(ValueError, match=r"config.json: not valid JSON \(.*line 2"):
+        Qwen.from_pretrained(str(tmp_path))
+    json.dump({k: v for k, v in cfg.items() if k != "hidden_size"}, open(tmp_path / "config.json", "w"))
+    with pytest.raises(ValueError, match=r"config.json: required field 'hidden_size' is missing"):
         Qwen.from_pretrained(str(tmp_path))
 
 

@@ -527,6 +527,14 @@ def test_missing_folder_or_file(tmp_path):
         Tokenizer.from_pretrained(tmp_path / "nope")
     with pytest.raises(FileNotFoundError, match="tokenizer.json"):
         Tokenizer.from_pretrained(tmp_path)
+    write_checkpoint(tmp_path)
+    (tmp_path / "tokenizer_config.json").write_text('{"eos_token": "<|im_end|>",}')
+    with pytest.raises(ValueError, match=r"tokenizer_config.json: not valid JSON"):
+        Tokenizer.from_pretrained(tmp_path)
+    (tmp_path / "tokenizer_config.json").unlink()
+    (tmp_path / "tokenizer.json").write_text('{"version": "1.0", "model": ')   # cut short
+    with pytest.raises(ValueError, match=r"tokenizer.json: not a readable tokenizer.json"):
+        Tokenizer.from_pretrained(tmp_path)
 
 
 # ---------------------------------------------------------------------------------------------
