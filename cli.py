@@ -311,11 +311,13 @@ def load_for_sampling(path, device, dtype="", bf16=True):
     """-> (model, tokenizer) for the scripts that only decode (distill, eval, serve). On CUDA with bf16
     and no explicit dtype the weights are loaded in bf16 (fp32 sft/grpo checkpoints too): the
     sampler's CUDA-graph fast path then applies (it does not run under autocast)."""
-    from model import Qwen, Tokenizer
+    from model import Qwen, Tokenizer, check_vocab
     dt = {"": None, "bfloat16": torch.bfloat16, "float16": torch.float16, "float32": torch.float32}[dtype]
     if dt is None and bf16 and torch.device(device).type == "cuda":
         dt = torch.bfloat16
-    return Qwen.from_pretrained(path, device=device, dtype=dt), Tokenizer.from_pretrained(path)
+    model, tok = Qwen.from_pretrained(path, device=device, dtype=dt), Tokenizer.from_pretrained(path)
+    check_vocab(model, tok, path)
+    return model, tok
 
 
 # -----------------------------------------------------------------------------

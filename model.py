@@ -467,6 +467,17 @@ def chunked_logprobs(h, W, targets, chunk_size=2048, with_entropy=False):
     return logp
 
 
+def check_vocab(model, tokenizer, where=""):
+    """Every token id needs an embedding row: a tokenizer from another checkpoint would index past
+    the matrix mid-run (CUDA: a device-side assert). More rows than ids is normal: Qwen's files
+    have 151936 rows for 151669 ids."""
+    n_ids = max(tokenizer._tk.get_vocab(with_added_tokens=True).values()) + 1
+    if n_ids > model.config.vocab_size:
+        raise ValueError(f"{where + ': ' if where else ''}the tokenizer has {n_ids} ids but the model only "
+                         f"{model.config.vocab_size} embedding rows (config.json vocab_size): tokenizer and "
+                         "weights from different checkpoints?")
+
+
 @torch.no_grad()
 def add_special_tokens(model, tokenizer, names: dict):
     """Add each key of `names` (e.g. "<step>") as one added token (not special: decoding with

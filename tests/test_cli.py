@@ -126,3 +126,15 @@ def test_truncate_after_survives_a_fault(tmp_path, monkeypatch, fault):
     assert open(log.path).read() == before and os.listdir(tmp_path) == ["metrics.jsonl"]
     log.truncate_after(1)
     assert [json.loads(x)["step"] for x in open(log.path)] == [1]
+
+
+def test_tokenizer_with_more_ids_than_embedding_rows_is_refused_at_load(tmp_path):
+    from helpers import make_tokenizer
+    V = make_tokenizer(tmp_path / "ok")
+    make_model(tmp_path / "ok", V + 10)                 # spare rows, like Qwen's 151936 for 151669 ids
+    model, tok = cli.load_for_sampling(str(tmp_path / "ok"), "cpu")
+    assert model.config.vocab_size == V + 10 and len(tok) == V
+    make_tokenizer(tmp_path / "bad")
+    make_model(tmp_path / "bad", V - 4)
+    with pytest.raises(ValueError, match=rf"bad: the tokenizer has {V} ids but the model only {V - 4} embedding rows"):
+        cli.load_for_sampling(str(tmp_path / "bad"), "cpu")
