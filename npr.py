@@ -28,6 +28,12 @@ TAG_NAMES = {t: t[1:-1] for t in TAGS}
 TAG_RE = re.compile(r"</?(?:guideline|plan|step|takeaway)>")
 _MAX_TAG = max(len(t) for t in TAGS)
 
+# The texts the parallel engine forces (sampler.py), defined once: SFT puts its trajectories into the
+# same bytes (engine_pieces), so it teaches exactly the tokens and positions the engine produces.
+STEP_HEADER = "<step>\n{n}:"       # opens branch n (n = its plan's number)
+TAKEAWAY_HEADER = "<takeaway>\n"   # opens the trunk after the join
+SEPARATOR = "\n"                   # after </guideline> and after each </step> (unless the token ended in whitespace)
+
 INSTRUCTION = """\
 Solve the problem below. Think in rounds, and inside a round explore several lines of reasoning \
 at the same time. Mark up your reasoning with these tags:
@@ -87,7 +93,7 @@ def plan_numbers(guideline_text: str) -> list[str]:
 
 
 _NUMBER_RE = re.compile(r"\d+(?:\.\d+)?")
-_HEADER_RE = re.compile(r"\s*\d+(?:\.\d+)*\s*:")
+_HEADER_RE = re.compile(r"\s*(\d+(?:\.\d+)*)\s*:")
 
 
 def sibling_numbers(text: str, question: str = "") -> list[tuple[int, int, str]]:
@@ -287,6 +293,32 @@ def is_parallel(text_or_parsed) -> bool:
     """Parallel trigger: at least one block with >= 2 steps (a block that forked into >= 2 branches)."""
     p = parse(text_or_parsed) if isinstance(text_or_parsed, str) else text_or_parsed
     return any(len(b.steps) >= 2 for b in p.blocks)
+
+
+def engine_pieces(text: str, max_branches: int = 5) -> tuple[list[str] | None, str | None]:
+    """A well-formed response as the parallel engine writes it -> (pieces, None), else (None, why).
+    The forced texts are pieces of their own (encode each piece alone, as the engine does), so the
+    tokens are the engine's. Whitespace after </guideline>, between steps and before <takeaway>
+    becomes one SEPARATOR; each step opens with STEP_HEADER of its plan's number (a step numbered
+    otherwise is rejected); <takeaway> becomes TAKEAWAY_HEADER (one newline of the text it replaces).
+        '<guideline>..</guideline><step>1: a</step> <step> 2 : b</step><takeaway>c'
+     -> '<guideline>..</guideline>' '\\n' '<step>\\n1:' ' a</step>' '\\n' '<step>\\n2:' ' b</step>' '\\n' '<takeaway>\\n' 'c'"""
+    blocks, problems = _scan(text, max_branches)
+    if problems:
+        return None, problems[0]
+    pieces, at = [], 0
+    for bi, blk in enumerate(blocks, 1):
+        numbers = plan_numbers(text[blk.guide[0]:blk.guide[1]])
+        pieces += [text[at:blk.guide[1] + len("</guideline>")], SEPARATOR]
+        for si, (_, end, a, b) in enumerate(blk.steps):
+            m = _HEADER_RE.match(text, a, b)
+            if not m or m.group(1) != numbers[si]:
+                return None, f"block {bi} step {si + 1} does not open with its plan's number {numbers[si]}:"
+            pieces += [STEP_HEADER.format(n=numbers[si]), text[m.end():end], SEPARATOR]
+        at = blk.take[0] + text.startswith("\n", blk.take[0])
+        pieces.append(TAKEAWAY_HEADER)
+    pieces.append(text[at:])
+    return [p for p in pieces if p], None
 
 
 # -----------------------------------------------------------------------------

@@ -6,10 +6,11 @@ Our own batched KV-cache sampler, with the NPR fork/join engine (NPR.md section 
 serial mode: ordinary decoding; the tags are just text.
 parallel mode: when a row's trunk emits </guideline>, count its numbered plans (k); 0 or more than
   the cap ends the row as malformed; else fork k branches, each opened with the forced header
-  "<step>\nN:", all at the same RoPE position. Every live branch of every row is decoded in the
-  same forward. A branch ends at </step> (plus one forced "\n" separator that belongs to it).
-  When all branches of a row have ended they are joined: "<takeaway>\n" is forced in the trunk at
-  1 + the largest branch position, and decoding goes on.
+  "<step>\nN:" (npr.STEP_HEADER), all at the same RoPE position. Every live branch of every row is
+  decoded in the same forward. A branch ends at </step> (plus one forced "\n" separator, npr.SEPARATOR,
+  that belongs to it). When all branches of a row have ended they are joined: "<takeaway>\n"
+  (npr.TAKEAWAY_HEADER) is forced in the trunk at 1 + the largest branch position, and decoding goes on.
+  sft.py writes its trajectories with the same forced texts (npr.engine_pieces).
 
 No KV copying: every row owns one cache row; branch tokens are appended to it interleaved (one
 slot per token, in the order they are decoded) and the branch mask is applied from per-slot
@@ -127,7 +128,7 @@ class Sampler:
     def __init__(self, model: Qwen, tokenizer: Tokenizer):
         self.model, self.tok = model, tokenizer
         self.stop_ids = set(tokenizer.stop_ids)
-        self.newline = tokenizer.encode("\n")
+        self.newline = tokenizer.encode(npr.SEPARATOR)
         # decode step: "auto" = CUDA graphs on a GPU (not under autocast), else "eager";
         # "static" = the graphs' padded shapes run eagerly (the CPU test of the fast path)
         self.step_mode = "auto"
@@ -190,7 +191,7 @@ class Sampler:
     def fork(self, row, numbers):
         """Open one branch per numbered plan, all at the position after the trunk's last token."""
         p = row.p
-        headers = [self.tok.encode(f"<step>\n{n}:") for n in numbers]
+        headers = [self.tok.encode(npr.STEP_HEADER.format(n=n)) for n in numbers]
         longest = max(len(h) for h in headers)
         need_total = sum(len(h) for h in headers) + len(numbers) * p.fork_min_tokens
         if row.total + need_total > p.max_total_tokens or row.crit + longest + p.fork_min_tokens > p.max_new_tokens:
@@ -198,7 +199,7 @@ class Sampler:
             return
         if not row.trunk.text[-1:].isspace():   # the separator before the first step is the trunk's,
             for t in self.newline:              # as in training text ("</guideline>\n<step>")
-                row.trunk.push(t, False, 0.0, "\n")
+                row.trunk.push(t, False, 0.0, self.tok.decode_piece(t))
         row.forks.append(len(numbers))
         row.trunk.closed = True                                     # suspended until the join
         row.fork_streams = []
@@ -214,7 +215,7 @@ class Sampler:
     def join(self, row):
         """All branches closed: the takeaway opens in the trunk at 1 + the largest branch position."""
         trunk = Stream([], row.blocks, 0, max(s.next_pos for s in row.fork_streams), row.gen)
-        for t in self.tok.encode("<takeaway>\n"):
+        for t in self.tok.encode(npr.TAKEAWAY_HEADER):
             trunk.push(t, False, 0.0, self.tok.decode_piece(t))
         trunk.text = row.trunk.text + trunk.text                    # tag state continues from the old trunk
         row.trunk = trunk
@@ -279,7 +280,7 @@ class Sampler:
             st.closed = True
             if not st.text[-1:].isspace():       # keep one trailing separator, owned by the branch
                 for t in self.newline:
-                    st.push(t, False, 0.0, "\n")
+                    st.push(t, False, 0.0, self.tok.decode_piece(t))
             if all(s.closed for s in row.fork_streams):
                 self.join(row)
         else:

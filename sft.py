@@ -8,9 +8,10 @@ Stage 2b (NPR-Beta): parallel SFT on the self-distilled trajectories, with branc
 What it does (NPR.md section 4, stage 2b):
 - starts from the instruct (base) model, NOT the stage-1 model; adds the 8 tags as special tokens
   (each new row = mean of the sub-tokens of its name; tokens already present keep their rows);
-- each trajectory: prompt (chat-rendered) + response + end-of-turn; per-token block / branch /
-  position from npr.token_layout (separators belong to the branch before them), so step i never
-  sees step j != i; malformed trajectories are dropped and counted;
+- each trajectory: prompt (chat-rendered) + response + end-of-turn, the response in the parallel
+  engine's form (npr.engine_pieces: its forced headers and separators, byte for byte); per-token
+  block / branch / position from npr.token_layout (separators belong to the branch before them), so
+  step i never sees step j != i; malformed trajectories are dropped and counted (with the reason);
 - sequences are packed into rows with document ids (no padding waste, documents blind to each
   other); a sequence longer than a row is dropped and counted;
 - loss on assistant tokens only (tags included), token mean over the GLOBAL batch (all ranks,
@@ -46,9 +47,9 @@ class Config:
     data: str = "out/distill/train.jsonl"     # distill.py output (prompt / question + trajectory)
     out_dir: str = "out/sft"
     instruction: str = ""                     # to build prompts of rows that only have "question"
-    epochs: float = 5.0                       # 8 (until 2026-11-27): +145 s of SFT, grpo parallel 0.787 vs 0.769
+    epochs: float = 5.0                       # 8: +145 s of SFT, grpo parallel 0.787 vs 0.769
     batch_size: int = 16                      # sequences per optimizer step (global, all ranks)
-    row_tokens: int = 2048                    # packed row length (one micro-batch = one row)
+    row_tokens: int = 512                     # packed row length; the built-in default's documents are < 300 tokens (real runs: --row-tokens 32768)
     lr: float = 2e-3
     min_lr_frac: float = 0.0                  # cosine decays to lr * this
     warmup_frac: float = 0.05
@@ -59,6 +60,7 @@ class Config:
     grad_checkpointing: bool = False
     fsdp: bool = False                        # under torchrun: FSDP2 instead of DDP
     dtype: str = "float32"                    # weights and optimizer state (keep fp32: see --bf16)
+    save_dtype: str = ""                      # dtype of the saved checkpoint: "" = the input model's (bf16 in -> bf16 out), or float32 / bfloat16
     bf16: bool = True                         # on CUDA: matmuls in bf16 under autocast
     attn_impl: str = "auto"                   # auto | triton | sdpa | ref
     save_every: int = 0                       # steps between resumable checkpoints (0 = only at the end)
@@ -72,10 +74,15 @@ class Config:
 # Data: trajectories -> (ids, positions, block, branch, loss mask) -> packed rows
 
 def encode_example(tok, row, instruction, max_branches):
-    """-> dict(ids, pos, block, branch, loss) for prompt + response, or (None, reason)."""
+    """-> dict(ids, pos, block, branch, loss) for prompt + response, or (None, reason).
+    The response is put into the parallel engine's form (npr.engine_pieces: its forced texts, each
+    encoded alone), so SFT teaches the tokens and positions the sampler will produce."""
     user = row.get("prompt") or npr.build_prompt(row["question"], instruction)
-    prompt = tok.encode(tok.render_chat([{"role": "user", "content": user}]))
-    resp = tok.encode(row["trajectory"]) + [tok.eos_id]
+    prompt = tok.encode(tok.render_chat([{"role": "user", "content": user}], enable_thinking=False))
+    pieces, why = npr.engine_pieces(row["trajectory"], max_branches)
+    if pieces is None:
+        return None, why
+    resp = [t for p in pieces for t in tok.encode(p)] + [tok.eos_id]
     lay = npr.token_layout([tok.decode_piece(t) for t in resp], start_pos=len(prompt), max_branches=max_branches)
     if lay.problems:
         return None, lay.problems[0]

@@ -37,7 +37,8 @@ def test_encode_example_loss_mask_and_layout(setup):
     r = rows(1)[0]
     ex, why = sft.encode_example(tok, r, "Solve.", 5)
     assert why is None
-    prompt = tok.encode(tok.render_chat([{"role": "user", "content": npr.build_prompt(r["question"], "Solve.")}]))
+    prompt = tok.encode(tok.render_chat([{"role": "user", "content": npr.build_prompt(r["question"], "Solve.")}],
+                                        enable_thinking=False))
     P = len(prompt)
     assert ex["ids"][:P] == prompt and ex["loss"] == [0] * P + [1] * (len(ex["ids"]) - P)
     assert ex["ids"][-1] == tok.eos_id and set(ex["branch"]) == {0, 1, 2}
@@ -122,3 +123,39 @@ def test_two_gloo_processes_match_one(setup, tmp_path, fsdp):
     assert len(two) == len(one)
     for a, b in zip(one, two):
         assert abs(a["loss"] - b["loss"]) <= 2e-3 * max(1.0, abs(a["loss"])), (a, b)
+
+
+def test_trajectories_take_the_engines_forced_bytes(tmp_path):
+    """A sampled parallel answer, re-read from its text (and from variants without the newlines the
+    engine forces) by encode_example, gives the sampler's own ids, positions and branches: SFT
+    teaches what the engine will produce. A step numbered unlike its plan is rejected."""
+    from sampler import Sampler, SamplingParams
+    from test_sampler import Script, block_script, chat, step_script
+    model, tok = make_checkpoint(tmp_path, tags_special=True)
+    steer = Script({0: block_script(tok, ["1", "2"])},
+                   {(0, 1, 1): step_script(tok, 1, "2*3=6"), (0, 1, 2): step_script(tok, 2, "4*5=20")})
+    s = Sampler(model, tok).generate([chat(tok)], params=SamplingParams(), steer=steer)[0][0]
+    assert s.finish_reason == "eos" and s.stats["branches_per_fork"] == [2]
+    bare = (s.text.replace("</guideline>\n", "</guideline>").replace("</step>\n", "</step>")
+            .replace("<step>\n", "<step>").replace("<takeaway>\n", "<takeaway>"))
+    assert "</guideline><step>1:" in bare
+    for text in (s.text, bare, bare.replace("<step>2:", "<step>\n 2 :")):
+        ex, why = sft.encode_example(tok, dict(prompt="Compute 2*3 + 4*5.", trajectory=text), "", 5)
+        assert why is None, why
+        P = ex["loss"].index(1)
+        assert ex["ids"][P:] == s.ids and ex["pos"][P:] == [p - len(s.prompt_ids) + P for p in s.pos]
+        assert ex["branch"][P:] == s.branch and ex["block"][P:] == s.block
+    ex, why = sft.encode_example(tok, dict(prompt="x", trajectory=s.text.replace("<step>\n2:", "<step>\n3:")), "", 5)
+    assert ex is None and "step 2 does not open with its plan's number 2:" in why
+
+
+def test_a_sequence_longer_than_a_row_is_dropped_and_counted(setup, tmp_path, capsys):
+    tok = Tokenizer.from_pretrained(str(setup / "base"))
+    tok.add_special_tokens(npr.TAGS)                     # as sft.main does before encoding
+    lens = sorted(len(sft.encode_example(tok, r, "Solve.", 5)[0]["ids"]) for r in rows(8))
+    cut = lens[-1] - 1                                   # the longest ones do not fit in a row
+    assert lens[0] <= cut
+    sft.main(sft.Config(model=str(setup / "base"), data=str(setup / "train.jsonl"), out_dir=str(tmp_path),
+                        epochs=0.25, batch_size=4, row_tokens=cut, instruction="Solve."))
+    n = sum(x > cut for x in lens)
+    assert f"trajectories {8 - n} | dropped {n} {{'longer than --row-tokens {cut}': {n}}}" in capsys.readouterr().out
