@@ -10,6 +10,7 @@ import json
 import os
 import re
 import shutil
+import sys
 
 import torch
 
@@ -21,7 +22,9 @@ INSTRUCTION_FILE = "npr_instruction.txt"  # a checkpoint's own instruction (the 
 
 def parse_cli(cls, argv=None):
     """Every field of the dataclass `cls` becomes a --kebab-case flag of the field's type (bools as
-    --flag / --no-flag; one-letter fields also as -x); each field's inline comment is its help."""
+    --flag / --no-flag; one-letter fields also as -x); each field's inline comment is its help.
+    Parsing the real command line (argv None) also installs `one_line_errors`, unless --debug or
+    NPR_DEBUG=1 asks for tracebacks."""
     comments = {}
     try:
         for line in inspect.getsource(cls).splitlines():
@@ -41,7 +44,23 @@ def parse_cli(cls, argv=None):
         else:
             typ = {"int": int, "float": float, "str": str}.get(f.type, f.type)
             ap.add_argument(*flags, type=typ if callable(typ) else str, default=default, help=help_)
-    return cls(**vars(ap.parse_args(argv)))
+    ap.add_argument("--debug", action="store_true", help="show the traceback of an error (also NPR_DEBUG=1)")
+    args = vars(ap.parse_args(argv))
+    if argv is None and not args.pop("debug") and os.environ.get("NPR_DEBUG") != "1":
+        sys.excepthook = one_line_errors
+    args.pop("debug", None)
+    return cls(**args)
+
+
+def one_line_errors(typ, err, tb):
+    """Errors about the user's inputs print as one line and exit 1: ValueError (a bad value, file
+    content or field: every such error here names the file, field or line) and OSError (a missing or
+    unreadable file, a full disk). Any other exception is a bug: full traceback."""
+    if issubclass(typ, (ValueError, OSError)):
+        msg = " ".join(str(err).split())
+        print(f"error: {msg} (--debug or NPR_DEBUG=1 for the traceback)", file=sys.stderr)
+    else:
+        sys.__excepthook__(typ, err, tb)
 
 
 def print_config(cfg):

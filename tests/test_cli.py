@@ -138,3 +138,21 @@ def test_tokenizer_with_more_ids_than_embedding_rows_is_refused_at_load(tmp_path
     make_model(tmp_path / "bad", V - 4)
     with pytest.raises(ValueError, match=rf"bad: the tokenizer has {V} ids but the model only {V - 4} embedding rows"):
         cli.load_for_sampling(str(tmp_path / "bad"), "cpu")
+
+
+def test_an_input_error_is_one_line_and_debug_shows_the_traceback(tmp_path):
+    import subprocess
+    import sys
+    data = tmp_path / "p.jsonl"
+    data.write_text('{"question": "1+1?", "answer": "2"}\n')
+    root = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+    cmd = [sys.executable, os.path.join(root, "distill.py"), "--model", str(tmp_path / "nonexistent"),
+           "--data", str(data), "--out", str(tmp_path / "d.jsonl")]
+    env = {**os.environ, "OMP_NUM_THREADS": "1"}
+    env.pop("NPR_DEBUG", None)
+    p = subprocess.run(cmd, capture_output=True, text=True, timeout=120, env=env)
+    assert p.returncode != 0
+    assert p.stderr.strip().splitlines() == [
+        f"error: checkpoint folder not found: {tmp_path / 'nonexistent'} (--debug or NPR_DEBUG=1 for the traceback)"]
+    p = subprocess.run(cmd + ["--debug"], capture_output=True, text=True, timeout=120, env=env)
+    assert p.returncode != 0 and "Traceback" in p.stderr and "FileNotFoundError" in p.stderr
