@@ -46,9 +46,9 @@ def parse_cli(cls, argv=None):
             ap.add_argument(*flags, type=typ if callable(typ) else str, default=default, help=help_)
     ap.add_argument("--debug", action="store_true", help="show the traceback of an error (also NPR_DEBUG=1)")
     args = vars(ap.parse_args(argv))
-    if argv is None and not args.pop("debug") and os.environ.get("NPR_DEBUG") != "1":
+    debug = args.pop("debug") or os.environ.get("NPR_DEBUG") == "1"
+    if argv is None and not debug:
         sys.excepthook = one_line_errors
-    args.pop("debug", None)
     return cls(**args)
 
 
@@ -206,7 +206,7 @@ class JsonlLog:
 # generation settings that transformers, vLLM & co. read (generation_config.json holds the eos ids
 # generate() stops at and the sampling defaults; vocab.json + merges.txt the slow tokenizer).
 SIDE_FILES = ("tokenizer", "vocab", "merges", "special_tokens_map", "added_tokens", "chat_template",
-              "generation_config", "npr_instruction")
+              "generation_config", INSTRUCTION_FILE)
 
 
 def save_dtype(cfg, src_dir):
@@ -314,7 +314,10 @@ def save_final(model, tok, out_dir, cfg, src_dir, rank, world):
     if rank == 0:
         save_checkpoint(model, tok, out_dir, cfg, src_dir, state_dict=state, dtype=save_dtype(cfg, src_dir))
         for p in resume_folders(os.path.join(out_dir, "last")):
-            os.remove(p) if os.path.islink(p) else shutil.rmtree(p, ignore_errors=True)
+            if os.path.islink(p):
+                os.remove(p)
+            else:
+                shutil.rmtree(p, ignore_errors=True)
         print(f"saved {out_dir}", flush=True)
     if world > 1:
         dist.barrier()
