@@ -10,23 +10,36 @@ Stages 1 and 3: reinforcement learning with group rollouts, serial (NPR-Zero) or
   advantage (r - group mean) / (group std + 1e-6), clipped importance ratio with clip-higher
   (0.2 / 0.28) against the sampler's own log-probs, dynamic sampling (groups whose rewards are all
   equal are dropped and more prompts drawn until the batch is full), token-mean loss, soft overlong
-  penalty in the last --overlong-buffer tokens of the budget, no KL, no entropy bonus.
-  Reward: +1 / -1 for the answer; with --format-reward (the paper's variant; the official code
+  penalty in the last --overlong-buffer tokens of the budget, dual-clip (--clip-c 10: a token with
+  A < 0 loses at most c x |A|), no KL, no entropy bonus. Dynamic sampling looks at the score before
+  the overlong penalty (the official filter_groups.metric=score) and stops after
+  --max-sampling-rounds rounds (the official samples until the batch is full, which never ends on a
+  model that solves, or fails, every prompt; we train on the groups we have).
+  Score: +1 / -1 for the answer; with --format-reward (the paper's variant; the official code
   comments it out) a sample whose format score is not 0 gets -1 - --format-penalty whatever its
   answer, i.e. accuracy counts only when the format passes.
 --mode parallel (stage 3, PAPO): rollouts with the fork/join engine; malformed and over-budget
   rollouts are dropped before scoring (counted; --malformed penalize scores them -1 instead: with a
   model that is not yet ~100% well formed, dropping lets RL drift into malformed outputs, which no
-  reward ever pushes down); reward +1 / -1 (0 for an empty answer); advantage
+  reward ever pushes down); reward +1 / -1 (0 for an empty response); advantage
   (r - group mean) / (std of the whole batch + 1e-6); strictly on-policy loss: ratio
   exp(logp - stopgrad(logp)) == 1 (no clipping can fire), i.e. -A x (mean log-prob of the
   sequence's tokens), averaged over sequences. No KL, no reference model, no entropy term.
+Both modes: a response without \\boxed{} has no answer and scores -1 like a wrong one (the official
+grader falls back to the last number; our instruction asks for the box); an empty response scores 0.
+Standard deviations are unbiased (n - 1, torch.std as in the official trainer). A group left with
+fewer than 2 samples after the drops is dropped (the official keeps it with baseline 0: its
+advantage r / (batch std + 1e-6) is then unbounded when the batch's rewards are all equal).
 Both modes train on the exact sampled token ids with the sampler's layout (branch mask and shared
 positions; no re-tokenization). Forced tokens (step headers, takeaway opener) get no loss unless
 --train-forced. With --ratio importance, the later mini-batches of a rollout batch use the true
 ratio exp(logp - logp_sampler) with the clip (exact on CPU and with --no-rollout-copy: the sampler's
 log-probs equal the trainer's; on CUDA the bf16 rollout copy makes them agree to bf16 rounding);
 --ratio onpolicy (the paper's PAPO) sets the ratio to 1 everywhere.
+--repetition-penalty (inside branches, rollouts only) is off by default: the official engine uses
+1.02 (pass it with real checkpoints), but on the built-in task the digits a branch must repeat are
+the answer, the sampler's fast path cannot draw inside its step with it, and the samples would come
+from a distribution other than the trained policy's (the log-probs are the model's own).
 Logs one line per step, JSON lines in out_dir/metrics.jsonl, periodic eval, resumable checkpoints.
 """
 import contextlib
@@ -64,6 +77,7 @@ class Config:
     ratio: str = ""                        # onpolicy | importance ("" = onpolicy for parallel, importance for serial)
     clip_low: float = 0.2
     clip_high: float = 0.28                # clip-higher (DAPO)
+    clip_c: float = 10.0                   # dual-clip (official 10): a token with A < 0 loses at most c x |A| (0 = off)
     dynamic_sampling: bool = True          # serial mode: drop zero-variance groups, draw more prompts
     max_sampling_rounds: int = 4
     format_reward: bool = False            # serial mode: the paper's format term
@@ -76,8 +90,9 @@ class Config:
     grad_clip: float = 1.0
     temperature: float = 1.0
     top_p: float = 1.0
-    max_new_tokens: int = 400              # critical-path budget per rollout
+    max_new_tokens: int = 400              # token budget per rollout, counted as the sampler does (default: all branches)
     max_branches: int = 5
+    repetition_penalty: float = 1.0        # rollouts, inside branches (official engine: 1.02; see above)
     rollout_rows: int = 512                # rows decoded together
     eval_every: int = 20                   # steps between evaluations (0 = never)
     eval_problems: int = 200
@@ -85,6 +100,7 @@ class Config:
     resume: bool = True
     seed: int = 0
     dtype: str = "float32"                 # weights and optimizer state (keep fp32: see --bf16)
+    save_dtype: str = ""  # dtype of the saved checkpoint: "" = the input model's (bf16 in -> bf16 out), or float32 / bfloat16
     bf16: bool = True                      # on CUDA: matmuls (rollouts and training) in bf16 under autocast
     rollout_copy: bool = True              # on CUDA with --bf16: roll out from a bf16 copy of the weights (CUDA graphs)
     fsdp: bool = False                     # under torchrun: FSDP2 (fully_shard per layer) instead of DDP
@@ -97,30 +113,30 @@ class Config:
 # Rewards, advantages and the loss: the algorithm in plain sight
 
 def reward_of(sample, answer, cfg):
-    """-> (reward, dropped reason or None)."""
+    """-> (reward, score, dropped reason or None); score: the reward before the overlong penalty."""
     if cfg.mode == "parallel":
         if sample.finish_reason.startswith("malformed"):
             if cfg.malformed == "penalize":                                  # our option: a bad format is a wrong answer
-                return -1.0, None
-            return None, sample.finish_reason                                # the paper: dropped before scoring
+                return -1.0, -1.0, None
+            return None, None, sample.finish_reason                          # the paper: dropped before scoring
         if sample.finish_reason == "budget":
-            return None, "over budget"
-        if npr.extract_boxed(sample.text) in (None, ""):
-            return 0.0, None                                                 # empty answer
-        return (1.0 if npr.grade(sample.text, answer) else -1.0), None
-    r = 1.0 if npr.grade(sample.text, answer) else -1.0
+            return None, None, "over budget"
+    # an empty response is 0; any other is graded on its last \boxed{}: none at all is a wrong answer
+    score = 0.0 if not sample.text.strip() else 1.0 if npr.grade(sample.text, answer) else -1.0
+    if cfg.mode == "parallel":
+        return score, score, None
     if cfg.format_reward and (sample.finish_reason != "eos" or npr.format_score(sample.text)[0] != 0.0):
-        r = -1.0 - cfg.format_penalty                                        # accuracy counts only when well formed
+        score = -1.0 - cfg.format_penalty                                    # accuracy counts only when well formed
     L, budget = sample.stats["critical_path_tokens"], cfg.max_new_tokens
     buf = cfg.overlong_buffer if cfg.overlong_buffer >= 0 else budget // 8
-    if buf and L > budget - buf:                                             # DAPO soft overlong punishment
-        r += max(-1.0, (budget - buf - L) / buf)
-    return r, None
+    penalty = max(-1.0, (budget - buf - L) / buf) if buf and L > budget - buf else 0.0   # DAPO soft overlong
+    return score + penalty, score, None
 
 
 def std(xs):
+    """Unbiased (n - 1), as torch.std in the official trainer."""
     m = sum(xs) / len(xs)
-    return math.sqrt(sum((x - m) ** 2 for x in xs) / len(xs))
+    return math.sqrt(sum((x - m) ** 2 for x in xs) / max(len(xs) - 1, 1))
 
 
 def advantages(groups, mode, batch=None):
@@ -133,9 +149,10 @@ def advantages(groups, mode, batch=None):
     return [[(r - sum(g) / len(g)) / (std(g) + 1e-6) for r in g] for g in groups]
 
 
-def policy_loss(logp, old_logp, adv, mask, mode, ratio_kind, clip_low, clip_high, norm):
+def policy_loss(logp, old_logp, adv, mask, mode, ratio_kind, clip_low, clip_high, norm, clip_c=0.0):
     """logp/old_logp/mask (B, T); adv (B,). norm: global count (tokens for serial, sequences for
-    parallel) that the sum is divided by, so that gradient accumulation and ranks add up."""
+    parallel) that the sum is divided by, so that gradient accumulation and ranks add up.
+    clip_c > 0: dual-clip, a token with A < 0 loses at most clip_c x |A| (a huge ratio stops counting)."""
     if ratio_kind == "onpolicy":
         ratio = torch.exp(logp - logp.detach())                              # == 1, gradient of logp
     else:
@@ -145,6 +162,8 @@ def policy_loss(logp, old_logp, adv, mask, mode, ratio_kind, clip_low, clip_high
         per_tok = -ratio * A
     else:                                                                    # PPO clip with clip-higher
         per_tok = -torch.minimum(ratio * A, ratio.clamp(1 - clip_low, 1 + clip_high) * A)
+        if clip_c > 0:                                                       # dual-clip
+            per_tok = torch.where(A < 0, torch.minimum(per_tok, -clip_c * A), per_tok)
     per_tok = per_tok * mask
     if mode == "serial":                                                     # token mean (DAPO)
         return per_tok.sum() / norm
@@ -200,7 +219,8 @@ def rollout(sampler, tok, problems, order, cfg, step, instruction, rank, world):
         allpicks = [order[rng.randrange(len(order))] for _ in range(n_draw)]
         picks = [allpicks[g] for g in slots]
         params = SamplingParams(mode=cfg.mode, temperature=cfg.temperature, top_p=cfg.top_p,
-                                max_new_tokens=cfg.max_new_tokens, max_branches=cfg.max_branches, seed=cfg.seed)
+                                max_new_tokens=cfg.max_new_tokens, max_branches=cfg.max_branches,
+                                repetition_penalty=cfg.repetition_penalty, seed=cfg.seed)
         seeds = [(((cfg.seed * 1_000_003 + step) * 1009 + rounds) * 100_003 + (g if rounds == 0 else rank * n_draw + g))
                  * 1024 + j for g in slots for j in range(cfg.group_size)]
         prompts = [chat_prompt(tok, problems[i]["question"], instruction) for i in picks]
@@ -210,19 +230,19 @@ def rollout(sampler, tok, problems, order, cfg, step, instruction, rank, world):
             kept = []
             for s in samples:
                 seen.append((s, problems[i]["answer"]))
-                r, why = reward_of(s, problems[i]["answer"], cfg)
+                r, score, why = reward_of(s, problems[i]["answer"], cfg)
                 if why is None:
-                    kept.append((s, r))
+                    kept.append((s, r, score))
                 else:
                     dropped[why.split(":")[0]] = dropped.get(why.split(":")[0], 0) + 1
-            rewards = [r for _, r in kept]
+            scores = {score for _, _, score in kept}          # dynamic sampling: on the score, before the overlong penalty
             why = "group too small" if len(kept) < 2 else \
-                "zero-variance group" if cfg.mode == "serial" and cfg.dynamic_sampling and len(set(rewards)) == 1 else None
-            if why:                                              # no learning signal: dynamic sampling drops it
+                "zero-variance group" if cfg.mode == "serial" and cfg.dynamic_sampling and len(scores) == 1 else None
+            if why:                                              # no learning signal: dropped
                 dropped[why] = dropped.get(why, 0) + len(kept)
                 continue
             if len(groups) < per_rank:
-                groups.append(kept)
+                groups.append([(s, r) for s, r, _ in kept])
         need = per_rank - len(groups)
         rounds += 1
     return groups, seen, dropped, wall
@@ -347,7 +367,7 @@ def main(cfg: Config):
                         logp, ent = token_logprobs(train_model, ids, targets, pos, layout, with_entropy=True)
                         old = torch.where(torch.isnan(old), logp.detach(), old)   # forced tokens: ratio 1
                         loss = policy_loss(logp, old, A, mask, cfg.mode, ratio_kind, cfg.clip_low, cfg.clip_high,
-                                           norm.clamp(min=1)) * world            # DDP/FSDP average over ranks
+                                           norm.clamp(min=1), cfg.clip_c) * world   # DDP/FSDP average over ranks
                         ents.append(float((ent * mask).sum() / mask.sum().clamp(min=1)))
                     else:   # nothing left on this rank: a zero-weight pass keeps DDP/FSDP collectives in step
                         z = torch.zeros(1, 1, dtype=torch.long, device=dev)
