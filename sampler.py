@@ -450,9 +450,13 @@ class Sampler:
         return out, wall
 
     def sample_step(self, requests, logits, steer):
-        """Draw one token for each (row, stream) request from its logits (N, V), with its row's params."""
-        logits = logits.float()
-        logp = torch.log_softmax(logits, dim=-1)                 # the model's own distribution
+        """Draw one token for each (row, stream) request from its logits (N, V), with its row's params.
+        The log-prob recorded is the model's own (before steering and penalty), by logprob_of, the
+        decode step's head: within a few fp32 ULPs of the largest logit of the trainer's logsumexp
+        (torch's CPU log_softmax over a 152k vocabulary is ~10x further off: its fp32 sum)."""
+        logits = model_logits = logits.float()
+        if steer is not None or any(row.p.repetition_penalty != 1.0 for row, _ in requests):
+            logits = logits.clone()                              # both edit the logits in place
         if steer is not None:
             logits = steer(requests, logits)
         for i, (row, st) in enumerate(requests):
@@ -473,7 +477,7 @@ class Sampler:
             for (temp, top_p, top_k), idx in groups.items():
                 ii = torch.tensor(idx, device=logits.device)
                 toks[ii] = pick(logits[ii], temp, top_p, top_k, u[ii])
-        self.record(requests, toks.tolist(), logp.gather(1, toks[:, None]).squeeze(1).tolist())
+        self.record(requests, toks.tolist(), logprob_of(model_logits, toks).tolist())
 
     def record(self, requests, toks, lps):
         """Hand each drawn token to its stream (a row that ended on an earlier token of this step takes no more)."""
