@@ -60,6 +60,24 @@ def test_main_both_modes_and_pipeline_report(tmp_path):
     assert "grpo parallel vs base serial" in text and "1 request" in text
 
 
+def test_repetition_penalty_reaches_the_parallel_sampler(tmp_path, monkeypatch):
+    import json
+    import eval as ev
+    from helpers import make_checkpoint
+    from sampler import Sampler
+    make_checkpoint(tmp_path / "m", tags_special=True)
+    data = tmp_path / "test.jsonl"
+    data.write_text(json.dumps({"question": "Compute 2*3.", "answer": "6"}) + "\n")
+    seen, real = {}, Sampler.generate_many
+    monkeypatch.setattr(Sampler, "generate_many",
+                        lambda self, prompts, n, params, *a, **kw: seen.update({params.mode: params}) or
+                        real(self, prompts, n, params, *a, **kw))
+    rep = ev.main(ev.Config(model=str(tmp_path / "m"), data=str(data), k=1, max_new_tokens=8, latency_n=0,
+                            repetition_penalty=1.02))
+    assert seen["parallel"].repetition_penalty == 1.02 and seen["serial"].repetition_penalty == 1.0
+    assert rep["parallel"]["repetition_penalty"] == 1.02
+
+
 def test_one_request_latency_answers_like_the_batch(tmp_path):
     """The batch-1 pass is seeded like each problem's first sample: the same answers as in the batch."""
     import eval as ev
