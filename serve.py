@@ -59,9 +59,13 @@ and all rows' caches double when one row's branches outgrow it, up to the worst 
 Errors: {"error": {"message", "type", "param"}} with 400 (bad request), 404, 405, 411, 413 (body
 over --max-body-bytes), 503 (queue full), 500 (the sampler failed; the server keeps serving).
 """
+import dataclasses
+import ipaddress
 import json
 import os
 import secrets
+import select
+import socket
 import threading
 import time
 import traceback
@@ -102,6 +106,8 @@ class Config:
     max_branches: int = 5            # more numbered plans in one guideline ends the answer as malformed
     max_body_bytes: int = 1 << 20    # larger request bodies get 413
     keepalive_s: float = 15.0        # streams send an SSE comment when idle this long (finds gone clients)
+    api_key: str = ""                # /v1 needs "Authorization: Bearer <key>"; "" = $NPR_API_KEY, else no key
+    allow_no_key_on_network: bool = False  # serve a non-loopback --host without a key (anyone who reaches it may use it)
 
 
 class ApiError(Exception):
@@ -155,6 +161,11 @@ def check_messages(msgs):
         if not isinstance(content, str):
             raise ApiError(400, f"{where}.content must be a string (or a list of text parts), got "
                                 f"{json.dumps(content)[:40]}", f"{where}.content")
+        try:
+            content.encode()          # JSON's \ud800 escapes decode to lone surrogates, not valid Unicode
+        except UnicodeEncodeError as e:
+            raise ApiError(400, f"{where}.content has a lone surrogate at character {e.start} (not valid Unicode)",
+                           f"{where}.content") from None
         out.append({"role": role, "content": content})
     return out
 
@@ -168,14 +179,18 @@ def check_request(req, cfg):
     if mode not in ("parallel", "serial"):
         raise ApiError(400, f"mode must be \"parallel\" or \"serial\", got {json.dumps(mode)[:40]}", "mode")
     name = "max_tokens" if req.get("max_tokens") is not None else "max_completion_tokens"
+    kwargs = req.get("chat_template_kwargs") or {}               # vLLM's field; only the thinking switch here
+    if not isinstance(kwargs, dict) or set(kwargs) - {"enable_thinking"}:
+        raise ApiError(400, 'chat_template_kwargs supports only {"enable_thinking": true | false}',
+                       "chat_template_kwargs")
     return dict(
-        messages=msgs, mode=mode,
+        messages=msgs, mode=mode, thinking=flag(kwargs, "enable_thinking", False),
         instruction=flag(req, "npr_instruction", mode == "parallel"),
         stream=flag(req, "stream", False),
         temperature=float(number(req, "temperature", 1.0, 0.0, 2.0)),
         top_p=float(number(req, "top_p", 1.0, 0.0, 1.0, lo_open=True)),
         n=number(req, "n", 1, 1, cfg.max_n, integer=True),
-        max_tokens=number(req, name, cfg.default_max_tokens, 1, cfg.max_tokens_limit, integer=True),
+        max_tokens=number(req, name, None, 1, cfg.max_tokens_limit, integer=True),    # None: make_job decides
         seed=number(req, "seed", None, -2 ** 63, 2 ** 63 - 1, integer=True))
 
 
@@ -189,6 +204,8 @@ class SegmentText:
     def __init__(self, tok, block, branch):
         self.tok, self.block, self.branch = tok, block, branch
         self.ids, self.base, self.sent = [], 0, ""   # text of ids[:base] is all handed out; of the rest, `sent`
+        self.text = ""                               # all handed out
+        self.closed = False                          # a branch that wrote </step> (it writes nothing after)
 
     def push(self, ids, final=False):
         self.ids += ids
@@ -199,7 +216,44 @@ class SegmentText:
             self.base, self.sent = len(self.ids), ""
         else:
             self.sent = keep
+        self.text += new
+        self.closed = self.closed or (self.branch > 0 and "</step>" in self.text[-len(new) - 8:])
         return new
+
+
+class ChoiceStream:
+    """One streamed choice, two views. Live: each segment's new text per step (the `npr` pieces:
+    branches side by side). Canonical: the same text in sequence order (`content`): the lowest
+    unfinished segment streams live, later ones are held and follow in order as those before them
+    end, so joining `content` as it arrives gives message.content."""
+
+    def __init__(self, tok):
+        self.tok, self.segs, self.held, self.head = tok, {}, {}, 0
+
+    def step(self, events, drop=(), final=False):
+        """events: [(segment, records)] of one step; drop: token ids left out (the final stop token);
+        final: the row has ended -> (content, [{"segment", "block", "branch", "text"}])."""
+        pieces = []
+        for seg, recs in events:
+            st = self.segs.setdefault(seg, SegmentText(self.tok, recs[0][3], recs[0][4]))
+            st.block = recs[-1][3]                       # a trunk segment enters a block at <guideline>
+            pieces.append((seg, st.push([rec[0] for rec in recs if rec[0] not in drop])))
+        if final:                                        # a held-back half character: the row is over
+            pieces += [(seg, st.push([], final=True)) for seg, st in sorted(self.segs.items())]
+        pieces = [(seg, text) for seg, text in pieces if text]
+        for seg, text in pieces:
+            self.held[seg] = self.held.get(seg, "") + text
+        last, last_trunk = max(self.segs, default=0), max((k for k, st in self.segs.items() if not st.branch), default=0)
+        content = ""
+        while self.head in self.segs:
+            content += self.held.pop(self.head, "")
+            st = self.segs[self.head]
+            # a segment has ended when: a branch wrote </step>, a trunk forked, or the trunk went on after it
+            if not (final or st.closed or (not st.branch and self.head < last) or self.head < last_trunk):
+                break
+            self.head += 1
+        return content, [dict(segment=seg, block=self.segs[seg].block, branch=self.segs[seg].branch, text=text)
+                         for seg, text in pieces]
 
 
 class Job:
@@ -209,9 +263,9 @@ class Job:
         self.prompt, self.n, self.params, self.seed, self.stream = prompt, n, params, seed, stream
         self.id = "chatcmpl-" + uuid.uuid4().hex[:24]
         self.created = int(time.time())
-        # ("delta", i, seg, block, branch, text) | ("finish", i, why) | ("done", samples) | ("error", msg)
+        # ("delta", i, content, npr pieces) | ("finish", i, why) | ("done", samples) | ("error", msg)
         self.events = Queue()
-        self.texts = [{} for _ in range(n)]      # per choice: segment -> SegmentText
+        self.choices = []                        # streaming: a ChoiceStream per choice
         self.cancelled = False                   # set by the HTTP thread when its client is gone
 
 
@@ -223,6 +277,7 @@ class Engine:
         self.cfg = cfg or Config()
         self.tok, self.sampler, self.steer, self.name = tok, Sampler(model, tok), steer, name
         self.instruction = instruction           # None = npr.INSTRUCTION
+        self.context = model.config.raw.get("max_position_embeddings")   # RoPE positions the model was trained for
         self.device = model.output_weight.device
         self.waiting = deque()
         self.cond = threading.Condition()
@@ -241,17 +296,30 @@ class Engine:
                                "messages")
             msgs, last = list(msgs), users[-1]
             msgs[last] = {"role": "user", "content": npr.build_prompt(msgs[last]["content"], self.instruction)}
-        try:
-            prompt = self.tok.encode(self.tok.render_chat(msgs))
+        try:     # the mode is explicit: the checkpoint's own template may default to thinking
+            prompt = self.tok.encode(self.tok.render_chat(msgs, enable_thinking=req["thinking"]))
         except ValueError as e:
             raise ApiError(400, f"messages cannot be rendered with this model's chat template: {e}", "messages")
-        if len(prompt) > self.cfg.max_prompt_tokens:
-            raise ApiError(400, f"the prompt has {len(prompt)} tokens, more than the server's limit "
+        P, ctx, budget = len(prompt), self.context or float("inf"), req["max_tokens"]
+        if P > self.cfg.max_prompt_tokens:
+            raise ApiError(400, f"the prompt has {P} tokens, more than the server's limit "
                                 f"{self.cfg.max_prompt_tokens}", "messages")
+        # positions run along the critical path: the prompt + max_tokens must fit the model's context
+        # (max_position_embeddings); beyond it RoPE positions are untrained and the text is garbage
+        if P >= ctx:
+            raise ApiError(400, f"the prompt has {P} tokens, the model's context is {ctx} "
+                                f"(max_position_embeddings): no room for an answer", "messages")
+        if budget is None:
+            budget = min(self.cfg.default_max_tokens, ctx - P)       # no max_tokens given: fit what is left
+        elif P + budget > ctx:
+            raise ApiError(400, f"the prompt has {P} tokens and max_tokens is {budget}: {P + budget} positions, "
+                                f"more than the model's context {ctx} (max_position_embeddings)", "max_tokens")
         params = SamplingParams(mode=req["mode"], temperature=req["temperature"], top_p=req["top_p"],
-                                max_new_tokens=req["max_tokens"], max_branches=self.cfg.max_branches)
+                                max_new_tokens=budget, max_branches=self.cfg.max_branches)
         seed = req["seed"] if req["seed"] is not None else secrets.randbits(31)
-        return Job(prompt, req["n"], params, seed, req["stream"])
+        job = Job(prompt, req["n"], params, seed, req["stream"])
+        job.choices = [ChoiceStream(self.tok) for _ in range(job.n)] if job.stream else []
+        return job
 
     def submit(self, job):
         with self.cond:
@@ -295,23 +363,19 @@ class Engine:
         stop = self.sampler.stop_ids
 
         def on_step(events, finished):
-            eos = {r for r, why in finished if why == "eos"}
+            why, per_row = dict(finished), {}
             for r, seg, recs in events:
+                per_row.setdefault(r, []).append((seg, recs))
+            for r in sorted(per_row.keys() | why.keys()):
                 job, i = rows[r]
-                if not job.stream:
-                    continue
-                st = job.texts[i].setdefault(seg, SegmentText(self.tok, recs[0][3], recs[0][4]))
-                st.block = recs[-1][3]                     # a trunk segment enters a block at <guideline>
-                text = st.push([rec[0] for rec in recs if not (r in eos and rec[0] in stop)])  # no final stop token
-                if text:
-                    job.events.put(("delta", i, seg, st.block, st.branch, text))
-            for r, why in finished:
-                job, i = rows[r]
-                ended.add(r)
-                for seg, st in sorted(job.texts[i].items()):      # a held-back half character: the row is over
-                    if text := st.push([], final=True):
-                        job.events.put(("delta", i, seg, st.block, st.branch, text))
-                job.events.put(("finish", i, why))
+                if job.stream:                             # no final stop token in the text
+                    content, pieces = job.choices[i].step(per_row.get(r, []), stop if why.get(r) == "eos" else (),
+                                                          final=r in why)
+                    if content or pieces:
+                        job.events.put(("delta", i, content, pieces))
+                if r in why:
+                    ended.add(r)
+                    job.events.put(("finish", i, why[r]))
             return [r for r, (job, _) in enumerate(rows) if job.cancelled and r not in ended]
 
         self.counts["batches"] += 1
@@ -359,6 +423,13 @@ def usage(job, samples):
 # -----------------------------------------------------------------------------
 # HTTP: one thread per connection (ThreadingHTTPServer), HTTP/1.0 (a response ends with its connection)
 
+def is_loopback(host):
+    try:
+        return host == "localhost" or ipaddress.ip_address(host).is_loopback
+    except ValueError:
+        return False
+
+
 class Handler(BaseHTTPRequestHandler):
     server_version = "npr-serve/1"
     timeout = 60                     # socket timeout: a client that stops sending or reading is dropped
@@ -369,6 +440,34 @@ class Handler(BaseHTTPRequestHandler):
     def engine(self) -> Engine:
         return self.server.engine
 
+    def handle_one_request(self):
+        """Every request gets an answer: a client that left is one log line, anything unexpected a
+        500 with a JSON body and its traceback in the log; the connection's thread never dies silently."""
+        self.replied = False
+        try:
+            super().handle_one_request()
+        except ConnectionError as e:                      # BrokenPipe, ConnectionReset: the client left
+            self.log_message("client gone: %s", e)
+            self.close_connection = True
+        except Exception as e:
+            traceback.print_exc()
+            self.close_connection = True
+            if not self.replied:
+                try:
+                    self.send_error_json(ApiError(500, f"internal error: {type(e).__name__}", kind="server_error"))
+                except OSError:
+                    pass
+
+    def send_response(self, code, message=None):
+        self.replied = True
+        super().send_response(code, message)
+
+    def send_error(self, code, message=None, explain=None):
+        """The standard library's own errors (bad request line, unknown method, huge headers) as JSON too."""
+        self.close_connection = True
+        self.send_error_json(ApiError(code, message or self.responses.get(code, ("error",))[0],
+                                      kind="invalid_request_error" if code < 500 else "server_error"))
+
     def send_json(self, status, obj, headers=()):
         body = json.dumps(obj).encode()
         self.send_response(status)
@@ -377,21 +476,51 @@ class Handler(BaseHTTPRequestHandler):
         for k, v in headers:
             self.send_header(k, v)
         self.end_headers()
-        self.wfile.write(body)
+        if self.command != "HEAD":
+            self.wfile.write(body)
 
     def send_error_json(self, e: ApiError):
-        allow = ",".join(m for m, ps in (("GET", self.GET_PATHS), ("POST", self.POST_PATHS)) if self.path_only in ps)
         self.send_json(e.status, {"error": {"message": e.message, "type": e.kind, "param": e.param, "code": None}},
-                       [("Allow", allow)] if e.status == 405 else [])
+                       [("Allow", self.allowed())] if e.status == 405 else [])
 
     @property
     def path_only(self):
         return urlsplit(self.path).path
 
+    def allowed(self):
+        return "GET, HEAD, OPTIONS" if self.path_only in self.GET_PATHS else "POST, OPTIONS"
+
     def wrong_path(self):
         if self.path_only in self.GET_PATHS + self.POST_PATHS:
             return ApiError(405, f"{self.command} is not allowed on {self.path_only}", kind="method_not_allowed")
         return ApiError(404, f"no such path: {self.path_only}", kind="not_found")
+
+    def parse_request(self):
+        """The standard library's parsing, then who may ask: a False return sends nothing more."""
+        if not super().parse_request():
+            return False
+        host, key = self.headers.get("Host"), self.server.api_key
+        # DNS rebinding: a web page can point a name of its own at 127.0.0.1 and read the answers as
+        # same-origin; a browser always sends that name as Host, so on loopback only loopback names pass
+        if self.server.loopback and host is not None and not self.loopback_host(host):
+            self.send_error_json(ApiError(421, f"Host {host!r} is not a loopback name of this server "
+                                               f"(127.0.0.1, localhost or [::1] with port {self.server.server_address[1]})",
+                                          kind="misdirected_request"))
+            return False
+        # as vLLM: the key guards /v1; the page and /health stay open
+        given = self.headers.get("Authorization", "")
+        if key and self.path_only.startswith("/v1") and not secrets.compare_digest(given.encode(), f"Bearer {key}".encode()):
+            self.send_error_json(ApiError(401, "missing or wrong API key: send Authorization: Bearer <key>",
+                                          kind="authentication_error"))
+            return False
+        return True
+
+    def loopback_host(self, host):
+        try:
+            u = urlsplit("//" + host)
+            return is_loopback(u.hostname or "") and (u.port or 80) == self.server.server_address[1]
+        except ValueError:                                     # a port that is not a number
+            return False
 
     def do_GET(self):
         path = self.path_only
@@ -402,7 +531,8 @@ class Handler(BaseHTTPRequestHandler):
             self.send_header("Content-Type", "text/html; charset=utf-8")
             self.send_header("Content-Length", str(len(body)))
             self.end_headers()
-            self.wfile.write(body)
+            if self.command != "HEAD":
+                self.wfile.write(body)
         elif path == "/health":
             self.send_json(200, self.engine.health())
         elif path == "/v1/models":
@@ -410,6 +540,15 @@ class Handler(BaseHTTPRequestHandler):
                 {"id": self.engine.name, "object": "model", "created": 0, "owned_by": "npr"}]})
         else:
             self.send_error_json(self.wrong_path())
+
+    do_HEAD = do_GET
+
+    def do_OPTIONS(self):
+        if self.path_only not in self.GET_PATHS + self.POST_PATHS:
+            return self.send_error_json(self.wrong_path())
+        self.send_response(204)               # no CORS headers: other origins' pages stay refused
+        self.send_header("Allow", self.allowed())
+        self.end_headers()
 
     def do_other(self):
         self.send_error_json(self.wrong_path())
@@ -420,7 +559,7 @@ class Handler(BaseHTTPRequestHandler):
         size = self.headers.get("Content-Length")
         if size is None:
             raise ApiError(411, "Content-Length is required (chunked bodies are not supported)")
-        if not size.isdigit():
+        if not (size.isascii() and size.isdigit()):                  # "²".isdigit() is True
             raise ApiError(400, f"bad Content-Length: {size!r}")
         size, limit = int(size), self.engine.cfg.max_body_bytes
         if size > limit:
@@ -430,7 +569,12 @@ class Handler(BaseHTTPRequestHandler):
             while left > 0 and (chunk := self.rfile.read(min(left, 1 << 16))):
                 left -= len(chunk)
             raise ApiError(413, f"the body has {size} bytes, more than the limit {limit}")
-        return self.rfile.read(size)
+        body = self.rfile.read(size)
+        # a cross-origin page may POST text/plain without asking first; application/json needs a CORS
+        # preflight, which this server never grants
+        if self.headers.get_content_type() != "application/json":
+            raise ApiError(415, f"Content-Type must be application/json, got {self.headers.get('Content-Type')!r}")
+        return body
 
     def do_POST(self):
         if self.path_only not in self.POST_PATHS:
@@ -439,7 +583,9 @@ class Handler(BaseHTTPRequestHandler):
             body = self.read_body()
             try:
                 req = json.loads(body)
-            except (json.JSONDecodeError, UnicodeDecodeError) as e:
+            except RecursionError:
+                raise ApiError(400, "the body is not valid JSON: nested too deeply") from None
+            except ValueError as e:          # also bad UTF-8, and integers over 4300 digits
                 raise ApiError(400, f"the body is not valid JSON: {e}") from None
             job = self.engine.make_job(check_request(req, self.engine.cfg))
             self.engine.submit(job)
@@ -450,9 +596,25 @@ class Handler(BaseHTTPRequestHandler):
         else:
             self.complete(job)
 
+    def client_gone(self):
+        """An HTTP/1.0 client sends nothing after its request: a readable socket that peeks
+        end-of-file (or fails) has been closed."""
+        try:
+            return bool(select.select([self.connection], [], [], 0)[0]) and not self.connection.recv(1, socket.MSG_PEEK)
+        except OSError:
+            return True
+
     def complete(self, job):
-        while (ev := job.events.get())[0] not in ("done", "error"):
-            pass                                        # a non-streaming job only gets done / error
+        while True:
+            try:
+                ev = job.events.get(timeout=1.0)
+            except Empty:
+                if self.client_gone():
+                    job.cancelled = True                  # the worker cancels its rows at the next step
+                    return self.log_message("client gone before its answer: its rows are cancelled")
+                continue
+            if ev[0] in ("done", "error"):              # a non-streaming job only waits for these
+                break
         if ev[0] == "error":
             return self.send_error_json(ApiError(500, ev[1], kind="server_error"))
         samples = ev[1]
@@ -489,8 +651,8 @@ class Handler(BaseHTTPRequestHandler):
                     self.wfile.flush()
                     continue
                 if ev[0] == "delta":
-                    _, i, seg, block, branch, text = ev
-                    chunk(i, {"content": text, "npr": dict(segment=seg, block=block, branch=branch)})
+                    _, i, content, pieces = ev
+                    chunk(i, {"content": content, **({"npr": pieces} if pieces else {})})
                 elif ev[0] == "finish":
                     chunk(ev[1], {}, FINISH.get(ev[2], "stop"), npr_finish_reason=ev[2])
                 elif ev[0] == "error":
@@ -501,15 +663,32 @@ class Handler(BaseHTTPRequestHandler):
                     break
             self.wfile.write(b"data: [DONE]\n\n")
             self.wfile.flush()
-        except OSError:                                    # BrokenPipe, ConnectionReset, timeout
+        except OSError as e:                               # BrokenPipe, ConnectionReset, timeout
             job.cancelled = True                           # the worker cancels its rows at the next step
             self.close_connection = True
+            self.log_message("client gone mid-stream (%s): its rows are cancelled", type(e).__name__)
+
+
+class Server(ThreadingHTTPServer):
+    def __init__(self, engine, host, port):
+        self.engine, self.api_key, self.loopback = engine, engine.cfg.api_key, is_loopback(host)
+        # the listen backlog holds connections not yet accepted: sized so that a burst of every
+        # request the server may hold (waiting + running) gets answers, 503s included, not resets
+        self.request_queue_size = engine.cfg.max_queue + engine.cfg.max_batch_rows
+        super().__init__((host, port), Handler)
 
 
 def make_server(engine, host="127.0.0.1", port=8000):
-    server = ThreadingHTTPServer((host, port), Handler)
-    server.engine = engine
-    return server
+    return Server(engine, host, port)
+
+
+def api_key(cfg):
+    """--api-key, else $NPR_API_KEY; a server that other machines can reach needs one unless asked not to."""
+    key = cfg.api_key or os.environ.get("NPR_API_KEY", "")
+    if not key and not is_loopback(cfg.host) and not cfg.allow_no_key_on_network:
+        raise SystemExit(f"--host {cfg.host} lets other machines in: set --api-key KEY (or NPR_API_KEY=KEY), "
+                         f"or pass --allow-no-key-on-network to serve everyone who can reach it")
+    return key
 
 
 def default_model():
@@ -523,7 +702,8 @@ def default_model():
 
 
 def main(cfg: Config):
-    print_config(cfg)
+    print_config(dataclasses.replace(cfg, api_key="<set>" if cfg.api_key else ""))
+    cfg = dataclasses.replace(cfg, api_key=api_key(cfg))
     path = cfg.model or default_model()
     if not os.path.isfile(os.path.join(path, "config.json")):
         raise SystemExit(f"--model {path}: not a checkpoint folder (no config.json)")
@@ -538,7 +718,7 @@ def main(cfg: Config):
     server = make_server(engine, cfg.host, cfg.port)
     host, port = server.server_address[:2]
     print(f"== serving {engine.name} on http://{host}:{port}/ (page) and http://{host}:{port}/v1 (API); "
-          f"Ctrl-C stops ==", flush=True)
+          f"{'; /v1 needs the API key ' if cfg.api_key else ''}Ctrl-C stops ==", flush=True)
     try:
         server.serve_forever()
     except KeyboardInterrupt:

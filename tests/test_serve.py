@@ -15,6 +15,7 @@ import re
 import select
 import shutil
 import socket
+import struct
 import subprocess
 import sys
 import threading
@@ -27,7 +28,7 @@ from contextlib import contextmanager
 import pytest
 
 from helpers import make_checkpoint
-from serve import Config, Engine, default_model, make_server
+from serve import Config, Engine, api_key, default_model, make_server
 
 ARTIFACTS = os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))), "test-artifacts")
 USER = [{"role": "user", "content": "Compute 2*3 + 4*5."}]
@@ -92,9 +93,10 @@ def server(ck):
         yield s
 
 
-def call(url, path="/v1/chat/completions", body=None, raw=None, method=None):
+def call(url, path="/v1/chat/completions", body=None, raw=None, method=None, headers=()):
     data = raw if raw is not None else (json.dumps(body).encode() if body is not None else None)
-    req = urllib.request.Request(url + path, data=data, method=method, headers={"Content-Type": "application/json"})
+    req = urllib.request.Request(url + path, data=data, method=method,
+                                 headers={"Content-Type": "application/json", **dict(headers)})
     try:
         with urllib.request.urlopen(req, timeout=60) as r:
             return r.status, json.load(r), r.headers
@@ -106,7 +108,8 @@ def stream(url, body):
     """POST with stream: true -> the decoded chunks, up to data: [DONE]."""
     u = urllib.parse.urlsplit(url)
     conn = http.client.HTTPConnection(u.hostname, u.port, timeout=60)
-    conn.request("POST", "/v1/chat/completions", json.dumps({**body, "stream": True}))
+    conn.request("POST", "/v1/chat/completions", json.dumps({**body, "stream": True}),
+                 {"Content-Type": "application/json"})
     r = conn.getresponse()
     assert r.status == 200 and r.headers["Content-Type"] == "text/event-stream"
     chunks = []
@@ -119,14 +122,26 @@ def stream(url, body):
 
 
 def reassemble(chunks, n):
-    """Per choice: the content deltas joined per segment, segments in order (their canonical order)."""
+    """Per choice: the live pieces (delta.npr) joined per segment, segments in order (their canonical order)."""
     segs = [{} for _ in range(n)]
     for c in chunks:
         for ch in c["choices"]:
-            if ch["delta"].get("content"):
-                npr = ch["delta"]["npr"]
-                segs[ch["index"]][npr["segment"]] = segs[ch["index"]].get(npr["segment"], "") + ch["delta"]["content"]
+            for p in ch["delta"].get("npr", []):
+                segs[ch["index"]][p["segment"]] = segs[ch["index"]].get(p["segment"], "") + p["text"]
     return ["".join(s[k] for k in sorted(s)) for s in segs]
+
+
+def joined(chunks, n):
+    """Per choice: delta.content joined in arrival order, as every OpenAI client does."""
+    out = [""] * n
+    for c in chunks:
+        for ch in c["choices"]:
+            out[ch["index"]] += ch["delta"].get("content") or ""
+    return out
+
+
+def pieces(chunks, index=0):
+    return [p for c in chunks for ch in c["choices"] if ch["index"] == index for p in ch["delta"].get("npr", [])]
 
 
 def without_time(structure):
@@ -163,7 +178,7 @@ def test_stream_reassembled_equals_completion(server, temperature, n):
     assert status == 200, plain
     chunks = stream(url, body)
     contents = [ch["message"]["content"] for ch in plain["choices"]]
-    assert reassemble(chunks, n) == contents
+    assert reassemble(chunks, n) == contents and joined(chunks, n) == contents
     if n > 1:
         assert len(set(contents)) > 1                 # rows draw from their own streams
     finishes = {ch["index"]: ch["finish_reason"] for c in chunks for ch in c["choices"] if ch["finish_reason"]}
@@ -171,13 +186,10 @@ def test_stream_reassembled_equals_completion(server, temperature, n):
     last = chunks[-1]
     assert last["choices"] == [] and last["usage"] == plain["usage"] and last["seed"] == 11
     assert [without_time(s) for s in last["npr"]] == [without_time(ch["npr"]) for ch in plain["choices"]]
-    # the two branches stream side by side: their deltas interleave (segment 1 resumes after segment 2)
-    order = [ch["delta"]["npr"]["segment"] for c in chunks for ch in c["choices"]
-             if ch["index"] == 0 and ch["delta"].get("content")]
+    # the two branches stream side by side: their live pieces interleave (segment 1 resumes after segment 2)
+    order = [p["segment"] for p in pieces(chunks)]
     assert {1, 2} <= set(order) and any(a == 2 and b == 1 for a, b in zip(order, order[1:]))
-    branches = {ch["delta"]["npr"]["segment"]: ch["delta"]["npr"]["branch"] for c in chunks for ch in c["choices"]
-                if ch["index"] == 0 and ch["delta"].get("content")}
-    assert branches == {0: 0, 1: 1, 2: 2, 3: 0}
+    assert {p["segment"]: p["branch"] for p in pieces(chunks)} == {0: 0, 1: 1, 2: 2, 3: 0}
 
 
 def test_serial_mode_does_not_fork(server):
@@ -186,8 +198,8 @@ def test_serial_mode_does_not_fork(server):
     status, plain, _ = call(url, body=body)
     assert status == 200 and plain["choices"][0]["npr"]["stats"]["forks"] == 0
     chunks = stream(url, body)
-    assert {ch["delta"]["npr"]["branch"] for c in chunks for ch in c["choices"] if ch["delta"].get("content")} == {0}
-    assert reassemble(chunks, 1) == [plain["choices"][0]["message"]["content"]]
+    assert {p["branch"] for p in pieces(chunks)} == {0}
+    assert reassemble(chunks, 1) == joined(chunks, 1) == [plain["choices"][0]["message"]["content"]]
 
 
 def test_concurrent_clients_are_batched_and_match_alone(ck):
@@ -237,6 +249,9 @@ BAD = [  # (case, body or raw bytes, status, param, words the message must conta
     ("stream not a bool", {"messages": USER, "stream": "yes"}, 400, "stream", "true or false"),
     ("npr_instruction not a bool", {"messages": USER, "npr_instruction": 1}, 400, "npr_instruction", "true or false"),
     ("instruction without a user turn", {"messages": [{"role": "system", "content": "x"}]}, 400, "messages", "user"),
+    ("lone surrogate", b'{"messages": [{"role": "user", "content": "x\\ud800"}]}', 400, "messages[0].content", "surrogate"),
+    ("unknown chat_template_kwargs", {"messages": USER, "chat_template_kwargs": {"x": 1}}, 400, "chat_template_kwargs",
+     "enable_thinking"),
     ("body too large", {"messages": [{"role": "user", "content": "x" * 5000}]}, 413, None, "limit 4096"),
 ]
 
@@ -254,7 +269,7 @@ def test_wrong_paths_methods_and_headers(server):
     url, _ = server
     assert call(url, "/nope")[0] == 404
     status, r, headers = call(url)                                       # GET on the completions path
-    assert status == 405 and headers["Allow"] == "POST" and "GET" in r["error"]["message"]
+    assert status == 405 and headers["Allow"] == "POST, OPTIONS" and "GET" in r["error"]["message"]
     assert call(url, "/health", body={})[0] == 405
     assert call(url, method="DELETE")[0] == 405
     u = urllib.parse.urlsplit(url)
@@ -304,11 +319,12 @@ def test_disconnect_mid_stream_cancels_the_rows(ck):
         u = urllib.parse.urlsplit(url)
         body = json.dumps({"messages": USER, "stream": True, "n": 2, "max_tokens": 2000}).encode()
         sock = socket.create_connection((u.hostname, u.port), timeout=30)
-        sock.sendall(b"POST /v1/chat/completions HTTP/1.0\r\nContent-Length: %d\r\n\r\n" % len(body) + body)
+        sock.sendall(b"POST /v1/chat/completions HTTP/1.0\r\nContent-Type: application/json\r\n"
+                     b"Content-Length: %d\r\n\r\n" % len(body) + body)
         lines = sock.makefile("rb")
         t0, seen = time.time(), 0
         for line in lines:                   # leave after a few deltas (the whole answer: ~10 s)
-            seen += line.startswith(b"data: ") and b'"npr": {"segment"' in line
+            seen += line.startswith(b"data: ") and b'"npr": [{"segment"' in line
             if seen >= 5:
                 break
         lines.close()
@@ -320,6 +336,197 @@ def test_disconnect_mid_stream_cancels_the_rows(ck):
         status, r, _ = call(url, body={"messages": USER, "max_tokens": 20})    # and the next request is served
         assert status == 200 and r["choices"][0]["finish_reason"] == "length"
         assert call(url, "/health")[1]["running_rows"] == 0
+
+
+def raw(url, head, body=b""):
+    """Bytes in, the whole answer out (HTTP/1.0: the server closes) -> (status, headers, body);
+    status None when the server closed without a word."""
+    u = urllib.parse.urlsplit(url)
+    with socket.create_connection((u.hostname, u.port), timeout=30) as s:
+        s.sendall(head + b"\r\n\r\n" + body)
+        data = b""
+        while chunk := s.recv(1 << 16):
+            data += chunk
+    head, _, body = data.partition(b"\r\n\r\n")
+    if not head:
+        return None, {}, b""
+    lines = head.decode("latin-1").split("\r\n")
+    return int(lines[0].split()[1]), dict(line.split(": ", 1) for line in lines[1:]), body
+
+
+def post(url, body, headers=b"Content-Type: application/json", length=None):
+    length = str(len(body)).encode() if length is None else length
+    return raw(url, b"POST /v1/chat/completions HTTP/1.0\r\n" + headers + b"\r\nContent-Length: " + length, body)
+
+
+KILLERS = [  # (case, body, Content-Length or None, status, words): each once ended the handler without an answer
+    ("lone surrogate", b'{"messages": [{"role": "user", "content": "\\ud800"}]}', None, 400, "lone surrogate"),
+    ("5000-digit integer", b'{"messages": [], "seed": ' + b"7" * 5000 + b"}", None, 400, "digits"),
+    ("JSON nested 100k deep", b"[" * 100_000 + b"]" * 100_000, None, 400, "nested too deeply"),
+    ("Content-Length of a superscript two", b"{}", "²".encode("latin-1"), 400, "Content-Length"),
+]
+
+
+def test_inputs_that_killed_the_handler_get_answers(ck, monkeypatch, capfd):
+    with serving(ck, max_body_bytes=1 << 20) as (url, engine):
+        for case, body, length, status, words in KILLERS:
+            got, _, answer = post(url, body, length=length)
+            assert got == status and words in json.loads(answer)["error"]["message"], (case, got, answer[:200])
+        monkeypatch.setattr(engine, "make_job", lambda req: 1 / 0)          # the truly unexpected
+        got, headers, answer = post(url, json.dumps({"messages": USER}).encode())
+        assert got == 500 and headers["Content-Type"] == "application/json", answer
+        assert json.loads(answer)["error"] == {"message": "internal error: ZeroDivisionError", "type": "server_error",
+                                               "param": None, "code": None}
+        monkeypatch.undo()
+        status, r, _ = call(url, body={"messages": USER, "max_tokens": 20})   # and the server goes on
+        assert status == 200 and engine.worker.is_alive()
+    assert capfd.readouterr().err.count("Traceback") == 1                    # the 500's, for whoever debugs it
+
+
+def test_burst_of_50_clients_gets_200s_and_503s_not_resets(ck):
+    gate = threading.Event()
+    with serving(ck, steer=Shape(ck[1], gate=gate), max_queue=40, max_batch_rows=10) as (url, engine):
+        body = json.dumps({"messages": USER, "max_tokens": 30}).encode()
+        got, start = [], threading.Barrier(50)
+
+        def client():
+            start.wait()
+            try:
+                got.append(post(url, body)[0])
+            except OSError as e:                     # a reset, or a connection the server never took
+                got.append(type(e).__name__)
+        threads = [threading.Thread(target=client, daemon=True) for _ in range(50)]
+        for t in threads:
+            t.start()
+        # the worker holds its first batch at the gate: every client is soon answered 503 or has its place
+        # (~0.1 s; connections left outside a full backlog retry for seconds, or time out)
+        t0 = time.time()
+        try:
+            while (placed := len(got) + engine.health()["waiting"] + engine.counts["running_rows"]) < 50:
+                assert time.time() - t0 < 5, f"after 5 s {placed} of 50 clients are answered or queued: {got}"
+                time.sleep(0.02)
+        finally:
+            gate.set()
+        for t in threads:
+            t.join(60)
+        assert len(got) == 50 and set(got) == {200, 503}, sorted(map(str, got))
+
+
+def test_api_key_guards_the_api(ck):
+    with serving(ck, api_key="s3cret") as (url, _):
+        for headers in ((), [("Authorization", "Bearer wrong")], [("Authorization", "s3cret")]):
+            status, r, _ = call(url, body={"messages": USER, "max_tokens": 5}, headers=headers)
+            assert status == 401 and r["error"]["type"] == "authentication_error" and "Bearer" in r["error"]["message"]
+            assert call(url, "/v1/models", headers=headers)[0] == 401
+        status, r, _ = call(url, body={"messages": USER, "max_tokens": 5}, headers=[("Authorization", "Bearer s3cret")])
+        assert status == 200 and r["choices"][0]["message"]["content"]
+        assert call(url, "/health")[0] == 200                       # as vLLM: only /v1 needs the key
+        with urllib.request.urlopen(url + "/", timeout=10) as page:
+            assert page.status == 200
+
+
+def test_network_host_needs_a_key_or_an_explicit_flag(monkeypatch):
+    monkeypatch.delenv("NPR_API_KEY", raising=False)
+    for host in ("0.0.0.0", "192.168.1.5", "::"):
+        with pytest.raises(SystemExit, match="--api-key.*--allow-no-key-on-network"):
+            api_key(Config(host=host))
+    assert api_key(Config(host="0.0.0.0", allow_no_key_on_network=True)) == ""
+    assert api_key(Config(host="0.0.0.0", api_key="k")) == "k"
+    assert api_key(Config(host="127.0.0.1")) == api_key(Config(host="localhost")) == ""
+    monkeypatch.setenv("NPR_API_KEY", "from-env")
+    assert api_key(Config(host="0.0.0.0")) == "from-env"
+
+
+def test_posts_must_be_json_and_host_a_loopback_name(server):
+    url, _ = server
+    body, port = json.dumps({"messages": USER, "max_tokens": 5}).encode(), urllib.parse.urlsplit(url).port
+    for headers in (b"Content-Type: text/plain", b"X-Nothing: 1"):          # what a cross-origin form can send
+        status, _, answer = post(url, body, headers)
+        assert status == 415 and "application/json" in json.loads(answer)["error"]["message"]
+    assert post(url, body, b"Content-Type: application/json; charset=utf-8")[0] == 200
+    for host in (b"localhost:%d" % port, b"127.0.0.1:%d" % port, b"[::1]:%d" % port):
+        assert raw(url, b"GET /health HTTP/1.0\r\nHost: " + host)[0] == 200
+    for host in (b"evil.example:%d" % port, b"127.0.0.1:%d" % (port + 1), b"localhost", b"localhost:x"):
+        for request in (b"GET / HTTP/1.0", b"POST /v1/chat/completions HTTP/1.0\r\nContent-Type: application/json"):
+            status, _, answer = raw(url, request + b"\r\nHost: " + host + b"\r\nContent-Length: %d" % len(body), body)
+            assert status == 421 and "loopback" in json.loads(answer)["error"]["message"], host
+
+
+def test_prompt_over_the_model_context_is_refused(ck, monkeypatch):
+    with serving(ck) as (url, _):
+        P = call(url, body={"messages": USER, "max_tokens": 1})[1]["usage"]["prompt_tokens"]
+    ctx = P + 20
+    monkeypatch.setitem(ck[0].config.raw, "max_position_embeddings", ctx)
+    with serving(ck, steer=Shape(ck[1], end=False)) as (url, _):
+        status, r, _ = call(url, body={"messages": [{"role": "user", "content": "Compute 2*3. " * 10}]})
+        assert status == 400 and r["error"]["param"] == "messages", r
+        assert f"context is {ctx} (max_position_embeddings)" in r["error"]["message"]
+        status, r, _ = call(url, body={"messages": USER, "max_tokens": 21})
+        assert status == 400 and r["error"]["param"] == "max_tokens"
+        assert f"{P} tokens and max_tokens is 21: {P + 21} positions" in r["error"]["message"], r
+        status, r, _ = call(url, body={"messages": USER})             # no max_tokens: the budget is what is left
+        assert status == 200 and r["choices"][0]["finish_reason"] == "length"
+        assert r["choices"][0]["npr"]["stats"]["critical_path_tokens"] == ctx - P
+
+
+def test_openai_sdk_joins_streamed_content_into_the_answer(server):
+    openai = pytest.importorskip("openai")
+    url, _ = server
+    client = openai.OpenAI(base_url=url + "/v1", api_key="unused", max_retries=0, timeout=60)
+    kw = dict(model="tiny", messages=USER, temperature=1.0, top_p=0.9, seed=11, max_tokens=100, n=2)
+    plain = [c.message.content for c in client.chat.completions.create(**kw).choices]
+    texts = ["", ""]
+    for chunk in client.chat.completions.create(stream=True, **kw):
+        for ch in chunk.choices:
+            texts[ch.index] += ch.delta.content or ""
+    assert texts == plain and "<step>\n1:" in plain[0] and "<step>\n2:" in plain[0]
+
+
+def test_clients_that_leave_cost_one_log_line_and_their_rows(ck, capfd):
+    with serving(ck, steer=Shape(ck[1], end=False, delay=0.005), max_tokens_limit=2000) as (url, engine):
+        u = urllib.parse.urlsplit(url)
+        body = json.dumps({"messages": USER, "n": 2, "max_tokens": 2000}).encode()   # not streaming: ~10 s
+        with socket.create_connection((u.hostname, u.port), timeout=30) as sock:
+            sock.sendall(b"POST /v1/chat/completions HTTP/1.0\r\nContent-Type: application/json\r\n"
+                         b"Content-Length: %d\r\n\r\n" % len(body) + body)
+            t0 = time.time()
+            while engine.counts["running_rows"] < 2:
+                assert time.time() - t0 < 10, engine.health()
+                time.sleep(0.02)
+        t0 = time.time()
+        while engine.counts["running_rows"] or engine.counts["cancelled_rows"] < 2:
+            assert time.time() - t0 < 5, engine.health()
+            time.sleep(0.02)
+        for _ in range(3):                    # clients that reset the connection right after asking
+            with socket.create_connection((u.hostname, u.port), timeout=30) as sock:
+                sock.setsockopt(socket.SOL_SOCKET, socket.SO_LINGER, struct.pack("ii", 1, 0))
+                sock.sendall(b"GET /health HTTP/1.0\r\n\r\n")
+        assert call(url, "/health")[1]["errors"] == 0
+    err = capfd.readouterr().err
+    assert "Traceback" not in err and "client gone before its answer" in err, err[-3000:]
+
+
+def test_head_options_and_unknown_methods_get_proper_answers(server):
+    url, _ = server
+    status, headers, body = raw(url, b"HEAD / HTTP/1.0")
+    assert status == 200 and headers["Content-Type"].startswith("text/html") and int(headers["Content-Length"]) > 1000
+    assert body == b""
+    status, headers, body = raw(url, b"HEAD /health HTTP/1.0")
+    assert status == 200 and headers["Content-Type"] == "application/json" and body == b""
+    status, headers, body = raw(url, b"OPTIONS /v1/chat/completions HTTP/1.0")
+    assert status == 204 and headers["Allow"] == "POST, OPTIONS" and body == b""
+    assert raw(url, b"OPTIONS /nope HTTP/1.0")[0] == 404
+    status, headers, body = raw(url, b"BREW / HTTP/1.0")
+    assert status == 501 and headers["Content-Type"] == "application/json" and "BREW" in json.loads(body)["error"]["message"]
+
+
+def test_thinking_mode_is_explicit(server, monkeypatch):
+    url, engine = server
+    seen, render = [], engine.tok.render_chat
+    monkeypatch.setattr(engine.tok, "render_chat", lambda msgs, **kw: seen.append(kw) or render(msgs, **kw))
+    for extra, thinking in (({}, False), ({"chat_template_kwargs": {"enable_thinking": True}}, True)):
+        assert call(url, body={"messages": USER, "max_tokens": 5, **extra})[0] == 200
+        assert seen[-1] == {"enable_thinking": thinking}
 
 
 def test_default_model_is_the_newest_stage(tmp_path, monkeypatch):
