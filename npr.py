@@ -490,8 +490,8 @@ def sample_metrics(samples, wall_s):
     forks = [b for s, _ in samples for b in s.stats["branches_per_fork"]]
     total = sum(s.stats["total_tokens"] for s, _ in samples)
     crit = sum(s.stats["critical_path_tokens"] for s, _ in samples)
-    triggered = [is_parallel(s.text) if s.stats.get("mode") == "serial" else any(b >= 2 for b in s.stats["branches_per_fork"])
-                 for s, _ in samples]
+    triggered = [is_parallel(s.text) if s.stats.get("mode") == "serial"
+                 else any(b >= 2 for b in s.stats["branches_per_fork"]) for s, _ in samples]
     valid = [s.finish_reason == "eos" and format_score(s.text)[0] == 0.0 for s, _ in samples]
     return dict(
         samples=len(samples),

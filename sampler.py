@@ -453,7 +453,7 @@ class Sampler:
         """Draw one token for each (row, stream) request from its logits (N, V), with its row's params.
         The log-prob recorded is the model's own (before steering and penalty), by logprob_of, the
         decode step's head: within a few fp32 ULPs of the largest logit of the trainer's logsumexp
-        (torch's CPU log_softmax over a 152k vocabulary is ~10x further off: its fp32 sum)."""
+        (torch's CPU log_softmax over a 152k vocabulary is several times further off: its fp32 sum)."""
         logits = model_logits = logits.float()
         if steer is not None or any(row.p.repetition_penalty != 1.0 for row, _ in requests):
             logits = logits.clone()                              # both edit the logits in place
