@@ -312,3 +312,17 @@ def test_sibling_numbers():
     assert npr.sibling_numbers("no blocks at all 92 92", q) == []
     one_digit = head + steps("1: 2*1=2", "2: 17*6=102. 2+102=104") + tail                # a 1-digit result: not evidence
     assert npr.sibling_numbers(one_digit, "Compute 17*6 + 2*1.") == []
+
+
+def test_engine_pieces_put_a_response_into_the_engines_form():
+    """The canonical text keeps GOOD as it is; other spacing around the forced texts becomes the
+    engine's; the forced texts are pieces of their own; a step numbered unlike its plan is rejected."""
+    pieces, why = npr.engine_pieces(GOOD)
+    assert why is None and "".join(pieces) == GOOD
+    forced = [npr.STEP_HEADER.format(n=1), npr.STEP_HEADER.format(n=2), npr.TAKEAWAY_HEADER]
+    assert all(f in pieces for f in forced) and pieces.count(npr.SEPARATOR) >= 3
+    squeezed = (GOOD.replace("</guideline>\n", "</guideline>").replace("</step>\n", "</step> ")
+                .replace("<step>\n", "<step>").replace("<takeaway>\n", "<takeaway>"))
+    assert "</guideline><step>1:" in squeezed and "".join(npr.engine_pieces(squeezed)[0]) == GOOD
+    assert npr.engine_pieces(GOOD.replace("<step>\n2:", "<step>\n3:")) == (None, "block 1 step 2 does not open with its plan's number 2:")
+    assert npr.engine_pieces("<guideline>\n<plan>1: a</plan>\n")[0] is None
