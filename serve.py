@@ -503,15 +503,15 @@ class Handler(BaseHTTPRequestHandler):
         # DNS rebinding: a web page can point a name of its own at 127.0.0.1 and read the answers as
         # same-origin; a browser always sends that name as Host, so on loopback only loopback names pass
         if self.server.loopback and host is not None and not self.loopback_host(host):
-            self.send_error_json(ApiError(421, f"Host {host!r} is not a loopback name of this server "
-                                               f"(127.0.0.1, localhost or [::1] with port {self.server.server_address[1]})",
-                                          kind="misdirected_request"))
+            self.refuse(ApiError(421, f"Host {host!r} is not a loopback name of this server "
+                                    f"(127.0.0.1, localhost or [::1] with port {self.server.server_address[1]})",
+                                 kind="misdirected_request"))
             return False
         # as vLLM: the key guards /v1; the page and /health stay open
         given = self.headers.get("Authorization", "")
         if key and self.path_only.startswith("/v1") and not secrets.compare_digest(given.encode(), f"Bearer {key}".encode()):
-            self.send_error_json(ApiError(401, "missing or wrong API key: send Authorization: Bearer <key>",
-                                          kind="authentication_error"))
+            self.refuse(ApiError(401, "missing or wrong API key: send Authorization: Bearer <key>",
+                                 kind="authentication_error"))
             return False
         return True
 
@@ -555,6 +555,15 @@ class Handler(BaseHTTPRequestHandler):
 
     do_PUT = do_DELETE = do_PATCH = do_other
 
+    def refuse(self, e: ApiError):
+        """Answer e without using the body, but read (a bounded amount of) it first: closing with unread
+        data resets the connection, and the client would see the reset instead of the answer."""
+        size = self.headers.get("Content-Length", "")
+        left = min(int(size), 16 * self.engine.cfg.max_body_bytes) if size.isascii() and size.isdigit() else 0
+        while left > 0 and (chunk := self.rfile.read(min(left, 1 << 16))):
+            left -= len(chunk)
+        self.send_error_json(e)
+
     def read_body(self):
         size = self.headers.get("Content-Length")
         if size is None:
@@ -563,24 +572,19 @@ class Handler(BaseHTTPRequestHandler):
             raise ApiError(400, f"bad Content-Length: {size!r}")
         size, limit = int(size), self.engine.cfg.max_body_bytes
         if size > limit:
-            # read (a bounded amount of) the body anyway: closing with unread data resets the
-            # connection, and the client would see the reset instead of the 413
-            left = min(size, 16 * limit)
-            while left > 0 and (chunk := self.rfile.read(min(left, 1 << 16))):
-                left -= len(chunk)
             raise ApiError(413, f"the body has {size} bytes, more than the limit {limit}")
-        body = self.rfile.read(size)
-        # a cross-origin page may POST text/plain without asking first; application/json needs a CORS
-        # preflight, which this server never grants
-        if self.headers.get_content_type() != "application/json":
-            raise ApiError(415, f"Content-Type must be application/json, got {self.headers.get('Content-Type')!r}")
-        return body
+        return self.rfile.read(size)
 
     def do_POST(self):
-        if self.path_only not in self.POST_PATHS:
-            return self.send_error_json(self.wrong_path())
+        body = None
         try:
+            if self.path_only not in self.POST_PATHS:
+                raise self.wrong_path()
             body = self.read_body()
+            # a cross-origin page may POST text/plain without asking first; application/json needs a
+            # CORS preflight, which this server never grants
+            if self.headers.get_content_type() != "application/json":
+                raise ApiError(415, f"Content-Type must be application/json, got {self.headers.get('Content-Type')!r}")
             try:
                 req = json.loads(body)
             except RecursionError:
@@ -590,7 +594,7 @@ class Handler(BaseHTTPRequestHandler):
             job = self.engine.make_job(check_request(req, self.engine.cfg))
             self.engine.submit(job)
         except ApiError as e:
-            return self.send_error_json(e)
+            return self.send_error_json(e) if body is not None else self.refuse(e)
         if job.stream:
             self.stream(job)
         else:

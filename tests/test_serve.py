@@ -413,7 +413,7 @@ def test_burst_of_50_clients_gets_200s_and_503s_not_resets(ck):
 
 
 def test_api_key_guards_the_api(ck):
-    with serving(ck, api_key="s3cret") as (url, _):
+    with serving(ck, api_key="s3cret", max_body_bytes=4 << 20) as (url, _):
         for headers in ((), [("Authorization", "Bearer wrong")], [("Authorization", "s3cret")]):
             status, r, _ = call(url, body={"messages": USER, "max_tokens": 5}, headers=headers)
             assert status == 401 and r["error"]["type"] == "authentication_error" and "Bearer" in r["error"]["message"]
@@ -421,6 +421,8 @@ def test_api_key_guards_the_api(ck):
         status, r, _ = call(url, body={"messages": USER, "max_tokens": 5}, headers=[("Authorization", "Bearer s3cret")])
         assert status == 200 and r["choices"][0]["message"]["content"]
         assert call(url, "/health")[0] == 200                       # as vLLM: only /v1 needs the key
+        big = json.dumps({"messages": [{"role": "user", "content": "x" * 30_000_000}]}).encode()
+        assert post(url, big)[0] == 401              # more than the socket buffers: read, then answered, not reset
         with urllib.request.urlopen(url + "/", timeout=10) as page:
             assert page.status == 200
 
