@@ -4,21 +4,25 @@ parallel answer as they decode side by side.
 
     python serve.py                            # the built-in default: newest of out/grpo, out/sft, out/base
     python serve.py --model DIR --port 8000    # any checkpoint folder (HF layout)
+    NPR_API_KEY=KEY python serve.py --host 0.0.0.0   # other machines: clients send Authorization: Bearer KEY
     # page: http://127.0.0.1:8000/   (serve.html, self-contained, works offline)
-    curl -s localhost:8000/v1/chat/completions -d '{"messages": [{"role": "user", "content": "Compute 23*4 + 17*6."}]}'
+    curl -s localhost:8000/v1/chat/completions -H 'Content-Type: application/json' \
+         -d '{"messages": [{"role": "user", "content": "Compute 23*4 + 17*6."}]}'
 
 Endpoints: POST /v1/chat/completions, GET /v1/models, GET /health, GET / (the page).
 
 Request (OpenAI's shape; other OpenAI fields such as stop or stream_options are accepted and ignored):
   messages      [{"role": "system" | "user" | "assistant", "content": str}], not empty
-  max_tokens    1..--max-tokens-limit (default --default-max-tokens), also as max_completion_tokens:
-                the budget on the CRITICAL PATH (longest chain of dependent tokens); all branches
-                together may write up to max_branches times as many
+  max_tokens    1..--max-tokens-limit, also as max_completion_tokens: the budget on the CRITICAL PATH
+                (longest chain of dependent tokens; all branches together may write up to max_branches
+                times as many). Positions run along it, so prompt + max_tokens over the model's context
+                (max_position_embeddings) is a 400; without max_tokens: --default-max-tokens, cut to fit
   temperature   0..2 (default 1; 0 = greedy)   top_p (0, 1] (default 1)   n 1..--max-n (default 1)
   seed          int (default: drawn, and echoed as "seed"): choice i samples from the row seed
                 seed * 1000003 + i (its branches from their own generators), so an answer does not
                 depend on the requests it is batched with (Sampler.generate)
   stream        bool: server-sent events (below)
+  chat_template_kwargs  {"enable_thinking": bool} (vLLM's field; default false, the empty think block we train)
   NPR fields:
   mode             "parallel" (default): fork at </guideline>, join after the last </step>;
                    "serial": ordinary decoding, the tags are just text
@@ -35,29 +39,38 @@ Response: the usual fields (id, object, created, model, choices, usage) plus "se
 message.content is the response in canonical order (trunk, step 1 .. step k, takeaway ...): what a
 serial reader of the sequence sees, = Sample.text without the stop token.
 
-Streaming: `data: {chunk}` events. A role chunk per choice; content chunks with
-delta = {"content": text, "npr": {"segment": s, "block": b, "branch": br}}, where segment counts the
-choice's segments in canonical order (trunk, step 1 .. step k, trunk, ...) and branch 0 is the
-trunk; a finish chunk per choice (finish_reason, npr_finish_reason) as soon as its row ends; a last
-chunk with "choices": [], "usage" and "npr": [the structure of each choice]; then `data: [DONE]`.
-Branches decode at the same time, so their deltas arrive interleaved: joining a choice's deltas per
-segment, in segment order, gives message.content. Each segment's text is decoded from all its
-tokens so far, and a trailing U+FFFD (a character split across tokens) is held back until complete.
+Streaming: `data: {chunk}` events. A role chunk per choice; per decoding step and choice a chunk with
+delta = {"content": text, "npr": [{"segment": s, "block": b, "branch": br, "text": t}]}; a finish
+chunk per choice (finish_reason, npr_finish_reason) as soon as its row ends; a last chunk with
+"choices": [], "usage" and "npr": [the structure of each choice]; then `data: [DONE]`.
+content comes in canonical order, so joined as it arrives (what every OpenAI client does) it is
+message.content: the lowest unfinished segment streams live, later ones are held and follow in order
+as those before them end (step 1 live, step 2 once step 1 is done, ...). npr is the live view the
+page draws: each segment's new text as the branches decode side by side, segment counting the
+choice's segments in canonical order (trunk, step 1 .. step k, trunk, ...), branch 0 the trunk.
+Each segment's text is decoded from all its tokens so far; a trailing U+FFFD (a character split
+across tokens) is held back until complete.
 
 Batching, without continuous batching: one worker thread takes the oldest waiting request and every
 other waiting one (each row with its own SamplingParams: mode, temperature, top_p, budget), up to
 --max-batch-rows rows, and decodes them in ONE Sampler.generate call; requests that arrive meanwhile
 wait for the next call. At most --max-queue requests wait; one more is answered 503. A streaming
 client that disconnects has its rows cancelled at the next decoding step (on_step returns them; they
-stop costing compute at once, their KV-cache memory goes when the batch's generate call returns); a
-non-streaming client that goes away is only noticed when its answer is written. Every row of a call
+stop costing compute at once, their KV-cache memory goes when the batch's generate call returns), and
+so does a non-streaming one within a second (its closed socket reads end-of-file). Every row of a call
 starts with a KV cache of the call's longest prompt + largest max_tokens (the critical-path budget),
 and all rows' caches double when one row's branches outgrow it, up to the worst case (longest prompt
 + largest max_branches x max_tokens): one max_tokens=4096 request gives all 32 rows ~4.4k slots
 (~16 GB for Qwen3-0.6B in bf16) and up to 5x that if its branches spend the whole budget, so size
 --max-batch-rows and --max-tokens-limit to the accelerator for a real checkpoint.
-Errors: {"error": {"message", "type", "param"}} with 400 (bad request), 404, 405, 411, 413 (body
-over --max-body-bytes), 503 (queue full), 500 (the sampler failed; the server keeps serving).
+Access: on loopback (the default) a Host header must name loopback with this port (421 otherwise: a
+web page's DNS-rebinding name). POSTs must be Content-Type application/json (415: other origins'
+pages cannot send that without a CORS preflight, never granted). With --api-key or $NPR_API_KEY,
+/v1 needs "Authorization: Bearer <key>" (401; the page and /health stay open, as in vLLM); a
+non-loopback --host without a key refuses to start unless --allow-no-key-on-network.
+Errors: {"error": {"message", "type", "param"}} with 400 (bad request), 401, 404, 405 (with Allow),
+411, 413 (body over --max-body-bytes), 415, 421, 501 (unknown method), 503 (queue full), 500 (the
+sampler failed, or anything unexpected; the server keeps serving). Every request gets an answer.
 """
 import dataclasses
 import ipaddress
@@ -499,7 +512,7 @@ class Handler(BaseHTTPRequestHandler):
         """The standard library's parsing, then who may ask: a False return sends nothing more."""
         if not super().parse_request():
             return False
-        host, key = self.headers.get("Host"), self.server.api_key
+        host, key = self.headers.get("Host"), self.engine.cfg.api_key
         # DNS rebinding: a web page can point a name of its own at 127.0.0.1 and read the answers as
         # same-origin; a browser always sends that name as Host, so on loopback only loopback names pass
         if self.server.loopback and host is not None and not self.loopback_host(host):
@@ -675,7 +688,7 @@ class Handler(BaseHTTPRequestHandler):
 
 class Server(ThreadingHTTPServer):
     def __init__(self, engine, host, port):
-        self.engine, self.api_key, self.loopback = engine, engine.cfg.api_key, is_loopback(host)
+        self.engine, self.loopback = engine, is_loopback(host)
         # the listen backlog holds connections not yet accepted: sized so that a burst of every
         # request the server may hold (waiting + running) gets answers, 503s included, not resets
         self.request_queue_size = engine.cfg.max_queue + engine.cfg.max_batch_rows
@@ -721,8 +734,8 @@ def main(cfg: Config):
         engine.sampler.compile_step = True
     server = make_server(engine, cfg.host, cfg.port)
     host, port = server.server_address[:2]
-    print(f"== serving {engine.name} on http://{host}:{port}/ (page) and http://{host}:{port}/v1 (API); "
-          f"{'; /v1 needs the API key ' if cfg.api_key else ''}Ctrl-C stops ==", flush=True)
+    print(f"== serving {engine.name} on http://{host}:{port}/ (page) and http://{host}:{port}/v1 (API"
+          f"{', with the API key' if cfg.api_key else ''}); Ctrl-C stops ==", flush=True)
     try:
         server.serve_forever()
     except KeyboardInterrupt:
