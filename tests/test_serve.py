@@ -28,7 +28,7 @@ from contextlib import contextmanager
 import pytest
 
 from helpers import make_checkpoint
-from serve import Config, Engine, api_key, default_model, make_server
+from serve import ChoiceStream, Config, Engine, api_key, default_model, make_server
 
 ARTIFACTS = os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))), "test-artifacts")
 USER = [{"role": "user", "content": "Compute 2*3 + 4*5."}]
@@ -222,6 +222,26 @@ def test_concurrent_clients_are_batched_and_match_alone(ck):
             t.join(60)
         assert got == [[ch["message"]["content"] for ch in a["choices"]] for a in alone]
         assert engine.counts["batches"] - batches < len(bodies)       # some requests shared a generate() call
+
+
+def test_content_streams_the_lowest_open_segment_and_flushes_the_rest_in_order(ck):
+    _, tok = ck
+    cs = ChoiceStream(tok)
+    recs = lambda text, block, branch: [[t, True, 0.0, block, branch, 0] for t in tok.encode(text)]
+    steps = [  # one decoding step each: [(segment, text, block, branch)] -> the content it releases
+        ([(0, "<guideline>\n<plan>1: a</plan>\n<plan>2: b</plan>\n<plan>3: c</plan>\n</guideline>\n", 1, 0)],
+         "<guideline>\n<plan>1: a</plan>\n<plan>2: b</plan>\n<plan>3: c</plan>\n</guideline>\n"),
+        ([(1, "<step>\n1:", 1, 1), (2, "<step>\n2:", 1, 2), (3, "<step>\n3:", 1, 3)], "<step>\n1:"),  # step 1 live
+        ([(1, " 23", 1, 1), (2, " 45</step>\n", 1, 2), (3, " 6", 1, 3)], " 23"),     # step 2 ends first: held
+        ([(1, "</step>\n", 1, 1), (3, " 7", 1, 3)], "</step>\n<step>\n2: 45</step>\n<step>\n3: 6 7"),  # 3 goes live
+        ([(3, "</step>\n", 1, 3), (4, "<takeaway>\n", 1, 0)], "</step>\n<takeaway>\n"),        # the join
+        ([(4, "68", 1, 0)], "68"),
+    ]
+    for events, content in steps:
+        got, pieces = cs.step([(seg, recs(text, block, branch)) for seg, text, block, branch in events])
+        assert got == content
+        assert [(p["segment"], p["text"], p["branch"]) for p in pieces] == [(s, t, br) for s, t, _, br in events]
+    assert cs.step([], final=True) == ("", [])
 
 
 BAD = [  # (case, body or raw bytes, status, param, words the message must contain)
