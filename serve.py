@@ -57,7 +57,8 @@ other waiting one (each row with its own SamplingParams: mode, temperature, top_
 wait for the next call. At most --max-queue requests wait; one more is answered 503. A streaming
 client that disconnects has its rows cancelled at the next decoding step (on_step returns them; they
 stop costing compute at once, their KV-cache memory goes when the batch's generate call returns), and
-so does a non-streaming one within a second (its closed socket reads end-of-file). Every row of a call
+so does a non-streaming one within a second (its closed socket reads end-of-file; a client that
+half-closes its socket after the request counts as gone). Every row of a call
 starts with a KV cache of the call's longest prompt + largest max_tokens (the critical-path budget),
 and all rows' caches double when one row's branches outgrow it, up to the worst case (longest prompt
 + largest max_branches x max_tokens): one max_tokens=4096 request gives all 32 rows ~4.4k slots
