@@ -24,6 +24,7 @@ import time
 import torch
 from tokenizers import Tokenizer as HFTok, decoders, models, pre_tokenizers
 
+import npr
 from model import Qwen, QwenConfig, Tokenizer
 from sampler import Sampler, SamplingParams
 
@@ -219,9 +220,9 @@ def bench_parallel(shapes, widths, blocks, step_tokens, dtype):
         filler = enc("x" * 4)[:1]
         for k in widths:
             guide = enc("<guideline>\n" + "".join(f"<plan>{i}: p</plan>\n" for i in range(1, k + 1)) + "</guideline>")
-            take = enc("<takeaway>\n") + enc("ok</takeaway>\n")
+            take = enc(npr.TAKEAWAY_HEADER) + enc("ok</takeaway>\n")
             trunk = (guide + enc("\n") + take) * blocks + enc("\\boxed{1}") + [tok.eos_id]
-            body = lambda b, i: enc(f"<step>\n{i}:") + filler * step_tokens + enc("</step>")
+            body = lambda b, i: enc(npr.STEP_HEADER.format(n=i)) + filler * step_tokens + enc("</step>")
             serial_ids = []
             for b in range(blocks):
                 serial_ids += guide + enc("\n") + [t for i in range(1, k + 1) for t in body(b, i) + enc("\n")] + take

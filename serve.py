@@ -59,11 +59,10 @@ client that disconnects has its rows cancelled at the next decoding step (on_ste
 stop costing compute at once, their KV-cache memory goes when the batch's generate call returns), and
 so does a non-streaming one within a second (its closed socket reads end-of-file; a client that
 half-closes its socket after the request counts as gone). Every row of a call
-starts with a KV cache of the call's longest prompt + largest max_tokens (the critical-path budget),
-and all rows' caches double when one row's branches outgrow it, up to the worst case (longest prompt
-+ largest max_branches x max_tokens): one max_tokens=4096 request gives all 32 rows ~4.4k slots
-(~16 GB for Qwen3-0.6B in bf16) and up to 5x that if its branches spend the whole budget, so size
---max-batch-rows and --max-tokens-limit to the accelerator for a real checkpoint.
+starts with a KV cache of the call's longest prompt + largest max_tokens (max_tokens bounds all
+tokens of all branches, as OpenAI's does): one max_tokens=4096 request gives all 32 rows ~4.4k slots
+(~16 GB for Qwen3-0.6B in bf16), so size --max-batch-rows and --max-tokens-limit to the accelerator
+for a real checkpoint.
 Access: on loopback (the default) a Host header must name loopback with this port (421 otherwise: a
 web page's DNS-rebinding name). POSTs must be Content-Type application/json (415: other origins'
 pages cannot send that without a CORS preflight, never granted). With --api-key or $NPR_API_KEY,
@@ -114,7 +113,7 @@ class Config:
     max_batch_rows: int = 32         # rows (requests x n) decoded together in one generate() call
     max_queue: int = 64              # requests waiting for the worker; one more is answered 503
     max_n: int = 8                   # the largest n a request may ask for
-    max_tokens_limit: int = 4096     # the largest max_tokens (critical-path budget) a request may ask for
+    max_tokens_limit: int = 4096     # the largest max_tokens (all tokens of all branches) a request may ask for
     default_max_tokens: int = 512    # max_tokens when a request gives none
     max_prompt_tokens: int = 8192    # longer rendered prompts get 400
     max_branches: int = 5            # more numbered plans in one guideline ends the answer as malformed
@@ -318,8 +317,8 @@ class Engine:
         if P > self.cfg.max_prompt_tokens:
             raise ApiError(400, f"the prompt has {P} tokens, more than the server's limit "
                                 f"{self.cfg.max_prompt_tokens}", "messages")
-        # positions run along the critical path: the prompt + max_tokens must fit the model's context
-        # (max_position_embeddings); beyond it RoPE positions are untrained and the text is garbage
+        # positions run along the critical path (<= max_tokens): the prompt + max_tokens must fit the
+        # model's context (max_position_embeddings); beyond it RoPE positions are untrained: garbage
         if P >= ctx:
             raise ApiError(400, f"the prompt has {P} tokens, the model's context is {ctx} "
                                 f"(max_position_embeddings): no room for an answer", "messages")
