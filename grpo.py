@@ -56,7 +56,7 @@ import torch.distributed as dist
 import npr
 from cli import (JsonlLog, autocast, chat_prompt, init_distributed, instruction_for, load_resume_point, parse_cli,
                  print_config, read_problems, save_final, save_resume_point)
-from model import Qwen, Tokenizer, token_logprobs
+from model import Qwen, Tokenizer, check_vocab, token_logprobs
 from parallel_attention import Layout
 from sampler import Sampler, SamplingParams
 
@@ -268,6 +268,7 @@ def main(cfg: Config):
     src = last_dir if resuming else cfg.model
     tok = Tokenizer.from_pretrained(src)
     model = Qwen.from_pretrained(src, device=dev, dtype=dtype)
+    check_vocab(model, tok, src)
     model.attn_impl, model.gradient_checkpointing = cfg.attn_impl, cfg.grad_checkpointing
     # rollouts: on CUDA a bf16 copy of the weights decodes, refreshed after every update: the sampler's
     # CUDA graphs need plain bf16 weights, not autocast (its log-probs then differ from the trainer's

@@ -479,7 +479,7 @@ def check_vocab(model, tokenizer, where=""):
 
 
 @torch.no_grad()
-def add_special_tokens(model, tokenizer, names: dict):
+def add_tag_tokens(model, tokenizer, names: dict):
     """Add each key of `names` (e.g. "<step>") as one added token (not special: decoding with
     skip_special_tokens=True keeps it, as for Qwen's <think>); initialise its embedding row
     (and untied lm_head row) to the mean of the rows of the sub-tokens of its name ("step").
@@ -487,7 +487,7 @@ def add_special_tokens(model, tokenizer, names: dict):
     151936 rows for 151669 ids). Tokens already in the vocabulary keep their rows. Returns the ids."""
     fresh = [t for t in names if tokenizer.token_to_id(t) is None]         # existing ones keep their rows
     sub_ids = {tok: tokenizer.encode(names[tok]) for tok in fresh}          # before adding: plain text
-    ids = tokenizer.add_special_tokens(list(names))
+    ids = tokenizer.add_tokens(list(names))
     cfg = model.config
     new_vocab = max(cfg.vocab_size, max(ids) + 1)
     if new_vocab > cfg.vocab_size:

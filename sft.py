@@ -37,7 +37,7 @@ import torch.distributed as dist
 import npr
 from cli import (JsonlLog, autocast, init_distributed, instruction_for, load_resume_point, parse_cli,
                  print_config, read_problems, save_final, save_resume_point)
-from model import Qwen, Tokenizer, add_special_tokens, token_logprobs
+from model import Qwen, Tokenizer, add_tag_tokens, check_vocab, token_logprobs
 from parallel_attention import Layout
 
 
@@ -147,7 +147,8 @@ def main(cfg: Config):
     tok = Tokenizer.from_pretrained(src)
     model = Qwen.from_pretrained(src, device=dev, dtype=dtype)
     if not resuming:
-        add_special_tokens(model, tok, npr.TAG_NAMES)
+        add_tag_tokens(model, tok, npr.TAG_NAMES)
+    check_vocab(model, tok, src)
     model.attn_impl = cfg.attn_impl
     model.gradient_checkpointing = cfg.grad_checkpointing
     n_params = model.num_params()

@@ -15,7 +15,7 @@ exactly the checkpoint's. What we add on top:
       "qwen3_thinking" Qwen3 Thinking-2507: same history rules, the prompt always opens <think>.
       "qwen3_instruct" Qwen3 Instruct-2507 style ChatML: no default system, no think handling.
       "chatml"         no template in the checkpoint: plain ChatML.
-  - `add_special_tokens` (the NPR tags, as non-special added tokens) and `save_pretrained`, which writes files that both this
+  - `add_tokens` (the NPR tags, as non-special added tokens) and `save_pretrained`, which writes files that both this
     class and transformers' AutoTokenizer load to the same ids.
 """
 
@@ -133,7 +133,7 @@ class Tokenizer:
     def __len__(self):
         return self.vocab_size
 
-    def add_special_tokens(self, tokens):
+    def add_tokens(self, tokens):
         """Registers `tokens` (the NPR tags) as added tokens: one id each, also inside running text,
         but NOT special, like Qwen's own <think>: readers that decode with skip_special_tokens=True
         (vLLM, transformers pipelines) must keep them in the answer. New ids go after the current

@@ -12,7 +12,7 @@ from safetensors import safe_open
 import cli
 import npr
 from helpers import full_disk_open, make_checkpoint, make_model, qwen3_tokenizer_dir
-from model import Qwen, Tokenizer, add_special_tokens
+from model import Qwen, Tokenizer, add_tag_tokens
 
 # Qwen3-*'s generation_config.json: generate() must stop at both ids and keep the sampling defaults
 QWEN3_GENERATION = {"bos_token_id": 151643, "do_sample": True, "eos_token_id": [151645, 151643],
@@ -40,7 +40,7 @@ def test_stage_output_keeps_the_inputs_tokenizer_and_generation_files(tmp_path):
     json.dump(QWEN3_GENERATION, open(os.path.join(src, "generation_config.json"), "w"))
     make_model(src, 151936, hidden=16, layers=1, heads=2, kv_heads=1, head_dim=8)   # Qwen3's 151936 rows
     model, tok = Qwen.from_pretrained(src), Tokenizer.from_pretrained(src)
-    ids = add_special_tokens(model, tok, npr.TAG_NAMES)
+    ids = add_tag_tokens(model, tok, npr.TAG_NAMES)
     out = tmp_path / "out"
     cli.save_checkpoint(model, tok, str(out), Cfg(), src)
     for f in os.listdir(src):
@@ -54,8 +54,8 @@ def test_stage_output_keeps_the_inputs_tokenizer_and_generation_files(tmp_path):
     shutil.copytree(out, slow, ignore=shutil.ignore_patterns("tokenizer.json", "model*"))
     hf = transformers.AutoTokenizer.from_pretrained(slow, use_fast=False)
     text = "<guideline>\n<plan>1: add</plan>\n</guideline>\n<step>\n1: 2+3=5\n</step>"
-    assert hf.encode(text, add_special_tokens=False) == Tokenizer.from_pretrained(out).encode(text)
-    assert hf.decode(hf.encode(text, add_special_tokens=False), skip_special_tokens=True) == text
+    assert hf.encode(text, add_tag_tokens=False) == Tokenizer.from_pretrained(out).encode(text)
+    assert hf.decode(hf.encode(text, add_tag_tokens=False), skip_special_tokens=True) == text
 
 
 def test_final_checkpoint_in_the_inputs_dtype_resume_point_in_the_training_dtype(tmp_path):

@@ -5,7 +5,7 @@ import os
 import pytest
 import torch
 
-from model import KVCache, Qwen, add_special_tokens, token_logprobs
+from model import KVCache, Qwen, add_tag_tokens, token_logprobs
 from parallel_attention import Layout
 
 transformers = pytest.importorskip("transformers")
@@ -245,7 +245,7 @@ def test_add_tag_tokens_mean_init_and_reload(tmp_path, tied):
     V = model.config.vocab_size
     sub = {t: tok.encode(name) for t, name in npr.TAG_NAMES.items()}
     old = model.model.embed_tokens.weight.detach().clone()
-    ids = add_special_tokens(model, tok, npr.TAG_NAMES)
+    ids = add_tag_tokens(model, tok, npr.TAG_NAMES)
     assert len(set(ids)) == 8 and min(ids) >= V and model.config.vocab_size == V + 8
     for t, i in zip(npr.TAGS, ids):
         assert tok.encode(f"a {t} b").count(i) == 1                       # one id, also inside text

@@ -151,7 +151,7 @@ def test_trajectories_take_the_engines_forced_bytes(tmp_path):
 
 def test_a_sequence_longer_than_a_row_is_dropped_and_counted(setup, tmp_path, capsys):
     tok = Tokenizer.from_pretrained(str(setup / "base"))
-    tok.add_special_tokens(npr.TAGS)                     # as sft.main does before encoding
+    tok.add_tokens(npr.TAGS)                     # as sft.main does before encoding
     lens = sorted(len(sft.encode_example(tok, r, "Solve.", 5)[0]["ids"]) for r in rows(8))
     cut = lens[-1] - 1                                   # the longest ones do not fit in a row
     assert lens[0] <= cut

@@ -543,9 +543,9 @@ def test_missing_folder_or_file(tmp_path):
 def test_npr_tags_are_single_ids(checkpoints, tmp_path):
     tok = Tokenizer.from_pretrained(write_checkpoint(tmp_path, QWEN3))
     n = len(tok)
-    ids = tok.add_special_tokens(NPR_TAGS)
+    ids = tok.add_tokens(NPR_TAGS)
     assert ids == list(range(n, n + 8)) and len(tok) == n + 8
-    assert tok.add_special_tokens(NPR_TAGS + ["<|im_end|>"]) == ids + [tok.im_end_id]  # reused
+    assert tok.add_tokens(NPR_TAGS + ["<|im_end|>"]) == ids + [tok.im_end_id]  # reused
     for tag, i in zip(NPR_TAGS, ids):
         assert tok.encode(tag) == [i]
         assert i in tok.encode(f"Some text{tag}more text") and tok.decode_piece(i) == tag
@@ -557,7 +557,7 @@ def test_npr_tags_are_single_ids(checkpoints, tmp_path):
 
 def test_save_pretrained_roundtrip(tmp_path):
     tok = Tokenizer.from_pretrained(write_checkpoint(tmp_path / "src", QWEN3))
-    tag_ids = tok.add_special_tokens(NPR_TAGS)
+    tag_ids = tok.add_tokens(NPR_TAGS)
     tok.save_pretrained(tmp_path / "out")
     ours = Tokenizer.from_pretrained(tmp_path / "out")
     hf = transformers.AutoTokenizer.from_pretrained(tmp_path / "out")
@@ -578,7 +578,7 @@ def test_save_pretrained_roundtrip(tmp_path):
 def test_save_pretrained_without_config(tmp_path):
     """A bare tokenizer.json still saves into a folder transformers can load."""
     tok = Tokenizer.from_pretrained(write_checkpoint(tmp_path / "src", config=False))
-    tok.add_special_tokens(NPR_TAGS)
+    tok.add_tokens(NPR_TAGS)
     tok.save_pretrained(tmp_path / "out")
     hf = transformers.AutoTokenizer.from_pretrained(tmp_path / "out")
     text = "<|im_start|>user\n<plan>naïve</plan><|im_end|>"
@@ -613,7 +613,7 @@ def test_real_qwen3_chat_default_equals_template(qwen3_real):
 def test_real_qwen3_tags_survive_skip_special_tokens(qwen3_real, tmp_path):
     path, _ = qwen3_real
     tok = Tokenizer.from_pretrained(path)
-    ids = tok.add_special_tokens(NPR_TAGS)
+    ids = tok.add_tokens(NPR_TAGS)
     assert ids == list(range(151669, 151677))  # after Qwen3's 151669 ids, below its 151936 embedding rows
     tok.save_pretrained(tmp_path / "out")
     hf = transformers.AutoTokenizer.from_pretrained(tmp_path / "out")

@@ -121,7 +121,7 @@ def test_tokenizer_round_trip_and_single_tokens(tok):
     assert tok.decode(tok.encode(s), skip_special_tokens=True) == "<step>\n1: 2*3=6\n</step>\n\\boxed{6}"
     # tag adding (sft.py) finds the tags present: ids unchanged, still non-special
     ids = [tok.token_to_id(t) for t in npr.TAGS]
-    assert tok.add_special_tokens(list(npr.TAGS)) == ids
+    assert tok.add_tokens(list(npr.TAGS)) == ids
     specials = {t.content for t in tok._tk.get_added_tokens_decoder().values() if t.special}
     assert specials == set(toy.SPECIAL_TOKENS)
 
