@@ -428,7 +428,7 @@ def load_safetensors(path, dtype, device):
 
 
 # -----------------------------------------------------------------------------
-# Log-probs without (T, vocab) logits, and growing the vocabulary for new special tokens
+# Log-probs without (T, vocab) logits, and growing the vocabulary for the tag tokens
 
 def token_logprobs(model, input_ids, targets, positions=None, layout=None, chunk_size=2048, with_entropy=False):
     """logp[b, t] = log p(targets[b, t] | tokens <= t), fp32 (B, T); targets < 0 give 0.

@@ -22,7 +22,7 @@ from dataclasses import dataclass, field
 from grading import extract_boxed, grade, is_equiv, normalize_answer  # noqa: F401  (re-exported)
 
 TAGS = ("<guideline>", "</guideline>", "<plan>", "</plan>", "<step>", "</step>", "<takeaway>", "</takeaway>")
-# the sub-word name of each tag: a new special token's embedding row starts as the mean of the
+# the sub-word name of each tag: a new tag token's embedding row starts as the mean of the
 # embeddings of the tokens of this name (NPR.md section 4, stage 2b)
 TAG_NAMES = {t: t[1:-1] for t in TAGS}
 TAG_RE = re.compile(r"</?(?:guideline|plan|step|takeaway)>")
@@ -78,7 +78,7 @@ def build_prompt(question: str, instruction: str | None = None) -> str:
 
 def new_tags(text: str, start: int) -> list[tuple[str, int]]:
     """Tags whose last character lies at index >= start, i.e. completed by text appended at `start`.
-    Returns (tag, index of its '<') in order. Works whether tags arrive as one special token or as
+    Returns (tag, index of its '<') in order. Works whether tags arrive as one added token or as
     several plain-text pieces ("<st", "ep>"): the sampler calls it after appending each piece."""
     lo = max(0, start - _MAX_TAG + 1)  # a tag ending at >= start begins at >= start - 11
     return [(m.group(), m.start()) for m in TAG_RE.finditer(text, lo) if m.end() > start]

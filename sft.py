@@ -6,7 +6,7 @@ Stage 2b (NPR-Beta): parallel SFT on the self-distilled trajectories, with branc
         --out-dir out/sft --lr 1e-6 --batch-size 8 --row-tokens 32768 --epochs 1 --fsdp
 
 What it does (NPR.md section 4, stage 2b):
-- starts from the instruct (base) model, NOT the stage-1 model; adds the 8 tags as special tokens
+- starts from the instruct (base) model, NOT the stage-1 model; adds the 8 tags as tokens (added, not special)
   (each new row = mean of the sub-tokens of its name; tokens already present keep their rows);
 - each trajectory: prompt (chat-rendered) + response + end-of-turn, the response in the parallel
   engine's form (npr.engine_pieces: its forced headers and separators, byte for byte); per-token
