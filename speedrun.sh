@@ -31,10 +31,10 @@ if [ "${STAGE1:-0}" = 1 ] && ! done_ "$OUT/zero"; then
   stage stage1 $PY grpo.py --mode serial --model "$OUT/base" --out-dir "$OUT/zero" \
     --data "$OUT/data/train.jsonl" --eval-data "$OUT/data/test.jsonl" --format-reward
 fi
-SRC="$OUT/base"   # the model the distillation samples from: the stage-1 model when there is one (the paper)
-if [ "${STAGE1:-0}" = 1 ]; then SRC="$OUT/zero"; fi
-stage distill $PY distill.py --model "$SRC" --data "$OUT/data/train.jsonl" --out "$OUT/distill/train.jsonl" ${DISTILL_ARGS:-}
-done_ "$OUT/sft" || stage sft $PY sft.py --model "$OUT/base" --data "$OUT/distill/train.jsonl" --out-dir "$OUT/sft" ${SFT_ARGS:-}
+SRC="$OUT/base"; DIST="$OUT/distill"   # distil from the stage-1 model when there is one (the paper);
+if [ "${STAGE1:-0}" = 1 ]; then SRC="$OUT/zero"; DIST="$OUT/distill_zero"; fi   # its own file: distill resumes
+stage distill $PY distill.py --model "$SRC" --data "$OUT/data/train.jsonl" --out "$DIST/train.jsonl" ${DISTILL_ARGS:-}
+done_ "$OUT/sft" || stage sft $PY sft.py --model "$OUT/base" --data "$DIST/train.jsonl" --out-dir "$OUT/sft" ${SFT_ARGS:-}
 done_ "$OUT/grpo" || stage grpo $PY grpo.py --model "$OUT/sft" --out-dir "$OUT/grpo" \
   --data "$OUT/data/train.jsonl" --eval-data "$OUT/data/test.jsonl"
 for s in base zero sft grpo; do
