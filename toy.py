@@ -3,7 +3,7 @@ The built-in default world: a tiny Qwen3 trained from scratch on "sums of produc
 NPR stage (distill, sft, grpo, eval) runs on a 2-core CPU in minutes through the same code paths
 as a real Qwen checkpoint.
 
-    python toy.py                      # data + tokenizer + base model + quick eval, ~5.5 min on 2 cores
+    python toy.py                      # data + tokenizer + base model + quick eval, 7-8 min on 2 cores (23-32k tok/s)
     python toy.py --max-steps 1450     # the same amount of training whatever the machine's load
     python toy.py --min-terms 2 --max-terms 4 --min-adigits 1   # feasibility's task (2-4 terms, a of 1-2 digits)
     python toy.py --max-steps 3 --out-dir /tmp/b --data-dir /tmp/d   # smoke run
@@ -68,7 +68,7 @@ Deliberate deviations from a real instruct model:
   multi-token text; single tokens keep the sequences short enough for a CPU. sft.py's tag adding
   finds them present and leaves their trained embedding rows alone.
 - The instruction is a few words, not npr.INSTRUCTION (the per-character prompt would be 1.5k tokens).
-- The budget is a step count (reproducible on any machine; ~5 min on 2 free cores); with
+- The budget is a step count (reproducible on any machine; 5-8 min on 2 free cores); with
   --max-steps 0 the schedule follows the wall clock instead (cosine over `minutes`).
 """
 import json
@@ -114,7 +114,7 @@ class Config:
     head_dim: int = 32
     intermediate_size: int = 384
     # optimisation
-    max_steps: int = 1450            # training steps (~5 min on 2 free cores); the cosine schedule spans them
+    max_steps: int = 1450            # training steps (5-8 min on 2 free cores); the cosine schedule spans them
     minutes: float = 4.0             # with --max-steps 0: a wall-clock budget instead (schedule follows the clock)
     batch_size: int = 32
     lr: float = 2e-3
