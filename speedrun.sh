@@ -1,7 +1,7 @@
 #!/usr/bin/env bash
 # The whole NPR pipeline on the built-in default, end to end, on any machine (a 2-core CPU: ~20 min):
 #   base model (toy.py) -> [stage 1: grpo.py --mode serial, with STAGE1=1] -> distill.py (from the
-#   stage-1 model, else the base) -> sft.py (from the base) -> grpo.py (PAPO) -> eval.py of every stage in serial and parallel mode -> out/report.md
+#   stage-1 model, else the base) -> sft.py (from the base) -> grpo.py (PAPO) -> eval.py of each stage in the mode it was trained for (EVAL_MODES=both: both modes) -> out/report.md
 # Every stage is an ordinary script; rerunning skips finished stages and resumes unfinished ones.
 # DRY_RUN=1 prints the commands instead of running them.
 set -euo pipefail
@@ -13,6 +13,7 @@ OUT=${OUT:-out}
 EVAL_K=${EVAL_K:-4}
 EVAL_N=${EVAL_N:-500}
 LATENCY_N=${LATENCY_N:-30}   # problems answered one at a time for the one-request time-to-answer
+EVAL_MODES=${EVAL_MODES:-trained}   # trained: base and zero serially, sft and grpo in parallel | both
 mkdir -p "$OUT"
 touch "$OUT/times.txt"
 done_() {  # a finished checkpoint folder (single-file or sharded weights)
@@ -39,6 +40,8 @@ done_ "$OUT/grpo" || stage grpo $PY grpo.py --model "$OUT/sft" --out-dir "$OUT/g
   --data "$OUT/data/train.jsonl" --eval-data "$OUT/data/test.jsonl"
 for s in base zero sft grpo; do
   [ -d "$OUT/$s" ] || continue
-  $RUN $PY eval.py --model "$OUT/$s" --data "$OUT/data/test.jsonl" --n-problems "$EVAL_N" --mode both -k "$EVAL_K" --latency-n "$LATENCY_N" --out "$OUT/$s/eval.json"
+  mode=$EVAL_MODES
+  [ "$mode" = trained ] && case $s in base|zero) mode=serial ;; *) mode=parallel ;; esac
+  $RUN $PY eval.py --model "$OUT/$s" --data "$OUT/data/test.jsonl" --n-problems "$EVAL_N" --mode "$mode" -k "$EVAL_K" --latency-n "$LATENCY_N" --out "$OUT/$s/eval.json"
 done
 $RUN $PY eval.py --report "$OUT"
