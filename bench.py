@@ -25,8 +25,9 @@ import torch
 from tokenizers import Tokenizer as HFTok, decoders, models, pre_tokenizers
 
 import npr
-from model import Qwen, QwenConfig, Tokenizer
+from model import Qwen, QwenConfig
 from sampler import Sampler, SamplingParams
+from tokenizer import Tokenizer
 
 SHAPES = {
     "tiny": dict(hidden_size=64, intermediate_size=192, num_hidden_layers=2, num_attention_heads=4,

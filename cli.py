@@ -333,7 +333,8 @@ def load_for_sampling(path, device, dtype="", bf16=True):
     """-> (model, tokenizer) for the scripts that only decode (distill, eval, serve). On CUDA with bf16
     and no explicit dtype the weights are loaded in bf16 (fp32 sft/grpo checkpoints too): the
     sampler's CUDA-graph fast path then applies (it does not run under autocast)."""
-    from model import Qwen, Tokenizer, check_vocab
+    from model import Qwen, check_vocab
+    from tokenizer import Tokenizer
     dt = {"": None, "bfloat16": torch.bfloat16, "float16": torch.float16, "float32": torch.float32}[dtype]
     if dt is None and bf16 and torch.device(device).type == "cuda":
         dt = torch.bfloat16

@@ -24,7 +24,7 @@ reads tokens and log-probs back as one (2, R*W) tensor. So a step is two small c
 replay and one copy out, instead of a dozen eager kernels and several transfers around the graph.
 Cells whose logits would not fit `HEAD_CELLS_BYTES` of fp32 take the old path (hidden states out).
 
-StaticStep(..., fuse=True) runs the layers with q/k/v and gate/up concatenated (model.fused_projections):
+StaticStep(..., fuse=True) runs the layers with q/k/v and gate/up concatenated (fused_projections below):
 two GEMMs where there were five, i.e. 84 fewer kernels per step for Qwen3-0.6B; the copies cost
 the memory of those weights once more and are refreshed in place (graphs stay valid) when the
 model's weights have changed since (an RL update).
@@ -41,12 +41,30 @@ ordinary eager step there.
 import torch
 import torch.nn.functional as F
 
-from model import fused_projections, weights_version
 from parallel_attention import Layout
 
 W_BUCKETS = (1, 2, 4, 8, 16, 32, 64)
 S_MIN = 256
 HEAD_CELLS_BYTES = 512 << 20    # the in-step head's fp32 logits (R x W x vocab) at most this big
+
+
+@torch.no_grad()
+def fused_projections(model):
+    """Per layer ((q|k|v weight, bias or None), gate|up weight): concatenated copies for decoding, where
+    a step of few tokens costs per kernel launched, not per byte (the sampler's CUDA-graph fast path).
+    Copies: they go stale when the weights change (see weights_version)."""
+    out = []
+    for layer in model.model.layers:
+        a, m = layer.self_attn, layer.mlp
+        bias = torch.cat([a.q_proj.bias, a.k_proj.bias, a.v_proj.bias]) if a.q_proj.bias is not None else None
+        out.append(((torch.cat([a.q_proj.weight, a.k_proj.weight, a.v_proj.weight]), bias),
+                    torch.cat([m.gate_proj.weight, m.up_proj.weight])))
+    return out
+
+
+def weights_version(model):
+    """Changes whenever a parameter is written in place (an optimizer step) or replaced."""
+    return tuple((id(p), p.data_ptr(), p._version) for p in model.parameters())
 
 
 class StaticStep:

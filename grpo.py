@@ -56,9 +56,10 @@ import torch.distributed as dist
 import npr
 from cli import (JsonlLog, autocast, chat_prompt, init_distributed, instruction_for, load_resume_point, parse_cli,
                  print_config, read_problems, save_final, save_resume_point)
-from model import Qwen, Tokenizer, check_vocab, token_logprobs
+from model import Qwen, check_vocab
 from parallel_attention import Layout
 from sampler import Sampler, SamplingParams
+from tokenizer import Tokenizer
 
 
 @dataclass
@@ -365,14 +366,14 @@ def main(cfg: Config):
                     if part:
                         ids, pos, layout, targets, old, A = to_batch(part, cfg.train_forced, dev)
                         mask = (targets >= 0).float()
-                        logp, ent = token_logprobs(train_model, ids, targets, pos, layout, with_entropy=True)
+                        logp, ent = train_model(ids, pos, layout, targets=targets, with_entropy=True)
                         old = torch.where(torch.isnan(old), logp.detach(), old)   # forced tokens: ratio 1
                         loss = policy_loss(logp, old, A, mask, cfg.mode, ratio_kind, cfg.clip_low, cfg.clip_high,
                                            norm.clamp(min=1), cfg.clip_c) * world   # DDP/FSDP average over ranks
                         ents.append(float((ent * mask).sum() / mask.sum().clamp(min=1)))
                     else:   # nothing left on this rank: a zero-weight pass keeps DDP/FSDP collectives in step
                         z = torch.zeros(1, 1, dtype=torch.long, device=dev)
-                        lp = token_logprobs(train_model, z, torch.zeros_like(z), None, Layout.causal(1, 1, dev))
+                        lp = train_model(z, None, Layout.causal(1, 1, dev), targets=torch.zeros_like(z))
                         loss = lp.sum() * 0.0
                     loss.backward()
                 loss_u += loss.item() / world

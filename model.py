@@ -11,7 +11,7 @@ Qwen2 / Qwen2.5 / Qwen3 dense decoder, loaded from (and saved to) a Hugging Face
   and device, never through a full fp32 copy.
 - Positions (RoPE) and the branch layout (parallel_attention.Layout) are explicit arguments:
   NPR branches share positions, so positions are NOT derived from token order.
-- token_logprobs() gives per-token log-probs without materialising (T, vocab) logits.
+- model(ids, targets=...) gives per-token log-probs without materialising (T, vocab) logits.
 """
 import json
 import os
@@ -24,7 +24,6 @@ from safetensors import SafetensorError, safe_open
 from safetensors.torch import save_file
 
 from parallel_attention import Layout, attention
-from tokenizer import Tokenizer  # noqa: F401  (re-exported: `from model import Qwen, Tokenizer`)
 
 SUPPORTED = {"Qwen2ForCausalLM": "qwen2", "Qwen3ForCausalLM": "qwen3"}
 DTYPES = {"float32": torch.float32, "float16": torch.float16, "bfloat16": torch.bfloat16}
@@ -138,7 +137,7 @@ class Attention(nn.Module):
         self.qk_norm = cfg.qk_norm
 
     def forward(self, x, cos, sin, layout, kv_cache, attn_impl, qkv=None):
-        """qkv: optional (weight, bias) of q/k/v concatenated (fused_projections): one GEMM for three."""
+        """qkv: optional (weight, bias) of q/k/v concatenated (decode_graph.fused_projections): one GEMM for three."""
         B, T, _ = x.shape
         if qkv is None:
             q, k, v = self.q_proj(x), self.k_proj(x), self.v_proj(x)
@@ -172,7 +171,7 @@ class MLP(nn.Module):
     def forward(self, x, gate_up=None):
         if gate_up is None:
             return self.down_proj(F.silu(self.gate_proj(x)) * self.up_proj(x))
-        g, u = F.linear(x, gate_up).chunk(2, dim=-1)       # fused_projections: one GEMM for two
+        g, u = F.linear(x, gate_up).chunk(2, dim=-1)       # decode_graph.fused_projections: one GEMM for two
         return self.down_proj(F.silu(g) * u)
 
 
@@ -199,61 +198,6 @@ class QwenBody(nn.Module):
         self.norm = RMSNorm(cfg.hidden_size, cfg.rms_norm_eps)
 
 
-class KVCache:
-    """A static per-layer K/V cache of `capacity` slots per row, plus the branch metadata of every
-    slot (a Layout over the slots). Slots and RoPE positions are separate quantities: the caller
-    says which slot each new token goes to (layout.slot); empty slots have doc = -1."""
-
-    def __init__(self, cfg: QwenConfig, batch_size, capacity, device="cpu", dtype=None):
-        dtype = dtype or cfg.dtype
-        shape = (batch_size, cfg.num_key_value_heads, capacity, cfg.head_dim)
-        self.k = [torch.zeros(shape, dtype=dtype, device=device) for _ in range(cfg.num_hidden_layers)]
-        self.v = [torch.zeros(shape, dtype=dtype, device=device) for _ in range(cfg.num_hidden_layers)]
-        meta = lambda fill: torch.full((batch_size, capacity), fill, dtype=torch.int32, device=device)
-        self.doc, self.block, self.branch = meta(-1), meta(0), meta(0)
-        self.capacity = capacity
-        self.limit = capacity  # attend over slots [0, limit): the caller may shrink it to the filled length
-
-    # Writes go through index_put_, not scatter_: under torch.compile (the GPU fast path) Inductor
-    # turns index_put back into an in-place write, while scatter becomes a copy of the whole cache
-    # per layer plus a copy back.
-    def write_layout(self, layout):
-        """Record the metadata of the new tokens at their slots and make the k/v write index (once per
-        forward, before the layers)."""
-        s = layout.slots().long()
-        rows = torch.arange(s.shape[0], device=s.device)[:, None]
-        self.doc.index_put_((rows, s), layout.doc)
-        self.block.index_put_((rows, s), layout.block)
-        self.branch.index_put_((rows, s), layout.branch)
-        heads = torch.arange(self.k[0].shape[1], device=s.device)
-        self.index = (rows[:, :, None], heads[None, :, None], s[:, None, :])   # (B, Hkv, T) -> the D values
-
-    def update(self, layer_idx, k, v):
-        """Write k/v (B, Hkv, T, D) at the slots given to write_layout; return the cache views
-        (B, Hkv, limit, D)."""
-        self.k[layer_idx].index_put_(self.index, k.to(self.k[layer_idx].dtype))
-        self.v[layer_idx].index_put_(self.index, v.to(self.v[layer_idx].dtype))
-        return self.k[layer_idx][:, :, :self.limit], self.v[layer_idx][:, :, :self.limit]
-
-    def grow(self, capacity):
-        """Enlarge every row to `capacity` slots, keeping what is written (a new allocation + a copy)."""
-        n = self.capacity
-        for kv in (self.k, self.v):
-            for i, t in enumerate(kv):
-                kv[i] = torch.zeros(*t.shape[:2], capacity, t.shape[3], dtype=t.dtype, device=t.device)
-                kv[i][:, :, :n] = t
-        for name, fill in (("doc", -1), ("block", 0), ("branch", 0)):
-            t = getattr(self, name)
-            new = torch.full((t.shape[0], capacity), fill, dtype=t.dtype, device=t.device)
-            new[:, :n] = t
-            setattr(self, name, new)
-        self.capacity = capacity
-
-    def layout(self):
-        n = self.limit
-        return Layout(self.doc[:, :n], self.block[:, :n], self.branch[:, :n])
-
-
 class Qwen(nn.Module):
     def __init__(self, cfg: QwenConfig):
         super().__init__()
@@ -269,7 +213,7 @@ class Qwen(nn.Module):
         return self.model.embed_tokens.weight if self.config.tie_word_embeddings else self.lm_head.weight
 
     def hidden_states(self, input_ids, positions=None, layout=None, kv_cache=None, fused=None):
-        """(B, T) ids -> (B, T, hidden) after the final norm. fused: fused_projections(self), optional
+        """(B, T) ids -> (B, T, hidden) after the final norm. fused: decode_graph.fused_projections(self), optional
         (inference: fewer, larger GEMMs)."""
         B, T = input_ids.shape
         if positions is None:
@@ -366,25 +310,6 @@ class Qwen(nn.Module):
         return sum(p.numel() for p in self.parameters())
 
 
-@torch.no_grad()
-def fused_projections(model):
-    """Per layer ((q|k|v weight, bias or None), gate|up weight): concatenated copies for decoding, where
-    a step of few tokens costs per kernel launched, not per byte (the sampler's CUDA-graph fast path).
-    Copies: they go stale when the weights change (see weights_version)."""
-    out = []
-    for layer in model.model.layers:
-        a, m = layer.self_attn, layer.mlp
-        bias = torch.cat([a.q_proj.bias, a.k_proj.bias, a.v_proj.bias]) if a.q_proj.bias is not None else None
-        out.append(((torch.cat([a.q_proj.weight, a.k_proj.weight, a.v_proj.weight]), bias),
-                    torch.cat([m.gate_proj.weight, m.up_proj.weight])))
-    return out
-
-
-def weights_version(model):
-    """Changes whenever a parameter is written in place (an optimizer step) or replaced."""
-    return tuple((id(p), p.data_ptr(), p._version) for p in model.parameters())
-
-
 def read_config(path):
     if not os.path.isdir(path):
         raise FileNotFoundError(f"checkpoint folder not found: {path}")
@@ -429,12 +354,6 @@ def load_safetensors(path, dtype, device):
 
 # -----------------------------------------------------------------------------
 # Log-probs without (T, vocab) logits, and growing the vocabulary for the tag tokens
-
-def token_logprobs(model, input_ids, targets, positions=None, layout=None, chunk_size=2048, with_entropy=False):
-    """logp[b, t] = log p(targets[b, t] | tokens <= t), fp32 (B, T); targets < 0 give 0.
-    `model` may be wrapped (DDP / FSDP): this is one call of its forward."""
-    return model(input_ids, positions, layout, targets=targets, chunk_size=chunk_size, with_entropy=with_entropy)
-
 
 def chunked_logprobs(h, W, targets, chunk_size=2048, with_entropy=False):
     """h (B, T, hidden) @ W.T -> gathered log-probs, one block of chunk_size tokens (all rows) x vocab at a time. Under

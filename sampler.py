@@ -38,8 +38,9 @@ import torch.nn.functional as F
 
 import npr
 from decode_graph import StaticStep
-from model import KVCache, Qwen, Tokenizer
+from model import Qwen
 from parallel_attention import Layout
+from tokenizer import Tokenizer
 
 
 @dataclass
@@ -122,6 +123,61 @@ class Row:
         self.forks = []                 # branches per fork
         self.fork_streams = []          # the branches of the open fork
         self.t_end = None
+
+
+class KVCache:
+    """A static per-layer K/V cache of `capacity` slots per row, plus the branch metadata of every
+    slot (a Layout over the slots). Slots and RoPE positions are separate quantities: the caller
+    says which slot each new token goes to (layout.slot); empty slots have doc = -1."""
+
+    def __init__(self, cfg, batch_size, capacity, device="cpu", dtype=None):
+        dtype = dtype or cfg.dtype
+        shape = (batch_size, cfg.num_key_value_heads, capacity, cfg.head_dim)
+        self.k = [torch.zeros(shape, dtype=dtype, device=device) for _ in range(cfg.num_hidden_layers)]
+        self.v = [torch.zeros(shape, dtype=dtype, device=device) for _ in range(cfg.num_hidden_layers)]
+        meta = lambda fill: torch.full((batch_size, capacity), fill, dtype=torch.int32, device=device)
+        self.doc, self.block, self.branch = meta(-1), meta(0), meta(0)
+        self.capacity = capacity
+        self.limit = capacity  # attend over slots [0, limit): the caller may shrink it to the filled length
+
+    # Writes go through index_put_, not scatter_: under torch.compile (the GPU fast path) Inductor
+    # turns index_put back into an in-place write, while scatter becomes a copy of the whole cache
+    # per layer plus a copy back.
+    def write_layout(self, layout):
+        """Record the metadata of the new tokens at their slots and make the k/v write index (once per
+        forward, before the layers)."""
+        s = layout.slots().long()
+        rows = torch.arange(s.shape[0], device=s.device)[:, None]
+        self.doc.index_put_((rows, s), layout.doc)
+        self.block.index_put_((rows, s), layout.block)
+        self.branch.index_put_((rows, s), layout.branch)
+        heads = torch.arange(self.k[0].shape[1], device=s.device)
+        self.index = (rows[:, :, None], heads[None, :, None], s[:, None, :])   # (B, Hkv, T) -> the D values
+
+    def update(self, layer_idx, k, v):
+        """Write k/v (B, Hkv, T, D) at the slots given to write_layout; return the cache views
+        (B, Hkv, limit, D)."""
+        self.k[layer_idx].index_put_(self.index, k.to(self.k[layer_idx].dtype))
+        self.v[layer_idx].index_put_(self.index, v.to(self.v[layer_idx].dtype))
+        return self.k[layer_idx][:, :, :self.limit], self.v[layer_idx][:, :, :self.limit]
+
+    def grow(self, capacity):
+        """Enlarge every row to `capacity` slots, keeping what is written (a new allocation + a copy)."""
+        n = self.capacity
+        for kv in (self.k, self.v):
+            for i, t in enumerate(kv):
+                kv[i] = torch.zeros(*t.shape[:2], capacity, t.shape[3], dtype=t.dtype, device=t.device)
+                kv[i][:, :, :n] = t
+        for name, fill in (("doc", -1), ("block", 0), ("branch", 0)):
+            t = getattr(self, name)
+            new = torch.full((t.shape[0], capacity), fill, dtype=t.dtype, device=t.device)
+            new[:, :n] = t
+            setattr(self, name, new)
+        self.capacity = capacity
+
+    def layout(self):
+        n = self.limit
+        return Layout(self.doc[:, :n], self.block[:, :n], self.branch[:, :n])
 
 
 class Sampler:

@@ -37,8 +37,9 @@ import torch.distributed as dist
 import npr
 from cli import (JsonlLog, autocast, init_distributed, instruction_for, load_resume_point, parse_cli,
                  print_config, read_problems, save_final, save_resume_point)
-from model import Qwen, Tokenizer, add_tag_tokens, check_vocab, token_logprobs
+from model import Qwen, add_tag_tokens, check_vocab
 from parallel_attention import Layout
+from tokenizer import Tokenizer
 
 
 @dataclass
@@ -223,8 +224,8 @@ def main(cfg: Config):
             sync = world == 1 or cfg.fsdp or i == int(n_rows) - 1
             ctx = ddp_model.no_sync() if not sync else torch.enable_grad()
             with ctx, autocast(dev, cfg.bf16):
-                lp = token_logprobs(ddp_model if world > 1 and not cfg.fsdp else model, r["ids"].to(dev),
-                                    r["targets"].to(dev), r["pos"].to(dev), r["layout"].to(dev))
+                fwd = ddp_model if world > 1 and not cfg.fsdp else model
+                lp = fwd(r["ids"].to(dev), r["pos"].to(dev), r["layout"].to(dev), targets=r["targets"].to(dev))
                 # token mean over the global batch; DDP/FSDP average gradients over ranks, so x world
                 loss = -lp.sum() * world / n_tok
                 loss.backward()

@@ -84,8 +84,9 @@ from tqdm import tqdm
 
 import npr
 from cli import INSTRUCTION_FILE, atomic_write, chat_prompt, instruction_for, load_for_sampling, parse_cli
-from model import Qwen, QwenConfig, Tokenizer, token_logprobs
+from model import Qwen, QwenConfig
 from sampler import Sampler, SamplingParams
+from tokenizer import Tokenizer
 
 
 @dataclass
@@ -465,7 +466,7 @@ def main(cfg: Config):
         for g in opt.param_groups:
             g["lr"] = lr
         # plain causal forward (no layout): the base model is a serial model
-        logp = token_logprobs(model, ids, tgt)                 # (B, T), 0 where tgt < 0
+        logp = model(ids, targets=tgt)                 # (B, T), 0 where tgt < 0
         n_tgt = (tgt >= 0).sum()
         loss = -logp.sum() / n_tgt                             # token mean over the batch
         opt.zero_grad(set_to_none=True)

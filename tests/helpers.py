@@ -54,7 +54,7 @@ def make_model(path, vocab_size, hidden=64, layers=2, heads=4, kv_heads=2, head_
 
 def make_checkpoint(path, tags_special=False, **kw):
     """Tokenizer + model in one folder; returns (model, tokenizer) loaded back through our API."""
-    from model import Tokenizer
+    from tokenizer import Tokenizer
     V = make_tokenizer(path, tags_special)
     make_model(path, V, **kw)
     return Qwen.from_pretrained(str(path), dtype=torch.float32), Tokenizer.from_pretrained(str(path))

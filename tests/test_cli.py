@@ -12,7 +12,8 @@ from safetensors import safe_open
 import cli
 import npr
 from helpers import full_disk_open, make_checkpoint, make_model, qwen3_tokenizer_dir
-from model import Qwen, Tokenizer, add_tag_tokens
+from model import Qwen, add_tag_tokens
+from tokenizer import Tokenizer
 
 # Qwen3-*'s generation_config.json: generate() must stop at both ids and keep the sampling defaults
 QWEN3_GENERATION = {"bos_token_id": 151643, "do_sample": True, "eos_token_id": [151645, 151643],

@@ -100,7 +100,7 @@ def test_in_step_draw_of_a_wide_grid(ck):
     """A (2, 4) grid (a fork's width): the step's own draw of every cell equals the head applied to
     the hidden states it returns without drawing, cell by cell (row-major cells, one uniform each)."""
     import copy
-    from model import KVCache
+    from sampler import KVCache
     from sampler import pick
     model, tok = ck
     model = copy.deepcopy(model)
@@ -221,7 +221,8 @@ def test_cache_grows_on_demand(ck, mode):
 def test_fused_projections_equal_separate(arch):
     """q|k|v and gate|up concatenated (the decode fast path's weights) give the same hidden states,
     biases included (Qwen2); an in-place update shows in weights_version."""
-    from model import Qwen, QwenConfig, fused_projections, weights_version
+    from decode_graph import fused_projections, weights_version
+    from model import Qwen, QwenConfig
     d = dict(architectures=[arch.capitalize() + "ForCausalLM"], model_type=arch, vocab_size=64, hidden_size=32,
              intermediate_size=48, num_hidden_layers=2, num_attention_heads=4, num_key_value_heads=2, head_dim=8,
              rms_norm_eps=1e-6, rope_theta=1e4, tie_word_embeddings=True, max_position_embeddings=256)

@@ -82,7 +82,8 @@ def test_one_request_latency_answers_like_the_batch(tmp_path):
     """The batch-1 pass is seeded like each problem's first sample: the same answers as in the batch."""
     import eval as ev
     from helpers import make_checkpoint
-    from model import Qwen, Tokenizer
+    from model import Qwen
+    from tokenizer import Tokenizer
     from sampler import Sampler, SamplingParams
     make_checkpoint(tmp_path / "m", tags_special=True)
     model, tok = Qwen.from_pretrained(str(tmp_path / "m")), Tokenizer.from_pretrained(str(tmp_path / "m"))

@@ -196,7 +196,8 @@ def sft_model(tmp_path_factory):
 def accuracy(path, rows, mode):
     import npr
     from cli import chat_prompt
-    from model import Qwen, Tokenizer
+    from model import Qwen
+    from tokenizer import Tokenizer
     from sampler import Sampler, SamplingParams
     m, tok = Qwen.from_pretrained(str(path)), Tokenizer.from_pretrained(str(path))
     prompts = [chat_prompt(tok, r["question"], "Solve.") for r in rows]

@@ -5,7 +5,8 @@ import os
 import pytest
 import torch
 
-from model import KVCache, Qwen, add_tag_tokens, token_logprobs
+from model import Qwen, add_tag_tokens
+from sampler import KVCache
 from parallel_attention import Layout
 
 transformers = pytest.importorskip("transformers")
@@ -215,19 +216,19 @@ def test_kv_cache_equals_full_forward(qwen3):
     assert (got - full).abs().max() <= 1e-4
 
 
-def test_token_logprobs_chunked_equals_full(qwen3):
+def test_chunked_logprobs_equal_full(qwen3):
     ids = torch.randint(0, VOCAB, (2, 21))
     targets = torch.cat([ids[:, 1:], torch.full((2, 1), -100)], 1)
     full = torch.log_softmax(qwen3(ids).float(), -1)
     ref = full[:, :-1].gather(-1, ids[:, 1:, None]).squeeze(-1)
     for chunk in (4, 7, 1024):
-        lp, ent = token_logprobs(qwen3, ids, targets, chunk_size=chunk, with_entropy=True)
+        lp, ent = qwen3(ids, targets=targets, chunk_size=chunk, with_entropy=True)
         assert (lp[:, :-1] - ref).abs().max() <= 1e-5 and (lp[:, -1] == 0).all()
         ref_ent = -(full.exp() * full).sum(-1)
         assert (ent[:, :-1] - ref_ent[:, :-1]).abs().max() <= 1e-4
     # gradients through the checkpointed chunks equal the plain ones
     qwen3.zero_grad()
-    token_logprobs(qwen3, ids, targets, chunk_size=5).sum().backward()
+    qwen3(ids, targets=targets, chunk_size=5).sum().backward()
     g1 = qwen3.model.layers[0].mlp.up_proj.weight.grad.clone()
     qwen3.zero_grad()
     ref_lp = torch.log_softmax(qwen3(ids).float(), -1)[:, :-1].gather(-1, ids[:, 1:, None])
@@ -239,7 +240,7 @@ def test_token_logprobs_chunked_equals_full(qwen3):
 @pytest.mark.parametrize("tied", [True, False])
 def test_add_tag_tokens_mean_init_and_reload(tmp_path, tied):
     from helpers import make_checkpoint
-    from model import Tokenizer
+    from tokenizer import Tokenizer
     import npr
     model, tok = make_checkpoint(tmp_path / "base", tied=tied)
     V = model.config.vocab_size

@@ -5,7 +5,6 @@ import torch
 
 import npr
 from helpers import make_checkpoint
-from model import token_logprobs
 from sampler import Sampler, SamplingParams, generate_naive, pick, show
 
 
@@ -48,7 +47,7 @@ def teacher_forced(model, s):
     ids, pos, layout = s.full_layout()
     targets = torch.cat([ids[:, 1:], torch.full((1, 1), -100)], 1)
     with torch.no_grad():
-        lp = token_logprobs(model, ids, targets, pos, layout)[0]
+        lp = model(ids, pos, layout, targets=targets)[0]
     P = len(s.prompt_ids)
     return lp[P - 1:P - 1 + len(s.ids)]
 
@@ -328,7 +327,7 @@ def test_cuda_triton_sampler_matches_teacher_forced(tmp_path):
     ids, pos, layout = s.full_layout()
     targets = torch.cat([ids[:, 1:], torch.full((1, 1), -100)], 1)
     with torch.no_grad():
-        lp = token_logprobs(model, ids.cuda(), targets.cuda(), pos.cuda(), layout.to("cuda"))[0].cpu()
+        lp = model(ids.cuda(), pos.cuda(), layout.to("cuda"), targets=targets.cuda())[0].cpu()
     P = len(s.prompt_ids)
     got = lp[P - 1:P - 1 + len(s.ids)]
     sampled = torch.tensor(s.sampled)
