@@ -11,7 +11,8 @@ import torch
 import npr
 import sft
 from helpers import make_checkpoint
-from model import Qwen, Tokenizer
+from model import Qwen
+from tokenizer import Tokenizer
 
 TRAJ = ("<guideline>\n<plan>1: {a}*3</plan>\n<plan>2: 4*5</plan>\n</guideline>\n<step>\n1: {a}*3={p}\n</step>\n"
         "<step>\n2: 4*5=20\n</step>\n<takeaway>\n{p}+20={s}.\n</takeaway>\n\\boxed{{{s}}}")

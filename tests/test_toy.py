@@ -8,7 +8,8 @@ import torch
 
 import npr
 import toy
-from model import Qwen, Tokenizer
+from model import Qwen
+from tokenizer import Tokenizer
 from sampler import Sampler, SamplingParams
 
 
