@@ -17,7 +17,8 @@ Judgement calls (tests/test_grading.py pins each one):
   degrees are dropped, never converted ("90^\\circ" != pi/2)
 - a cut-off last \\boxed{ (generation ran out) falls back to the box before it
 
-Used by npr.sample_metrics (eval, grpo), distill (acceptance) and the RL reward. Standard library only.
+Used through npr.grade: distill's acceptance, grpo's reward and eval's accuracy. Standard library
+only (sympy optional).
 """
 import ast
 import math

@@ -1,5 +1,7 @@
-"""Tests of grading.py: the last boxed answer, and answer equivalence on a table of equal and unequal
-pairs in both argument orders (with and without sympy). Pure Python, runs in seconds."""
+"""grading.py: the last brace-matched boxed answer, and answer equivalence on a table of equal and
+unequal pairs that holds in both argument orders, with and without sympy (each judgement call in
+grading's docstring has rows here). Pure Python, seconds.
+Run: .venv/bin/python -m pytest tests/test_grading.py -q"""
 import pytest
 
 import grading
@@ -100,10 +102,6 @@ EQUIV = [
     ("033", "330", False), ("\\{1,2\\}", "\\{1,1,2\\}", False), ("12\\text{ cm}^2", "144", False),
     ("1.5e-3", "1.5e3", False), ("\\sqrt[3]{8}", "\\sqrt{8}", False), ("-\\binom{5}{2}", "10", False),
 ]
-
-
-def test_equivalence_table_is_large():
-    assert len(EQUIV) >= 150 and sum(not e for _, _, e in EQUIV) >= 60
 
 
 @pytest.mark.parametrize("use_sympy", [True, False])
