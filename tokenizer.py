@@ -15,8 +15,8 @@ exactly the checkpoint's. What we add on top:
       "qwen3_thinking" Qwen3 Thinking-2507: same history rules, the prompt always opens <think>.
       "qwen3_instruct" Qwen3 Instruct-2507 style ChatML: no default system, no think handling.
       "chatml"         no template in the checkpoint: plain ChatML.
-  - `add_tokens` (the NPR tags, as non-special added tokens) and `save_pretrained`, which writes files that both this
-    class and transformers' AutoTokenizer load to the same ids.
+  - `add_tokens` (the NPR tags, as non-special added tokens) and `save_pretrained`, which writes
+    files that both this class and transformers' AutoTokenizer load to the same ids.
 """
 
 import json
