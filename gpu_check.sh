@@ -44,6 +44,6 @@ part decode 60 $PY bench.py decode --shapes qwen3-0.6b --batches 1,32 --new-toke
 part parallel 100 $PY bench.py parallel --shapes qwen3-0.6b --widths 2,4,5 --blocks 3 --step-tokens 64 \
   --ckpt-dir "$CK" --out "$OUT/parallel.json"
 # 6) attention: bf16 check at T=4096, Triton vs FlexAttention vs SDPA, decode kernel
-part attention 100 $PY parallel_attention.py --out "$OUT/attention.json"
+part attention 100 $PY bench_attention.py --out "$OUT/attention.json"
 grep -E "passed|failed|error" "$OUT/log.txt" | tail -5
 grep -E "^model|^\[" "$OUT/log.txt" | tail -30

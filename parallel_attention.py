@@ -6,7 +6,7 @@ Every token carries metadata: `doc` (which packed sequence; < 0 = padding / empt
 its block) and `slot` (its index in the key sequence, i.e. its KV-cache slot). RoPE positions are
 NOT part of the mask: they are baked into q and k before this function is called.
 
-Query q may attend key k iff
+Query q may attend key k iff (`visible`, the one place an ablation of the rule changes)
     k.doc >= 0  and  q.doc == k.doc  and  k.slot <= q.slot
     and NOT (q.block == k.block and q.branch > 0 and k.branch > 0 and q.branch != k.branch)
 
@@ -27,18 +27,15 @@ and "everything after the join sits after every branch slot" matter.
 
 A query that sees nothing (padding) gets a zero output, never NaN.
 
-Contents: Layout -> visible_mask / attention_ref (the spec) -> tile-skipping metadata (torch) ->
-Triton kernels (guarded import; FlashAttention-2 after the Triton fused-attention tutorial):
-    _attn_fwd                                   forward, mask from metadata, saves the log-sum-exp
-    _attn_bwd_preprocess/_attn_bwd_dkdv/_dq     backward; dk, dv summed over each GQA group
-    _attn_decode                                few queries per row vs a long KV cache
--> attention_triton -> the dispatcher `attention(..., impl="auto" | "triton" | "sdpa" | "ref")`
--> `__main__` benchmark: `python parallel_attention.py [--out results.json]`.
+Contents: Layout -> visible (the rule) -> visible_mask / attention_ref (the spec) -> attention_sdpa
+(the CPU path) -> the dispatcher `attention(..., impl="auto" | "triton" | "sdpa" | "ref")`.
+The Triton kernels (the GPU fast path, optional reading) are in triton_attention.py, imported only
+when chosen; their benchmark is bench_attention.py.
 """
 from dataclasses import dataclass
+from functools import cache
 
 import torch
-import torch.nn.attention
 import torch.nn.functional as F
 
 
@@ -68,19 +65,23 @@ class Layout:
 
 
 # -----------------------------------------------------------------------------
-# The reference (the spec). Dense (B, Tq, Tk) mask: fine for tests and CPU decoding.
+# The rule and the reference (the spec). Dense (B, Tq, Tk) mask: fine for tests and CPU decoding.
+
+def visible(q_doc, q_block, q_branch, q_slot, k_doc, k_block, k_branch, k_slot):
+    """THE visibility rule, elementwise on broadcastable tensors: may query q attend key k?
+    Everything else (the reference, SDPA, the tests) calls this; the Triton kernels carry a copy
+    (triton_attention._visible) that tests/test_triton_attention.py checks against it."""
+    sibling = (q_block == k_block) & (q_branch > 0) & (k_branch > 0) & (q_branch != k_branch)
+    return (k_doc >= 0) & (q_doc == k_doc) & (k_slot <= q_slot) & ~sibling
+
 
 def visible_mask(q_layout, k_layout=None):
     """(B, Tq, Tk) bool: True where query q may attend key k. k_layout=None: self-attention."""
     k_layout = q_layout if k_layout is None else k_layout
-    Tk = k_layout.doc.shape[1]
-    q_slot = q_layout.slots()[:, :, None]                                    # (B, Tq, 1)
-    k_idx = torch.arange(Tk, device=q_slot.device)[None, None, :]            # (1, 1, Tk)
-    qd, kd = q_layout.doc[:, :, None], k_layout.doc[:, None, :]
-    qb, kb = q_layout.block[:, :, None], k_layout.block[:, None, :]
-    qr, kr = q_layout.branch[:, :, None], k_layout.branch[:, None, :]
-    sibling = (qb == kb) & (qr > 0) & (kr > 0) & (qr != kr)
-    return (kd >= 0) & (qd == kd) & (k_idx <= q_slot) & ~sibling
+    k_idx = torch.arange(k_layout.doc.shape[1], device=k_layout.doc.device)   # a key's slot is its index
+    q = (t[:, :, None] for t in (q_layout.doc, q_layout.block, q_layout.branch, q_layout.slots()))
+    k = (t[:, None, :] for t in (k_layout.doc, k_layout.block, k_layout.branch, k_idx[None]))
+    return visible(*q, *k)
 
 
 def attention_ref(q, k, v, q_layout, k_layout=None, scale=None):
@@ -97,113 +98,8 @@ def attention_ref(q, k, v, q_layout, k_layout=None, scale=None):
     return torch.matmul(p, v.float()).to(q.dtype)
 
 
-# The SDPA kernels a decode step (the folded path below) may use, e.g. [SDPBackend.EFFICIENT_ATTENTION];
-# None: PyTorch's choice (on an H100/H200 with bf16 that was cuDNN's, ~20 us per layer at 32 rows).
-DECODE_SDPA_BACKENDS = None
-
-
-def _sdpa_mask(q_layout, k_layout):
-    mask = visible_mask(q_layout, k_layout)[:, None]                         # (B, 1, Tq, Tk)
-    empty = ~mask.any(-1, keepdim=True)                                      # (B, 1, Tq, 1)
-    # an empty row would give NaN (also in backward): let it see everything, then zero it
-    return mask | empty, empty
-
-
-def attention_sdpa(q, k, v, q_layout, k_layout=None, scale=None):
-    """Same result as attention_ref, through SDPA with a dense bool mask (the fast CPU path).
-    Decode steps (few queries) with GQA fold each kv head's query heads into its query rows, so
-    SDPA reads the cache as it is instead of expanding k and v per query head."""
-    B, Hq, Tq, D = q.shape
-    G = Hq // k.shape[1]
-    if G > 1 and Tq <= 16:
-        def folded():   # an additive mask in q's dtype, made once per step (SDPA would convert a bool one per layer)
-            mask, empty = (m.expand(B, G, Tq, m.shape[-1]).reshape(B, 1, G * Tq, -1) for m in _sdpa_mask(q_layout, k_layout))
-            return torch.zeros(mask.shape, dtype=q.dtype, device=q.device).masked_fill(~mask, float("-inf")), empty
-        mask, empty = _memo(q_layout, k_layout, f"sdpa-g{G}-{q.dtype}", folded)
-        if DECODE_SDPA_BACKENDS:
-            with torch.nn.attention.sdpa_kernel(DECODE_SDPA_BACKENDS):
-                out = F.scaled_dot_product_attention(q.reshape(B, -1, G * Tq, D), k, v, attn_mask=mask, scale=scale)
-        else:
-            out = F.scaled_dot_product_attention(q.reshape(B, -1, G * Tq, D), k, v, attn_mask=mask, scale=scale)
-        return out.masked_fill(empty, 0.0).view(B, Hq, Tq, D)
-    mask, empty = _memo(q_layout, k_layout, "sdpa", lambda: _sdpa_mask(q_layout, k_layout))
-    out = F.scaled_dot_product_attention(q, k, v, attn_mask=mask, scale=scale, enable_gqa=G > 1)
-    return out.masked_fill(empty, 0.0)
-
-
 # -----------------------------------------------------------------------------
-# Tile skipping metadata (host side, plain torch, no GPU->CPU sync).
-# Per query row: the key range [lo, hi) it may see (its document's keys up to its slot) and a "hole"
-# [hole_lo, hole_hi) inside it made only of sibling-branch keys. A kernel tile takes the union of its
-# rows' ranges and the intersection of their holes, and skips every key tile outside / inside them.
-# All of it is per token, so it does not depend on the tile sizes the kernels use.
-
-def _sibling_holes(doc, blk, br):
-    """(B, T) key metadata -> four (B, T) int64 tensors, for token j of a well-ordered parallel
-    section (consecutive tokens of one doc and block with branch > 0, branch ids non-decreasing):
-    [a, b) = the earlier branches of its block (all siblings: invisible to j as a query) and
-    [c, d) = the later branches (all blind to j as a key). Empty (0, 0) where unsure, e.g. interleaved."""
-    B, T = doc.shape
-    idx = torch.arange(T, device=doc.device).expand(B, T)
-    prev = lambda x: x.roll(1, 1)
-    seg_cont = (br > 0) & (prev(br) > 0) & (doc == prev(doc)) & (blk == prev(blk)) & (idx > 0)
-    run_cont = seg_cont & (br == prev(br))                     # same branch as the token before
-    nbad = (seg_cont & (br < prev(br))).cumsum(1)             # branch order violations so far
-    zero, last = torch.zeros_like(idx), idx == T - 1
-    seg_start = torch.where(seg_cont, zero, idx).cummax(1).values
-    run_start = torch.where(run_cont, zero, idx).cummax(1).values
-    rev_cummin = lambda x: x.flip(1).cummin(1).values.flip(1)
-    seg_end = rev_cummin(torch.where(seg_cont.roll(-1, 1) & ~last, T, idx + 1))
-    run_end = rev_cummin(torch.where(run_cont.roll(-1, 1) & ~last, T, idx + 1))
-    ok_a = (br > 0) & (nbad == nbad.gather(1, seg_start))      # ordered on [seg_start, j]
-    ok_c = (br > 0) & (nbad == nbad.gather(1, seg_end - 1))    # ordered on [j, seg_end)
-    return (torch.where(ok_a, seg_start, zero), torch.where(ok_a, run_start, zero),
-            torch.where(ok_c, run_end, zero), torch.where(ok_c, seg_end, zero))
-
-
-def _layout_info(q_layout, k_layout=None, holes=True):
-    """-> q_info (B, 8, Tq), k_info (B, 8, Tk) int32 rows [doc, group, branch, slot, lo, hi, hole_lo,
-    hole_hi]. doc: dead queries -2, dead keys -1 (equal docs = both live); group: the block of a
-    branch token, else a sentinel that differs between queries and keys (equal groups = two branch
-    tokens of one block). For queries, lo..hole_hi are key indices (forward and dq); for keys, query
-    indices (dk/dv), known only for self-attention without slots (training), else the full range."""
-    self_attn = k_layout is None and q_layout.slot is None
-    k_layout = q_layout if k_layout is None else k_layout
-    i64 = lambda t: t.to(torch.int64)
-    qd, qb, qr, qs = i64(q_layout.doc), i64(q_layout.block), i64(q_layout.branch), i64(q_layout.slots())
-    kd, kb, kr = i64(k_layout.doc), i64(k_layout.block), i64(k_layout.branch)
-    (B, Tq), Tk = qd.shape, kd.shape[1]
-    # documents: when the keys' docs are non-decreasing (padding aside), a doc's keys are one run
-    cm = kd.clamp_min(-1).cummax(1).values.contiguous()
-    mono = ((cm == kd) | (kd < 0)).all(1, keepdim=True)
-    start = torch.where(mono, torch.searchsorted(cm, qd.contiguous()), 0)
-    end = torch.where(mono, torch.searchsorted(cm, qd.contiguous(), right=True), Tk)
-    lo, hi = start, torch.minimum(qs + 1, end).clamp(0, Tk)  # causal: keys up to the query's slot
-    zq, zk = torch.zeros_like(qd), torch.zeros_like(kd)
-    if holes:
-        a, b, c, d = _sibling_holes(kd, kb, kr)
-        # a key with the query's (doc, block, branch) has the query's siblings in front of it
-        j = qs.clamp(0, Tk - 1)
-        same = (kd.gather(1, j) == qd) & (kb.gather(1, j) == qb) & (kr.gather(1, j) == qr)
-        h_lo, h_hi = torch.where(same, a.gather(1, j), zq), torch.where(same, b.gather(1, j), zq)
-    else:
-        h_lo, h_hi, c, d = zq, zq, zk, zk
-    live = qd >= 0  # a dead query sees nothing: empty range, everything is a hole
-    q_info = [torch.where(live, qd, -2), torch.where(qr > 0, qb, -2 ** 31 + 1), qr, qs,
-              torch.where(live, lo, Tk), torch.where(live, hi, 0),
-              torch.where(live, h_lo, 0), torch.where(live, h_hi, Tk)]
-    kidx = torch.arange(Tk, device=kd.device).expand(B, Tk)
-    if self_attn:  # key j is seen by queries j..end of its doc, minus its block's later branches
-        k_lo, k_hi = kidx, torch.where(mono, torch.searchsorted(cm, kd.contiguous(), right=True), Tq)
-    else:
-        k_lo, k_hi, c, d = zk, torch.full_like(kd, Tq), zk, zk
-    live = kd >= 0
-    k_info = [torch.where(live, kd, -1), torch.where(kr > 0, kb, -2 ** 31), kr, kidx,
-              torch.where(live, k_lo, Tq), torch.where(live, k_hi, 0),
-              torch.where(live, c, 0), torch.where(live, d, Tq)]
-    pack = lambda rows: torch.stack(rows, 1).to(torch.int32).contiguous()
-    return pack(q_info), pack(k_info)
-
+# SDPA with a dense mask (the CPU path, and the traceable one for torch.compile)
 
 def _memo(q_layout, k_layout, tag, compute):
     """compute(), memoised on the q_layout object: all layers of one forward share it. The key holds
@@ -212,8 +108,8 @@ def _memo(q_layout, k_layout, tag, compute):
     CUDA-graph capture serves only that capture (its tensors live in the graph's memory pool).
     While torch.compile traces, the entry is keyed by the tag alone (the layout is the trace's own
     object): Inductor does not merge the layers' identical mask computations by itself."""
-    if torch.compiler.is_compiling():    # traced once per step: the layers share the traced mask
-        memo = getattr(q_layout, "_traced", None)    # (torch 2.11's dynamo cannot trace __dict__.setdefault)
+    if torch.compiler.is_compiling():
+        memo = getattr(q_layout, "_traced", None)    # (dynamo cannot trace __dict__.setdefault)
         if memo is None:
             memo = q_layout._traced = {}
         if tag not in memo:
@@ -232,568 +128,60 @@ def _memo(q_layout, k_layout, tag, compute):
     return hit[2]
 
 
-def _cached_layout_info(q_layout, k_layout, holes):
-    return _memo(q_layout, k_layout, ("info", holes), lambda: _layout_info(q_layout, k_layout, holes))
+def _sdpa_mask(q_layout, k_layout):
+    mask = visible_mask(q_layout, k_layout)[:, None]                         # (B, 1, Tq, Tk)
+    empty = ~mask.any(-1, keepdim=True)                                      # (B, 1, Tq, 1)
+    # an empty row would give NaN (also in backward): let it see everything, then zero it
+    return mask | empty, empty
 
 
-# -----------------------------------------------------------------------------
-# Triton kernels (FlashAttention-2, after the Triton fused-attention tutorial). The mask is computed
-# on the fly from the (8, T) info rows above; key tiles outside [lo, hi) or inside the hole are skipped.
-
-try:
-    import triton
-    import triton.language as tl
-    HAS_TRITON = True
-except Exception:  # no triton (CPU-only install): the kernels below are defined but never launched
-    from types import SimpleNamespace
-    HAS_TRITON = False
-    triton, tl = SimpleNamespace(jit=lambda fn: fn), SimpleNamespace(constexpr=None)
-
-
-@triton.jit
-def _tile_info(INFO, T, offs, live, T_other, BLOCK: tl.constexpr):
-    # Metadata of the rows `offs` of one (8, T) info block (absent rows: doc -1), and the tile's
-    # range over the other side: [lo, hi) = union of the rows' ranges, lo rounded down to a tile;
-    # hole [h_lo, h_hi) = intersection of the rows' holes, rounded inwards to whole tiles.
-    # The caller loops over [lo, h_lo) and [h_hi, hi): the tiles in the hole are skipped.
-    doc = tl.load(INFO + offs, mask=live, other=-1)
-    grp = tl.load(INFO + T + offs, mask=live, other=0)
-    br = tl.load(INFO + 2 * T + offs, mask=live, other=0)
-    slot = tl.load(INFO + 3 * T + offs, mask=live, other=0)
-    hi = tl.max(tl.load(INFO + 5 * T + offs, mask=live, other=0), 0)
-    lo = tl.minimum(tl.min(tl.load(INFO + 4 * T + offs, mask=live, other=T_other), 0), hi) // BLOCK * BLOCK
-    h_lo = tl.cdiv(tl.max(tl.load(INFO + 6 * T + offs, mask=live, other=0), 0), BLOCK) * BLOCK
-    h_hi = tl.min(tl.load(INFO + 7 * T + offs, mask=live, other=T_other), 0) // BLOCK * BLOCK
-    h_lo = tl.minimum(tl.maximum(h_lo, lo), hi)
-    h_hi = tl.maximum(tl.minimum(h_hi, hi), h_lo)
-    return doc, grp, br, slot, lo, hi, h_lo, h_hi
-
-
-@triton.jit
-def _visible(q_doc, q_grp, q_br, q_slot, k_doc, k_grp, k_br, k_idx):
-    # the mask rule of the module docstring on the encoded info rows (operands shaped to broadcast):
-    # same live doc, causal by slot, and not two different branches of one block
-    return (q_doc == k_doc) & (k_idx <= q_slot) & ((q_grp != k_grp) | (q_br == k_br))
-
-
-@triton.jit
-def _attn_fwd_inner(acc, l_i, m_i, q, q_doc, q_grp, q_br, q_slot,  # q (BLOCK_M, D), metadata (BLOCK_M,)
-                    K, V, KI, stride_kt, stride_vt, Tk, qk_scale, lo, hi,
-                    offs_n, offs_d, BLOCK_N: tl.constexpr, PREC: tl.constexpr):
-    for start_n in tl.range(lo, hi, BLOCK_N):
-        offs = start_n + offs_n
-        in_k = offs < Tk
-        k_doc = tl.load(KI + offs, mask=in_k, other=-1)  # absent keys: doc -1, never visible
-        k_grp = tl.load(KI + Tk + offs, mask=in_k, other=0)
-        k_br = tl.load(KI + 2 * Tk + offs, mask=in_k, other=0)
-        kT = tl.load(K + offs[None, :] * stride_kt + offs_d[:, None], mask=in_k[None, :], other=0.0)
-        qk = tl.dot(q, kT, input_precision=PREC) * qk_scale  # (BLOCK_M, BLOCK_N), log2 units
-        vis = _visible(q_doc[:, None], q_grp[:, None], q_br[:, None], q_slot[:, None],
-                       k_doc[None, :], k_grp[None, :], k_br[None, :], offs[None, :])
-        qk = tl.where(vis, qk, float("-inf"))
-        # online softmax; m_safe keeps rows that have seen nothing yet at p = 0 instead of NaN
-        m_ij = tl.maximum(m_i, tl.max(qk, 1))
-        m_safe = tl.where(m_ij == float("-inf"), 0.0, m_ij)
-        p = tl.math.exp2(qk - m_safe[:, None])
-        alpha = tl.math.exp2(m_i - m_safe)
-        l_i = l_i * alpha + tl.sum(p, 1)
-        v = tl.load(V + offs[:, None] * stride_vt + offs_d[None, :], mask=in_k[:, None], other=0.0)
-        acc = tl.dot(p.to(v.dtype), v, acc * alpha[:, None], input_precision=PREC)
-        m_i = m_ij
-    return acc, l_i, m_i
-
-
-@triton.jit
-def _attn_fwd(Q, K, V, O, LSE, QI, KI, qk_scale,
-              stride_qb, stride_qh, stride_qt, stride_kb, stride_kh, stride_kt,
-              stride_vb, stride_vh, stride_vt, Hq, Tq, Tk,
-              GROUP: tl.constexpr, D: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
-              PREC: tl.constexpr):
-    # grid (query tiles, B * Hq); q head h reads kv head h // GROUP
-    start_m, off_bh = tl.program_id(0), tl.program_id(1)
-    b, h = off_bh // Hq, off_bh % Hq
-    offs_m = start_m * BLOCK_M + tl.arange(0, BLOCK_M)
-    offs_n, offs_d = tl.arange(0, BLOCK_N), tl.arange(0, D)
-    in_q = offs_m < Tq
-    KI += b * 8 * Tk
-    q_doc, q_grp, q_br, q_slot, lo, hi, h_lo, h_hi = _tile_info(QI + b * 8 * Tq, Tq, offs_m, in_q, Tk, BLOCK_N)
-    q = tl.load(Q + b.to(tl.int64) * stride_qb + h * stride_qh + offs_m[:, None] * stride_qt + offs_d[None, :],
-                mask=in_q[:, None], other=0.0)
-    K += b.to(tl.int64) * stride_kb + (h // GROUP) * stride_kh
-    V += b.to(tl.int64) * stride_vb + (h // GROUP) * stride_vh
-    m_i = tl.full([BLOCK_M], float("-inf"), tl.float32)
-    l_i = tl.zeros([BLOCK_M], tl.float32)
-    acc = tl.zeros([BLOCK_M, D], tl.float32)
-    # the key tiles before and after the hole of sibling-branch tiles
-    acc, l_i, m_i = _attn_fwd_inner(acc, l_i, m_i, q, q_doc, q_grp, q_br, q_slot, K, V, KI, stride_kt,
-                                    stride_vt, Tk, qk_scale, lo, h_lo, offs_n, offs_d, BLOCK_N, PREC)
-    acc, l_i, m_i = _attn_fwd_inner(acc, l_i, m_i, q, q_doc, q_grp, q_br, q_slot, K, V, KI, stride_kt,
-                                    stride_vt, Tk, qk_scale, h_hi, hi, offs_n, offs_d, BLOCK_N, PREC)
-    # epilogue: rows that saw nothing give 0 and lse = +inf (so backward's exp2(s - lse) is 0 there)
-    seen = l_i > 0
-    l_i = tl.where(seen, l_i, 1.0)
-    row = off_bh.to(tl.int64) * Tq + offs_m  # o, lse: contiguous (B, Hq, Tq[, D])
-    tl.store(LSE + row, tl.where(seen, m_i + tl.math.log2(l_i), float("inf")), mask=in_q)
-    tl.store(O + row[:, None] * D + offs_d[None, :], (acc / l_i[:, None]).to(O.dtype.element_ty),
-             mask=in_q[:, None])
-
-
-@triton.jit
-def _attn_bwd_preprocess(O, DO, DELTA, n_rows, D: tl.constexpr, BLOCK_M: tl.constexpr):
-    # delta = rowsum(o * do) over the (B * Hq * Tq, D) rows of the contiguous o and do
-    offs_m = tl.program_id(0) * BLOCK_M + tl.arange(0, BLOCK_M)
-    offs_d = tl.arange(0, D)
-    live = offs_m < n_rows
-    ptrs = offs_m.to(tl.int64)[:, None] * D + offs_d[None, :]
-    o = tl.load(O + ptrs, mask=live[:, None], other=0.0).to(tl.float32)
-    do = tl.load(DO + ptrs, mask=live[:, None], other=0.0).to(tl.float32)
-    tl.store(DELTA + offs_m, tl.sum(o * do, 1), mask=live)
-
-
-@triton.jit
-def _attn_bwd_dkdv_inner(dk, dv, k, v, k_doc, k_grp, k_br, offs_n,  # k, v (BLOCK_N, D)
-                         Q, DO, LSE, DELTA, QI, stride_qt, Tq, qk_scale, lo, hi,
-                         offs_d, BLOCK_M: tl.constexpr, D: tl.constexpr, PREC: tl.constexpr):
-    for start_m in tl.range(lo, hi, BLOCK_M):
-        offs_m = start_m + tl.arange(0, BLOCK_M)
-        in_q = offs_m < Tq
-        q_doc = tl.load(QI + offs_m, mask=in_q, other=-1)
-        q_grp = tl.load(QI + Tq + offs_m, mask=in_q, other=0)
-        q_br = tl.load(QI + 2 * Tq + offs_m, mask=in_q, other=0)
-        q_slot = tl.load(QI + 3 * Tq + offs_m, mask=in_q, other=0)
-        qT = tl.load(Q + offs_m[None, :] * stride_qt + offs_d[:, None], mask=in_q[None, :], other=0.0)
-        lse = tl.load(LSE + offs_m, mask=in_q, other=float("inf"))
-        qkT = tl.dot(k, qT, input_precision=PREC) * qk_scale  # (BLOCK_N, BLOCK_M)
-        vis = _visible(q_doc[None, :], q_grp[None, :], q_br[None, :], q_slot[None, :],
-                       k_doc[:, None], k_grp[:, None], k_br[:, None], offs_n[:, None])
-        pT = tl.where(vis, tl.math.exp2(qkT - lse[None, :]), 0.0)
-        do = tl.load(DO + offs_m[:, None] * D + offs_d[None, :], mask=in_q[:, None], other=0.0)
-        dv = tl.dot(pT.to(do.dtype), do, dv, input_precision=PREC)
-        delta = tl.load(DELTA + offs_m, mask=in_q, other=0.0)
-        dpT = tl.dot(v, tl.trans(do), input_precision=PREC)
-        dsT = pT * (dpT - delta[None, :])
-        dk = tl.dot(dsT.to(qT.dtype), tl.trans(qT), dk, input_precision=PREC)
-    return dk, dv
-
-
-@triton.jit
-def _attn_bwd_dkdv(Q, K, V, DO, DK, DV, LSE, DELTA, QI, KI, qk_scale,
-                   stride_qb, stride_qh, stride_qt, stride_kb, stride_kh, stride_kt,
-                   stride_vb, stride_vh, stride_vt, Hq, Hkv, Tq, Tk,
-                   GROUP: tl.constexpr, D: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
-                   PREC: tl.constexpr):
-    # grid (key tiles, B * Hkv): dk, dv of one key tile, summed over the GROUP q heads that read it
-    start_n, off_bh = tl.program_id(0), tl.program_id(1)
-    b, kvh = off_bh // Hkv, off_bh % Hkv
-    offs_n = start_n * BLOCK_N + tl.arange(0, BLOCK_N)
-    offs_d = tl.arange(0, D)
-    in_k = offs_n < Tk
-    QI += b * 8 * Tq
-    k_doc, k_grp, k_br, _, lo, hi, h_lo, h_hi = _tile_info(KI + b * 8 * Tk, Tk, offs_n, in_k, Tq, BLOCK_M)
-    k = tl.load(K + b.to(tl.int64) * stride_kb + kvh * stride_kh + offs_n[:, None] * stride_kt
-                + offs_d[None, :], mask=in_k[:, None], other=0.0)
-    v = tl.load(V + b.to(tl.int64) * stride_vb + kvh * stride_vh + offs_n[:, None] * stride_vt
-                + offs_d[None, :], mask=in_k[:, None], other=0.0)
-    dk = tl.zeros([BLOCK_N, D], tl.float32)
-    dv = tl.zeros([BLOCK_N, D], tl.float32)
-    for g in range(GROUP):
-        h = kvh * GROUP + g
-        Qh = Q + b.to(tl.int64) * stride_qb + h * stride_qh
-        row = (b * Hq + h).to(tl.int64) * Tq  # do, lse, delta: contiguous (B, Hq, Tq[, D])
-        dk, dv = _attn_bwd_dkdv_inner(dk, dv, k, v, k_doc, k_grp, k_br, offs_n, Qh, DO + row * D, LSE + row,
-                                      DELTA + row, QI, stride_qt, Tq, qk_scale, lo, h_lo, offs_d, BLOCK_M, D, PREC)
-        dk, dv = _attn_bwd_dkdv_inner(dk, dv, k, v, k_doc, k_grp, k_br, offs_n, Qh, DO + row * D, LSE + row,
-                                      DELTA + row, QI, stride_qt, Tq, qk_scale, h_hi, hi, offs_d, BLOCK_M, D, PREC)
-    out = (off_bh.to(tl.int64) * Tk + offs_n)[:, None] * D + offs_d[None, :]  # dk, dv: contiguous
-    scale = qk_scale * 0.6931471805599453  # ds/dk = softmax scale = qk_scale * ln 2
-    tl.store(DK + out, (dk * scale).to(DK.dtype.element_ty), mask=in_k[:, None])
-    tl.store(DV + out, dv.to(DV.dtype.element_ty), mask=in_k[:, None])
-
-
-@triton.jit
-def _attn_bwd_dq_inner(dq, q, do, lse, delta, q_doc, q_grp, q_br, q_slot,  # q, do (BLOCK_M, D)
-                       K, V, KI, stride_kt, stride_vt, Tk, qk_scale, lo, hi,
-                       offs_n, offs_d, BLOCK_N: tl.constexpr, PREC: tl.constexpr):
-    for start_n in tl.range(lo, hi, BLOCK_N):
-        offs = start_n + offs_n
-        in_k = offs < Tk
-        k_doc = tl.load(KI + offs, mask=in_k, other=-1)
-        k_grp = tl.load(KI + Tk + offs, mask=in_k, other=0)
-        k_br = tl.load(KI + 2 * Tk + offs, mask=in_k, other=0)
-        kT = tl.load(K + offs[None, :] * stride_kt + offs_d[:, None], mask=in_k[None, :], other=0.0)
-        vT = tl.load(V + offs[None, :] * stride_vt + offs_d[:, None], mask=in_k[None, :], other=0.0)
-        qk = tl.dot(q, kT, input_precision=PREC) * qk_scale
-        vis = _visible(q_doc[:, None], q_grp[:, None], q_br[:, None], q_slot[:, None],
-                       k_doc[None, :], k_grp[None, :], k_br[None, :], offs[None, :])
-        p = tl.where(vis, tl.math.exp2(qk - lse[:, None]), 0.0)
-        dp = tl.dot(do, vT, input_precision=PREC)
-        ds = p * (dp - delta[:, None])
-        dq = tl.dot(ds.to(kT.dtype), tl.trans(kT), dq, input_precision=PREC)
-    return dq
-
-
-@triton.jit
-def _attn_bwd_dq(Q, K, V, DO, DQ, LSE, DELTA, QI, KI, qk_scale,
-                 stride_qb, stride_qh, stride_qt, stride_kb, stride_kh, stride_kt,
-                 stride_vb, stride_vh, stride_vt, Hq, Tq, Tk,
-                 GROUP: tl.constexpr, D: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
-                 PREC: tl.constexpr):
-    # grid (query tiles, B * Hq): the same key tiles as the forward
-    start_m, off_bh = tl.program_id(0), tl.program_id(1)
-    b, h = off_bh // Hq, off_bh % Hq
-    offs_m = start_m * BLOCK_M + tl.arange(0, BLOCK_M)
-    offs_n, offs_d = tl.arange(0, BLOCK_N), tl.arange(0, D)
-    in_q = offs_m < Tq
-    KI += b * 8 * Tk
-    q_doc, q_grp, q_br, q_slot, lo, hi, h_lo, h_hi = _tile_info(QI + b * 8 * Tq, Tq, offs_m, in_q, Tk, BLOCK_N)
-    q = tl.load(Q + b.to(tl.int64) * stride_qb + h * stride_qh + offs_m[:, None] * stride_qt + offs_d[None, :],
-                mask=in_q[:, None], other=0.0)
-    row = off_bh.to(tl.int64) * Tq + offs_m  # do, lse, delta, dq: contiguous (B, Hq, Tq[, D])
-    do = tl.load(DO + row[:, None] * D + offs_d[None, :], mask=in_q[:, None], other=0.0)
-    lse = tl.load(LSE + row, mask=in_q, other=float("inf"))
-    delta = tl.load(DELTA + row, mask=in_q, other=0.0)
-    K += b.to(tl.int64) * stride_kb + (h // GROUP) * stride_kh
-    V += b.to(tl.int64) * stride_vb + (h // GROUP) * stride_vh
-    dq = tl.zeros([BLOCK_M, D], tl.float32)
-    dq = _attn_bwd_dq_inner(dq, q, do, lse, delta, q_doc, q_grp, q_br, q_slot, K, V, KI, stride_kt,
-                            stride_vt, Tk, qk_scale, lo, h_lo, offs_n, offs_d, BLOCK_N, PREC)
-    dq = _attn_bwd_dq_inner(dq, q, do, lse, delta, q_doc, q_grp, q_br, q_slot, K, V, KI, stride_kt,
-                            stride_vt, Tk, qk_scale, h_hi, hi, offs_n, offs_d, BLOCK_N, PREC)
-    scale = qk_scale * 0.6931471805599453  # ds/dq = softmax scale
-    tl.store(DQ + row[:, None] * D + offs_d[None, :], (dq * scale).to(DQ.dtype.element_ty), mask=in_q[:, None])
-
-
-@triton.jit
-def _attn_decode(Q, K, V, O, LSE, QI, KI, qk_scale,
-                 stride_qb, stride_qh, stride_qt, stride_kb, stride_kh, stride_kt,
-                 stride_vb, stride_vh, stride_vt, B, Hq, Hkv, Tq, Tk, SPLITS,
-                 GROUP: tl.constexpr, D: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
-                 PREC: tl.constexpr):
-    # grid (B * Hkv, SPLITS). The M dimension holds all GROUP x Tq (q head, query) pairs that read
-    # kv head kvh, so each K/V tile is loaded once per kv head; SPLITS programs share the keys
-    # (flash-decoding) and write partial (o, lse) that the host merges. No sibling holes here:
-    # decode caches interleave the branches.
-    off_bh, split = tl.program_id(0), tl.program_id(1)
-    b, kvh = off_bh // Hkv, off_bh % Hkv
-    offs_m = tl.arange(0, BLOCK_M)
-    offs_n, offs_d = tl.arange(0, BLOCK_N), tl.arange(0, D)
-    in_q = offs_m < GROUP * Tq
-    h, t = kvh * GROUP + offs_m // Tq, offs_m % Tq  # row m = (q head h, query t)
-    q_doc, q_grp, q_br, q_slot, lo, hi, _, _ = _tile_info(QI + b * 8 * Tq, Tq, t, in_q, Tk, BLOCK_N)
-    chunk = tl.cdiv(tl.cdiv(hi - lo, BLOCK_N), SPLITS) * BLOCK_N
-    s_lo = lo + split * chunk
-    q = tl.load(Q + b.to(tl.int64) * stride_qb + h[:, None] * stride_qh + t[:, None] * stride_qt
-                + offs_d[None, :], mask=in_q[:, None], other=0.0)
-    m_i = tl.full([BLOCK_M], float("-inf"), tl.float32)
-    l_i = tl.zeros([BLOCK_M], tl.float32)
-    acc = tl.zeros([BLOCK_M, D], tl.float32)
-    acc, l_i, m_i = _attn_fwd_inner(acc, l_i, m_i, q, q_doc, q_grp, q_br, q_slot,
-                                    K + b.to(tl.int64) * stride_kb + kvh * stride_kh,
-                                    V + b.to(tl.int64) * stride_vb + kvh * stride_vh, KI + b * 8 * Tk,
-                                    stride_kt, stride_vt, Tk, qk_scale, s_lo, tl.minimum(hi, s_lo + chunk),
-                                    offs_n, offs_d, BLOCK_N, PREC)
-    seen = l_i > 0  # an empty split has lse = -inf: weight 0 in the merge
-    l_i = tl.where(seen, l_i, 1.0)
-    row = ((split * B + b) * Hq + h).to(tl.int64) * Tq + t  # O (SPLITS, B, Hq, Tq, D) fp32
-    tl.store(LSE + row, tl.where(seen, m_i + tl.math.log2(l_i), float("-inf")), mask=in_q)
-    tl.store(O + row[:, None] * D + offs_d[None, :], acc / l_i[:, None], mask=in_q[:, None])
-
-
-# -----------------------------------------------------------------------------
-# Launchers
-
-# Tile sizes per kernel on CUDA, for bf16 and D = 128 on sm_90: chosen offline from ptxas (no register
-# spills but ~140 bytes in dkdv, wgmma in all three); not yet tuned by timing. Under the interpreter
-# every tile is 16, so that tiny test shapes still span several tiles and skip some.
-CUDA_CONFIGS = {
-    "fwd": dict(BLOCK_M=128, BLOCK_N=64, num_warps=8, num_stages=3),
-    "dkdv": dict(BLOCK_M=32, BLOCK_N=64, num_warps=4, num_stages=3),
-    "dq": dict(BLOCK_M=64, BLOCK_N=32, num_warps=4, num_stages=3),
-    "decode": dict(BLOCK_N=64, num_warps=4, num_stages=3),
-}
-
-
-def _config(kind, q):
-    if not q.is_cuda:
-        return dict(BLOCK_M=16, BLOCK_N=16)
-    cfg = dict(CUDA_CONFIGS[kind])
-    if q.shape[-1] <= 64:
-        cfg["num_warps"] = min(cfg["num_warps"], 4)
-    # fp32 (IEEE dots on CUDA cores) and D = 256 need smaller tiles to fit registers and shared memory
-    shrink = int(q.dtype == torch.float32) + int(q.shape[-1] > 128)
-    if shrink:
-        cfg.update({k: max(16, v >> shrink) for k, v in cfg.items() if k.startswith("BLOCK")}, num_stages=2)
-    return cfg
-
-
-def _strides(*ts):
-    return [s for t in ts for s in t.stride()[:3]]  # (b, h, t) strides; d is contiguous
-
-
-def _precision(q):
-    return "ieee" if q.dtype == torch.float32 else "tf32"  # fp32 inputs: no silent TF32 rounding
-
-
-def _fwd(q, k, v, q_info, k_info, scale):
-    """-> o (B, Hq, Tq, D) in q's dtype and lse (B, Hq, Tq) fp32 in log2 units (+inf: empty row)."""
+def attention_sdpa(q, k, v, q_layout, k_layout=None, scale=None):
+    """Same result as attention_ref, through SDPA with a dense bool mask. Decode steps (few
+    queries) with GQA fold each kv head's query heads into its query rows, so SDPA reads the cache
+    as it is instead of expanding k and v per query head."""
     B, Hq, Tq, D = q.shape
-    Hkv, Tk = k.shape[1], k.shape[2]
-    o = torch.empty(B, Hq, Tq, D, device=q.device, dtype=q.dtype)
-    lse = torch.empty(B, Hq, Tq, device=q.device, dtype=torch.float32)
-    cfg = _config("fwd", q)
-    grid = (triton.cdiv(Tq, cfg["BLOCK_M"]), B * Hq)
-    _attn_fwd[grid](q, k, v, o, lse, q_info, k_info, scale * 1.4426950408889634, *_strides(q, k, v),
-                    Hq, Tq, Tk, GROUP=Hq // Hkv, D=D, PREC=_precision(q), **cfg)
-    return o, lse
-
-
-class _Attention(torch.autograd.Function):
-    @staticmethod
-    def forward(ctx, q, k, v, q_info, k_info, scale):
-        o, lse = _fwd(q, k, v, q_info, k_info, scale)
-        ctx.save_for_backward(q, k, v, o, lse, q_info, k_info)
-        ctx.scale = scale
-        return o
-
-    @staticmethod
-    def backward(ctx, do):
-        q, k, v, o, lse, q_info, k_info = ctx.saved_tensors
-        B, Hq, Tq, D = q.shape
-        Hkv, Tk = k.shape[1], k.shape[2]
-        do = do.contiguous()
-        delta = torch.empty_like(lse)
-        _attn_bwd_preprocess[(triton.cdiv(B * Hq * Tq, 64),)](o, do, delta, B * Hq * Tq, D=D, BLOCK_M=64)
-        dq = torch.empty(q.shape, device=q.device, dtype=q.dtype)
-        dk = torch.empty(k.shape, device=k.device, dtype=k.dtype)
-        dv = torch.empty(v.shape, device=v.device, dtype=v.dtype)
-        args = (q_info, k_info, ctx.scale * 1.4426950408889634, *_strides(q, k, v))
-        kw = dict(GROUP=Hq // Hkv, D=D, PREC=_precision(q))
-        cfg = _config("dkdv", q)
-        _attn_bwd_dkdv[(triton.cdiv(Tk, cfg["BLOCK_N"]), B * Hkv)](
-            q, k, v, do, dk, dv, lse, delta, *args, Hq, Hkv, Tq, Tk, **kw, **cfg)
-        cfg = _config("dq", q)
-        _attn_bwd_dq[(triton.cdiv(Tq, cfg["BLOCK_M"]), B * Hq)](
-            q, k, v, do, dq, lse, delta, *args, Hq, Tq, Tk, **kw, **cfg)
-        return dq, dk, dv, None, None, None
-
-
-def _num_splits(q, Hkv, Tk, block_n):
-    """Flash-decoding: split the keys so that B * Hkv * splits programs fill the GPU about twice."""
-    if not q.is_cuda:
-        return 2  # exercise the merge under the interpreter
-    sms = torch.cuda.get_device_properties(q.device).multi_processor_count
-    return max(1, min(triton.cdiv(2 * sms, q.shape[0] * Hkv), triton.cdiv(Tk, 8 * block_n), 16))
-
-
-def _decode(q, k, v, q_info, k_info, scale, splits=None):
-    """Few queries per row against a long cache (forward only): (B, Hq, Tq, D) in q's dtype."""
-    B, Hq, Tq, D = q.shape
-    Hkv, Tk = k.shape[1], k.shape[2]
-    cfg = _config("decode", q)
-    cfg["BLOCK_M"] = max(16, triton.next_power_of_2(Hq // Hkv * Tq))
-    if q.is_cuda and cfg["BLOCK_M"] >= 64:
-        cfg["num_warps"] = 8  # 4 warps spill at 64+ rows
-    splits = splits or _num_splits(q, Hkv, Tk, cfg["BLOCK_N"])
-    o = torch.empty(splits, B, Hq, Tq, D, device=q.device, dtype=torch.float32)
-    lse = torch.empty(splits, B, Hq, Tq, device=q.device, dtype=torch.float32)
-    _attn_decode[(B * Hkv, splits)](q, k, v, o, lse, q_info, k_info, scale * 1.4426950408889634,
-                                    *_strides(q, k, v), B, Hq, Hkv, Tq, Tk, splits,
-                                    GROUP=Hq // Hkv, D=D, PREC=_precision(q), **cfg)
-    if splits > 1:  # merge the partial softmaxes: weights 2^lse_s / sum_s 2^lse_s (0 if all empty)
-        w = torch.softmax(lse * 0.6931471805599453, dim=0).nan_to_num(0.0)
-        o = (w[..., None] * o).sum(0, keepdim=True)
-    return o[0].to(q.dtype)
-
-
-def attention_triton(q, k, v, q_layout, k_layout=None, scale=None):
-    """The Triton path: the decode kernel for a few queries per row when no gradient is needed,
-    else the forward kernel inside an autograd.Function with its backward kernels."""
-    B, Hq, Tq, D = q.shape
-    Hkv = k.shape[1]
-    assert Hq % Hkv == 0, f"{Hq} q heads do not share {Hkv} kv heads evenly"
-    scale = D ** -0.5 if scale is None else scale
-    if D < 16 or D & (D - 1):  # other head dims (tiny test models): zero-pad, no dot product changes
-        pad = lambda t: F.pad(t, (0, max(16, triton.next_power_of_2(D)) - D))
-        return attention_triton(pad(q), pad(k), pad(v), q_layout, k_layout, scale)[..., :D]
-    assert q.dtype == k.dtype == v.dtype, f"q, k, v dtypes differ: {q.dtype} {k.dtype} {v.dtype}"
-    q, k, v = (t if t.stride(-1) == 1 else t.contiguous() for t in (q, k, v))  # any (b, h, t) strides
-    grad = torch.is_grad_enabled() and (q.requires_grad or k.requires_grad or v.requires_grad)
-    if not grad and Tq <= 16 and Hq // Hkv * Tq <= 128:
-        q_info, k_info = _cached_layout_info(q_layout, k_layout, holes=False)
-        return _decode(q, k, v, q_info, k_info, scale)
-    q_info, k_info = _cached_layout_info(q_layout, k_layout, holes=True)
-    return _Attention.apply(q, k, v, q_info, k_info, scale)
+    G = Hq // k.shape[1]
+    if G > 1 and Tq <= 16:
+        def folded():   # an additive mask in q's dtype, made once per step (SDPA would convert a bool one per layer)
+            mask, empty = (m.expand(B, G, Tq, m.shape[-1]).reshape(B, 1, G * Tq, -1) for m in _sdpa_mask(q_layout, k_layout))
+            return torch.zeros(mask.shape, dtype=q.dtype, device=q.device).masked_fill(~mask, float("-inf")), empty
+        mask, empty = _memo(q_layout, k_layout, f"sdpa-g{G}-{q.dtype}", folded)
+        out = F.scaled_dot_product_attention(q.reshape(B, -1, G * Tq, D), k, v, attn_mask=mask, scale=scale)
+        return out.masked_fill(empty, 0.0).view(B, Hq, Tq, D)
+    mask, empty = _memo(q_layout, k_layout, "sdpa", lambda: _sdpa_mask(q_layout, k_layout))
+    out = F.scaled_dot_product_attention(q, k, v, attn_mask=mask, scale=scale, enable_gqa=G > 1)
+    return out.masked_fill(empty, 0.0)
 
 
 # -----------------------------------------------------------------------------
 # The dispatcher
 
+@cache
+def has_triton():
+    """Whether the Triton path can run (triton importable); asked only on CUDA, never at import."""
+    try:
+        import triton_attention  # noqa: F401
+        return True
+    except Exception:
+        return False
+
+
 def attention(q, k, v, q_layout, k_layout=None, scale=None, impl="auto"):
-    """Branch-isolated attention. impl: "auto" (Triton on CUDA, SDPA+dense mask elsewhere),
+    """Branch-isolated attention. impl: "auto" (Triton on CUDA, SDPA + dense mask elsewhere),
     "triton", "sdpa" or "ref" (the readable spec)."""
     dev = q.device.type
     if torch.is_autocast_enabled(dev):   # like SDPA under autocast: one low-precision dtype for q, k, v
         dt = torch.get_autocast_dtype(dev)
         q, k, v = q.to(dt), k.to(dt), v.to(dt)
     if impl == "auto":
-        impl = "triton" if (q.is_cuda and HAS_TRITON) else "sdpa"
+        impl = "triton" if q.is_cuda and has_triton() else "sdpa"
     if impl == "ref":
         return attention_ref(q, k, v, q_layout, k_layout, scale)
     if impl == "sdpa":
         return attention_sdpa(q, k, v, q_layout, k_layout, scale)
     if impl == "triton":
-        if not HAS_TRITON:
-            raise RuntimeError("impl='triton' but triton is not importable")
+        if not has_triton():
+            raise RuntimeError("impl='triton' but triton_attention.py cannot import triton")
+        from triton_attention import attention_triton   # the GPU fast path (optional reading)
         return attention_triton(q, k, v, q_layout, k_layout, scale)
     raise ValueError(f"unknown attention impl {impl!r}: use auto, triton, sdpa or ref")
-
-
-# -----------------------------------------------------------------------------
-# Benchmark: python parallel_attention.py [--out results.json]
-# CPU: the reference vs SDPA + dense mask, and the Triton interpreter at a tiny shape (a correctness
-# run, not a speed). CUDA: bf16 kernels vs the fp32 reference at T=4096, then Triton vs FlexAttention
-# (same mask) vs causal SDPA (flash), a few tile configs, and the decode kernel vs SDPA + dense mask.
-
-def bench_layout(B, T, prefix=1024, guide=64, nbr=4, step=512, take=128, device="cpu"):
-    """The row of shared/anchors/gpu_baselines.py: a trunk prefix, then repeated blocks of
-    [guideline trunk, nbr steps of `step` tokens, takeaway trunk]."""
-    blk, br = torch.zeros(T, dtype=torch.int32), torch.zeros(T, dtype=torch.int32)
-    i, b = prefix + guide, 1
-    while i < T:
-        for r in range(1, nbr + 1):
-            blk[i + (r - 1) * step:i + r * step], br[i + (r - 1) * step:i + r * step] = b, r
-        i, b = i + nbr * step + take + guide, b + 1
-    row = lambda x: x.expand(B, T).contiguous().to(device)
-    return Layout(row(torch.zeros_like(blk)), row(blk), row(br))
-
-
-def decode_layout(B, S, nbr=4, device="cpu"):
-    """A full cache of S slots: a trunk prompt, then one block whose nbr branches were written one
-    token per branch per step (interleaved slots); the queries are the last token of each branch."""
-    br = torch.zeros(S, dtype=torch.int32)
-    br[S // 2:] = torch.arange(S - S // 2) % nbr + 1
-    row = lambda x: x.expand(B, -1).contiguous().to(device)
-    slot = torch.arange(S - nbr, S, dtype=torch.int32)
-    return (Layout(row(torch.zeros_like(slot)), row(torch.ones_like(slot)), row(br[slot]), row(slot)),
-            Layout(row(torch.zeros_like(br)), row((br > 0).int()), row(br)))
-
-
-def _bench_cpu(res):
-    import time
-
-    def ms(fn, reps=3):
-        fn()
-        t = time.perf_counter()
-        for _ in range(reps):
-            fn()
-        return round((time.perf_counter() - t) / reps * 1e3, 2)
-    for T in (1024, 2048):
-        L = bench_layout(1, T, prefix=256, guide=16, step=128, take=32)
-        q, k, v = (torch.randn(1, H, T, 64, requires_grad=True) for H in (8, 2, 2))
-        for name, fn in (("ref", attention_ref), ("sdpa_densemask", attention_sdpa)):
-            res[f"cpu_T{T}_{name}_fwd_ms"] = ms(lambda: fn(q, k, v, L))
-            res[f"cpu_T{T}_{name}_fwdbwd_ms"] = ms(lambda: fn(q, k, v, L).sum().backward())
-    L = bench_layout(1, 64, prefix=8, guide=4, step=12, take=4)
-    q, k, v = (torch.randn(1, H, 64, 16) for H in (2, 1, 1))
-    try:
-        res["interpreter_T64_fwd_ms (not a speed)"] = ms(lambda: attention_triton(q, k, v, L), reps=1)
-        err = attention_triton(q, k, v, L) - attention_ref(q, k, v, L)
-        res["interpreter_T64_fwd_maxabs_vs_ref"] = err.abs().max().item()
-    except Exception as e:
-        res["interpreter_error"] = repr(e)[:200]
-
-
-def _bench_cuda(res):
-    from triton.testing import do_bench
-    from torch.nn.attention.flex_attention import flex_attention, create_block_mask
-    res["device"] = torch.cuda.get_device_name()
-    mk = lambda B, H, T, g=True: torch.randn(B, H, T, 128, device="cuda", dtype=torch.bfloat16, requires_grad=g)
-
-    def part(name, fn):  # one failure must not lose the other numbers
-        try:
-            fn()
-        except Exception as e:
-            res[name + "_error"] = repr(e)[:300]
-        print({k: v for k, v in res.items() if k.startswith(name)}, flush=True)
-
-    def check():  # bf16 kernels vs the fp32 reference; SDPA's bf16 error is the yardstick
-        L = bench_layout(1, 4096, device="cuda")
-        q, k, v = mk(1, 8, 4096), mk(1, 2, 4096), mk(1, 2, 4096)
-        do = torch.randn_like(q)
-        ref = [t.detach().float().requires_grad_() for t in (q, k, v)]
-        o_ref = attention_ref(*ref, L)
-        want = (o_ref, *torch.autograd.grad(o_ref, ref, do.float()))
-        for impl in ("triton", "sdpa"):
-            o = attention(q, k, v, L, impl=impl)
-            for n, a, b in zip(("o", "dq", "dk", "dv"), (o, *torch.autograd.grad(o, (q, k, v), do)), want):
-                res[f"check_{impl}_{n}_maxabs"] = round((a.float() - b).abs().max().item(), 5)
-        ql, cache = decode_layout(4, 4096, device="cuda")
-        q, k, v = mk(4, 8, 4, False), mk(4, 2, 4096, False), mk(4, 2, 4096, False)
-        err = attention(q, k, v, ql, cache, impl="triton").float() - attention_ref(
-            q.float(), k.float(), v.float(), ql, cache)
-        res["check_decode_o_maxabs"] = round(err.abs().max().item(), 5)
-    part("check", check)
-
-    flex = torch.compile(flex_attention)
-    for T in (4096, 16384):
-        def speed(B=2, H=32, KV=8):
-            L = bench_layout(B, T, device="cuda")
-            q, k, v = mk(B, H, T), mk(B, KV, T), mk(B, KV, T)
-            do = torch.randn_like(q)
-            blk, br = L.block[0], L.branch[0]
-            mm = lambda b, h, i, j: (i >= j) & ~((blk[i] == blk[j]) & (br[i] != br[j]) & (br[i] > 0) & (br[j] > 0))
-            bm = create_block_mask(mm, None, None, T, T, device="cuda")
-            kr, vr = (t.detach().repeat_interleave(H // KV, 1).requires_grad_() for t in (k, v))
-            fns = {"triton": lambda: attention(q, k, v, L, impl="triton"),
-                   "flex": lambda: flex(q, k, v, block_mask=bm, enable_gqa=True),
-                   "sdpa_causal": lambda: F.scaled_dot_product_attention(q, kr, vr, is_causal=True)}
-            frac = visible_mask(Layout(L.doc[:1], L.block[:1], L.branch[:1])).float().mean().item()
-            res[f"T{T}_visible_frac"] = round(frac, 4)
-            for name, fn in fns.items():
-                res[f"T{T}_{name}_fwd_ms"] = round(do_bench(fn), 3)
-                res[f"T{T}_{name}_fwdbwd_ms"] = round(do_bench(lambda: fn().backward(do)), 3)
-            flops = 4 * B * H * 128 * T * T * frac
-            res[f"T{T}_triton_fwd_tflops_on_visible"] = round(flops / res[f"T{T}_triton_fwd_ms"] / 1e9, 1)
-            sweep = [("fwd", dict(BLOCK_N=128)), ("fwd", dict(BLOCK_M=64, num_warps=4)),
-                     ("dkdv", dict(BLOCK_N=128, num_warps=8)), ("dq", dict(BLOCK_M=128, num_warps=8))]
-            for kind, opt in sweep if T == 4096 else []:  # alternatives to CUDA_CONFIGS
-                saved = dict(CUDA_CONFIGS[kind])
-                CUDA_CONFIGS[kind].update(opt)
-                try:
-                    fn = fns["triton"] if kind == "fwd" else lambda: fns["triton"]().backward(do)
-                    res[f"T{T}_sweep_{kind}_{opt}_ms"] = round(do_bench(fn), 3)
-                finally:
-                    CUDA_CONFIGS[kind] = saved
-        part(f"T{T}", speed)
-        torch.cuda.empty_cache()
-
-    def decode():  # B=32 rows x 4 queries (one per branch) against an interleaved cache
-        for S in (4096, 8192, 16384):
-            ql, cache = decode_layout(32, S, device="cuda")
-            q, k, v = mk(32, 32, 4, False), mk(32, 8, S, False), mk(32, 8, S, False)
-            for name in ("triton", "sdpa"):
-                t = do_bench(lambda: attention(q, k, v, ql, cache, impl=name))
-                res[f"decode_S{S}_{name}_us"] = round(t * 1e3, 1)
-            res[f"decode_S{S}_triton_kv_GBps"] = round(4 * k.numel() / res[f"decode_S{S}_triton_us"] / 1e3, 1)
-    part("decode", decode)
-
-
-if __name__ == "__main__":
-    import argparse
-    import json
-    import os
-    import sys
-    if HAS_TRITON and not torch.cuda.is_available() and os.environ.get("TRITON_INTERPRET") != "1":
-        os.environ["TRITON_INTERPRET"] = "1"  # read when the kernels are defined: restart with it
-        os.execv(sys.executable, [sys.executable] + sys.argv)
-    ap = argparse.ArgumentParser(description="benchmark branch-isolated attention")
-    ap.add_argument("--out", help="also write the results as JSON to this file")
-    args = ap.parse_args()
-    res = {"torch": torch.__version__, "triton": triton.__version__ if HAS_TRITON else None}
-    (_bench_cuda if torch.cuda.is_available() and HAS_TRITON else _bench_cpu)(res)
-    print(f"{'measure':52s} | value")
-    for k, v in res.items():
-        print(f"{k:52s} | {v}")
-    if args.out:
-        with open(args.out, "w") as f:
-            json.dump(res, f, indent=1)
