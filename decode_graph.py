@@ -1,42 +1,32 @@
 """
-The sampler's GPU fast path: one decode step with static shapes, replayed as a CUDA graph.
+Optional reading: the sampler's GPU fast path, one decode step with static shapes replayed as a CUDA graph.
 
 Eager decoding of a 0.6B model on an H100 is launch-bound (~1,700 small kernels per token, ~25 ms),
 whatever the batch. A CUDA graph replays the same kernels without the Python and launch cost, but
 only for fixed shapes and fixed addresses. So the step is made static:
-- the rows R and the KV cache (capacity S, one cache row per sample) are fixed for a whole
-  generate() call (sampler.py already works that way);
-- the new tokens of a step form an (R, W) grid (one column per live branch, or a forced header);
-  W is rounded up to a bucket (1, 2, 4, .. 64); padding columns are invisible (doc -1) and write
-  to the scratch slot, exactly as in the eager path;
+- the rows R and the KV cache (capacity S, one cache row per running request) are fixed while the
+  engine runs (sampler.py: a finished row is refilled, a free row is padding);
+- the step's (R, W, 6) grid (sampler.Sampler.build_grid: id, pos, doc, block, branch, slot per cell)
+  has W rounded up to a bucket (1, 2, 4, .. 64); padding cells are invisible (doc -1) and write to
+  the scratch slot; it goes to the device in one copy, the mask metadata is derived from it there;
 - attention runs over the first Sb cache slots, Sb = the filled length rounded up to a power of
-  two (>= 256, <= S); the unfilled slots are empty (doc -1) and masked like any other; with the
-  Triton decode kernel the tiles past a query's slot are skipped anyway;
-- ids, positions and the branch metadata of the grid go through one preallocated (R, W, 6) buffer:
-  one host->device copy per step. All the mask metadata is derived from it on the GPU.
-One graph per (W bucket, Sb) is captured lazily the first time that shape occurs (all share one
-memory pool), then every step is: copy the grid in, replay, read the (R, W, hidden) output.
+  two (>= 256, <= S); the unfilled slots are empty (doc -1) and masked like any other.
+One graph per (W bucket, Sb, draw) is captured lazily the first time that shape occurs (all share one
+memory pool), then every step is: copy the grid in, replay, read the output.
 
-With `draw` (the sampling settings every request of the call shares: no steering, no repetition
-penalty) the step also ends with the head: logits of every grid cell, the token drawn with the
-cell's uniform (a second (R, W) buffer: the CPU generators' draws) and its log-prob; the sampler
-reads tokens and log-probs back as one (2, R*W) tensor. So a step is two small copies in, one
-replay and one copy out, instead of a dozen eager kernels and several transfers around the graph.
-Cells whose logits would not fit `HEAD_CELLS_BYTES` of fp32 take the old path (hidden states out).
+With `draw` (the sampling settings every running request shares: no steering, no repetition penalty)
+the step also ends with the head: logits of every cell, the token drawn with the cell's uniform (a
+second (R, W) buffer: the CPU generators' draws) and its log-prob, read back as one (2, R*W) tensor.
+Cells whose logits would not fit `HEAD_CELLS_BYTES` of fp32 return hidden states instead.
 
-StaticStep(..., fuse=True) runs the layers with q/k/v and gate/up concatenated (fused_projections below):
-two GEMMs where there were five, i.e. 84 fewer kernels per step for Qwen3-0.6B; the copies cost
-the memory of those weights once more and are refreshed in place (graphs stay valid) when the
-model's weights have changed since (an RL update).
-
-StaticStep(..., graphs=False) runs the very same padded step eagerly: on CPU that is how the suite
-checks the padding (static == ordinary step); on CUDA the graph is tested against both.
-StaticStep(..., compiled=True) also passes the step through torch.compile (fullgraph, static
-shapes: one compile per graph key) before capturing it: the norms, RoPE and SwiGLU fuse into a few
-kernels, which is what a launch-bound batch-1 step needs. It needs a fully traceable attention:
-model.attn_impl = "sdpa" (the Triton kernels are not traced).
-Not under autocast (graph capture needs autocast's weight cache off): the sampler uses the
-ordinary eager step there.
+fuse=True: q/k/v and gate/up concatenated (fused_projections): two GEMMs where there were five (84
+fewer kernels per step for Qwen3-0.6B), at the memory of those weights once more; the copies are
+refreshed in place (graphs stay valid) when the weights changed since (an RL update).
+graphs=False runs the very same padded step eagerly: on CPU that is how the suite checks the padding.
+compiled=True passes the step through torch.compile (fullgraph, static shapes: one compile per graph
+key) before capture: norms, RoPE and SwiGLU fuse into a few kernels; it needs model.attn_impl = "sdpa"
+(the Triton kernels are not traced). Not under autocast (capture needs autocast's weight cache off):
+the sampler uses the eager step there.
 """
 import torch
 import torch.nn.functional as F
@@ -179,7 +169,7 @@ class StaticStep:
         self.graph[key] = graph
 
     def reset(self):
-        """Empty the cache for the next generate() call (same rows and capacity: graphs stay valid);
+        """Empty the cache for the engine's next batch (same rows and capacity: graphs stay valid);
         fused weights that went stale are rewritten in place."""
         if self.fused is not None and weights_version(self.model) != self.version:
             with torch.no_grad():

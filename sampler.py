@@ -1,5 +1,5 @@
 """
-Our own batched KV-cache sampler, with the NPR fork/join engine (NPR.md section 5).
+The sampling engine, with the NPR fork/join rules (NPR.md section 5) and continuous batching.
 
     python sampler.py --model DIR --prompt "Compute 23*4 + 17*6." --mode parallel -n 4
 
@@ -12,12 +12,23 @@ parallel mode: when a row's trunk emits </guideline>, count its numbered plans (
   (npr.TAKEAWAY_HEADER) is forced in the trunk at 1 + the largest branch position, and decoding goes on.
   sft.py writes its trajectories with the same forced texts (npr.engine_pieces).
 
-No KV copying: every row owns one cache row; branch tokens are appended to it interleaved (one
-slot per token, in the order they are decoded) and the branch mask is applied from per-slot
-metadata (parallel_attention.py). Several new tokens per row go through one forward: one per
-live branch, or a whole forced header. Slots and RoPE positions are separate quantities. The cache
-starts with room for max_new_tokens; under the critical-path budget it doubles (for every row: one
-copy) when a row's branches outgrow it, up to the cap on all tokens.
+The engine (Sampler.step, read it first) is three parts, as in nano-vllm:
+  schedule    admit waiting requests (Seq) into free KV-cache rows and prefill their prompts;
+  run         one forward over an (R, W) grid: the next token of every live stream (trunk or branch)
+              of every row; eager, or decode_graph.StaticStep (padded static shapes, CUDA graphs);
+  postprocess draw the tokens, apply the tags (fork, join, finish); a finished row is free for the
+              next waiting request at the next step (continuous batching).
+generate() and generate_many() are loops over step().
+
+No KV copying: every running request owns one cache row; branch tokens are appended to it interleaved
+(one slot per token, in the order they are decoded) and the branch mask is applied from per-slot
+metadata (parallel_attention.py). Slots and RoPE positions are separate quantities. Each stream feeds
+one token per step, whoever else is running, and each trunk and branch draws from its own
+torch.Generator: a sample is the same whatever it is batched with and whenever it is admitted.
+
+Memory: a request is admitted only into a row with room for its worst case (prompt + all-token budget
++ forced tokens), so no row ever outgrows its room: nothing grows, copies or is preempted. The rows
+are as many as the KV-cache memory budget (Sampler.cache_gb) holds at that room, up to max_rows.
 
 Budget (SamplingParams.budget): "total" (default, the official engine's rule) ends a sample when all
 tokens of all its branches reach max_new_tokens; "critical" when its critical path does (all tokens
@@ -31,6 +42,7 @@ computes; forced tokens get 0), the finish reason and stats.
 """
 import argparse
 import time
+from collections import deque
 from dataclasses import dataclass, field
 
 import torch
@@ -56,8 +68,18 @@ class SamplingParams:
     max_branches: int = 5            # more numbered plans than this ends the sample as malformed
     fork_min_tokens: int = 8         # near the budget (less than this left per branch) do not fork
     repetition_penalty: float = 1.0  # inside branches only (official engine: 1.02)
-    cache_gb: float = 0.0            # generate_many: KV-cache memory per call (0 = half the free GPU memory / 4 GB on CPU)
     seed: int = 0
+
+
+@dataclass
+class Token:
+    """One response token, as the trainer reads it (NPR.md section 3)."""
+    id: int
+    sampled: bool      # drawn from the model (False: forced by the engine)
+    logprob: float     # log p(id) under the model; 0.0 for forced tokens
+    block: int
+    branch: int
+    pos: int           # RoPE position
 
 
 @dataclass
@@ -69,7 +91,7 @@ class Sample:
     pos: list = field(default_factory=list)       # RoPE positions (the prompt holds 0..P-1)
     sampled: list = field(default_factory=list)   # True: drawn from the model; False: forced by the engine
     logprobs: list = field(default_factory=list)  # log p(token) under the model (0.0 for forced tokens)
-    finish_reason: str = ""                       # "eos" | "budget" | "malformed: <why>"
+    finish_reason: str = ""                       # "eos" | "budget" | "malformed: <why>" | "cancelled"
     text: str = ""                                # the response text, without the final stop token
     stats: dict = field(default_factory=dict)
 
@@ -83,62 +105,77 @@ class Sample:
 
 
 class Stream:
-    """One line of decoding: the trunk, or one branch of a fork."""
+    """One segment of a response that decodes as one line: the trunk between forks, or one branch."""
 
-    def __init__(self, seg, block, branch, pos, gen):
-        self.seg = seg         # the output segment this stream appends its token records to
-        self.gen = gen         # its random draws: the row's trunk generator, or the branch's own
+    def __init__(self, block, branch, pos, gen):
         self.block, self.branch = block, branch
         self.next_pos = pos    # RoPE position of the next token
-        self.feed = []         # records waiting to be written into the KV cache (the next forward)
-        self.text = ""         # decoded text so far (tag detection works on text, tags special or not)
-        self.ids = []          # tokens this stream produced (repetition penalty)
-        self.closed = False    # no more sampling (a branch after </step>, a suspended trunk)
+        self.gen = gen         # its random draws: the row's trunk generator, or the branch's own
+        self.tokens = []       # its Tokens so far
+        self.feed = []         # Tokens not yet written into the KV cache (the next steps' inputs)
+        self.text = ""         # decoded text (tag detection works on text, tags special or not)
+        self.closed = False    # samples no more (a branch after </step>, a trunk suspended by a fork)
 
-    def push(self, tok, sampled, logp, piece):
-        rec = [tok, sampled, logp, self.block, self.branch, self.next_pos]
+    def push(self, tok, piece, sampled=False, logprob=0.0):
+        """Append a token; -> where its text starts in self.text."""
+        t = Token(tok, sampled, logprob, self.block, self.branch, self.next_pos)
         self.next_pos += 1
-        self.seg.append(rec)
-        self.feed.append(rec)
-        self.ids.append(tok)
-        start = len(self.text)
+        self.tokens.append(t)
+        self.feed.append(t)
         self.text += piece
-        return start
+        return len(self.text) - len(piece)
 
 
-class Row:
-    def __init__(self, prompt, index, seed, params):
-        self.prompt, self.index, self.p = prompt, index, params
-        self.seed = seed
+class Seq:
+    """One request (one sample): its prompt, params and seed, its streams, its KV-cache row."""
+
+    def __init__(self, prompt, params, seed, index=0):
+        self.prompt, self.p, self.seed, self.index = list(prompt), params, seed, index
         self.gen = row_generator(seed)  # the trunk's draws (each branch has its own): batch-independent
-        self.trunk = Stream([], 0, 0, len(prompt), self.gen)
-        self.segs = [self.trunk.seg]
-        self.streams = [self.trunk]
-        self.next_slot = len(prompt)
+        self.trunk = Stream(0, 0, len(self.prompt), self.gen)
+        self.streams = [self.trunk]     # every segment, canonical order: trunk, step 1 .. step k, trunk, ...
+        self.fork = []                  # the branches of the open fork
+        self.forks = []                 # branches per fork
+        self.row = None                 # its KV-cache row while running
+        self.next_slot = len(self.prompt)
         self.finish = None
         self.total = self.crit = 0      # tokens so far: all of them / on the critical path
         self.blocks = 0                 # guideline blocks opened
         self.guide_start = None         # index in trunk.text where the open guideline starts
         self.unforked = False           # the open block's steps are written serially (budget)
-        self.forks = []                 # branches per fork
-        self.fork_streams = []          # the branches of the open fork
-        self.t_end = None
+        self.t_start = self.t_end = None
+
+    def slots(self):
+        """KV-cache slots its worst case needs: the prompt, the all-token budget, room for forced
+        tokens, the scratch slot."""
+        return len(self.prompt) + self.p.max_total_tokens + 16 * (self.p.max_branches + 2) + 1
 
 
 class KVCache:
     """A static per-layer K/V cache of `capacity` slots per row, plus the branch metadata of every
     slot (a Layout over the slots). Slots and RoPE positions are separate quantities: the caller
-    says which slot each new token goes to (layout.slot); empty slots have doc = -1."""
+    says which slot each new token goes to (layout.slot); empty slots have doc = -1. The last slot
+    is the scratch slot padding writes to (never attended)."""
 
-    def __init__(self, cfg, batch_size, capacity, device="cpu", dtype=None):
+    def __init__(self, cfg, rows, capacity, device="cpu", dtype=None):
         dtype = dtype or cfg.dtype
-        shape = (batch_size, cfg.num_key_value_heads, capacity, cfg.head_dim)
+        shape = (rows, cfg.num_key_value_heads, capacity, cfg.head_dim)
         self.k = [torch.zeros(shape, dtype=dtype, device=device) for _ in range(cfg.num_hidden_layers)]
         self.v = [torch.zeros(shape, dtype=dtype, device=device) for _ in range(cfg.num_hidden_layers)]
-        meta = lambda fill: torch.full((batch_size, capacity), fill, dtype=torch.int32, device=device)
+        meta = lambda fill: torch.full((rows, capacity), fill, dtype=torch.int32, device=device)
         self.doc, self.block, self.branch = meta(-1), meta(0), meta(0)
         self.capacity = capacity
-        self.limit = capacity  # attend over slots [0, limit): the caller may shrink it to the filled length
+        self.limit = capacity  # attend over slots [0, limit): the caller shrinks it to the filled length
+        self.rows = None       # the cache rows a forward's batch rows are (a prefill's); None = all, in order
+
+    def nbytes(self):
+        return sum(t.numel() * t.element_size() for t in self.k + self.v)
+
+    def clear(self, row):
+        """Empty one row for its next request (stale k/v are finite and masked: only the metadata resets)."""
+        self.doc[row] = -1
+        self.block[row] = 0
+        self.branch[row] = 0
 
     # Writes go through index_put_, not scatter_: under torch.compile (the GPU fast path) Inductor
     # turns index_put back into an in-place write, while scatter becomes a copy of the whole cache
@@ -147,37 +184,27 @@ class KVCache:
         """Record the metadata of the new tokens at their slots and make the k/v write index (once per
         forward, before the layers)."""
         s = layout.slots().long()
-        rows = torch.arange(s.shape[0], device=s.device)[:, None]
+        rows = (self.rows if self.rows is not None else torch.arange(s.shape[0], device=s.device))[:, None]
         self.doc.index_put_((rows, s), layout.doc)
         self.block.index_put_((rows, s), layout.block)
         self.branch.index_put_((rows, s), layout.branch)
         heads = torch.arange(self.k[0].shape[1], device=s.device)
         self.index = (rows[:, :, None], heads[None, :, None], s[:, None, :])   # (B, Hkv, T) -> the D values
+        self.k_layout = self.layout()   # one Layout object for all layers: their masks are memoised on it
 
     def update(self, layer_idx, k, v):
         """Write k/v (B, Hkv, T, D) at the slots given to write_layout; return the cache views
         (B, Hkv, limit, D)."""
         self.k[layer_idx].index_put_(self.index, k.to(self.k[layer_idx].dtype))
         self.v[layer_idx].index_put_(self.index, v.to(self.v[layer_idx].dtype))
-        return self.k[layer_idx][:, :, :self.limit], self.v[layer_idx][:, :, :self.limit]
+        return self.pick(self.k[layer_idx]), self.pick(self.v[layer_idx])
 
-    def grow(self, capacity):
-        """Enlarge every row to `capacity` slots, keeping what is written (a new allocation + a copy)."""
-        n = self.capacity
-        for kv in (self.k, self.v):
-            for i, t in enumerate(kv):
-                kv[i] = torch.zeros(*t.shape[:2], capacity, t.shape[3], dtype=t.dtype, device=t.device)
-                kv[i][:, :, :n] = t
-        for name, fill in (("doc", -1), ("block", 0), ("branch", 0)):
-            t = getattr(self, name)
-            new = torch.full((t.shape[0], capacity), fill, dtype=t.dtype, device=t.device)
-            new[:, :n] = t
-            setattr(self, name, new)
-        self.capacity = capacity
+    def pick(self, t):
+        t = t[:, :, :self.limit] if t.dim() == 4 else t[:, :self.limit]
+        return t if self.rows is None else t.index_select(0, self.rows)
 
     def layout(self):
-        n = self.limit
-        return Layout(self.doc[:, :n], self.block[:, :n], self.branch[:, :n])
+        return Layout(self.pick(self.doc), self.pick(self.block), self.pick(self.branch))
 
 
 class Sampler:
@@ -192,340 +219,211 @@ class Sampler:
         # fast path with q/k/v and gate/up fused into one GEMM each (a copy of those weights);
         # None = with CUDA graphs only, where a step costs per kernel
         self.fuse_step = None
-        self.fast = None    # the StaticStep (with its KV cache and graphs) kept for the next call
-        self.kept = None    # the eager step's KV cache, kept likewise
-        # KV-cache slots per row allocated at first (0 = max_new_tokens, not the worst case of the
-        # all-token cap); when a row gets there, every row's cache doubles (up to the worst case)
-        self.initial_slots = 0
+        self.cache_gb = 0.0         # KV-cache memory budget (0 = half the free GPU memory / 4 GB on CPU)
+        self.max_rows = 256         # rows decoded together, at most (fewer when the budget says so)
+        self.min_slots = 0          # room per row at least (a server sizes it for its largest request)
+        self.steer = None           # steer(requests, logits) -> logits: edits what tokens are drawn from (tests)
+        self.cache = self.fast = None   # the KV cache and the StaticStep on it, kept for the next call
+        self.waiting, self.running, self.free, self.gone = deque(), [], [], []   # gone: cancelled while waiting
+        self.counters = dict(steps=0, row_steps=0, busy_row_steps=0)   # slot utilization = busy / row steps
 
     def release(self):
         """Free the kept KV cache and graphs (e.g. before a training step)."""
-        self.fast = self.kept = None
+        assert not self.running, "release() while requests are running"
+        self.cache = self.fast = None
+        self.free = []
 
-    def make_cache(self, R, cap, dev, dtype):
-        """-> (KVCache, StaticStep or None). The cache (and the fast path's graphs) is kept for the next
-        generate() with the same rows and no more capacity (generate_many's calls, benchmarks)."""
+    # ---- the engine ----------------------------------------------------------------------------
+    def add(self, seq):
+        """Queue a request; it is admitted at the next step that has a free row for it."""
+        if not seq.prompt:
+            raise ValueError("every prompt needs at least one token")
+        seq.p = resolved(seq.p)
+        self.waiting.append(seq)
+        return seq
+
+    def cancel(self, seq):
+        """End a request at the next step (its row is freed then)."""
+        self.finish(seq, "cancelled")
+        if seq in self.waiting:
+            self.waiting.remove(seq)
+            self.gone.append(seq)
+
+    @torch.no_grad()
+    def step(self):
+        """One engine step: schedule, run, postprocess. -> the requests that ended in it."""
+        done = self.schedule()
+        if any(not seq.finish for seq in self.running):
+            self.run_grid(*self.build_grid())
+        done += [seq for seq in self.running if seq.finish]
+        for seq in done:
+            if seq.row is not None:
+                self.free.append(seq.row)
+                seq.row = None
+        self.running = [seq for seq in self.running if not seq.finish]
+        return done
+
+    def schedule(self):
+        """Admit waiting requests, oldest first, while a row is free and has room for the oldest's
+        worst case (a larger one waits until every row is idle; the cache is then made anew), and
+        prefill their prompts. -> the requests cancelled while they waited."""
+        gone, self.gone = self.gone, []
+        if self.waiting and not self.running:
+            self.plan(max(seq.slots() for seq in self.waiting))
+        new = []
+        while self.waiting and self.free and self.waiting[0].slots() <= self.cache.capacity:
+            seq = self.waiting.popleft()
+            seq.row, seq.t_start = self.free.pop(0), time.perf_counter()
+            self.cache.clear(seq.row)
+            new.append(seq)
+        if new:
+            self.prefill(new)
+            self.running += new
+        return gone
+
+    def mode(self):
+        dev = self.model.output_weight.device
         mode = self.step_mode
         if mode == "auto":
             mode = "graph" if dev.type == "cuda" and not torch.is_autocast_enabled("cuda") else "eager"
         if mode not in ("eager", "static", "graph"):
             raise ValueError(f"step_mode must be auto, eager, static or graph, not {self.step_mode!r}")
-        if mode == "eager":      # kept too: allocating it was ~7% of a 256-row call of the toy model on CPU
-            c = self.kept
-            if c is None or (c.doc.shape[0], c.k[0].dtype, c.k[0].device) != (R, dtype, dev) or c.capacity < cap:
-                self.kept = c = None
-                c = self.kept = KVCache(self.model.config, R, cap, device=dev, dtype=dtype)
-            c.doc.fill_(-1)      # stale k/v in empty slots are finite and masked: only the metadata resets
-            c.block.zero_()
-            c.branch.zero_()
-            return c, None
-        self.kept = None
-        f = self.fast
-        fuse = mode == "graph" if self.fuse_step is None else self.fuse_step
-        key = (R, dtype, mode == "graph", self.compile_step, fuse)
-        if f is None or (f.R, f.cache.k[0].dtype, f.graphs, f.compiled, f.fused is not None) != key or f.S < cap:
-            self.fast = f = None            # free the old cache before allocating the new one
-            f = StaticStep(self.model, KVCache(self.model.config, R, cap, device=dev, dtype=dtype),
-                           mode == "graph", self.compile_step, pick, fuse, logprob_of)
-            self.fast = f
-        f.reset()
-        return f.cache, f
+        return mode
 
-    def grow(self, cache, fast, cap):
-        """More KV-cache slots for every row (the written ones copied); the fast path's graphs are
-        captured again for the new cache (its addresses changed)."""
-        cache.grow(cap)
-        if fast is not None:
-            fast = self.fast = StaticStep(self.model, cache, fast.graphs, fast.compiled, pick, fast.fused or False, logprob_of)
-        return cache, fast
+    def cache_dtype(self):
+        dev = self.model.output_weight.device.type      # under autocast k/v come out in the autocast dtype
+        return torch.get_autocast_dtype(dev) if torch.is_autocast_enabled(dev) else self.model.output_weight.dtype
 
-    # ---- the engine's decisions ------------------------------------------------------------
-    def finish(self, row, reason):
-        if row.finish is None:
-            row.finish, row.t_end = reason, time.perf_counter()
-
-    def fork(self, row, numbers):
-        """Open one branch per numbered plan, all at the position after the trunk's last token."""
-        p = row.p
-        headers = [self.tok.encode(npr.STEP_HEADER.format(n=n)) for n in numbers]
-        longest = max(len(h) for h in headers)
-        need_total = sum(len(h) for h in headers) + len(numbers) * p.fork_min_tokens
-        if row.total + need_total > p.max_total_tokens or row.crit + longest + p.fork_min_tokens > p.max_new_tokens:
-            row.unforked = True                                     # too close to a budget: stay serial
-            return
-        if not row.trunk.text[-1:].isspace():   # the separator before the first step is the trunk's,
-            for t in self.newline:              # as in training text ("</guideline>\n<step>")
-                row.trunk.push(t, False, 0.0, self.tok.decode_piece(t))
-        row.forks.append(len(numbers))
-        row.trunk.closed = True                                     # suspended until the join
-        row.fork_streams = []
-        for i, header in enumerate(headers, 1):
-            st = Stream([], row.blocks, i, row.trunk.next_pos, branch_generator(row.seed, row.blocks, i))
-            for t in header:
-                st.push(t, False, 0.0, self.tok.decode_piece(t))
-            row.segs.append(st.seg)
-            row.streams.append(st)
-            row.fork_streams.append(st)
-        self.count(row)
-
-    def join(self, row):
-        """All branches closed: the takeaway opens in the trunk at 1 + the largest branch position."""
-        trunk = Stream([], row.blocks, 0, max(s.next_pos for s in row.fork_streams), row.gen)
-        for t in self.tok.encode(npr.TAKEAWAY_HEADER):
-            trunk.push(t, False, 0.0, self.tok.decode_piece(t))
-        trunk.text = row.trunk.text + trunk.text                    # tag state continues from the old trunk
-        row.trunk = trunk
-        row.segs.append(trunk.seg)
-        row.streams.append(trunk)                                   # after the branches' pending tokens
-        self.count(row)
-
-    def count(self, row):
-        """Token totals: all tokens, and the critical path (each fork counts its longest branch)."""
-        row.total = crit = longest = 0
-        for seg in row.segs:
-            row.total += len(seg)
-            if seg and seg[0][4] > 0:           # a branch segment (field 4 = branch)
-                longest = max(longest, len(seg))
-            else:
-                crit, longest = crit + longest + len(seg), 0
-        row.crit = crit + longest
-
-    def on_token(self, row, st, tok, logp):
-        """Record a sampled token and apply the engine's rules to it."""
-        p = row.p
-        start = st.push(tok, True, logp, self.tok.decode_piece(tok))
-        self.count(row)
-        if tok in self.stop_ids:
-            return self.finish(row, "malformed: eos inside a step" if st.branch else "eos")
-        if p.mode == "parallel":
-            for tag, at in npr.new_tags(st.text, start):
-                if st.branch:
-                    self.on_branch_tag(row, st, tag)
-                else:
-                    self.on_trunk_tag(row, st, tag, at)
-                if row.finish or st.closed:
-                    break
-        if row.finish is None and (row.total >= p.max_total_tokens or row.crit >= p.max_new_tokens):
-            self.finish(row, "budget")
-
-    def on_trunk_tag(self, row, st, tag, at):
-        if tag == "<guideline>":
-            if row.guide_start is not None:
-                return self.finish(row, "malformed: guideline nested in a guideline")
-            row.blocks += 1
-            st.block = row.blocks
-            st.seg[-1][3] = row.blocks
-            row.guide_start, row.unforked = at, False
-        elif tag == "</guideline>":
-            if row.guide_start is None:
-                return self.finish(row, "malformed: </guideline> without <guideline>")
-            numbers = npr.plan_numbers(st.text[row.guide_start:at])
-            row.guide_start = None
-            if not numbers:
-                return self.finish(row, "malformed: guideline with 0 numbered plans")
-            if len(numbers) > row.p.max_branches:
-                return self.finish(row, f"malformed: {len(numbers)} plans > cap {row.p.max_branches}")
-            self.fork(row, numbers)
-        elif tag == "<step>" and not row.unforked:
-            return self.finish(row, "malformed: <step> outside a fork")
-        elif tag == "</takeaway>":
-            st.block = 0
-
-    def on_branch_tag(self, row, st, tag):
-        if tag == "</step>":
-            st.closed = True
-            if not st.text[-1:].isspace():       # keep one trailing separator, owned by the branch
-                for t in self.newline:
-                    st.push(t, False, 0.0, self.tok.decode_piece(t))
-            if all(s.closed for s in row.fork_streams):
-                self.join(row)
-        else:
-            self.finish(row, f"malformed: {tag} inside a step")
-
-    # ---- the decoding loop ---------------------------------------------------------------
-    @torch.no_grad()
-    def generate(self, prompts, n=1, params=None, steer=None, progress=False, seeds=None, on_step=None):
-        """prompts: token-id lists (chat already rendered). Returns one list of n Samples per prompt.
-        params: one SamplingParams for every prompt, or a list of one per prompt (each row then samples,
-        budgets and forks by its own: requests with different settings share one batch).
-        seeds: one per row (prompt-major, n rows per prompt); default params.seed * 1000003 + row.
-        A row's trunk and each of its branches draw from their own torch.Generator, so a sample does
-        not depend on its batch nor on the steps at which its branches are scheduled (with several
-        rows live a fork's headers go in one token per step, so headers of different lengths, e.g.
-        plans 9 and 10, start their branches at other steps than alone); only where a total budget
-        cuts a fork short can the cut fall a token earlier or later.
-        steer(requests, logits) -> logits, optional: edits the logits a token is drawn from (tests
-        force a structure with it); recorded log-probs stay those of the model.
-        on_step(events, finished) -> rows to cancel, optional (streaming): called after every decoding
-        step with the tokens recorded since the last call, events = [(row, segment, records)] where
-        segment counts the row's segments in canonical order (trunk, step 1 .. step k, trunk, ...) and
-        each record is [id, sampled, logprob, block, branch, pos], and finished = [(row, reason)] for
-        the rows that ended since; the rows it returns (indices) end with reason "cancelled"."""
-        if not prompts or any(len(x) == 0 for x in prompts):
-            raise ValueError("every prompt needs at least one token")
-        plist = params if isinstance(params, (list, tuple)) else [params or SamplingParams()] * len(prompts)
-        if len(plist) != len(prompts):
-            raise ValueError(f"{len(plist)} SamplingParams for {len(prompts)} prompts")
-        plist = [resolved(p) for p in plist]
-        dev = self.model.output_weight.device
-        flat = [x for x in prompts for _ in range(n)]
-        row_p = [p for p in plist for _ in range(n)]
-        seeds = seeds if seeds is not None else [p.seed * 1000003 + i for i, p in enumerate(row_p)]
-        if len(seeds) != len(flat):
-            raise ValueError(f"{len(seeds)} seeds for {len(flat)} rows")
-        rows = [Row(list(x), i, sd, p) for i, (x, sd, p) in enumerate(zip(flat, seeds, row_p))]
-        R, L = len(rows), max(len(x) for x in prompts)
-        cap_max = capacity(L, plist)                             # the worst case: every budget spent
-        cap = min(cap_max, capacity(L, plist, self.initial_slots or max(p.max_new_tokens for p in plist)))
-        cache_dtype = (torch.get_autocast_dtype(dev.type) if torch.is_autocast_enabled(dev.type)
-                       else self.model.output_weight.dtype)        # under autocast k/v come out in bf16
-        cache, fast = self.make_cache(R, cap, dev, cache_dtype)
-        cap = cache.capacity                                     # a kept cache may be larger
-        draw = in_step_draw(plist, steer)                        # the fast path may draw in its step
-        t0 = time.perf_counter()
-        bar = None
-        if progress:
-            from tqdm import tqdm
-            modes = sorted({p.mode for p in plist})
-            bar = tqdm(total=R, desc=f"sampling ({'/'.join(modes)})", unit="sample")
-
-        # prefill: prompts right-padded; padding is doc -1 (invisible) in slots overwritten later
-        ids = torch.zeros(R, L, dtype=torch.long)
-        doc = torch.full((R, L), -1, dtype=torch.int32)
-        for r, row in enumerate(rows):
-            ids[r, :len(row.prompt)] = torch.tensor(row.prompt)
-            doc[r, :len(row.prompt)] = 0
-        z = torch.zeros(R, L, dtype=torch.int32)
-        slot = torch.arange(L, dtype=torch.int32).expand(R, L)
-        cache.limit = L
-        h = self.model.hidden_states(ids.to(dev), slot.long().to(dev), Layout(doc, z, z, slot).to(dev), cache)
-        last = torch.tensor([len(row.prompt) - 1 for row in rows], device=dev)
-        logits = F.linear(h[torch.arange(R, device=dev), last], self.model.output_weight)   # (R, V): last tokens only
-        self.sample_step([(row, row.trunk) for row in rows], logits, steer)
-        emitted = [[] for _ in rows]                              # on_step: records reported per segment
-        if on_step is not None:
-            self.report(rows, emitted, on_step)
-
-        done = 0
-        while True:
-            live = [row for row in rows if row.finish is None]
-            if bar is not None:
-                bar.update(R - len(live) - done)
-            done = R - len(live)
-            if not live:
-                break
-            # every pending token of every live row goes into one (R, W) forward; with several rows
-            # live, one token per stream per step (a fork's forced headers would pad every row)
-            one_each = len(live) > 1
-            items = [self.to_feed(row, one_each) if row.finish is None else [] for row in rows]
-            need = max(row.next_slot + len(x) for row, x in zip(rows, items)) + 1   # + the scratch slot
-            if need > cap:
-                cap = min(cap_max, max(2 * cap, -(-need // 256) * 256))
-                cache, fast = self.grow(cache, fast, cap)
-            W = max(len(x) for x in items)
-            Wg = fast.width(W) if fast is not None else None          # static width of the fast path
-            W = Wg or W
-            pad = [0, 0, -1, 0, 0, cap - 1]                      # padding: invisible, written to the scratch slot
-            grid = [[pad] * W for _ in range(R)]                 # per token: id, pos, doc, block, branch, slot
-            requests, where = [], []
-            for r, row in enumerate(rows):
-                for j, (rec, st) in enumerate(items[r]):
-                    grid[r][j] = [rec[0], rec[5], 0, rec[3], rec[4], row.next_slot]
-                    row.next_slot += 1
-                    if rec is st.feed[-1] and not st.closed:     # its logits give the stream's next token
-                        requests.append((row, st))
-                        where.append((r, j))
-                for rec, st in items[r]:
-                    st.feed.pop(0)
-                row.streams = [st for st in row.streams if not st.closed or st.feed]
-            g = torch.tensor(grid, dtype=torch.long)             # (R, W, 6)
-            limit = max(row.next_slot for row in rows)
-            assert limit < cap, "KV cache overflow: budget accounting is wrong"
-            if Wg and draw is not None and fast.can_draw(W):       # the step draws the tokens itself
-                u = None                                            # greedy needs no uniforms
-                if draw[0] > 0:
-                    u = [[0.0] * W for _ in range(R)]
-                    for (row, st), (r, j) in zip(requests, where):
-                        u[r][j] = torch.rand(1, generator=st.gen).item()
-                    u = torch.tensor(u)
-                toks, lps = fast(g, limit, u, draw).tolist()        # one copy back
-                cells = [r * W + j for r, j in where]
-                self.record(requests, [int(toks[c]) for c in cells], [lps[c] for c in cells])
-                requests = []                                       # drawn: no logits pass below
-            elif Wg:
-                h = fast(g, limit)                                  # (R, W, hidden)
-            else:
-                ids, pos, meta = (t.to(dev) for t in (g[..., 0], g[..., 1], g[..., 2:].int()))
-                cache.limit = limit
-                layout = Layout(meta[..., 0], meta[..., 1], meta[..., 2], meta[..., 3])
-                h = self.model.hidden_states(ids, pos, layout, cache)    # (R, W, hidden)
-            if requests:                                                  # logits only where a token is drawn
-                rr, jj = (torch.tensor(x, device=dev) for x in zip(*where))
-                logits = F.linear(h[rr, jj], self.model.output_weight)
-                self.sample_step(requests, logits, steer)
-            if on_step is not None:
-                self.report(rows, emitted, on_step)
-        if on_step is not None:      # rows that on_step itself cancelled last are reported ended too
-            self.report(rows, emitted, on_step)
-        if bar is not None:
-            bar.close()
-        out = [self.to_sample(row, t0) for row in rows]
-        return [out[i * n:(i + 1) * n] for i in range(len(prompts))]
-
-    def generate_many(self, prompts, n, params, batch_rows=256, progress=False, seeds=None):
-        """generate() over many prompts, batch_rows rows (prompts x n) at a time; seeds: one per row
-        (default params.seed * 1000003 + global row index, so batching changes nothing).
-        -> (one list of n Samples per prompt, wall seconds spent generating)."""
-        if seeds is None:
-            seeds = [params.seed * 1000003 + i for i in range(len(prompts) * n)]
-        per_call = max(1, batch_rows // n)
-        # bound the rows of one call by the memory of their KV cache in the worst case (a call's cache
-        # starts at max_new_tokens and grows up to the all-token cap)
+    def rows_for(self, slots):
+        """Rows of `slots` slots the KV-cache memory budget holds, up to max_rows."""
         cfg, w = self.model.config, self.model.output_weight
-        slots = capacity(max(len(x) for x in prompts), [resolved(params)])
-        per_row = 2 * cfg.num_hidden_layers * cfg.num_key_value_heads * cfg.head_dim * slots * w.element_size()
-        if w.is_cuda:
-            self.release()     # a kept fast-path cache counts as free: PyTorch's allocator reuses it
-            free = (torch.cuda.mem_get_info(w.device)[0] + torch.cuda.memory_reserved(w.device)
-                    - torch.cuda.memory_allocated(w.device))
-        budget = params.cache_gb * 2 ** 30 if params.cache_gb else (0.5 * free if w.is_cuda else 4 * 2 ** 30)
-        per_call = max(1, min(per_call, int(budget // per_row) // n))
-        out, wall = [], 0.0
-        bar = None
-        if progress:
-            from tqdm import tqdm
-            bar = tqdm(total=len(prompts) * n, desc=f"sampling ({params.mode})", unit="sample")
-        for i in range(0, len(prompts), per_call):
-            t0 = time.perf_counter()
-            out += self.generate(prompts[i:i + per_call], n=n, params=params, seeds=seeds[i * n:(i + per_call) * n])
-            wall += time.perf_counter() - t0
-            if bar is not None:
-                bar.update(min(per_call, len(prompts) - i) * n)
-        if bar is not None:
-            bar.close()
-        return out, wall
+        per_row = 2 * cfg.num_hidden_layers * cfg.num_key_value_heads * cfg.head_dim * slots * self.cache_dtype().itemsize
+        if self.cache_gb:
+            budget = self.cache_gb * 2 ** 30
+        elif w.is_cuda:      # a kept cache counts as free: it is replaced
+            budget = 0.5 * (torch.cuda.mem_get_info(w.device)[0] + torch.cuda.memory_reserved(w.device)
+                            - torch.cuda.memory_allocated(w.device) + (self.cache.nbytes() if self.cache else 0))
+        else:
+            budget = 4 * 2 ** 30
+        if budget < per_row:
+            raise ValueError(f"one KV-cache row of {slots} slots needs {per_row / 2 ** 30:.3f} GB, more than "
+                             f"the budget of {budget / 2 ** 30:.3f} GB (Sampler.cache_gb)")
+        return min(self.max_rows, int(budget // per_row))
 
-    def sample_step(self, requests, logits, steer):
+    def plan(self, slots):
+        """(Re)make the KV cache (and the fast path on it) while no request runs: rows of `slots` slots
+        (a multiple of 256, so calls with similar prompts share the cache and graphs), as many as
+        rows_for says. A kept cache that fits is only emptied."""
+        slots = -(-max(slots, self.min_slots) // 256) * 256
+        mode, dtype, dev = self.mode(), self.cache_dtype(), self.model.output_weight.device
+        R, c, f = self.rows_for(slots), self.cache, self.fast
+        fuse = mode == "graph" if self.fuse_step is None else self.fuse_step
+        if c is not None and (c.doc.shape[0], c.k[0].dtype, c.k[0].device) == (R, dtype, dev) and c.capacity >= slots \
+                and (f is None if mode == "eager" else f is not None and (f.graphs, f.compiled, f.fused is not None)
+                     == (mode == "graph", self.compile_step, fuse)):
+            if f is not None:
+                f.reset()            # fused weights refreshed after an update
+        else:
+            self.cache = self.fast = None                      # free the old one before allocating
+            self.cache = KVCache(self.model.config, R, slots, device=dev, dtype=dtype)
+            if mode != "eager":
+                self.fast = StaticStep(self.model, self.cache, mode == "graph", self.compile_step, pick, fuse, logprob_of)
+        self.free = list(range(self.cache.doc.shape[0]))
+
+    def prefill(self, seqs):
+        """The prompts of newly admitted requests, right-padded, in one forward into their cache rows;
+        draw each one's first token."""
+        dev, L, B = self.model.output_weight.device, max(len(s.prompt) for s in seqs), len(seqs)
+        ids = torch.zeros(B, L, dtype=torch.long)
+        doc = torch.full((B, L), -1, dtype=torch.int32)     # padding: invisible, in slots written later
+        for b, seq in enumerate(seqs):
+            ids[b, :len(seq.prompt)] = torch.tensor(seq.prompt)
+            doc[b, :len(seq.prompt)] = 0
+        z = torch.zeros(B, L, dtype=torch.int32)
+        slot = torch.arange(L, dtype=torch.int32).expand(B, L)
+        c = self.cache
+        c.limit, c.rows = L, torch.tensor([seq.row for seq in seqs], device=dev)
+        try:
+            h = self.model.hidden_states(ids.to(dev), slot.long().to(dev), Layout(doc, z, z, slot).to(dev), c)
+        finally:
+            c.rows = None
+        last = torch.tensor([len(seq.prompt) - 1 for seq in seqs], device=dev)
+        self.sample_step([(seq, seq.trunk) for seq in seqs], F.linear(h[torch.arange(B, device=dev), last],
+                                                                      self.model.output_weight))
+
+    def build_grid(self):
+        """The step's (R, W, 6) grid (columns: decode_graph.GRID_FIELDS): the next token of every live
+        stream of every running row at the row's next slots; free rows and short rows padded.
+        -> grid, the (row, stream) requests whose logits draw a token, their (row, column) cells, the slots filled."""
+        items = [(seq, to_feed(seq)) for seq in self.running if not seq.finish]
+        W = max((len(x) for _, x in items), default=1)
+        Wg = self.fast.width(W) if self.fast is not None else None     # static width of the fast path
+        W, S = Wg or W, self.cache.capacity
+        pad = (0, 0, -1, 0, 0, S - 1)                        # padding: invisible, written to the scratch slot
+        grid = [[pad] * W for _ in range(self.cache.doc.shape[0])]
+        requests, cells = [], []
+        for seq, feed in items:
+            for j, (t, st) in enumerate(feed):
+                grid[seq.row][j] = (t.id, t.pos, 0, t.block, t.branch, seq.next_slot)
+                seq.next_slot += 1
+                st.feed.pop(0)
+                if not st.feed and not st.closed:            # its logits give the stream's next token
+                    requests.append((seq, st))
+                    cells.append((seq.row, j))
+        R = len(grid)
+        self.counters["steps"] += 1
+        self.counters["row_steps"] += R
+        self.counters["busy_row_steps"] += len(items)
+        limit = max(seq.next_slot for seq in self.running)
+        assert limit < S, "KV cache overflow: the worst-case room is wrong"
+        return torch.tensor(grid, dtype=torch.long), requests, cells, limit
+
+    def run_grid(self, grid, requests, cells, limit):
+        """One forward over the grid (eager, static or CUDA graph), then the draws."""
+        dev, fast = self.model.output_weight.device, self.fast
+        W = grid.shape[1]
+        draw = in_step_draw([seq.p for seq in self.running if not seq.finish], self.steer)
+        if fast is not None and draw is not None and fast.can_draw(W):    # the step draws the tokens itself
+            u = None                                                     # greedy needs no uniforms
+            if draw[0] > 0:
+                u = torch.zeros(grid.shape[:2])
+                for (seq, st), (r, j) in zip(requests, cells):
+                    u[r, j] = torch.rand(1, generator=st.gen).item()
+            toks, lps = fast(grid, limit, u, draw).tolist()              # one copy back
+            at = [r * W + j for r, j in cells]
+            return self.record(requests, [int(toks[c]) for c in at], [lps[c] for c in at])
+        if fast is not None:
+            h = fast(grid, limit)                                        # (R, W, hidden)
+        else:
+            ids, pos, meta = (t.to(dev) for t in (grid[..., 0], grid[..., 1], grid[..., 2:].int()))
+            self.cache.limit = limit
+            h = self.model.hidden_states(ids, pos, Layout(*meta.unbind(-1)), self.cache)
+        if requests:                                                     # logits only where a token is drawn
+            rr, jj = (torch.tensor(x, device=dev) for x in zip(*cells))
+            self.sample_step(requests, F.linear(h[rr, jj], self.model.output_weight))
+
+    # ---- postprocess: the draw and the engine's rules -------------------------------------------
+    def sample_step(self, requests, logits):
         """Draw one token for each (row, stream) request from its logits (N, V), with its row's params.
         The log-prob recorded is the model's own (before steering and penalty), by logprob_of, the
         decode step's head: within a few fp32 ULPs of the largest logit of the trainer's logsumexp
         (torch's CPU log_softmax over a 152k vocabulary is several times further off: its fp32 sum)."""
         logits = model_logits = logits.float()
-        if steer is not None or any(row.p.repetition_penalty != 1.0 for row, _ in requests):
+        if self.steer is not None or any(seq.p.repetition_penalty != 1.0 for seq, _ in requests):
             logits = logits.clone()                              # both edit the logits in place
-        if steer is not None:
-            logits = steer(requests, logits)
-        for i, (row, st) in enumerate(requests):
-            rp = row.p.repetition_penalty
+        if self.steer is not None:
+            logits = self.steer(requests, logits)
+        for i, (seq, st) in enumerate(requests):
+            rp = seq.p.repetition_penalty
             if rp != 1.0 and st.branch:  # the branch's visible response: trunk segments + its own tokens
-                seen = {rec[0] for seg in row.segs if seg and seg[0][4] == 0 for rec in seg} | set(st.ids)
+                seen = {t.id for s in seq.streams if s.branch == 0 for t in s.tokens} | {t.id for t in st.tokens}
                 idx = torch.tensor(sorted(seen), device=logits.device)
                 v = logits[i, idx]
                 logits[i, idx] = torch.where(v > 0, v / rp, v * rp)
         u = torch.cat([torch.rand(1, generator=st.gen) for _, st in requests]).to(logits.device)
         groups = {}                                              # rows with the same sampling settings
-        for i, (row, _) in enumerate(requests):
-            groups.setdefault((row.p.temperature, row.p.top_p, row.p.top_k), []).append(i)
+        for i, (seq, _) in enumerate(requests):
+            groups.setdefault((seq.p.temperature, seq.p.top_p, seq.p.top_k), []).append(i)
         if len(groups) == 1:
             toks = pick(logits, *next(iter(groups)), u)
         else:
@@ -537,64 +435,193 @@ class Sampler:
 
     def record(self, requests, toks, lps):
         """Hand each drawn token to its stream (a row that ended on an earlier token of this step takes no more)."""
-        for (row, st), t, lp in zip(requests, toks, lps):
-            if row.finish is None:
-                self.on_token(row, st, t, lp)
+        for (seq, st), t, lp in zip(requests, toks, lps):
+            if seq.finish is None:
+                self.on_token(seq, st, t, lp)
 
-    def to_feed(self, row, one_each):
-        """The (record, stream) pairs of a row to write this step, in slot order. All pending ones,
-        or (one_each) the first of each stream. Slot order must stay causal across a fork and a join:
-        branches follow every trunk token before the fork, the takeaway every branch token. So the
-        streams go in groups (trunk, the branches of a fork, the trunk after the join) and a group
-        waits while an earlier one still has tokens left after this step."""
-        if not one_each:
-            return [(rec, st) for st in row.streams for rec in st.feed]
-        out, left, kind = [], False, None
-        for st in row.streams:
-            if not st.feed:
-                continue
-            if (st.branch > 0) != kind:             # a new group: it waits for the earlier ones
-                if left:
+    def finish(self, seq, reason):
+        if seq.finish is None:
+            seq.finish, seq.t_end = reason, time.perf_counter()
+
+    def force(self, st, ids):
+        for t in ids:
+            st.push(t, self.tok.decode_piece(t))
+
+    def fork(self, seq, numbers):
+        """Open one branch per numbered plan, all at the position after the trunk's last token."""
+        p = seq.p
+        headers = [self.tok.encode(npr.STEP_HEADER.format(n=n)) for n in numbers]
+        longest = max(len(h) for h in headers)
+        need_total = sum(len(h) for h in headers) + len(numbers) * p.fork_min_tokens
+        if seq.total + need_total > p.max_total_tokens or seq.crit + longest + p.fork_min_tokens > p.max_new_tokens:
+            seq.unforked = True                                     # too close to a budget: stay serial
+            return
+        if not seq.trunk.text[-1:].isspace():   # the separator before the first step is the trunk's,
+            self.force(seq.trunk, self.newline)  # as in training text ("</guideline>\n<step>")
+        seq.forks.append(len(numbers))
+        seq.trunk.closed = True                                     # suspended until the join
+        seq.fork = [Stream(seq.blocks, i, seq.trunk.next_pos, branch_generator(seq.seed, seq.blocks, i))
+                    for i in range(1, len(numbers) + 1)]
+        for st, header in zip(seq.fork, headers):
+            self.force(st, header)
+        seq.streams += seq.fork
+        count(seq)
+
+    def join(self, seq):
+        """All branches closed: the takeaway opens in the trunk at 1 + the largest branch position."""
+        trunk = Stream(seq.blocks, 0, max(s.next_pos for s in seq.fork), seq.gen)
+        trunk.text = seq.trunk.text                                 # tag state continues from the old trunk
+        self.force(trunk, self.tok.encode(npr.TAKEAWAY_HEADER))
+        seq.trunk = trunk
+        seq.streams.append(trunk)                                   # after the branches' pending tokens
+        count(seq)
+
+    def on_token(self, seq, st, tok, logp):
+        """Record a sampled token and apply the engine's rules to it."""
+        p = seq.p
+        start = st.push(tok, self.tok.decode_piece(tok), True, logp)
+        count(seq)
+        if tok in self.stop_ids:
+            return self.finish(seq, "malformed: eos inside a step" if st.branch else "eos")
+        if p.mode == "parallel":
+            for tag, at in npr.new_tags(st.text, start):
+                if st.branch:
+                    self.on_branch_tag(seq, st, tag)
+                else:
+                    self.on_trunk_tag(seq, st, tag, at)
+                if seq.finish or st.closed:
                     break
-                kind = st.branch > 0
-            out.append((st.feed[0], st))
-            left = left or len(st.feed) > 1
-        return out
+        if seq.finish is None and (seq.total >= p.max_total_tokens or seq.crit >= p.max_new_tokens):
+            self.finish(seq, "budget")
 
-    def report(self, rows, emitted, on_step):
-        """Streaming: hand on_step the records added since the last report; cancel what it returns."""
-        events, finished = [], []
-        for r, row in enumerate(rows):
-            if emitted[r] is None:                                 # ended and already reported
-                continue
-            emitted[r] += [0] * (len(row.segs) - len(emitted[r]))
-            for i, seg in enumerate(row.segs):
-                if len(seg) > emitted[r][i]:
-                    events.append((r, i, seg[emitted[r][i]:]))
-                    emitted[r][i] = len(seg)
-            if row.finish is not None:
-                finished.append((r, row.finish))
-                emitted[r] = None
-        for r in on_step(events, finished) or ():
-            self.finish(rows[r], "cancelled")
+    def on_trunk_tag(self, seq, st, tag, at):
+        if tag == "<guideline>":
+            if seq.guide_start is not None:
+                return self.finish(seq, "malformed: guideline nested in a guideline")
+            seq.blocks += 1
+            st.block = st.tokens[-1].block = seq.blocks
+            seq.guide_start, seq.unforked = at, False
+        elif tag == "</guideline>":
+            if seq.guide_start is None:
+                return self.finish(seq, "malformed: </guideline> without <guideline>")
+            numbers = npr.plan_numbers(st.text[seq.guide_start:at])
+            seq.guide_start = None
+            if not numbers:
+                return self.finish(seq, "malformed: guideline with 0 numbered plans")
+            if len(numbers) > seq.p.max_branches:
+                return self.finish(seq, f"malformed: {len(numbers)} plans > cap {seq.p.max_branches}")
+            self.fork(seq, numbers)
+        elif tag == "<step>" and not seq.unforked:
+            return self.finish(seq, "malformed: <step> outside a fork")
+        elif tag == "</takeaway>":
+            st.block = 0
 
-    def to_sample(self, row, t0):
-        recs = [rec for seg in row.segs for rec in seg]
-        col = lambda i: [rec[i] for rec in recs]
-        s = Sample(prompt_ids=row.prompt, ids=col(0), sampled=col(1), logprobs=col(2), block=col(3),
-                   branch=col(4), pos=col(5), finish_reason=row.finish)
-        s.text = self.tok.decode(s.ids[:-1] if row.finish == "eos" else s.ids)   # without the stop token
-        s.stats = dict(mode=row.p.mode, total_tokens=len(recs), critical_path_tokens=row.crit, forks=len(row.forks),
-                       branches_per_fork=list(row.forks), time_s=row.t_end - t0)
+    def on_branch_tag(self, seq, st, tag):
+        if tag == "</step>":
+            st.closed = True
+            if not st.text[-1:].isspace():       # keep one trailing separator, owned by the branch
+                self.force(st, self.newline)
+            if all(s.closed for s in seq.fork):
+                self.join(seq)
+        else:
+            self.finish(seq, f"malformed: {tag} inside a step")
+
+    def to_sample(self, seq):
+        toks = [t for st in seq.streams for t in st.tokens]
+        col = lambda name: [getattr(t, name) for t in toks]
+        s = Sample(prompt_ids=seq.prompt, ids=col("id"), sampled=col("sampled"), logprobs=col("logprob"),
+                   block=col("block"), branch=col("branch"), pos=col("pos"), finish_reason=seq.finish)
+        s.text = self.tok.decode(s.ids[:-1] if seq.finish == "eos" else s.ids)   # without the stop token
+        s.stats = dict(mode=seq.p.mode, total_tokens=len(toks), critical_path_tokens=seq.crit, forks=len(seq.forks),
+                       branches_per_fork=list(seq.forks),
+                       time_s=(seq.t_end - seq.t_start) if seq.t_start is not None else 0.0)
         return s
 
+    # ---- callers: a batch of requests in, samples out --------------------------------------------
+    def generate(self, prompts, n=1, params=None, steer=None, progress=False, seeds=None, on_sample=None):
+        """prompts: token-id lists (chat already rendered). Returns one list of n Samples per prompt.
+        params: one SamplingParams for every prompt, or a list of one per prompt (each row then samples,
+        budgets and forks by its own: requests with different settings share one batch).
+        seeds: one per row (prompt-major, n rows per prompt); default params.seed * 1000003 + row.
+        A row's trunk and each of its branches draw from their own torch.Generator and every stream
+        feeds one token per step, so a sample does not depend on its batch nor on when it is admitted.
+        steer(requests, logits) -> logits, optional: edits the logits a token is drawn from (tests
+        force a structure with it); recorded log-probs stay those of the model.
+        on_sample(prompt index, sample index, Sample), optional: called as each sample ends."""
+        return self.generate_many(prompts, n, params, 0, progress, seeds, steer, on_sample)[0]
 
-def capacity(L, plist, slots=None):
-    """KV-cache slots per row for prompts of up to L tokens and these (resolved) params: the total budget
-    (or `slots` tokens), room for forced tokens, the scratch slot; a multiple of 256, so calls with
-    similar prompts share the kept cache and graphs."""
-    cap = L + max((p.max_total_tokens if slots is None else slots) + 16 * (p.max_branches + 2) for p in plist) + 1
-    return -(-cap // 256) * 256
+    def generate_many(self, prompts, n, params, batch_rows=256, progress=False, seeds=None, steer=None, on_sample=None):
+        """generate() with continuous batching over at most batch_rows rows (0 = all rows at once,
+        as the KV-cache budget allows). -> (one list of n Samples per prompt, wall seconds)."""
+        if not prompts:
+            raise ValueError("no prompts")
+        plist = params if isinstance(params, (list, tuple)) else [params or SamplingParams()] * len(prompts)
+        if len(plist) != len(prompts):
+            raise ValueError(f"{len(plist)} SamplingParams for {len(prompts)} prompts")
+        row_p = [resolved(p) for p in plist for _ in range(n)]
+        seeds = seeds if seeds is not None else [p.seed * 1000003 + i for i, p in enumerate(row_p)]
+        if len(seeds) != len(row_p):
+            raise ValueError(f"{len(seeds)} seeds for {len(row_p)} rows")
+        assert not self.running and not self.waiting, "the engine is busy (serve.py drives it by step())"
+        seqs = [Seq(prompts[i // n], p, sd, i) for i, (p, sd) in enumerate(zip(row_p, seeds))]
+        if any(not seq.prompt for seq in seqs):
+            raise ValueError("every prompt needs at least one token")
+        self.waiting.extend(seqs)
+        self.max_rows, self.steer = min(batch_rows or len(seqs), len(seqs)), steer
+        bar = None
+        if progress:
+            from tqdm import tqdm
+            bar = tqdm(total=len(seqs), desc=f"sampling ({'/'.join(sorted({p.mode for p in plist}))})", unit="sample")
+        out, t0 = [None] * len(seqs), time.perf_counter()
+        try:
+            while self.waiting or self.running:
+                for seq in self.step():
+                    out[seq.index] = self.to_sample(seq)
+                    if on_sample is not None:
+                        on_sample(seq.index // n, seq.index % n, out[seq.index])
+                    if bar is not None:
+                        bar.update()
+        finally:
+            self.steer = None
+            if bar is not None:
+                bar.close()
+            if self.waiting or self.running:           # interrupted: leave the engine empty
+                self.waiting.clear()
+                self.gone = []
+                self.free += [seq.row for seq in self.running]
+                self.running = []
+        return [out[i * n:(i + 1) * n] for i in range(len(prompts))], time.perf_counter() - t0
+
+
+def to_feed(seq):
+    """The (Token, Stream) pairs of a row to write this step, in slot order: the next pending token of
+    each stream (one per stream, whatever else runs: a row's schedule is its own). Slot order must
+    stay causal across a fork and a join: branches follow every trunk token before the fork, the
+    takeaway every branch token. So the streams go in groups (trunk, the branches of a fork, the
+    trunk after the join) and a group waits while an earlier one still has tokens left after this step."""
+    out, left, kind = [], False, None
+    for st in seq.streams:
+        if not st.feed:
+            continue
+        if (st.branch > 0) != kind:             # a new group: it waits for the earlier ones
+            if left:
+                break
+            kind = st.branch > 0
+        out.append((st.feed[0], st))
+        left = left or len(st.feed) > 1
+    return out
+
+
+def count(seq):
+    """Token totals: all tokens, and the critical path (each fork counts its longest branch)."""
+    total = crit = longest = 0
+    for st in seq.streams:
+        total += len(st.tokens)
+        if st.branch:
+            longest = max(longest, len(st.tokens))
+        else:
+            crit, longest = crit + longest + len(st.tokens), 0
+    seq.total, seq.crit = total, crit + longest
 
 
 def resolved(p):

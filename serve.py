@@ -20,7 +20,7 @@ Request (OpenAI's shape; other OpenAI fields such as stop or stream_options are 
   temperature   0..2 (default 1; 0 = greedy)   top_p (0, 1] (default 1)   n 1..--max-n (default 1)
   seed          int (default: drawn, and echoed as "seed"): choice i samples from the row seed
                 seed * 1000003 + i (its branches from their own generators), so an answer does not
-                depend on the requests it is batched with (Sampler.generate)
+                depend on the requests it is batched with nor on when it starts (sampler.py)
   stream        bool: server-sent events (below)
   chat_template_kwargs  {"enable_thinking": bool} (vLLM's field; default false, the empty think block we train)
   NPR fields:
@@ -51,18 +51,17 @@ choice's segments in canonical order (trunk, step 1 .. step k, trunk, ...), bran
 Each segment's text is decoded from all its tokens so far; a trailing U+FFFD (a character split
 across tokens) is held back until complete.
 
-Batching, without continuous batching: one worker thread takes the oldest waiting request and every
-other waiting one (each row with its own SamplingParams: mode, temperature, top_p, budget), up to
---max-batch-rows rows, and decodes them in ONE Sampler.generate call; requests that arrive meanwhile
-wait for the next call. At most --max-queue requests wait; one more is answered 503. A streaming
-client that disconnects has its rows cancelled at the next decoding step (on_step returns them; they
-stop costing compute at once, their KV-cache memory goes when the batch's generate call returns), and
-so does a non-streaming one within a second (its closed socket reads end-of-file; a client that
-half-closes its socket after the request counts as gone). Every row of a call
-starts with a KV cache of the call's longest prompt + largest max_tokens (max_tokens bounds all
-tokens of all branches, as OpenAI's does): one max_tokens=4096 request gives all 32 rows ~4.4k slots
-(~16 GB for Qwen3-0.6B in bf16), so size --max-batch-rows and --max-tokens-limit to the accelerator
-for a real checkpoint.
+Batching, continuous: one worker thread drives the sampler's engine step by step (Sampler.step).
+Before each step it hands the oldest waiting requests to the engine while rows are free for all their
+choices (each row with its own SamplingParams: mode, temperature, top_p, budget); a request that
+arrives while others decode joins them at the next step, and a row that ends is refilled at the next.
+At most --max-queue requests wait for rows; one more is answered 503. A client that disconnects has
+its rows cancelled and freed at the next step (a non-streaming one is noticed within a second: its
+closed socket reads end-of-file; a client that half-closes its socket after the request counts as
+gone). The KV cache is made once: --max-batch-rows rows (fewer if the sampler's memory budget says
+so), each with room for the largest request the limits admit (prompt + max_tokens, within the
+model's context; max_tokens bounds all tokens of all branches, as OpenAI's does): size
+--max-batch-rows, --max-prompt-tokens and --max-tokens-limit to the accelerator for a real checkpoint.
 Access: on loopback (the default) a Host header must name loopback with this port (421 otherwise: a
 web page's DNS-rebinding name). POSTs must be Content-Type application/json (415: other origins'
 pages cannot send that without a CORS preflight, never granted). With --api-key or $NPR_API_KEY,
@@ -93,7 +92,7 @@ import torch
 
 import npr
 from cli import instruction_for, load_for_sampling, parse_cli, print_config
-from sampler import Sampler, SamplingParams
+from sampler import Sampler, SamplingParams, Seq
 
 DEFAULT_MODELS = ("out/grpo", "out/sft", "out/base")  # the built-in default's stages, newest first
 FINISH = {"eos": "stop", "budget": "length", "cancelled": "cancelled"}   # malformed -> "stop"
@@ -110,7 +109,7 @@ class Config:
     compile_step: bool = False       # on CUDA: torch.compile the graph step (2x faster; ~1 min per new step shape)
     instruction: str = ""            # NPR instruction; "" = the checkpoint's own, else npr.INSTRUCTION
     name: str = ""                   # the model id the API reports; "" = the checkpoint folder's name
-    max_batch_rows: int = 32         # rows (requests x n) decoded together in one generate() call
+    max_batch_rows: int = 32         # rows (requests x n) decoded together
     max_queue: int = 64              # requests waiting for the worker; one more is answered 503
     max_n: int = 8                   # the largest n a request may ask for
     max_tokens_limit: int = 4096     # the largest max_tokens (all tokens of all branches) a request may ask for
@@ -208,7 +207,7 @@ def check_request(req, cfg):
 
 
 # -----------------------------------------------------------------------------
-# The engine: a queue of requests, one worker thread, batched generate() calls
+# The engine: a queue of requests, one worker thread stepping the sampler (continuous batching)
 
 class SegmentText:
     """Incremental text of one segment: decode its tokens so far, hand out the new suffix, hold
@@ -244,13 +243,13 @@ class ChoiceStream:
         self.tok, self.segs, self.held, self.head = tok, {}, {}, 0
 
     def step(self, events, drop=(), final=False):
-        """events: [(segment, records)] of one step; drop: token ids left out (the final stop token);
+        """events: [(segment, [sampler.Token])] of one step; drop: token ids left out (the final stop token);
         final: the row has ended -> (content, [{"segment", "block", "branch", "text"}])."""
         pieces = []
-        for seg, recs in events:
-            st = self.segs.setdefault(seg, SegmentText(self.tok, recs[0][3], recs[0][4]))
-            st.block = recs[-1][3]                       # a trunk segment enters a block at <guideline>
-            pieces.append((seg, st.push([rec[0] for rec in recs if rec[0] not in drop])))
+        for seg, toks in events:
+            st = self.segs.setdefault(seg, SegmentText(self.tok, toks[0].block, toks[0].branch))
+            st.block = toks[-1].block                    # a trunk segment enters a block at <guideline>
+            pieces.append((seg, st.push([t.id for t in toks if t.id not in drop])))
         if final:                                        # a held-back half character: the row is over
             pieces += [(seg, st.push([], final=True)) for seg, st in sorted(self.segs.items())]
         pieces = [(seg, text) for seg, text in pieces if text]
@@ -279,22 +278,28 @@ class Job:
         # ("delta", i, content, npr pieces) | ("finish", i, why) | ("done", samples) | ("error", msg)
         self.events = Queue()
         self.choices = []                        # streaming: a ChoiceStream per choice
+        self.seqs = []                           # its requests in the sampler, one per choice
+        self.sent = []                           # streaming: per choice, the tokens reported per segment
         self.cancelled = False                   # set by the HTTP thread when its client is gone
 
 
 class Engine:
-    """Requests in, batched Sampler.generate calls in one worker thread, per-request events out.
-    `steer` goes to every generate call (tests force an NPR structure on a random model with it)."""
+    """Requests in, one worker thread that drives the sampler's engine step by step (continuous
+    batching: a request joins the running rows as soon as a row is free), per-request events out.
+    `steer` goes to the sampler (tests force an NPR structure on a random model with it)."""
 
     def __init__(self, model, tok, cfg=None, instruction=None, name="npr", steer=None):
         self.cfg = cfg or Config()
-        self.tok, self.sampler, self.steer, self.name = tok, Sampler(model, tok), steer, name
+        self.tok, self.sampler, self.name = tok, Sampler(model, tok), name
         self.instruction = instruction           # None = npr.INSTRUCTION
         self.context = model.config.raw.get("max_position_embeddings")   # RoPE positions the model was trained for
-        self.device = model.output_weight.device
-        self.waiting = deque()
+        self.sampler.steer, self.sampler.max_rows = steer, self.cfg.max_batch_rows
+        # rows sized once for the largest request the limits let in: an arriving one never waits for a new cache
+        largest = min(self.context or float("inf"), self.cfg.max_prompt_tokens + self.cfg.max_tokens_limit)
+        self.sampler.min_slots = largest + 16 * (self.cfg.max_branches + 2) + 1
+        self.waiting, self.jobs = deque(), []    # jobs not yet in the sampler / in it
         self.cond = threading.Condition()
-        self.counts = dict(requests=0, batches=0, rows=0, running_rows=0, cancelled_rows=0, errors=0)
+        self.counts = dict(requests=0, steps=0, rows=0, running_rows=0, cancelled_rows=0, errors=0)
         self.closed = False
         self.worker = threading.Thread(target=self.loop, name="npr-engine", daemon=True)
         self.worker.start()
@@ -343,75 +348,73 @@ class Engine:
             self.counts["requests"] += 1
             self.cond.notify()
 
-    def take(self):
-        """The oldest waiting job and the next ones in arrival order, up to max_batch_rows rows (the
-        oldest always goes, so nobody starves). None when closed."""
+    def admit(self):
+        """Hand waiting jobs to the sampler, oldest first, while it has free rows for all their choices."""
+        s = self.sampler
         with self.cond:
-            while not self.waiting and not self.closed:
+            while not (self.waiting or self.jobs or self.closed):
                 self.cond.wait()
-            if self.closed:
-                return None
-            batch = [self.waiting.popleft()]
-            rows = batch[0].n
-            for job in list(self.waiting):
-                if rows + job.n <= self.cfg.max_batch_rows:
-                    self.waiting.remove(job)
-                    batch.append(job)
-                    rows += job.n
-            return [job for job in batch if not job.cancelled]
+            while self.waiting and not self.closed:
+                job = self.waiting[0]
+                rows = len(s.free) if s.cache is not None else self.cfg.max_batch_rows
+                if not job.cancelled and self.jobs and job.n > rows - len(s.waiting):
+                    break                                # wait for rows (nothing runs: it goes in anyway)
+                self.waiting.popleft()
+                if job.cancelled:
+                    continue
+                job.seqs = [s.add(Seq(job.prompt, job.params, job.seed * 1000003 + i)) for i in range(job.n)]
+                job.sent = [[] for _ in range(job.n)]
+                self.jobs.append(job)
+                self.counts["rows"] += job.n
+            self.counts["running_rows"] = len(s.running) + len(s.waiting)
+            return not self.closed
 
     def loop(self):
-        while (batch := self.take()) is not None:
-            if batch:
-                self.run(batch)
+        while self.admit():
+            for job in self.jobs:
+                if job.cancelled:                    # its client is gone: its rows end at this step
+                    for seq in job.seqs:
+                        self.sampler.cancel(seq)
+            try:
+                ended = self.sampler.step()
+            except Exception as e:                   # one bad step must not stop the server
+                traceback.print_exc()
+                self.counts["errors"] += 1
+                for job in self.jobs:
+                    job.events.put(("error", f"generation failed: {type(e).__name__}: {e}"))
+                self.jobs, self.sampler.running, self.sampler.waiting = [], [], deque()
+                self.sampler.release()
+                continue
+            self.counts["steps"] += 1
+            self.counts["cancelled_rows"] += sum(seq.finish == "cancelled" for seq in ended)
+            self.counts["running_rows"] = len(self.sampler.running) + len(self.sampler.waiting)
+            for job in self.jobs:
+                self.report(job)
+            self.jobs = [job for job in self.jobs if not all(seq.finish for seq in job.seqs)]
+
+    def report(self, job):
+        """Events of one step: per streamed choice its new tokens (per segment) and its end; the job's samples at its end."""
+        for i, seq in enumerate(job.seqs):
+            if job.stream and (seq.finish is None or job.sent[i] is not None):
+                sent = job.sent[i]
+                sent += [0] * (len(seq.streams) - len(sent))
+                events = [(k, st.tokens[sent[k]:]) for k, st in enumerate(seq.streams) if len(st.tokens) > sent[k]]
+                for k, st in enumerate(seq.streams):
+                    sent[k] = len(st.tokens)
+                final = seq.finish is not None           # no final stop token in the text
+                content, pieces = job.choices[i].step(events, self.sampler.stop_ids if seq.finish == "eos" else (), final)
+                if content or pieces:
+                    job.events.put(("delta", i, content, pieces))
+                if final:
+                    job.sent[i] = None                   # reported
+                    job.events.put(("finish", i, seq.finish))
+        if all(seq.finish for seq in job.seqs):
+            job.events.put(("done", [self.sampler.to_sample(seq) for seq in job.seqs]))
 
     def close(self):
         with self.cond:
             self.closed = True
             self.cond.notify_all()
-
-    def run(self, batch):
-        rows = [(job, i) for job in batch for i in range(job.n)]          # generate()'s row r -> (job, choice)
-        ended = set()
-        stop = self.sampler.stop_ids
-
-        def on_step(events, finished):
-            why, per_row = dict(finished), {}
-            for r, seg, recs in events:
-                per_row.setdefault(r, []).append((seg, recs))
-            for r in sorted(per_row.keys() | why.keys()):
-                job, i = rows[r]
-                if job.stream:                             # no final stop token in the text
-                    content, pieces = job.choices[i].step(per_row.get(r, []), stop if why.get(r) == "eos" else (),
-                                                          final=r in why)
-                    if content or pieces:
-                        job.events.put(("delta", i, content, pieces))
-                if r in why:
-                    ended.add(r)
-                    job.events.put(("finish", i, why[r]))
-            return [r for r, (job, _) in enumerate(rows) if job.cancelled and r not in ended]
-
-        self.counts["batches"] += 1
-        self.counts["rows"] += len(rows)
-        self.counts["running_rows"] = len(rows)
-        try:
-            out = self.sampler.generate([job.prompt for job, _ in rows], n=1, params=[job.params for job, _ in rows],
-                                        steer=self.steer, seeds=[job.seed * 1000003 + i for job, i in rows],
-                                        on_step=on_step)
-        except Exception as e:                                   # one bad batch must not stop the server
-            traceback.print_exc()
-            self.counts["errors"] += 1
-            for job in batch:
-                job.events.put(("error", f"generation failed: {type(e).__name__}: {e}"))
-            return
-        finally:
-            self.counts["running_rows"] = 0
-        # counted from the samples: the one place every row's end is known
-        self.counts["cancelled_rows"] += sum(o[0].finish_reason == "cancelled" for o in out)
-        k = 0
-        for job in batch:
-            job.events.put(("done", [o[0] for o in out[k:k + job.n]]))
-            k += job.n
 
     def health(self):
         with self.cond:

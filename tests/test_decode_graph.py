@@ -194,27 +194,34 @@ def test_cuda_graph_compiled_equals_static(tmp_path):
 
 
 @pytest.mark.parametrize("mode", ["eager", "static", pytest.param("graph", marks=[pytest.mark.cuda, cuda])])
-def test_cache_grows_on_demand(ck, mode):
-    """The KV cache starts small and doubles when a row gets to its end (the written slots copied,
-    the fast path rebuilt on the new cache): the same samples as with the worst-case cache."""
+def test_rows_bounded_by_the_kv_budget(ck, mode):
+    """A row holds its request's worst case (budget "critical": up to max_branches x max_new_tokens
+    in all), so no row outgrows its room and nothing grows; the KV-cache budget (Sampler.cache_gb)
+    bounds the rows: with room for two rows the three requests run two at a time, with the same samples."""
+    from sampler import Seq, resolved
     model, tok = ck
     prompts, _ = workload(tok)
     trunks = {0: ts.block_script(tok, ["1", "2"]), 1: ts.block_script(tok, ["1", "2", "3", "4", "5"])}
     branches = {(r, 1, i): ts.step_script(tok, i, "w" * (40 * i)) for r in (0, 1) for i in range(1, 6)}
     steer = ts.Script(trunks, branches)
-    p = SamplingParams(temperature=1.0, max_new_tokens=400)
+    p = SamplingParams(temperature=1.0, max_new_tokens=400, budget="critical")
     if mode == "graph":
         import copy
         model = copy.deepcopy(model).cuda()       # the fixture's model stays on the CPU
-    full, small = Sampler(model, tok), Sampler(model, tok)
-    full.initial_slots, small.initial_slots = 10 ** 6, 1      # worst case at once / 256 slots at first
-    a = run(model, tok, mode, prompts, p, steer, sampler=full)
-    b = run(model, tok, mode, prompts, p, steer, sampler=small)
+    cfg = model.config
+    slots = -(-max(Seq(x, resolved(p), 0).slots() for x in prompts) // 256) * 256
+    row_gb = 2 * cfg.num_hidden_layers * cfg.num_key_value_heads * cfg.head_dim * 4 * slots / 2 ** 30
+    roomy, tight = Sampler(model, tok), Sampler(model, tok)
+    tight.cache_gb = 2.5 * row_gb
+    a = run(model, tok, mode, prompts, p, steer, sampler=roomy)
+    b = run(model, tok, mode, prompts, p, steer, sampler=tight)
     same(a, b, 1e-5 if mode != "graph" else 1e-4)     # graph: the decode kernel splits other spans
-    cache = small.kept if mode == "eager" else small.fast.cache
-    big = full.kept if mode == "eager" else full.fast.cache
-    assert 256 < cache.capacity < big.capacity                 # it grew, and stayed below the worst case
-    assert max(len(s.ids) for s in b) > 300 and b[1].stats["branches_per_fork"] == [5]
+    assert (roomy.cache.doc.shape[0], tight.cache.doc.shape[0]) == (3, 2)
+    assert tight.cache.capacity == slots and max(len(s.ids) for s in b) > 400     # more than max_new_tokens in all
+    assert b[1].stats["branches_per_fork"] == [5] and b[1].stats["critical_path_tokens"] <= 400
+    tight.cache_gb = 0.5 * row_gb
+    with pytest.raises(ValueError, match="more than the budget .* GB \\(Sampler.cache_gb\\)"):
+        run(model, tok, mode, prompts, p, steer, sampler=tight)
 
 
 @pytest.mark.parametrize("arch", ["qwen2", "qwen3"])

@@ -25,12 +25,12 @@ class Script:
         self.trunk, self.branches = trunk or {}, branches or {}
 
     def __call__(self, requests, logits):
-        for i, (row, st) in enumerate(requests):
+        for i, (seq, st) in enumerate(requests):
             if st.branch:
-                script, done = self.branches.get((row.index, st.block, st.branch)), len(st.seg)
+                script, done = self.branches.get((seq.index, st.block, st.branch)), len(st.tokens)
             else:
-                script = self.trunk.get(row.index)
-                done = sum(len(seg) for seg in row.segs if not seg or seg[0][4] == 0)
+                script = self.trunk.get(seq.index)
+                done = sum(len(s.tokens) for s in seq.streams if s.branch == 0)
             if script is not None and done < len(script):
                 logits[i] = float("-inf")
                 logits[i, script[done]] = 0.0
@@ -200,7 +200,8 @@ def test_no_fork_near_the_budget(ck):
     p = SamplingParams(max_new_tokens=len(trunk) + len(serial_steps) + 5, fork_min_tokens=len(serial_steps) + 10)
     s = Sampler(model, tok).generate([chat(tok)], params=p, steer=Script({0: trunk + serial_steps}))[0][0]
     assert s.stats["forks"] == 0 and set(s.branch) == {0} and s.finish_reason == "budget"
-    assert npr.is_parallel(s.text) and npr.sample_metrics([(s, "1")], 1.0)["trigger_rate"] == 0.0
+    from eval import sample_metrics
+    assert npr.is_parallel(s.text) and sample_metrics([(s, "1")], 1.0)["trigger_rate"] == 0.0
 
 
 def test_seeded_runs_repeat_and_batch_rows_differ(ck):
@@ -260,7 +261,7 @@ def test_head_logprobs_match_the_trainer_on_a_real_vocabulary():
     matmul shapes), not from the head."""
     import torch.nn.functional as F
     from model import chunked_logprobs
-    from sampler import Row, logprob_of, resolved
+    from sampler import Seq, logprob_of, resolved
     g = torch.Generator().manual_seed(0)
     V, d, N = 151936, 16, 64
     h = F.normalize(torch.randn(N, d, generator=g), dim=-1) * d ** 0.5        # an RMS-normed hidden state
@@ -271,9 +272,9 @@ def test_head_logprobs_match_the_trainer_on_a_real_vocabulary():
     bound = 4 * logits.abs().max() * 2 ** -24             # 2 ULPs of the largest logit
     sampler = Sampler.__new__(Sampler)                   # only its head runs: no model, no tokenizer
     got = {}
-    sampler.record = lambda requests, toks, lps: got.update(toks=toks, lps=lps)
-    rows = [Row([0], i, i, resolved(SamplingParams())) for i in range(N)]
-    sampler.sample_step([(r, r.trunk) for r in rows], logits, None)
+    sampler.steer, sampler.record = None, lambda requests, toks, lps: got.update(toks=toks, lps=lps)
+    seqs = [Seq([0], resolved(SamplingParams()), i, i) for i in range(N)]
+    sampler.sample_step([(q, q.trunk) for q in seqs], logits)
     tok = torch.tensor(got["toks"])
     ref = chunked_logprobs(h[None], W, tok[None])[0]
     assert (torch.tensor(got["lps"]) - ref).abs().max() <= bound
@@ -351,31 +352,86 @@ def test_autocast_bf16_paths_run(ck):
     assert ((lp - r).abs() <= 0.01 * r.abs() + 0.05).all()
 
 
-def test_on_step_streams_every_token_once_and_cancels(ck):
-    """Streaming: the records reported step by step, regrouped per segment, are the final samples'
-    tokens in canonical order; a row the callback cancels ends at once with reason "cancelled"."""
+def flat(model):
+    """A copy of the model whose next-token distributions are flat (the fixture's are peaked), so rows really sample."""
+    import copy
+    model = copy.deepcopy(model)
+    with torch.no_grad():
+        model.model.norm.weight.mul_(0.02)
+    return model
+
+
+def same_samples(a, b, tol=1e-5):
+    assert [(s.ids, s.block, s.branch, s.pos, s.sampled, s.finish_reason) for s in a] == \
+           [(s.ids, s.block, s.branch, s.pos, s.sampled, s.finish_reason) for s in b]
+    assert max(abs(x - y) for s, t in zip(a, b) for x, y in zip(s.logprobs, t.logprobs)) <= tol
+
+
+@pytest.mark.parametrize("step", ["eager", "static"])
+@pytest.mark.parametrize("mode", ["serial", "parallel"])
+def test_continuous_batching_equals_one_at_a_time(ck, mode, step):
+    """Seven requests of ragged lengths on three rows: a finished row takes the next waiting request at
+    the next step (so the call takes about as many steps as its longest row, not the sum of its
+    batches' longest), and every sample is the one it gets decoded alone, whenever it was admitted.
+    Serial + static: the step draws the tokens itself; parallel: forced forks of several widths."""
     model, tok = ck
-    steer = Script({0: block_script(tok, ["1", "2"])}, {(0, 1, i): step_script(tok, i, "ab" * i) for i in (1, 2)})
-    got, ends, steps = {}, {}, []
+    model = flat(model)
+    lens = [40, 6, 7, 5, 6, 7, 5] if mode == "serial" else [90, 12, 140, 10, 11, 100, 9]
+    ps = [SamplingParams(mode=mode, temperature=1.0, max_new_tokens=n, fork_min_tokens=1) for n in lens]
+    prompts = [chat(tok, "q" * (1 + i % 3)) for i in range(7)]
+    steer = None
+    if mode == "parallel":
+        steer = Script({0: block_script(tok, ["1", "2"]), 2: block_script(tok, ["1", "2", "3"]),
+                        5: ids_of(tok, "Hm. ") + block_script(tok, ["1", "2"])},
+                       {(r, 1, i): step_script(tok, i, "w" * (3 * i + r)) for r in (0, 2, 5) for i in (1, 2, 3)})
+    sampler = Sampler(model, tok)
+    sampler.stop_ids, sampler.step_mode = set(), step
+    got, _ = sampler.generate_many(prompts, 1, ps, batch_rows=3, seeds=list(range(10, 17)), steer=steer)
+    assert sampler.cache.doc.shape[0] == 3
+    steps = sampler.counters["steps"]
+    alone, alone_steps = [], []
+    for i, (x, p) in enumerate(zip(prompts, ps)):
+        one = Sampler(model, tok)
+        one.stop_ids, one.step_mode = set(), step
+        sc = None if steer is None else Script({0: steer.trunk[i]} if i in steer.trunk else {},
+                                               {(0, b, k): v for (r, b, k), v in steer.branches.items() if r == i})
+        alone.append(one.generate([x], params=p, seeds=[10 + i], steer=sc)[0][0])
+        alone_steps.append(one.counters["steps"])
+    same_samples([g[0] for g in got], alone)
+    static = sum(max(alone_steps[i:i + 3]) for i in range(0, 7, 3))    # batches of 3 that wait for their longest
+    assert steps <= 0.8 * static, (steps, alone_steps)
+    if mode == "parallel":
+        assert [alone[i].stats["branches_per_fork"] for i in (0, 2, 5)] == [[2], [3], [2]]
+    else:
+        assert len({t for s in alone for t in s.ids}) > 20         # the rows really sampled
 
-    def on_step(events, finished):
-        steps.append(len(events))
-        for r, seg, recs in events:
-            got.setdefault(r, {}).setdefault(seg, []).extend(rec[0] for rec in recs)
-        ends.update(finished)
-        return [1] if len(steps) == 3 else []          # row 1 leaves after its third step
 
-    prompts = [chat(tok), chat(tok, "another")]
-    out = Sampler(model, tok).generate(prompts, params=SamplingParams(max_new_tokens=200), steer=steer, on_step=on_step)
-    s, c = out[0][0], out[1][0]
-    assert s.finish_reason == "eos" and s.stats["forks"] == 1
-    assert [t for seg in sorted(got[0]) for t in got[0][seg]] == s.ids
-    assert [len(got[0][seg]) for seg in sorted(got[0])][1:3] == [s.branch.count(1), s.branch.count(2)]
-    assert c.finish_reason == "cancelled" and len(c.ids) == 3 and sum(map(len, got[1].values())) == 3
-    assert ends == {0: "eos", 1: "cancelled"} and len(steps) > 3
-    ends.clear()                                       # cancelling the last live row: still reported
-    Sampler(model, tok).generate([chat(tok)], params=SamplingParams(mode="serial"), on_step=lambda e, f: ends.update(f) or [0])
-    assert ends == {0: "cancelled"}
+def test_engine_steps_stream_samples_and_cancel_frees_the_row(ck):
+    """The engine driven by step(): requests join while others run; a cancelled request ends at the
+    next step and its row goes to the next waiting request; on_sample sees each sample as it ends."""
+    from sampler import Seq, resolved
+    model, tok = ck
+    sampler = Sampler(model, tok)
+    sampler.stop_ids, sampler.max_rows = set(), 2
+    p = SamplingParams(mode="serial", temperature=0, max_new_tokens=50)
+    a, b = sampler.add(Seq(chat(tok, "a"), p, 1)), sampler.add(Seq(chat(tok, "b"), p, 2))
+    for _ in range(3):
+        assert sampler.step() == []
+    c = sampler.add(Seq(chat(tok, "c"), p, 3))                  # no row free: it waits
+    assert sampler.step() == [] and c.row is None and len(a.trunk.tokens) == 5
+    sampler.cancel(b)
+    row = b.row
+    assert sampler.step() == [b] and b.finish == "cancelled" and len(b.trunk.tokens) == 5
+    assert sampler.step() == [] and c.row == row and len(c.trunk.tokens) == 2   # admitted: prefill + one step
+    done = []
+    while sampler.running:
+        done += sampler.step()
+    assert done == [a, c] and sampler.to_sample(c).ids == Sampler(model, tok).generate(
+        [chat(tok, "c")], params=p, seeds=[3])[0][0].ids[:len(c.trunk.tokens)]
+    order = []
+    out = sampler.generate([chat(tok, "x"), chat(tok, "y")], params=[resolved(p), SamplingParams(
+        mode="serial", temperature=0, max_new_tokens=5)], on_sample=lambda i, j, s: order.append((i, j, s)))
+    assert [(i, j) for i, j, _ in order] == [(1, 0), (0, 0)] and order[0][2] is out[1][0]
 
 
 def test_params_per_prompt_batch_like_alone(ck):
@@ -403,10 +459,10 @@ def test_eager_cache_kept_between_calls_changes_nothing(ck):
     steer = Script({0: block_script(tok, ["1", "2"])})
     s = Sampler(model, tok)
     s.generate([chat(tok, "something else entirely")], params=p)
-    kept = s.kept
+    kept = s.cache
     again = s.generate([chat(tok)], params=p, steer=steer)[0][0]
-    assert s.kept is kept and kept is not None
+    assert s.cache is kept and kept is not None
     fresh = Sampler(model, tok).generate([chat(tok)], params=p, steer=steer)[0][0]
     assert again.ids == fresh.ids and again.logprobs == fresh.logprobs and fresh.stats["forks"] == 1
     s.release()
-    assert s.kept is None and s.fast is None
+    assert s.cache is None and s.fast is None

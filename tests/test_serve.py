@@ -28,6 +28,7 @@ from contextlib import contextmanager
 import pytest
 
 from helpers import make_checkpoint
+from sampler import Token
 from serve import ChoiceStream, Config, Engine, api_key, default_model, make_server
 
 ARTIFACTS = os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))), "test-artifacts")
@@ -54,11 +55,11 @@ class Shape:
         if self.gate is not None:
             self.gate.wait()
         time.sleep(self.delay)
-        for i, (row, st) in enumerate(requests):
+        for i, (seq, st) in enumerate(requests):
             if st.branch:
-                script, done = self.steps.get(st.branch, []), len(st.seg)
+                script, done = self.steps.get(st.branch, []), len(st.tokens)
             else:
-                script, done = self.trunk, sum(len(seg) for seg in row.segs if seg and seg[0][4] == 0)
+                script, done = self.trunk, sum(len(s.tokens) for s in seq.streams if s.branch == 0)
             if done < len(script) and script[done] is not None:
                 logits[i] = float("-inf")
                 logits[i, script[done]] = 0.0
@@ -208,8 +209,12 @@ def test_concurrent_clients_are_batched_and_match_alone(ck):
         bodies = [{"messages": [{"role": "user", "content": f"Compute {i}*3."}], "temperature": [1.0, 0.5, 0][i % 3],
                    "seed": i, "n": 1 + i % 2, "max_tokens": 70 + 10 * (i % 2), "top_p": [1.0, 0.9][i % 2],
                    "mode": "serial" if i == 4 else "parallel"} for i in range(6)]
-        alone = [call(url, body=b)[1] for b in bodies]
-        batches = engine.counts["batches"]
+        alone, alone_steps = [], []
+        for b in bodies:
+            steps = engine.counts["steps"]
+            alone.append(call(url, body=b)[1])
+            alone_steps.append(engine.counts["steps"] - steps)
+        steps = engine.counts["steps"]
         got = [None] * len(bodies)
 
         def client(i):     # half of them stream
@@ -221,13 +226,48 @@ def test_concurrent_clients_are_batched_and_match_alone(ck):
         for t in threads:
             t.join(60)
         assert got == [[ch["message"]["content"] for ch in a["choices"]] for a in alone]
-        assert engine.counts["batches"] - batches < len(bodies)       # some requests shared a generate() call
+        assert engine.counts["steps"] - steps < sum(alone_steps)       # requests decoded side by side
+
+
+def test_a_request_arriving_mid_decode_joins_the_running_rows(ck):
+    """Continuous batching: a request sent while a long answer decodes gets its first token within a
+    few engine steps and its whole answer while the long one still runs (a static batch would hold it
+    until the long one ends)."""
+    with serving(ck, steer=Shape(ck[1], end=False, delay=0.005), max_tokens_limit=2000) as (url, engine):
+        u = urllib.parse.urlsplit(url)
+        body = json.dumps({"messages": USER, "stream": True, "max_tokens": 2000}).encode()
+        sock = socket.create_connection((u.hostname, u.port), timeout=30)       # the long one: ~1000 steps
+        sock.sendall(b"POST /v1/chat/completions HTTP/1.0\r\nContent-Type: application/json\r\n"
+                     b"Content-Length: %d\r\n\r\n" % len(body) + body)
+        t0 = time.time()
+        while engine.counts["steps"] < 20:
+            assert time.time() - t0 < 10, engine.health()
+            time.sleep(0.01)
+        conn = http.client.HTTPConnection(u.hostname, u.port, timeout=60)
+        at = engine.counts["steps"]
+        conn.request("POST", "/v1/chat/completions", json.dumps({"messages": USER, "stream": True, "max_tokens": 30}),
+                     {"Content-Type": "application/json"})
+        first, finish = None, None
+        for line in conn.getresponse():
+            if first is None and b'"npr": [{"segment"' in line:
+                first = engine.counts["steps"] - at
+            if b'"finish_reason": "length"' in line:
+                finish = engine.counts["running_rows"]
+            if line.strip() == b"data: [DONE]":
+                break
+        assert first is not None and first <= 5, first
+        assert finish == 1                      # the long answer was still decoding
+        sock.close()
+        while engine.counts["running_rows"]:
+            assert time.time() - t0 < 20, engine.health()
+            time.sleep(0.02)
+        assert engine.counts["cancelled_rows"] == 1
 
 
 def test_content_streams_the_lowest_open_segment_and_flushes_the_rest_in_order(ck):
     _, tok = ck
     cs = ChoiceStream(tok)
-    recs = lambda text, block, branch: [[t, True, 0.0, block, branch, 0] for t in tok.encode(text)]
+    recs = lambda text, block, branch: [Token(t, True, 0.0, block, branch, 0) for t in tok.encode(text)]
     steps = [  # one decoding step each: [(segment, text, block, branch)] -> the content it releases
         ([(0, "<guideline>\n<plan>1: a</plan>\n<plan>2: b</plan>\n<plan>3: c</plan>\n</guideline>\n", 1, 0)],
          "<guideline>\n<plan>1: a</plan>\n<plan>2: b</plan>\n<plan>3: c</plan>\n</guideline>\n"),
@@ -309,7 +349,7 @@ def test_server_keeps_serving_after_bad_input(server):
 
 def test_full_queue_answers_503(ck):
     gate = threading.Event()
-    with serving(ck, steer=Shape(ck[1], gate=gate), max_queue=1) as (url, engine):
+    with serving(ck, steer=Shape(ck[1], gate=gate), max_queue=1, max_batch_rows=1) as (url, engine):
         results = {}
 
         def client(name):
