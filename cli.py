@@ -171,6 +171,30 @@ def fsync_tree(path):
         os.close(fd)
 
 
+def append_lines(path, lines):
+    """Append whole lines; a torn last line left by a kill is cut off first (its chunk is redone)."""
+    if os.path.isfile(path) and os.path.getsize(path):
+        with open(path, "rb+") as f:
+            data = f.read()
+            if not data.endswith(b"\n"):
+                f.truncate(data.rfind(b"\n") + 1)
+    with open(path, "a") as f:
+        f.write("".join(line + "\n" for line in lines))
+
+
+def read_jsonl(path):
+    """The records of a JSON-lines file (none when it does not exist); a torn line (a kill in the
+    middle of a write) is skipped."""
+    out = []
+    if os.path.isfile(path):
+        for line in open(path):
+            try:
+                out.append(json.loads(line))
+            except json.JSONDecodeError:
+                continue
+    return out
+
+
 class JsonlLog:
     """Append one JSON object per line (opened per write: a crash loses at most one record)."""
 
@@ -343,8 +367,47 @@ def load_for_sampling(path, device, dtype="", bf16=True):
     return model, tok
 
 
+def load_for_training(cfg, device):
+    """The model and tokenizer a training stage (sft, grpo) starts from: its resume point
+    cfg.out_dir/last when one exists (and cfg.resume), else cfg.model; weights in cfg.dtype.
+    -> (model, tokenizer, last_dir, resuming)"""
+    from model import DTYPES, Qwen, check_vocab
+    from tokenizer import Tokenizer
+    last_dir = os.path.join(cfg.out_dir, "last")
+    resuming = cfg.resume and os.path.isfile(os.path.join(last_dir, "train_state.pt"))
+    src = last_dir if resuming else cfg.model
+    model, tok = Qwen.from_pretrained(src, device=device, dtype=DTYPES[cfg.dtype]), Tokenizer.from_pretrained(src)
+    check_vocab(model, tok, src)
+    model.attn_impl, model.gradient_checkpointing = cfg.attn_impl, cfg.grad_checkpointing
+    return model, tok, last_dir, resuming
+
+
 # -----------------------------------------------------------------------------
 # torch.distributed (launched by torchrun; a plain `python X.py` is world size 1)
+
+def wrap_distributed(model, world, fsdp):
+    """The module a training stage runs forward/backward through: under torchrun FSDP2 (fsdp:
+    `fully_shard` on each layer, then the whole, in place) or DDP; one process: the model itself."""
+    if world == 1:
+        return model
+    if fsdp:
+        from torch.distributed.fsdp import fully_shard
+        for layer in model.model.layers:
+            fully_shard(layer)
+        return fully_shard(model)
+    from torch.nn.parallel import DistributedDataParallel
+    return DistributedDataParallel(model)
+
+
+def accumulating(train_model, last):
+    """Context of one micro-batch's backward: DDP all-reduces the gradients only on the last one
+    (FSDP2 and one process: nothing to hold back)."""
+    import contextlib
+    from torch.nn.parallel import DistributedDataParallel
+    if last or not isinstance(train_model, DistributedDataParallel):
+        return contextlib.nullcontext()
+    return train_model.no_sync()
+
 
 def autocast(device, bf16):
     """bf16 matmuls on CUDA while weights and optimizer state stay fp32: with the paper's learning

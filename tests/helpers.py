@@ -1,5 +1,6 @@
-"""Tiny hermetic checkpoints for the tests: a byte-level BPE tokenizer trained in-process and a
-random Qwen3 written in the HF layout by our own save_pretrained."""
+"""What the tests share: tiny hermetic checkpoints (a byte-level BPE tokenizer trained in-process and
+a random Qwen3 written in the HF layout by our own save_pretrained), sample answers and samples, and
+fakes of the tokenizer and the sampler for the stage scripts' tests."""
 import json
 import os
 
@@ -7,6 +8,61 @@ import torch
 from tokenizers import Tokenizer as HFTok, decoders, models, pre_tokenizers, trainers
 
 from model import Qwen, QwenConfig
+
+# A right, well-formed answer to "Compute 2*3 + 4*5." (26): one block, two branches.
+GOOD = ("<guideline>\n<plan>1: 2*3</plan>\n<plan>2: 4*5</plan>\n</guideline>\n<step>\n1: 2*3=6\n</step>\n"
+        "<step>\n2: 4*5=20\n</step>\n<takeaway>\n6+20=26.\n</takeaway>\n\\boxed{26}")
+WRONG = GOOD.replace("\\boxed{26}", "\\boxed{27}")
+
+
+def sample(text, finish="eos", total=10, crit=None, forks=(2,), t=0.1, mode="parallel"):
+    """A sampler.Sample with what the stage scripts read: its text, why it ended and its stats
+    (total and critical-path tokens, branches of each fork, seconds, decoding mode)."""
+    from sampler import Sample
+    return Sample(prompt_ids=[1], ids=[1], finish_reason=finish, text=text,
+                  stats=dict(mode=mode, total_tokens=total, critical_path_tokens=total if crit is None else crit,
+                             forks=len(forks), branches_per_fork=list(forks), time_s=t))
+
+
+class FakeTok:
+    """A tokenizer whose ids are the characters: a prompt decodes back to its text."""
+
+    def encode(self, text):
+        return [ord(c) for c in text]
+
+    def render_chat(self, messages, add_generation_prompt=True, enable_thinking=None):
+        return messages[0]["content"]
+
+
+class FakeSampler:
+    """Scripted samples: script[question] lists (text, finish[, critical-path tokens]) in the order
+    the tries of that question are drawn (the last one repeats). Records each call's params; raises
+    KeyboardInterrupt (a kill) on the call after `fail_after` calls."""
+
+    def __init__(self, script, fail_after=None):
+        self.script, self.fail_after, self.calls, self.params, self.drawn = script, fail_after, 0, [], {}
+
+    def generate(self, prompts, n=1, params=None, seeds=None):
+        self.calls += 1
+        self.params.append(params)
+        if self.fail_after is not None and self.calls > self.fail_after:
+            raise KeyboardInterrupt("killed")
+        out = []
+        for p in prompts:
+            q = "".join(map(chr, p)).rsplit("Problem:\n", 1)[-1]      # FakeTok's prompt ends with the question
+            k, tries = self.drawn.get(q, 0), self.script[q]
+            self.drawn[q] = k + n
+            out.append([])
+            for j in range(n):
+                text, *finish_crit = tries[min(k + j, len(tries) - 1)]
+                out[-1].append(sample(text, *finish_crit[:1], crit=finish_crit[1] if len(finish_crit) > 1 else None))
+        return out
+
+    def generate_many(self, prompts, n, params, batch_rows=256, seeds=None):
+        return self.generate(prompts, n, params, seeds), 1.0
+
+    def release(self):
+        pass
 
 SPECIAL = ["<|endoftext|>", "<|im_start|>", "<|im_end|>"]
 TAGS = ["<guideline>", "</guideline>", "<plan>", "</plan>", "<step>", "</step>", "<takeaway>", "</takeaway>"]
