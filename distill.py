@@ -11,11 +11,9 @@ are plain text to a model that has not been through SFT), up to --max-tries samp
 FIRST sample that is both correct (npr.grade) and format-perfect (npr.format_score == 0, finished
 with end-of-turn): one trajectory per problem. Option, not in the paper (--reject-sibling-results):
 a sample is also rejected when a step writes the result of an earlier step of its block
-(npr.sibling_numbers). Serial sampling lets step 2 read step 1; parallel SFT hides step 1 from
-step 2, so such a step teaches the model to guess (36% of the built-in default's accepted
-trajectories do that; README: what the option changes downstream). Tries are drawn in rounds (--tries-per-round
-samples for each still-unsolved problem), which keeps "first passing try" and wastes nothing on
-problems already solved.
+(sibling_numbers): serial sampling lets step 2 read step 1, parallel SFT hides step 1 from step 2,
+so such a step teaches the model to guess. Tries are drawn in rounds (--tries-per-round samples for
+each still-unsolved problem), which keeps "first passing try" and wastes nothing on solved problems.
 
 Output: SFT-ready JSONL (index, question, answer, prompt, trajectory, tries, format_score), plus
 <out>.state.jsonl with one line per finished problem (accepted or not, tries, reasons). Rerunning
@@ -24,15 +22,17 @@ after a kill skips every finished problem: nothing written is lost. Data: JSONL 
 """
 import json
 import os
+import re
 import time
 from collections import Counter
 from dataclasses import dataclass
 
 import torch.distributed as dist
+from tqdm import tqdm
 
 import npr
-from cli import (atomic_write, chat_prompt, init_distributed, instruction_for, load_for_sampling, parse_cli,
-                 print_config, read_problems)
+from cli import (append_lines, atomic_write, chat_prompt, init_distributed, instruction_for, load_for_sampling,
+                 parse_cli, print_config, read_jsonl, read_problems)
 from sampler import Sampler, SamplingParams
 
 
@@ -60,9 +60,35 @@ class Config:
     dtype: str = ""
 
 
+_NUMBER_RE = re.compile(r"\d+(?:\.\d+)?")
+
+
+def sibling_numbers(text: str, question: str = "") -> list[tuple[int, int, str]]:
+    """Results a step can only have read in an earlier sibling step: (block, step, number), both
+    counted from 1. A step's result is the last number it writes; a later step of the same block that
+    writes it too (its "N:" header aside) is flagged unless the number also appears where that step
+    may look: the question and the text before the block's first <step> (earlier blocks, the
+    guideline). Serial decoding lets step 2 read step 1 ("2: 17*6=102. 92+102=194" takes 92, step
+    1's result); branch-isolated decoding cannot, so training on such a step teaches the model to
+    guess. A later step that happens to compute the same number on its own is flagged too; results of
+    one digit are ignored (too common to tell)."""
+    found = []
+    for bi, blk in enumerate(npr.parse(text).blocks, 1):
+        if not blk.step_spans:
+            continue
+        seen = set(_NUMBER_RE.findall(question)) | set(_NUMBER_RE.findall(text, 0, blk.step_spans[0][0]))
+        results = set()                               # the earlier steps' results
+        for si, (_, _, a, b, _) in enumerate(blk.step_spans, 1):
+            header = npr.HEADER_RE.match(text, a, b)
+            nums = _NUMBER_RE.findall(text, header.end() if header else a, b)
+            found += [(bi, si, n) for n in dict.fromkeys(nums) if n in results and n not in seen]
+            results |= {n for n in nums[-1:] if len(n) > 1}     # single digits are everywhere: not evidence
+    return found
+
+
 def judge(sample, answer, question="", siblings=False):
     """-> None when the sample is kept, else the reason it was rejected. siblings: also reject a
-    sample whose steps use an earlier step's result (npr.sibling_numbers)."""
+    sample whose steps use an earlier step's result (sibling_numbers)."""
     if sample.finish_reason != "eos":
         return f"unfinished ({sample.finish_reason.split(':')[0]})"
     score, problems = npr.format_score(sample.text)
@@ -70,45 +96,14 @@ def judge(sample, answer, question="", siblings=False):
         return "format: " + (problems[0].split(":")[-1].strip() if problems else "score")
     if not npr.grade(sample.text, answer):
         return "wrong answer"
-    if siblings and npr.sibling_numbers(sample.text, question):
+    if siblings and sibling_numbers(sample.text, question):
         return "a step uses an earlier step's result"
     return None
 
 
-def append_lines(path, lines):
-    """Append whole lines; a torn last line left by a kill is cut off first (its chunk is redone)."""
-    if os.path.isfile(path) and os.path.getsize(path):
-        with open(path, "rb+") as f:
-            data = f.read()
-            if not data.endswith(b"\n"):
-                f.truncate(data.rfind(b"\n") + 1)
-    with open(path, "a") as f:
-        f.write("".join(line + "\n" for line in lines))
-
-
-def read_jsonl_tolerant(path):
-    out = []
-    if os.path.isfile(path):
-        for line in open(path):
-            try:
-                out.append(json.loads(line))
-            except json.JSONDecodeError:
-                continue
-    return out
-
-
 def read_done(state_path):
-    """Indices already finished, from the state file (a torn last line after a kill is ignored)."""
-    done = {}
-    if os.path.isfile(state_path):
-        with open(state_path) as f:
-            for line in f:
-                try:
-                    rec = json.loads(line)
-                    done[rec["index"]] = rec
-                except (json.JSONDecodeError, KeyError):
-                    continue
-    return done
+    """Problems already finished, by index, from the state file (a torn last line after a kill is ignored)."""
+    return {r["index"]: r for r in read_jsonl(state_path) if "index" in r}
 
 
 def distill_chunk(sampler, tok, items, cfg, instruction, seed):
@@ -167,7 +162,6 @@ def main(cfg: Config):
     mine = [(i, p) for i, p in enumerate(problems) if i % world == rank and i not in done]
     print(f"rank {rank}: {len(problems)} problems, {len(done)} done before, {len(mine)} to go", flush=True)
 
-    from tqdm import tqdm
     bar = tqdm(total=len(mine), desc="distill", unit="problem", disable=rank != 0)
     n_acc = sum(r["accepted"] for r in done.values())
     n_seen = len(done)
@@ -194,7 +188,7 @@ def main(cfg: Config):
             rows, states = {}, {}
             for r in range(world):
                 p = f"{cfg.out}.rank{r}"
-                rows.update({x["index"]: x for x in read_jsonl_tolerant(p)})
+                rows.update({x["index"]: x for x in read_jsonl(p)})
                 states.update(read_done(p + ".state.jsonl"))
             atomic_write(cfg.out, (json.dumps(rows[i]) + "\n" for i in sorted(rows)))
             atomic_write(cfg.out + ".state.jsonl", (json.dumps(states[i]) + "\n" for i in sorted(states)))
@@ -214,17 +208,11 @@ def summarize(done, out_path, wall_s):
         reasons.update(r["reasons"])
     # dedupe the output file (a kill between the two appends may repeat a chunk); the rewrite is
     # atomic: a kill or a full disk in the middle must not empty a file the state calls done
-    seen, rows = set(), []
+    rows = {}
     if os.path.isfile(out_path):
-        for line in open(out_path):
-            try:
-                x = json.loads(line)
-            except json.JSONDecodeError:
-                continue
-            if x["index"] not in seen:
-                seen.add(x["index"])
-                rows.append(line if line.endswith("\n") else line + "\n")
-        atomic_write(out_path, rows)
+        for x in read_jsonl(out_path):
+            rows.setdefault(x["index"], json.dumps(x) + "\n")
+        atomic_write(out_path, rows.values())
     return dict(problems=len(done), accepted=len(acc), acceptance=len(acc) / max(len(done), 1),
                 mean_tries_accepted=sum(r["tries"] for r in acc) / max(len(acc), 1),
                 rejected_tries=dict(reasons.most_common()), trajectories=len(rows), wall_s=round(wall_s, 1))

@@ -64,7 +64,33 @@ class Config:
     bf16: bool = True                   # on CUDA: bf16 weights for decoding (fp32 checkpoints of sft/grpo too)
     dtype: str = ""                     # "" = checkpoint dtype (bfloat16 / float16 / float32)
     out: str = ""                       # report path ("" = <model>/eval.json)
-    report: str = ""                    # a pipeline folder: only collect <dir>/*/eval.json into <dir>/report.md
+
+
+def sample_metrics(samples, wall_s):
+    """samples: [(Sample, gold answer)] (duck-typed: .text, .finish_reason, .stats); wall_s: generation
+    wall time -> the metrics of this file's docstring, plus finish reasons. Trigger: a parallel-mode
+    sample counts only when the engine forked into >= 2 branches (a block written serially near the
+    budget does not); a serial-mode sample (stats["mode"] == "serial") when its text holds a block
+    with >= 2 steps, i.e. would have forked."""
+    n = max(len(samples), 1)
+    forks = [b for s, _ in samples for b in s.stats["branches_per_fork"]]
+    total = sum(s.stats["total_tokens"] for s, _ in samples)
+    crit = sum(s.stats["critical_path_tokens"] for s, _ in samples)
+    triggered = [npr.is_parallel(s.text) if s.stats.get("mode") == "serial"
+                 else any(b >= 2 for b in s.stats["branches_per_fork"]) for s, _ in samples]
+    valid = [s.finish_reason == "eos" and npr.format_score(s.text)[0] == 0.0 for s, _ in samples]
+    return dict(
+        samples=len(samples),
+        accuracy=sum(npr.grade(s.text, a) for s, a in samples) / n,
+        format_valid=sum(valid) / n, trigger_rate=sum(triggered) / n,
+        branches_per_fork=sum(forks) / len(forks) if forks else 0.0,
+        tokens_per_s=total / wall_s if wall_s else 0.0,
+        time_to_answer_s=sum(s.stats["time_s"] for s, _ in samples) / n,
+        total_over_critical=total / crit if crit else 0.0,
+        mean_tokens=total / n, mean_critical_tokens=crit / n,
+        finish={r: sum(s.finish_reason == r for s, _ in samples) / n
+                for r in sorted({s.finish_reason for s, _ in samples})},
+    )
 
 
 def table(report):
@@ -79,49 +105,6 @@ def table(report):
         lines.append("| parallel / serial | " + " | ".join(
             f"{report['speedup'][c]:.3g}" if c in report["speedup"] else "" for c in cols) + " |")
     return "\n".join(lines)
-
-
-def pipeline_report(root, stages=("base", "zero", "sft", "grpo")):
-    """One markdown table over the stages of a speedrun.sh run (eval.json of each + times.txt)."""
-    times = {}
-    if os.path.isfile(os.path.join(root, "times.txt")):
-        for line in open(os.path.join(root, "times.txt")):
-            name, sec = line.split()
-            times[name] = float(sec)
-    head = ("| stage | acc serial | acc parallel | format valid (par) | trigger rate (par) | branches/fork | "
-            "tok/s serial | tok/s parallel | time-to-answer s, 1 request (ser / par) | time-to-answer s, in batch "
-            "(ser / par) | total/critical (par) | stage wall s |")
-    lines = [head, "|" + "---|" * (head.count("|") - 1)]
-    for st in stages:
-        f = os.path.join(root, st, "eval.json")
-        if not os.path.isfile(f):
-            continue
-        r = json.load(open(f))
-        s, p = r.get("serial", {}), r.get("parallel", {})
-        g = lambda d, k, fmt="{:.3f}": fmt.format(d[k]) if k in d else "-"
-        wall = times.get(st, times.get({"base": "base", "zero": "stage1"}.get(st, st)))
-        lines.append(f"| {st} | {g(s, 'accuracy')} | {g(p, 'accuracy')} | {g(p, 'format_valid')} | "
-                     f"{g(p, 'trigger_rate')} | {g(p, 'branches_per_fork', '{:.2f}')} | {g(s, 'tokens_per_s', '{:.0f}')} | "
-                     f"{g(p, 'tokens_per_s', '{:.0f}')} | {g(s, 'time_to_answer_1_s', '{:.2f}')} / "
-                     f"{g(p, 'time_to_answer_1_s', '{:.2f}')} | {g(s, 'time_to_answer_s', '{:.2f}')} / "
-                     f"{g(p, 'time_to_answer_s', '{:.2f}')} | {g(p, 'total_over_critical', '{:.2f}')} | "
-                     f"{'-' if wall is None else f'{wall:.0f}'} |")
-    # NPR's comparison: the final model decoding in parallel against the sequential model (base) serially
-    done = [st for st in stages if os.path.isfile(os.path.join(root, st, "eval.json"))]
-    if len(done) >= 2 and "base" in done:
-        b = json.load(open(os.path.join(root, "base", "eval.json"))).get("serial", {})
-        f = json.load(open(os.path.join(root, done[-1], "eval.json"))).get("parallel", {})
-        if b and f:
-            ratio = lambda k: f"{f[k]:.3g} vs {b[k]:.3g} ({f[k] / max(b[k], 1e-9):.2f}x)" if k in f and k in b else "-"
-            lines += ["", f"{done[-1]} parallel vs base serial: accuracy {ratio('accuracy')}; "
-                      f"time-to-answer, 1 request, s {ratio('time_to_answer_1_s')}; in batch {ratio('time_to_answer_s')}; "
-                      f"tokens/s {ratio('tokens_per_s')}"]
-    total = sum(times.values())
-    text = "\n".join(lines) + f"\n\nwhole run: {total:.0f} s of stages ({', '.join(f'{k} {v:.0f}' for k, v in times.items())})\n"
-    with open(os.path.join(root, "report.md"), "w") as f:
-        f.write(text)
-    print(text)
-    return text
 
 
 def one_request_latency(sampler, prompts, params, k):
@@ -140,8 +123,6 @@ def one_request_latency(sampler, prompts, params, k):
 
 
 def main(cfg: Config):
-    if cfg.report:
-        return pipeline_report(cfg.report)
     print_config(cfg)
     dev = cfg.device or ("cuda" if torch.cuda.is_available() else "cpu")
     model, tok = load_for_sampling(cfg.model, dev, cfg.dtype, cfg.bf16)
@@ -164,7 +145,7 @@ def main(cfg: Config):
                                 repetition_penalty=rp, seed=cfg.seed)
         prompts = [chat_prompt(tok, p["question"], instruction) for p in problems]
         got, wall = sampler.generate_many(prompts, cfg.k, params, cfg.batch_size, progress=True)
-        report[mode] = npr.sample_metrics([(s, p["answer"]) for p, ss in zip(problems, got) for s in ss], wall)
+        report[mode] = sample_metrics([(s, p["answer"]) for p, ss in zip(problems, got) for s in ss], wall)
         report[mode].update(settings)
         if cfg.latency_n:
             report[mode].update(one_request_latency(sampler, prompts[:cfg.latency_n], params, cfg.k))

@@ -57,6 +57,7 @@ import npr
 from cli import (JsonlLog, autocast, chat_prompt, init_distributed, instruction_for, load_resume_point, parse_cli,
                  print_config, read_problems, save_final, save_resume_point)
 from model import Qwen, check_vocab
+from eval import sample_metrics
 from parallel_attention import Layout
 from sampler import Sampler, SamplingParams
 from tokenizer import Tokenizer
@@ -314,7 +315,7 @@ def main(cfg: Config):
         prompts = [chat_prompt(tok, p["question"], instruction) for p in eval_problems]
         with autocast(dev, roll_autocast):
             got, wall = sampler.generate_many(prompts, 1, params, cfg.rollout_rows)
-        m = npr.sample_metrics([(ss[0], p["answer"]) for p, ss in zip(eval_problems, got)], wall)
+        m = sample_metrics([(ss[0], p["answer"]) for p, ss in zip(eval_problems, got)], wall)
         print(f"eval step {at_step} | greedy {cfg.mode} accuracy {m['accuracy']:.3f} | format {m['format_valid']:.3f}"
               f" | trigger {m['trigger_rate']:.3f}", flush=True)
         metrics.write(step=at_step, **{f"eval_{k}": v for k, v in m.items() if not isinstance(v, dict)})
@@ -389,7 +390,7 @@ def main(cfg: Config):
         step += 1
 
         # ---- log (sums over every rank's rollouts) ----
-        m = npr.sample_metrics(seen, roll_wall) if seen else {}
+        m = sample_metrics(seen, roll_wall) if seen else {}
         n = len(seen)
         forks = [b for s, _ in seen for b in s.stats["branches_per_fork"]]
         flat = [r for g in rewards for r in g]

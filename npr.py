@@ -1,19 +1,20 @@
 """
-The NPR output format: tags, instruction, parser, format score, token layout and answer grading.
+The NPR output format: tags, forced texts, instruction, THE parser, format score, token layout.
 
 A response is a sequence of blocks, then the answer (NPR.md section 2):
     <guideline> <plan>1: ...</plan> <plan>2: ...</plan> </guideline>
     <step> 1: plan 1 carried out, blind to step 2 </step> <step> 2: ... </step>
     <takeaway> combine the steps, decide what next </takeaway>   ... more blocks ... \\boxed{ANSWER}
 
-Used by the sampler (fork/join detection: `new_tags`, `plan_numbers`), the trainers (`token_layout`
-gives each response token its block, branch and RoPE position), distillation (`format_score`,
-`grade`) and eval (`grade`, `is_parallel`). Standard library only; sympy, when importable, adds
-symbolic answer equality and is imported lazily (importing this file stays cheap).
-
-Contents: tags and instruction -> structural scan (shared by parse and token_layout) -> parse ->
-format_score -> token_layout -> metrics. Answer extraction and equivalence live in grading.py
-(re-exported here: npr.grade, npr.is_equiv, npr.extract_boxed, npr.normalize_answer).
+One parser (`parse`) reads the grammar; everything else is a view of what it read:
+- format_score: the official score (the self-distillation filter), on the parse of the text
+  without whitespace;
+- token_layout: block, branch and RoPE position of every token (the trainers' mask and positions),
+  positions by the one rule in `Positions`, which the sampler applies as it decodes;
+- engine_pieces: a response in the exact bytes the parallel engine writes (SFT's input).
+The sampler detects tags as it decodes with `new_tags` and reads the fork width with `plan_numbers`.
+Answer extraction and equivalence live in grading.py (npr.grade and npr.is_equiv re-export them).
+Standard library only.
 """
 import re
 from bisect import bisect_right
@@ -25,7 +26,8 @@ TAGS = ("<guideline>", "</guideline>", "<plan>", "</plan>", "<step>", "</step>",
 # the sub-word name of each tag: a new tag token's embedding row starts as the mean of the
 # embeddings of the tokens of this name (NPR.md section 4, stage 2b)
 TAG_NAMES = {t: t[1:-1] for t in TAGS}
-TAG_RE = re.compile(r"</?(?:guideline|plan|step|takeaway)>")
+TAG_RE = re.compile("|".join(map(re.escape, TAGS)))
+HEADER_RE = re.compile(r"\s*(\d+(?:\.\d+)*)\s*:")   # the "N:" that opens a numbered plan or step
 _MAX_TAG = max(len(t) for t in TAGS)
 
 # The texts the parallel engine forces (sampler.py), defined once: SFT puts its trajectories into the
@@ -84,180 +86,31 @@ def new_tags(text: str, start: int) -> list[tuple[str, int]]:
     return [(m.group(), m.start()) for m in TAG_RE.finditer(text, lo) if m.end() > start]
 
 
-_PLAN_NUM_RE = re.compile(r"<plan>\s*(\d+(?:\.\d+)*)\s*:")
-
-
 def plan_numbers(guideline_text: str) -> list[str]:
     """Numbers of the plans that open with "N:" ("1:", "2:", "1.1:"); len() is the fork width k."""
-    return _PLAN_NUM_RE.findall(guideline_text)
-
-
-_NUMBER_RE = re.compile(r"\d+(?:\.\d+)?")
-_HEADER_RE = re.compile(r"\s*(\d+(?:\.\d+)*)\s*:")
-
-
-def sibling_numbers(text: str, question: str = "") -> list[tuple[int, int, str]]:
-    """Results a step can only have read in an earlier sibling step: (block, step, number), both
-    counted from 1. A step's result is the last number it writes; a later step of the same block that
-    writes it too (its "N:" header aside) is flagged unless the number also appears where that step
-    may look: the question and the text before the block's first <step> (earlier blocks, the
-    guideline). Serial decoding lets step 2 read step 1 ("2: 17*6=102. 92+102=194" takes 92, step
-    1's result); branch-isolated decoding cannot, so training on such a step teaches the model to
-    guess. A later step that happens to compute the same number on its own is flagged too; results of
-    one digit are ignored (too common to tell)."""
-    found = []
-    blocks, _ = _scan(text)
-    for bi, blk in enumerate(blocks, 1):
-        if not blk.steps:
-            continue
-        seen = set(_NUMBER_RE.findall(question)) | set(_NUMBER_RE.findall(text[:blk.steps[0][0]]))
-        results = set()                               # the earlier steps' results
-        for si, (_, _, a, b) in enumerate(blk.steps, 1):
-            body = text[a:b].replace("<step>", "", 1)
-            body = body[m.end():] if (m := _HEADER_RE.match(body)) else body
-            nums = _NUMBER_RE.findall(body)
-            found += [(bi, si, n) for n in dict.fromkeys(nums) if n in results and n not in seen]
-            results |= {n for n in nums[-1:] if len(n) > 1}     # single digits are everywhere: not evidence
-    return found
+    return [m.group(1) for t in TAG_RE.finditer(guideline_text)
+            if t.group() == "<plan>" and (m := HEADER_RE.match(guideline_text, t.end()))]
 
 
 # -----------------------------------------------------------------------------
-# Structural scan: one left-to-right pass over the tags, shared by parse() and token_layout().
-# It records character spans, so the token layout can be derived from pieces of any granularity.
-
-@dataclass
-class _BlockSpan:
-    start: int                      # index of the '<' of <guideline>
-    end: int = -1                   # one past the '>' of </takeaway> (or where it was cut off)
-    guide: tuple | None = None      # (a, b) content span of the guideline
-    k: int = 0                      # numbered plans = fork width
-    steps: list = field(default_factory=list)  # [outer_start, outer_end, content_start, content_end]
-    take: tuple | None = None       # (a, b) content span of the takeaway
-
-
-def _scan(text, max_branches=5, complete=True):
-    """-> (blocks, problems). Best effort on malformed text: the engine's reading of the tags, with
-    every deviation from the grammar recorded as a problem string."""
-    blocks, problems = [], []
-    state, cur, mark = "out", None, 0   # mark: start of the current content (guideline/takeaway/gap)
-    bad = problems.append
-
-    def close_guideline(at):
-        nonlocal state, mark
-        cur.guide = (mark, at)
-        cur.k = len(plan_numbers(text[mark:at]))
-        n = len(blocks)
-        if cur.k == 0:
-            bad(f"block {n} has 0 numbered plans")
-        elif cur.k > max_branches:
-            bad(f"block {n} has {cur.k} plans, more than the cap {max_branches}")
-        state, mark = "steps", at
-
-    def close_step(at):
-        nonlocal state, mark
-        cur.steps[-1][1] = cur.steps[-1][3] = at
-        state, mark = "steps", at
-
-    def end_block(at):
-        nonlocal state
-        cur.end = at
-        state = "out"
-
-    for m in TAG_RE.finditer(text):
-        tag, a, b = m.group(), m.start(), m.end()
-        if tag == "<guideline>":
-            if state != "out":  # nesting: cut the open block here and start a new one
-                bad(f"guideline nested inside an open {state if state != 'steps' else 'block'} at {a}")
-                if state == "step":
-                    close_step(a)
-                end_block(a)
-            cur = _BlockSpan(start=a)
-            blocks.append(cur)
-            state, mark = "guideline", b
-        elif tag == "</guideline>":
-            if state in ("guideline", "plan"):
-                if state == "plan":
-                    bad(f"unclosed plan at {a}")
-                close_guideline(a)
-                mark = b
-            else:
-                bad(f"stray </guideline> at {a}")
-        elif tag == "<plan>":
-            if state == "guideline":
-                state = "plan"
-            else:
-                bad(f"plan outside a guideline at {a}")
-        elif tag == "</plan>":
-            if state == "plan":
-                state = "guideline"
-            else:
-                bad(f"stray </plan> at {a}")
-        elif tag == "<step>":
-            if state in ("guideline", "plan"):
-                bad(f"step inside an open guideline at {a}")
-                close_guideline(a)
-            elif state == "step":
-                bad(f"step inside a step at {a}")
-                close_step(a)
-            if state == "steps":
-                if text[mark:a].strip():
-                    bad(f"text between steps at {mark}")
-                cur.steps.append([a, -1, b, -1])
-                state = "step"
-            else:  # "out" or "takeaway": the step stays trunk text
-                bad(f"step outside a block at {a}" if state == "out" else f"step inside a takeaway at {a}")
-        elif tag == "</step>":
-            if state == "step":
-                close_step(a)
-                cur.steps[-1][1], mark = b, b
-            else:
-                bad(f"stray </step> at {a}")
-        elif tag == "<takeaway>":
-            if state == "step":
-                bad(f"takeaway inside an open step at {a}")
-                close_step(a)
-            elif state in ("guideline", "plan"):
-                bad(f"takeaway inside an open guideline at {a}")
-                close_guideline(a)
-            if state == "steps":
-                if text[mark:a].strip():
-                    bad(f"text between steps at {mark}")
-                state, mark = "takeaway", b
-            else:
-                bad(f"takeaway outside a block at {a}")
-        elif tag == "</takeaway>":
-            if state == "takeaway":
-                cur.take = (mark, a)
-                n = len(blocks)
-                if 0 < cur.k <= max_branches and len(cur.steps) != cur.k:
-                    bad(f"block {n} has {len(cur.steps)} steps for {cur.k} plans")
-                end_block(b)
-            else:
-                bad(f"stray </takeaway> at {a}")
-
-    if state != "out":  # cut off: close what is open at the end of the text
-        if complete:
-            if state == "step":
-                bad("unclosed step at end of text")
-            bad(f"unclosed block {len(blocks)} at end of text")
-        if state == "step":
-            close_step(len(text))
-        elif state in ("guideline", "plan"):
-            cur.guide = (mark, len(text))
-        elif state == "takeaway":
-            cur.take = (mark, len(text))
-        end_block(len(text))
-    return blocks, problems
-
-
-# -----------------------------------------------------------------------------
-# Parser
+# The parser: one left-to-right pass over the tags (the engine's reading of them)
 
 @dataclass
 class Block:
-    plans: list[tuple[str, str]]  # (number, text); number "" when the plan does not open with "N:"
-    steps: list[str]              # step contents, stripped (the "N:" header kept)
-    takeaway: str | None          # None when the block never reached </takeaway>
+    """One <guideline> block as read: character spans into the text, then its parts as text.
+    An element is closed only when its own closing tag ends it; a block is framed when
+    </guideline>, <takeaway> and </takeaway> each came where the grammar puts them."""
+    start: int                                        # the '<' of <guideline>
+    end: int = -1                                     # one past </takeaway>, or where the block was cut off
+    guide: tuple | None = None                        # (a, b): the guideline's content
+    plan_spans: list = field(default_factory=list)    # [start, end, a, b, closed] per <plan>: outer, content
+    step_spans: list = field(default_factory=list)    # [start, end, a, b, closed] per <step>
+    take: tuple | None = None                         # (a, b): the takeaway's content
+    framed: bool = False
+    numbers: list = field(default_factory=list)       # the numbered plans' numbers: the fork
+    plans: list = field(default_factory=list)         # (number, text); number "" when not "N:"
+    steps: list = field(default_factory=list)         # step contents, stripped ("N:" header kept)
+    takeaway: str | None = None                       # None when the block never reached its takeaway
 
 
 @dataclass
@@ -265,27 +118,110 @@ class Parsed:
     blocks: list[Block]
     answer: str | None            # content of the last \boxed{}
     final_text: str               # text after the last block
-    problems: list[str]           # structural problems (empty = well formed)
+    problems: list[str]           # what the engine could not decode as it stands (empty = well formed)
 
 
-_PLAN_RE = re.compile(r"<plan>(.*?)(?:</plan>|(?=<plan>)|$)", re.S)
-_NUMBERED_RE = re.compile(r"\s*(\d+(?:\.\d+)*)\s*:\s*(.*)", re.S)
-
-
-def parse(text: str, max_branches: int = 5) -> Parsed:
-    """Split a response into blocks. Never raises: garbage gives no blocks and a list of problems."""
+def parse(text: str, max_branches: int = 5, complete: bool = True) -> Parsed:
+    """Split a response into blocks. Never raises: every deviation from the grammar is a problem and
+    the text is still split best effort (a nested <guideline> cuts the open block, a <step> or
+    <takeaway> closes an open guideline or step). complete=False: the text may still be growing
+    (the sampler's view), so what is open at its end is not a problem."""
     text = text or ""
-    spans, problems = _scan(text, max_branches)
-    blocks = []
-    for s in spans:
-        plans = []
-        for c in _PLAN_RE.findall(text[s.guide[0]:s.guide[1]] if s.guide else ""):
-            m = _NUMBERED_RE.fullmatch(c)
-            plans.append((m.group(1), m.group(2).strip()) if m else ("", c.strip()))
-        steps = [text[st[2]:st[3]].strip() for st in s.steps]
-        take = text[s.take[0]:s.take[1]].strip() if s.take else None
-        blocks.append(Block(plans, steps, take))
-    final = text[spans[-1].end:] if spans else text
+    blocks, problems = [], []
+    bad = problems.append
+    state, cur, mark = "out", None, 0   # mark: start of the current content (guideline/takeaway/gap)
+
+    def close_plan(at, end=None):       # end: one past its </plan>; None: cut off at `at`
+        p = cur.plan_spans[-1]
+        p[1], p[3], p[4] = at if end is None else end, at, end is not None
+
+    def cut_guideline(at):
+        if state == "plan":
+            close_plan(at)
+        cur.guide = (mark, at)
+        cur.numbers = [m.group(1) for p in cur.plan_spans if (m := HEADER_RE.match(text, p[2], p[3]))]
+
+    def close_guideline(at):
+        nonlocal state, mark
+        cut_guideline(at)
+        k = len(cur.numbers)
+        if k == 0:
+            bad(f"block {len(blocks)} has 0 numbered plans")
+        elif k > max_branches:
+            bad(f"block {len(blocks)} has {k} plans, more than the cap {max_branches}")
+        state, mark = "steps", at
+
+    def close_step(at, end=None):       # end: one past its </step>; None: cut off at `at`
+        nonlocal state, mark
+        s = cur.step_spans[-1]
+        s[1], s[3], s[4] = at if end is None else end, at, end is not None
+        state, mark = "steps", s[1]
+
+    def end_block(at, framed=False):    # framed: ended by its </takeaway>
+        nonlocal state
+        if state == "step":
+            close_step(at)
+        elif state in ("guideline", "plan"):
+            cut_guideline(at)
+        cur.end, cur.framed, state = at, cur.framed and framed, "out"
+
+    for m in TAG_RE.finditer(text):
+        tag, a, b = m.group(), m.start(), m.end()
+        if tag == "<guideline>":
+            if state != "out":          # nesting: cut the open block here and start a new one
+                bad(f"guideline nested inside an open {'block' if state == 'steps' else state} at {a}")
+                end_block(a)
+            cur, state, mark = Block(start=a), "guideline", b
+            blocks.append(cur)
+        elif tag == "</guideline>" and state in ("guideline", "plan"):
+            if state == "plan":
+                bad(f"unclosed plan at {a}")
+            close_guideline(a)
+            cur.framed, mark = True, b
+        elif tag == "<plan>" and state in ("guideline", "plan"):
+            if state == "plan":
+                bad(f"plan inside a plan at {a}")
+                close_plan(a)
+            cur.plan_spans.append([a, -1, b, -1, False])
+            state = "plan"
+        elif tag == "</plan>" and state == "plan":
+            close_plan(a, b)
+            state = "guideline"
+        elif tag in ("<step>", "<takeaway>") and state not in ("out", "takeaway"):
+            if state == "step":         # an open step or guideline ends here
+                bad(f"{tag[1:-1]} inside a step at {a}")
+                close_step(a)
+            elif state != "steps":
+                bad(f"{tag[1:-1]} inside an open guideline at {a}")
+                close_guideline(a)
+            if text[mark:a].strip():
+                bad(f"text between steps at {mark}")
+            if tag == "<step>":
+                cur.step_spans.append([a, -1, b, -1, False])
+                state = "step"
+            else:
+                state, mark = "takeaway", b
+        elif tag == "</step>" and state == "step":
+            close_step(a, b)
+        elif tag == "</takeaway>" and state == "takeaway":
+            cur.take, k = (mark, a), len(cur.numbers)
+            if 0 < k <= max_branches and len(cur.step_spans) != k:
+                bad(f"block {len(blocks)} has {len(cur.step_spans)} steps for {k} plans")
+            end_block(b, framed=True)
+        else:                           # a tag the grammar does not allow here: it stays text
+            bad(f"stray {tag} at {a}")
+    if state != "out":                  # cut off: close what is open at the end of the text
+        if complete:
+            bad(f"unclosed {'step and block' if state == 'step' else 'block'} {len(blocks)} at end of text")
+        if state == "takeaway":
+            cur.take = (mark, len(text))
+        end_block(len(text))
+    for blk in blocks:  # the parts as text
+        blk.plans = [(m.group(1), text[m.end():b].strip()) if (m := HEADER_RE.match(text, a, b))
+                     else ("", text[a:b].strip()) for _, _, a, b, _ in blk.plan_spans]
+        blk.steps = [text[a:b].strip() for _, _, a, b, _ in blk.step_spans]
+        blk.takeaway = text[blk.take[0]:blk.take[1]].strip() if blk.take else None
+    final = text[blocks[-1].end:] if blocks else text
     return Parsed(blocks, extract_boxed(text), final.strip(), problems)
 
 
@@ -303,56 +239,40 @@ def engine_pieces(text: str, max_branches: int = 5) -> tuple[list[str] | None, s
     otherwise is rejected); <takeaway> becomes TAKEAWAY_HEADER (one newline of the text it replaces).
         '<guideline>..</guideline><step>1: a</step> <step> 2 : b</step><takeaway>c'
      -> '<guideline>..</guideline>' '\\n' '<step>\\n1:' ' a</step>' '\\n' '<step>\\n2:' ' b</step>' '\\n' '<takeaway>\\n' 'c'"""
-    blocks, problems = _scan(text, max_branches)
-    if problems:
-        return None, problems[0]
+    p = parse(text, max_branches)
+    if p.problems:
+        return None, p.problems[0]
     pieces, at = [], 0
-    for bi, blk in enumerate(blocks, 1):
-        numbers = plan_numbers(text[blk.guide[0]:blk.guide[1]])
+    for bi, blk in enumerate(p.blocks, 1):
         pieces += [text[at:blk.guide[1] + len("</guideline>")], SEPARATOR]
-        for si, (_, end, a, b) in enumerate(blk.steps):
-            m = _HEADER_RE.match(text, a, b)
-            if not m or m.group(1) != numbers[si]:
-                return None, f"block {bi} step {si + 1} does not open with its plan's number {numbers[si]}:"
-            pieces += [STEP_HEADER.format(n=numbers[si]), text[m.end():end], SEPARATOR]
+        for si, (_, end, a, b, _) in enumerate(blk.step_spans):
+            m, n = HEADER_RE.match(text, a, b), blk.numbers[si]
+            if not m or m.group(1) != n:
+                return None, f"block {bi} step {si + 1} does not open with its plan's number {n}:"
+            pieces += [STEP_HEADER.format(n=n), text[m.end():end], SEPARATOR]
         at = blk.take[0] + text.startswith("\n", blk.take[0])
         pieces.append(TAKEAWAY_HEADER)
     pieces.append(text[at:])
-    return [p for p in pieces if p], None
+    return [x for x in pieces if x], None
 
 
 # -----------------------------------------------------------------------------
 # Format score (the filter for self-distilled samples: kept only at 0.0)
 
-_NOT_G = r"(?:(?!<guideline>).)*?"  # any text that does not open a new guideline
-_BLOCK_RE = re.compile(rf"<guideline>({_NOT_G})</guideline>({_NOT_G})<takeaway>({_NOT_G})</takeaway>", re.S)
-_PLAN_ELEM_RE = re.compile(r"<plan>(.*?)</plan>", re.S)
-_STEP_ELEM_RE = re.compile(r"<step>(.*?)</step>", re.S)
-
-
 def format_score(text: str, max_branches: int = 5) -> tuple[float, list[str]]:
     """0.0 for a perfect sample, else a sum of negative penalties, plus the problems in words.
 
-    How each official rule is read here (all on the text with every whitespace character removed,
-    so lengths count non-whitespace characters):
-    - Blocks: non-overlapping left-to-right matches of
-      <guideline>G</guideline>M<takeaway>T</takeaway> where G, M, T never contain <guideline>
-      (a nested guideline breaks the outer block, whose text then lies between blocks).
-      No block at all: -1.5 (and nothing else is checked but the boxed rule).
-    - Text before the first block or between two blocks is allowed, but a tag in it: -1.5 per gap.
-    - Plans are the <plan>..</plan> elements of G, steps the <step>..</step> elements of M.
-      0 plans: -1.0; otherwise #steps != #plans: -1.0 (a block without steps lands here).
-    - Residue (whatever is left of G once its plans are removed, of M once its steps are removed):
-      -0.2 when it is plain text, -0.4 when it holds a tag (e.g. an unclosed <plan>); G and M are
-      checked separately.
-    - Each plan shorter than 3 characters, each step or takeaway shorter than 6, or any of them
-      holding a tag: -0.4 per element (once per element even when both apply). The "N:" header
-      counts towards the length.
-    - A tag after the last block: -1.0.
-    - An empty \\boxed{} anywhere: -1.0. (A missing answer is the answer reward's business.)
-    Two additions that keep the filter consistent with the parallel engine (NPR.md section 5),
-    which forks only on numbered plans and refuses more than `max_branches`:
-    - each plan not opening with "N:" -> -0.4; more plans than max_branches -> -1.0.
+    The official rules (NPR.md section 2), on the parse of the text with every whitespace character
+    removed (lengths count non-whitespace characters). Only framed blocks count as blocks; an
+    element (plan, step) only when closed by its own tag:
+    - no block: -1.5 (nothing else is checked but the boxed rule);
+    - a tag in the text before a block: -1.5 per block; after the last block: -1.0;
+    - 0 plans: -1.0; else #steps != #plans: -1.0; else more plans than max_branches: -1.0;
+    - residue (what a guideline holds besides its plans, or the steps region besides its steps):
+      -0.2 when plain text, -0.4 when it holds a tag (e.g. an unclosed <plan>), once per region;
+    - each plan shorter than 3 characters, step or takeaway shorter than 6, or holding a tag: -0.4;
+      a plan that does not open with "N:" (the engine forks only on those): -0.4;
+    - an empty \\boxed{} anywhere: -1.0 (a missing answer is the answer reward's business).
     """
     s = re.sub(r"\s+", "", text or "")
     score, problems = 0.0, []
@@ -364,20 +284,21 @@ def format_score(text: str, max_branches: int = 5) -> tuple[float, list[str]]:
 
     if "\\boxed{}" in s:
         pen(1.0, "empty \\boxed{}")
-    blocks = list(_BLOCK_RE.finditer(s))
+    blocks = [b for b in parse(s, max_branches).blocks if b.framed]
     if not blocks:
         pen(1.5, "no guideline/step/takeaway block")
         return round(score, 6), problems
-
     prev = 0
-    for n, m in enumerate(blocks, 1):
-        if TAG_RE.search(s[prev:m.start()]):
+    for n, b in enumerate(blocks, 1):
+        if TAG_RE.search(s, prev, b.start):
             pen(1.5, f"tag in the text before block {n}")
-        prev = m.end()
-        g, mid, take = m.groups()
-        plans, steps = _PLAN_ELEM_RE.findall(g), _STEP_ELEM_RE.findall(mid)
-        for where, rest in (("guideline", _PLAN_ELEM_RE.sub("", g)), ("steps", _STEP_ELEM_RE.sub("", mid))):
-            if rest:
+        prev = b.end
+        plans, steps = [p for p in b.plan_spans if p[4]], [x for x in b.step_spans if x[4]]
+        regions = (("guideline", b.guide[0], b.guide[1], plans),
+                   ("steps", b.guide[1] + len("</guideline>"), b.take[0] - len("<takeaway>"), steps))
+        for where, lo, hi, elems in regions:     # residue: the region less its elements' outer spans
+            gaps = zip([lo] + [e[1] for e in elems], [e[0] for e in elems] + [hi])
+            if rest := "".join(s[x:y] for x, y in gaps):
                 tagged = bool(TAG_RE.search(rest))
                 pen(0.4 if tagged else 0.2, f"block {n}: {'tag' if tagged else 'text'} residue in the {where}")
         if not plans:
@@ -386,23 +307,46 @@ def format_score(text: str, max_branches: int = 5) -> tuple[float, list[str]]:
             pen(1.0, f"block {n}: {len(steps)} steps for {len(plans)} plans")
         elif len(plans) > max_branches:
             pen(1.0, f"block {n}: {len(plans)} plans, more than {max_branches}")
-        for i, p in enumerate(plans, 1):
-            if len(p) < 3 or TAG_RE.search(p):
+        for i, (_, _, lo, hi, _) in enumerate(plans, 1):
+            if hi - lo < 3 or TAG_RE.search(s, lo, hi):
                 pen(0.4, f"block {n}: plan {i} too short or holds a tag")
-            elif not _NUMBERED_RE.match(p):
+            elif not HEADER_RE.match(s, lo, hi):
                 pen(0.4, f"block {n}: plan {i} does not open with 'N:'")
-        for i, st in enumerate(steps, 1):
-            if len(st) < 6 or TAG_RE.search(st):
+        for i, (_, _, lo, hi, _) in enumerate(steps, 1):
+            if hi - lo < 6 or TAG_RE.search(s, lo, hi):
                 pen(0.4, f"block {n}: step {i} too short or holds a tag")
-        if len(take) < 6 or TAG_RE.search(take):
+        lo, hi = b.take
+        if hi - lo < 6 or TAG_RE.search(s, lo, hi):
             pen(0.4, f"block {n}: takeaway too short or holds a tag")
-    if TAG_RE.search(s[prev:]):
+    if TAG_RE.search(s, prev):
         pen(1.0, "tag after the last block")
     return round(score, 6), problems
 
 
 # -----------------------------------------------------------------------------
-# Token layout: block, branch and RoPE position of every response token (NPR.md section 3)
+# Positions and the token layout: block, branch and RoPE position of every token (NPR.md section 3)
+
+class Positions:
+    """The positions rule, one token at a time, in any order that keeps each branch's tokens in
+    order and the join after its branches (the sampler's interleaved decode order does): trunk
+    tokens count up from start_pos; every branch of a block starts at 1 + the last trunk position
+    before it; inside a branch +1 per token; after the join the trunk resumes at 1 + the highest
+    position so far (= the end of the longest branch)."""
+
+    def __init__(self, start_pos: int = 0):
+        self.hi = self.trunk = start_pos - 1
+        self.base, self.last = {}, {}         # block -> its branches' first position; (block, branch) -> last
+
+    def __call__(self, block: int, branch: int) -> int:
+        if branch == 0:
+            p = self.trunk = self.hi + 1
+        else:
+            key = (block, branch)
+            p = self.last[key] + 1 if key in self.last else self.base.setdefault(block, self.trunk + 1)
+            self.last[key] = p
+        self.hi = max(self.hi, p)
+        return p
+
 
 @dataclass
 class TokenLayout:
@@ -432,19 +376,20 @@ def token_layout(pieces: list[str], start_pos: int = 0, max_branches: int = 5,
     for p in pieces:
         starts.append(off)
         off += len(p)
-    text, n = "".join(pieces), len(pieces)
-    spans, problems = _scan(text, max_branches, complete)
+    n = len(pieces)
+    parsed = parse("".join(pieces), max_branches, complete)
+    problems = parsed.problems
 
     def tok(c):  # the token holding character c (empty pieces never hold a character)
         return bisect_right(starts, c) - 1
 
     block, branch = [0] * n, [0] * n
-    for bid, s in enumerate(spans, 1):
-        if s.end > s.start:
-            for t in range(tok(s.start), tok(s.end - 1) + 1):
+    for bid, blk in enumerate(parsed.blocks, 1):
+        if blk.end > blk.start:
+            for t in range(tok(blk.start), tok(blk.end - 1) + 1):
                 block[t] = bid
-    for bid, s in enumerate(spans, 1):
-        for i, (a, b, _, _) in enumerate(s.steps, 1):
+    for bid, blk in enumerate(parsed.blocks, 1):
+        for i, (a, b, _, _, _) in enumerate(blk.step_spans, 1):
             if b <= a:
                 continue
             last = tok(b - 1)
@@ -457,51 +402,5 @@ def token_layout(pieces: list[str], start_pos: int = 0, max_branches: int = 5,
             while t < n and not pieces[t].strip() and branch[t] == 0:  # separators join the branch
                 block[t], branch[t] = bid, i
                 t += 1
-
-    # positions: trunk counts up from start_pos; all branches of a block start at 1 + the last
-    # trunk position before its first step; after the join the trunk resumes at 1 + the highest
-    # position so far (= the longest branch when well formed)
-    pos, base, last_in = [0] * n, {}, {}
-    hi, last_trunk = start_pos - 1, start_pos - 1
-    for t in range(n):
-        if branch[t] == 0:
-            p = last_trunk = hi + 1
-        else:
-            key = (block[t], branch[t])
-            base.setdefault(block[t], last_trunk + 1)
-            p = last_in[key] + 1 if key in last_in else base[block[t]]
-            last_in[key] = p
-        pos[t] = p
-        hi = max(hi, p)
-    return TokenLayout(block, branch, pos, problems)
-
-
-# -----------------------------------------------------------------------------
-# Metrics over sampled answers (eval.py, grpo.py)
-
-def sample_metrics(samples, wall_s):
-    """samples: [(Sample, gold answer)] (duck-typed: .text, .finish_reason, .stats); wall_s: generation
-    wall time. -> avg accuracy, format validity, trigger rate, branches per fork, tokens/s over every
-    branch token, time-to-answer, total/critical-path tokens, finish reasons. eval.py documents each.
-    Trigger: a parallel-mode sample counts only when the engine forked into >= 2 branches (a block
-    written serially near the budget does not); a serial-mode sample (stats["mode"] == "serial")
-    when its text holds a block with >= 2 steps, i.e. would have forked."""
-    n = max(len(samples), 1)
-    forks = [b for s, _ in samples for b in s.stats["branches_per_fork"]]
-    total = sum(s.stats["total_tokens"] for s, _ in samples)
-    crit = sum(s.stats["critical_path_tokens"] for s, _ in samples)
-    triggered = [is_parallel(s.text) if s.stats.get("mode") == "serial"
-                 else any(b >= 2 for b in s.stats["branches_per_fork"]) for s, _ in samples]
-    valid = [s.finish_reason == "eos" and format_score(s.text)[0] == 0.0 for s, _ in samples]
-    return dict(
-        samples=len(samples),
-        accuracy=sum(grade(s.text, a) for s, a in samples) / n,
-        format_valid=sum(valid) / n, trigger_rate=sum(triggered) / n,
-        branches_per_fork=sum(forks) / len(forks) if forks else 0.0,
-        tokens_per_s=total / wall_s if wall_s else 0.0,
-        time_to_answer_s=sum(s.stats["time_s"] for s, _ in samples) / n,
-        total_over_critical=total / crit if crit else 0.0,
-        mean_tokens=total / n, mean_critical_tokens=crit / n,
-        finish={r: sum(s.finish_reason == r for s, _ in samples) / n
-                for r in sorted({s.finish_reason for s, _ in samples})},
-    )
+    positions = Positions(start_pos)
+    return TokenLayout(block, branch, [positions(k, i) for k, i in zip(block, branch)], problems)

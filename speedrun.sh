@@ -44,4 +44,4 @@ for s in base zero sft grpo; do
   [ "$mode" = trained ] && case $s in base|zero) mode=serial ;; *) mode=parallel ;; esac
   $RUN $PY eval.py --model "$OUT/$s" --data "$OUT/data/test.jsonl" --n-problems "$EVAL_N" --mode "$mode" -k "$EVAL_K" --latency-n "$LATENCY_N" --out "$OUT/$s/eval.json"
 done
-$RUN $PY eval.py --report "$OUT"
+$RUN $PY extras/report.py "$OUT"

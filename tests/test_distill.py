@@ -1,49 +1,20 @@
-"""distill.py: acceptance (correct AND format-perfect, first one kept), resume, data layouts, errors."""
+"""distill.py, self-distillation (stage 2a): a problem keeps its FIRST sample that is both correct and
+format-perfect (and, with --reject-sibling-results, whose steps use no sibling's result); a killed
+run resumes without losing or redoing a finished problem; input errors name the file and line.
+
+    OMP_NUM_THREADS=1 .venv/bin/python -m pytest tests/test_distill.py -x -q
+"""
 import json
 import os
 
 import pytest
 
+import cli
 import distill
 from cli import read_problems
-from sampler import Sample
+from helpers import GOOD, WRONG, FakeSampler, FakeTok, sample
 
-GOOD = ("<guideline>\n<plan>1: 2*3</plan>\n<plan>2: 4*5</plan>\n</guideline>\n<step>\n1: 2*3=6\n</step>\n"
-        "<step>\n2: 4*5=20\n</step>\n<takeaway>\n6+20=26.\n</takeaway>\n\\boxed{26}")
-WRONG = GOOD.replace("\\boxed{26}", "\\boxed{27}")
 BAD_FORMAT = "2*3=6. 4*5=20. 6+20=26. \\boxed{26}"          # correct, but no blocks
-
-
-def sample(text, finish="eos"):
-    return Sample(prompt_ids=[1], ids=[1, 2], finish_reason=finish, text=text,
-                  stats=dict(total_tokens=2, critical_path_tokens=2, forks=0, branches_per_fork=[], time_s=0.1))
-
-
-class FakeSampler:
-    """Returns scripted samples per problem question, in try order; counts calls."""
-
-    def __init__(self, scripts, fail_after=None):
-        self.scripts, self.calls, self.fail_after, self.pos = scripts, 0, fail_after, {}
-
-    def generate(self, prompts, n, params):
-        self.calls += 1
-        if self.fail_after is not None and self.calls > self.fail_after:
-            raise KeyboardInterrupt("killed")
-        out = []
-        for p in prompts:
-            q = self.key[tuple(p)]
-            k = self.pos.get(q, 0)
-            out.append([sample(*self.scripts[q][min(k + j, len(self.scripts[q]) - 1)]) for j in range(n)])
-            self.pos[q] = k + n
-        return out
-
-
-class FakeTok:
-    def encode(self, text):
-        return [ord(c) for c in text]
-
-    def render_chat(self, messages, add_generation_prompt=True, enable_thinking=None):
-        return messages[0]["content"]
 
 
 def test_judge():
@@ -63,6 +34,27 @@ def two_steps():
     return good, good.replace("2: 4*5=20\n", "2: 4*5=20. 12+20=32\n")
 
 
+def test_sibling_numbers():
+    """A step that writes an earlier step's result (the last number it wrote) is flagged, unless the
+    number is also in the question or before the block's steps; the "N:" header never counts."""
+    steps = lambda *bodies: "".join(f"<step>\n{b}\n</step>\n" for b in bodies)
+    head = "<guideline>\n<plan>1: 23*4</plan>\n<plan>2: 17*6</plan>\n<plan>3: 2*1</plan>\n</guideline>\n"
+    tail = "<takeaway>\n92+102=194.\n</takeaway>\n\\boxed{194}"
+    q = "Compute 23*4 + 17*6 + 2*1."
+    assert distill.sibling_numbers(head + steps("1: 23*4=92", "2: 17*6=102", "3: 2*1=2") + tail, q) == []
+    reads = head + steps("1: 23*4=92", "2: 17*6=102. 92+102=194", "3: 2*1=2. 194+2=196") + tail
+    assert distill.sibling_numbers(reads, q) == [(1, 2, "92"), (1, 3, "194")]
+    assert distill.sibling_numbers(reads, q + " Hint: 92.") == [(1, 3, "194")]         # 92 is in the question
+    assert distill.sibling_numbers(head + steps("1: 23*4=92", "2: 1*2=2") + tail, q) == []   # "2:" is a header
+    # an earlier block's results are visible to the next block's steps; only siblings count
+    two = reads.replace("\\boxed{194}", "") + "<guideline>\n<plan>1: x</plan>\n<plan>2: y</plan>\n</guideline>\n" + \
+        steps("1: 92*2=184", "2: 184+1=185") + "<takeaway>\n185.\n</takeaway>\n\\boxed{185}"
+    assert distill.sibling_numbers(two, q) == [(1, 2, "92"), (1, 3, "194"), (2, 2, "184")]
+    assert distill.sibling_numbers("no blocks at all 92 92", q) == []
+    one_digit = head + steps("1: 2*1=2", "2: 17*6=102. 2+102=104") + tail                # a 1-digit result: not evidence
+    assert distill.sibling_numbers(one_digit, "Compute 17*6 + 2*1.") == []
+
+
 def test_first_correct_and_well_formed_sample_is_kept():
     tok = FakeTok()
     scripts = {"A": [(WRONG,), (GOOD.replace("6+20=26.", "first kept."),), (GOOD,)],
@@ -70,8 +62,6 @@ def test_first_correct_and_well_formed_sample_is_kept():
     fake = FakeSampler(scripts)
     items = [(i, {"question": q, "answer": "26"}) for i, q in enumerate("ABC")]
     cfg = distill.Config(max_tries=4, tries_per_round=1)
-    from cli import chat_prompt
-    fake.key = {tuple(chat_prompt(tok, q, "I")): q for q in "ABC"}
     acc, state = distill.distill_chunk(fake, tok, items, cfg, "I", seed=0)
     assert [r["index"] for r in acc] == [0, 2]
     assert "first kept." in acc[0]["trajectory"] and acc[0]["tries"] == 2 and acc[1]["tries"] == 2
@@ -86,8 +76,6 @@ def test_reject_sibling_results_option(reject):
     good, reads = two_steps()
     q = "Compute 3*4 + 4*5."
     fake = FakeSampler({q: [(reads,), (good,)]})
-    from cli import chat_prompt
-    fake.key = {tuple(chat_prompt(tok, q, "I")): q}
     cfg = distill.Config(max_tries=4, tries_per_round=1, reject_sibling_results=reject)
     acc, state = distill.distill_chunk(fake, tok, [(0, {"question": q, "answer": "32"})], cfg, "I", seed=0)
     assert acc[0]["trajectory"] == (good if reject else reads) and acc[0]["tries"] == (2 if reject else 1)
@@ -99,7 +87,6 @@ def test_resume_after_a_kill_loses_nothing(tmp_path, monkeypatch):
     qs = [f"Q{i}" for i in range(6)]
     data.write_text("".join(json.dumps({"question": q, "answer": "26"}) + "\n" for q in qs))
     tok = FakeTok()
-    from cli import chat_prompt
     scripts = {q: [(GOOD,)] if i % 2 == 0 else [(WRONG,)] for i, q in enumerate(qs)}
     monkeypatch.setattr(distill, "load_for_sampling", lambda *a, **k: (None, tok))
     monkeypatch.setattr(distill, "instruction_for", lambda *a: "I")
@@ -107,7 +94,6 @@ def test_resume_after_a_kill_loses_nothing(tmp_path, monkeypatch):
 
     def make(model, t, fail_after=None):
         f = FakeSampler(scripts, fail_after)
-        f.key = {tuple(chat_prompt(tok, q, "I")): q for q in qs}
         fakes.append(f)
         return f
     out = tmp_path / "out" / "d.jsonl"
@@ -149,13 +135,12 @@ def test_read_problems_layouts_and_errors(tmp_path):
 def test_a_torn_last_line_is_cut_before_appending(tmp_path):
     p = tmp_path / "out.jsonl"
     p.write_text('{"index": 0}\n{"index": 1, "traj')          # killed in the middle of a write
-    distill.append_lines(str(p), ['{"index": 1}', '{"index": 2}'])
+    cli.append_lines(str(p), ['{"index": 1}', '{"index": 2}'])
     assert [json.loads(x)["index"] for x in p.read_text().splitlines()] == [0, 1, 2]
-    assert [r["index"] for r in distill.read_jsonl_tolerant(str(p))] == [0, 1, 2]
+    assert [r["index"] for r in cli.read_jsonl(str(p))] == [0, 1, 2]
 
 
 def test_the_end_of_run_rewrite_never_loses_the_trajectories(tmp_path, monkeypatch):
-    import cli
     from helpers import full_disk_open
     out = tmp_path / "d.jsonl"
     out.write_text('{"index": 0}\n{"index": 1}\n{"index": 0}\n')     # a chunk repeated after a kill

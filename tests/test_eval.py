@@ -1,18 +1,20 @@
-"""eval.py: the metrics on hand-made samples with known answers."""
+"""eval.py, the metrics of NPR.md section 6: each metric on hand-made samples with known values;
+the script in both modes (the budget bounds all tokens; the one-request pass answers like the
+batch); the pipeline table of extras/report.py.
+
+    OMP_NUM_THREADS=1 .venv/bin/python -m pytest tests/test_eval.py -x -q
+"""
+import importlib.util
+import json
+import os
+
 import pytest
 
-from eval import table
-from npr import sample_metrics
-from sampler import Sample
+import eval as ev
+from eval import sample_metrics, table
+from helpers import GOOD, make_checkpoint, sample
 
-GOOD = ("<guideline>\n<plan>1: 2*3</plan>\n<plan>2: 4*5</plan>\n</guideline>\n<step>\n1: 2*3=6\n</step>\n"
-        "<step>\n2: 4*5=20\n</step>\n<takeaway>\n6+20=26.\n</takeaway>\n\\boxed{26}")
-
-
-def sample(text, finish, total, crit, forks, t, mode="parallel"):
-    return Sample(prompt_ids=[1], finish_reason=finish, text=text,
-                  stats=dict(mode=mode, total_tokens=total, critical_path_tokens=crit, forks=len(forks),
-                             branches_per_fork=forks, time_s=t))
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
 
 def test_metrics_on_known_samples():
@@ -35,10 +37,7 @@ def test_metrics_on_known_samples():
     assert "| serial |" in table({"serial": m})
 
 
-def test_main_both_modes_and_pipeline_report(tmp_path):
-    import json
-    import eval as ev
-    from helpers import make_checkpoint
+def test_main_both_modes(tmp_path):
     make_checkpoint(tmp_path / "grpo", tags_special=True)
     data = tmp_path / "test.jsonl"
     data.write_text("".join(json.dumps({"question": f"Compute {i}*2.", "answer": str(2 * i)}) + "\n" for i in range(5)))
@@ -52,18 +51,32 @@ def test_main_both_modes_and_pipeline_report(tmp_path):
         assert rep[mode]["latency_problems"] == 5 and rep[mode]["time_to_answer_1_s"] > 0
         assert rep[mode]["latency_tokens"] > 0
     assert "time_to_answer_1_s" in rep["speedup"]
-    (tmp_path / "base").mkdir()
-    (tmp_path / "base" / "eval.json").write_text(json.dumps(rep))
+
+
+def test_pipeline_report(tmp_path):
+    """extras/report.py: one row per evaluated stage, its wall time, and the last stage in parallel
+    against the base serially."""
+    spec = importlib.util.spec_from_file_location("report", os.path.join(ROOT, "extras", "report.py"))
+    report = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(report)
+    base = dict(serial=dict(accuracy=0.5, tokens_per_s=100.0, time_to_answer_1_s=2.0, time_to_answer_s=4.0))
+    grpo = dict(parallel=dict(accuracy=0.75, format_valid=1.0, trigger_rate=1.0, tokens_per_s=300.0,
+                              time_to_answer_1_s=1.0, time_to_answer_s=3.0))
+    for stage, rep in (("base", base), ("grpo", grpo)):
+        (tmp_path / stage).mkdir()
+        (tmp_path / stage / "eval.json").write_text(json.dumps(rep))
     (tmp_path / "times.txt").write_text("base 10\ngrpo 20\n")
-    text = ev.main(ev.Config(report=str(tmp_path)))
-    assert "| grpo |" in text and "| base |" in text and (tmp_path / "report.md").exists()
-    assert "grpo parallel vs base serial" in text and "1 request" in text
+    text = report.pipeline_report(str(tmp_path))
+    assert text == (tmp_path / "report.md").read_text()
+    rows = {line.split("|")[1].strip(): line for line in text.splitlines() if line.startswith("| ") and "stage" not in line}
+    assert set(rows) == {"base", "grpo"}
+    assert "| 0.500 | - |" in rows["base"] and rows["base"].endswith("| 10 |")
+    assert "| - | 0.750 | 1.000 | 1.000 |" in rows["grpo"] and rows["grpo"].endswith("| 20 |")
+    assert "grpo parallel vs base serial: accuracy 0.75 vs 0.5 (1.50x); time-to-answer, 1 request, s 1 vs 2 (0.50x)" in text
+    assert "whole run: 30 s of stages" in text
 
 
 def test_repetition_penalty_reaches_the_parallel_sampler(tmp_path, monkeypatch):
-    import json
-    import eval as ev
-    from helpers import make_checkpoint
     from sampler import Sampler
     make_checkpoint(tmp_path / "m", tags_special=True)
     data = tmp_path / "test.jsonl"
@@ -80,8 +93,6 @@ def test_repetition_penalty_reaches_the_parallel_sampler(tmp_path, monkeypatch):
 
 def test_one_request_latency_answers_like_the_batch(tmp_path):
     """The batch-1 pass is seeded like each problem's first sample: the same answers as in the batch."""
-    import eval as ev
-    from helpers import make_checkpoint
     from model import Qwen
     from tokenizer import Tokenizer
     from sampler import Sampler, SamplingParams

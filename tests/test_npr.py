@@ -1,5 +1,10 @@
-"""Tests of npr.py: tags, parser, format score, token layout (branch ids, positions, problems),
-incremental tag detection, grading through npr. Pure Python, runs in seconds."""
+"""npr.py, the format: what the parser reads (blocks, problems), the official format score (each
+penalty, and 0.0 exactly for a perfect sample), the token layout (branch ids, the positions rule
+of NPR.md section 3, separators with their branch), the engine's form of a response, tag detection
+across token boundaries. Pure Python, a few seconds.
+
+    OMP_NUM_THREADS=1 .venv/bin/python -m pytest tests/test_npr.py -x -q
+"""
 import random
 import re
 
@@ -33,9 +38,20 @@ def visible(lay, q, k):
 # -----------------------------------------------------------------------------
 # tags, prompt, parser
 
-def test_tags_and_names():
-    assert len(npr.TAGS) == 8 and npr.TAG_NAMES["<guideline>"] == "guideline"
-    assert npr.TAG_NAMES["</takeaway>"] == "/takeaway" and set(npr.TAG_NAMES) == set(npr.TAGS)
+def test_forced_texts_read_as_the_grammar():
+    """The engine's forced texts (and nothing else) make the tags: a response written with them
+    parses as one block whose steps carry their plans' numbers; each tag's embedding name is its name."""
+    assert [m.group() for m in npr.TAG_RE.finditer("".join(npr.TAGS))] == list(npr.TAGS)
+    assert {npr.TAG_NAMES[t] for t in npr.TAGS} == {"guideline", "/guideline", "plan", "/plan", "step", "/step",
+                                                     "takeaway", "/takeaway"}
+    text = ("<guideline><plan>1: a</plan><plan>2.1: b</plan></guideline>" + npr.SEPARATOR
+            + "".join(npr.STEP_HEADER.format(n=n) + f" x{n}</step>" + npr.SEPARATOR for n in ("1", "2.1"))
+            + npr.TAKEAWAY_HEADER + "both</takeaway>")
+    p = npr.parse(text)
+    assert p.problems == [] and p.blocks[0].numbers == ["1", "2.1"] and p.blocks[0].steps == ["1: x1", "2.1: x2.1"]
+    assert npr.engine_pieces(text) == (["<guideline><plan>1: a</plan><plan>2.1: b</plan></guideline>", "\n",
+                                        "<step>\n1:", " x1</step>", "\n", "<step>\n2.1:", " x2.1</step>", "\n",
+                                        "<takeaway>\n", "both</takeaway>"], None)
 
 
 def test_build_prompt_holds_instruction_and_question():
@@ -200,6 +216,24 @@ def test_layout_split_and_merged_tags():
     assert chars.branch[text.index("</step>") + len("</step>")] == 1   # the "\n" separator
 
 
+def test_positions_in_the_samplers_decode_order():
+    """The positions rule gives the same positions token by token in the engine's order (the
+    branches interleaved, one token per live branch per step) as over the finished layout."""
+    pieces = (["Q", "<guideline>", "<plan>1: a</plan>", "<plan>2: b</plan>", "</guideline>", "\n"]
+              + ["<step>", "1:x", "</step>", "\n"] + ["<step>", "2:", "y", "y", "</step>", "\n"]
+              + ["<takeaway>", "ok", "</takeaway>"])
+    lay = npr.token_layout(pieces, start_pos=7)
+    assert lay.problems == []
+    b1 = [t for t in range(len(pieces)) if lay.branch[t] == 1]
+    b2 = [t for t in range(len(pieces)) if lay.branch[t] == 2]
+    first, rest = b1[0], [t for t in range(len(pieces)) if t > b2[-1]]
+    interleaved = list(range(first)) + [t for pair in zip(b2, b1 + [None] * len(b2)) for t in pair if t is not None] + rest
+    positions = npr.Positions(start_pos=7)
+    got = {t: positions(lay.block[t], lay.branch[t]) for t in interleaved}
+    assert [got[t] for t in range(len(pieces))] == lay.pos
+    assert lay.pos[first] == lay.pos[b2[0]] == lay.pos[first - 1] + 1 and lay.pos[rest[0]] == lay.pos[b2[-1]] + 1
+
+
 def test_layout_two_blocks():
     text = (block_text(["1: a", "2: b"], ["1: xx", "2: yy"], "tk", sep="") + "mid"
             + block_text(["1: c", "2: d", "3: e"], ["1: u", "2: vv", "3: w"], "tk2", sep="") + "end")
@@ -225,9 +259,9 @@ MALFORMED = {  # name -> (pieces, substring of a problem)
     "guideline in guideline": (pieces_of("<guideline><plan>1: a</plan><guideline>"), "nested inside an open guideline"),
     "guideline in step": (pieces_of("<guideline><plan>1: a</plan></guideline><step>1: <guideline>"),
                           "nested inside an open step"),
-    "step outside a block": (pieces_of("x <step>1: a</step>"), "step outside a block"),
+    "step outside a block": (pieces_of("x <step>1: a</step>"), "stray <step>"),
     "step after a closed block": (pieces_of(block_text(["1: a"], ["1: bcdefg"]) + "<step>1: a</step>"),
-                                  "step outside a block"),
+                                  "stray <step>"),
     "step in step": (pieces_of("<guideline><plan>1: a</plan><plan>2: b</plan></guideline><step>1: x<step>2: y</step>"
                                "<takeaway>t</takeaway>"), "step inside a step"),
     "text between steps": (pieces_of(block_text(["1: a", "2: b"], ["1: x", "2: y"]).replace("</step>\n<step>",
@@ -291,27 +325,6 @@ def test_plan_numbers():
 def test_grade():
     assert npr.grade(GOOD, "4") and not npr.grade(GOOD, "5")
     assert npr.grade("... \\boxed{\\dfrac{1}{2}}", "0.5") and not npr.grade("no answer", "0.5")
-
-
-def test_sibling_numbers():
-    """A step that writes an earlier step's result (the last number it wrote) is flagged, unless the
-    number is also in the question or before the block's steps; the "N:" header never counts."""
-    steps = lambda *bodies: "".join(f"<step>\n{b}\n</step>\n" for b in bodies)
-    head = "<guideline>\n<plan>1: 23*4</plan>\n<plan>2: 17*6</plan>\n<plan>3: 2*1</plan>\n</guideline>\n"
-    tail = "<takeaway>\n92+102=194.\n</takeaway>\n\\boxed{194}"
-    q = "Compute 23*4 + 17*6 + 2*1."
-    assert npr.sibling_numbers(head + steps("1: 23*4=92", "2: 17*6=102", "3: 2*1=2") + tail, q) == []
-    reads = head + steps("1: 23*4=92", "2: 17*6=102. 92+102=194", "3: 2*1=2. 194+2=196") + tail
-    assert npr.sibling_numbers(reads, q) == [(1, 2, "92"), (1, 3, "194")]
-    assert npr.sibling_numbers(reads, q + " Hint: 92.") == [(1, 3, "194")]         # 92 is in the question
-    assert npr.sibling_numbers(head + steps("1: 23*4=92", "2: 1*2=2") + tail, q) == []   # "2:" is a header
-    # an earlier block's results are visible to the next block's steps; only siblings count
-    two = reads.replace("\\boxed{194}", "") + "<guideline>\n<plan>1: x</plan>\n<plan>2: y</plan>\n</guideline>\n" + \
-        steps("1: 92*2=184", "2: 184+1=185") + "<takeaway>\n185.\n</takeaway>\n\\boxed{185}"
-    assert npr.sibling_numbers(two, q) == [(1, 2, "92"), (1, 3, "194"), (2, 2, "184")]
-    assert npr.sibling_numbers("no blocks at all 92 92", q) == []
-    one_digit = head + steps("1: 2*1=2", "2: 17*6=102. 2+102=104") + tail                # a 1-digit result: not evidence
-    assert npr.sibling_numbers(one_digit, "Compute 17*6 + 2*1.") == []
 
 
 def test_engine_pieces_put_a_response_into_the_engines_form():
