@@ -3,6 +3,8 @@ Benchmarks of the sampler (results go into BENCHMARKS.md with the command, machi
 
     python bench.py decode     # our sampler vs transformers generate: tokens/s, batch 1 and 16
     python bench.py parallel   # one forced trace decoded in parallel vs serial mode, k = 2, 4, 5
+    python bench.py ragged     # 256 requests of log-normal lengths: static batches vs continuous batching
+    python bench.py serve      # time to first token of a request arriving while a long batch decodes
     python bench.py all --out bench.json
 
 Models are random Qwen3-shaped checkpoints made here: "tiny" (the test size, 0.2M parameters),
@@ -13,6 +15,7 @@ pure replay time of one graph step is reported too (GPU time without the sampler
 """
 import argparse
 import atexit
+import contextlib
 import functools
 import json
 import os
@@ -22,11 +25,12 @@ import tempfile
 import time
 
 import torch
+import torch.nn.attention
 from tokenizers import Tokenizer as HFTok, decoders, models, pre_tokenizers
 
 import npr
 from model import Qwen, QwenConfig
-from sampler import Sampler, SamplingParams
+from sampler import Sampler, SamplingParams, Seq
 from tokenizer import Tokenizer
 
 SHAPES = {
@@ -43,6 +47,7 @@ REPEAT = [3]       # --repeat
 FUSE = [None]      # --fuse: the fast path's fused projections (None = its default)
 PROFILE = [""]     # --profile PREFIX: a torch.profiler table of a few graph-mode steps per batch
 CKPT_DIR = [""]    # --ckpt-dir
+SDPA_BACKENDS = [None]  # --decode-sdpa: SDPA kernels our generate calls may use
 DEVICE = "cuda" if torch.cuda.is_available() else "cpu"
 TAGS = ["<guideline>", "</guideline>", "<plan>", "</plan>", "<step>", "</step>", "<takeaway>", "</takeaway>"]
 
@@ -148,7 +153,11 @@ def bench_decode(shapes, batches, new_tokens, prompt_len, dtype, hf_tokens=0, mo
                 sampler.compile_step = COMPILE[0] and mode in ("graph", "static")   # static: the CPU compiled step
                 sampler.fuse_step = FUSE[0]
                 p = SamplingParams(mode="serial", temperature=0, max_new_tokens=new_tokens)
-                fns[mode] = (functools.partial(sampler.generate, [prompt] * B, params=p), REPEAT[0])
+
+                def ours(sampler=sampler, p=p):
+                    with torch.nn.attention.sdpa_kernel(SDPA_BACKENDS[0]) if SDPA_BACKENDS[0] else contextlib.nullcontext():
+                        sampler.generate([prompt] * B, params=p)
+                fns[mode] = (ours, REPEAT[0])
             if hf is not None:
                 x = torch.tensor([prompt] * B, device=model.output_weight.device)
 
@@ -202,11 +211,11 @@ class Forced:
         self.trunk, self.branch = trunk, branch
 
     def __call__(self, requests, logits):
-        for i, (row, st) in enumerate(requests):
+        for i, (seq, st) in enumerate(requests):
             if st.branch:
-                script, done = self.branch(st.block, st.branch), len(st.seg)
+                script, done = self.branch(st.block, st.branch), len(st.tokens)
             else:
-                script, done = self.trunk, sum(len(s) for s in row.segs if not s or s[0][4] == 0)
+                script, done = self.trunk, sum(len(s.tokens) for s in seq.streams if s.branch == 0)
             logits[i] = float("-inf")
             logits[i, script[min(done, len(script) - 1)]] = 0.0
         return logits
@@ -250,9 +259,112 @@ def bench_parallel(shapes, widths, blocks, step_tokens, dtype):
     return rows
 
 
+def ragged_lengths(n, lo=16, hi=2048, seed=0):
+    """n answer lengths from a log-normal (median ~150 tokens, a long tail), clipped to [lo, hi]; fixed seed."""
+    x = torch.empty(n).log_normal_(5.0, 1.0, generator=torch.Generator().manual_seed(seed))
+    return x.clamp(lo, hi).round().int().tolist()
+
+
+class Ragged:
+    """Steer: request i ends with eos at lengths[i] tokens; in parallel mode a request of at least 64
+    tokens first writes a guideline of two plans and two steps of a third of its length each."""
+
+    def __init__(self, tok, lengths, mode):
+        self.lengths, self.eos, self.fill = lengths, tok.eos_id, tok.encode("x")[0]
+        self.guide = tok.encode("<guideline>\n<plan>1: a</plan>\n<plan>2: b</plan>\n</guideline>") if mode == "parallel" else []
+        self.close = tok.encode("</step>")
+
+    def __call__(self, requests, logits):
+        for i, (seq, st) in enumerate(requests):
+            L = self.lengths[seq.index]
+            done = len(st.tokens) if st.branch else sum(len(s.tokens) for s in seq.streams if s.branch == 0)
+            if st.branch:
+                k = done - L // 3
+                tok = self.fill if k < 0 else self.close[min(k, len(self.close) - 1)]
+            elif L >= 64 and done < len(self.guide):
+                tok = self.guide[done]
+            else:
+                tok = self.eos if seq.total + 1 >= L else self.fill
+            logits[i] = float("-inf")
+            logits[i, tok] = 0.0
+        return logits
+
+
+def bench_ragged(shapes, modes, n, rows, dtype):
+    """n requests of ragged lengths on `rows` rows: static batches (generate() per batch of rows, each
+    waits for its longest) against continuous batching (generate_many: a finished row takes the next
+    request at the next step). Slot utilization = busy row-steps / row-steps."""
+    out = []
+    lengths = ragged_lengths(n)
+    for shape in shapes:
+        model, tok, _ = load(shape, dtype)
+        prompt = tok.encode("<|im_start|>user\nGo<|im_end|>\n<|im_start|>assistant\n")
+        for mode in modes:
+            p = SamplingParams(mode=mode, temperature=0, max_new_tokens=max(lengths) + 64)
+            steer = Ragged(tok, lengths, mode)
+            r = dict(model=shape, mode=mode, requests=n, rows=rows, mean_len=round(sum(lengths) / n, 1), max_len=max(lengths))
+            for name in ("static", "continuous"):
+                sampler = Sampler(model, tok)
+                t0 = time.perf_counter()
+                if name == "static":
+                    got = []
+                    for i in range(0, n, rows):      # batch i's requests keep their index (the steer's lengths)
+                        seqs = [sampler.add(Seq(prompt, p, j, j)) for j in range(i, min(i + rows, n))]
+                        sampler.max_rows, sampler.steer = len(seqs), steer
+                        while sampler.waiting or sampler.running:
+                            got += sampler.step()
+                    got = [sampler.to_sample(seq) for seq in got]
+                else:
+                    got = [o[0] for o in sampler.generate_many([prompt] * n, 1, p, rows, steer=steer)[0]]
+                wall = time.perf_counter() - t0
+                c = sampler.counters
+                toks = sum(s.stats["total_tokens"] for s in got)
+                assert all(s.finish_reason == "eos" for s in got), {s.finish_reason for s in got}
+                r.update({f"{name}_s": round(wall, 2), f"{name}_tok_s": round(toks / wall, 1), f"{name}_steps": c["steps"],
+                          f"{name}_util": round(c["busy_row_steps"] / c["row_steps"], 3)})
+                sampler.release()
+            r["speedup"] = round(r["static_s"] / r["continuous_s"], 2)
+            print(" | ".join(f"{k} {v}" for k, v in r.items()), flush=True)
+            out.append(r)
+    return out
+
+
+def bench_serve(shapes, rows, long_tokens, dtype):
+    """serve.py's engine: a batch of `rows` long answers (long_tokens each) decodes; after 10 steps one
+    short request arrives. Its time to first token (seconds, engine steps) against the time the
+    running batch still needed (what a static batch made it wait)."""
+    import serve
+    out = []
+    for shape in shapes:
+        model, tok, _ = load(shape, dtype)
+        prompt = tok.encode("<|im_start|>user\nGo<|im_end|>\n<|im_start|>assistant\n")
+        cfg = serve.Config(max_batch_rows=rows + 1, max_tokens_limit=long_tokens, max_prompt_tokens=len(prompt))
+        engine = serve.Engine(model, tok, cfg)
+        engine.sampler.stop_ids = set()                  # the long answers run to their budget
+        p = SamplingParams(mode="serial", max_new_tokens=long_tokens)
+        batch = serve.Job(prompt, rows, p, 1, stream=False)
+        engine.submit(batch)
+        while engine.counts["steps"] < 10:
+            time.sleep(0.001)
+        job = serve.Job(prompt, 1, SamplingParams(mode="serial", max_new_tokens=16), 2, stream=True)
+        job.choices = [serve.ChoiceStream(tok)]
+        t0, s0 = time.perf_counter(), engine.counts["steps"]
+        engine.submit(job)
+        job.events.get()                                 # its first delta
+        ttft, ttft_steps = time.perf_counter() - t0, engine.counts["steps"] - s0
+        batch.events.get()
+        left, left_steps = time.perf_counter() - t0, engine.counts["steps"] - s0
+        engine.close()
+        r = dict(model=shape, rows=rows, long_tokens=long_tokens, ttft_s=round(ttft, 4), ttft_steps=ttft_steps,
+                 batch_left_s=round(left, 3), batch_left_steps=left_steps)
+        print(" | ".join(f"{k} {v}" for k, v in r.items()), flush=True)
+        out.append(r)
+    return out
+
+
 def main():
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    ap.add_argument("what", choices=["decode", "parallel", "all"])
+    ap.add_argument("what", choices=["decode", "parallel", "ragged", "serve", "all"])
     ap.add_argument("--shapes", default="tiny,100m")
     ap.add_argument("--batches", default="1,16")
     ap.add_argument("--new-tokens", type=int, default=64)
@@ -262,13 +374,17 @@ def main():
     ap.add_argument("--widths", default="2,4,5")
     ap.add_argument("--blocks", type=int, default=3)
     ap.add_argument("--step-tokens", type=int, default=64)
+    ap.add_argument("--requests", type=int, default=256, help="ragged: requests")
+    ap.add_argument("--rows", type=int, default=32, help="ragged, serve: rows decoded together")
+    ap.add_argument("--ragged-modes", default="serial,parallel")
+    ap.add_argument("--long-tokens", type=int, default=512, help="serve: tokens of each answer of the running batch")
     ap.add_argument("--threads", type=int, default=0, help="torch threads on CPU (0 = default)")
     ap.add_argument("--attn", default="auto", help="attention impl of the model: auto (Triton on CUDA) | triton | sdpa")
     ap.add_argument("--compile", action="store_true", help="decode: the fast path through torch.compile too (use --attn sdpa)")
     ap.add_argument("--fuse", choices=["auto", "on", "off"], default="auto",
                     help="decode: q/k/v and gate/up fused in the fast path (auto: with CUDA graphs)")
-    ap.add_argument("--decode-sdpa", default="", help="decode steps' SDPA kernels, e.g. efficient | math | cudnn | flash "
-                    "(parallel_attention.DECODE_SDPA_BACKENDS; default: PyTorch's choice)")
+    ap.add_argument("--decode-sdpa", default="", help="decode: the SDPA kernels our sampler may use, e.g. efficient | math | cudnn | flash "
+                    "(torch.nn.attention.sdpa_kernel around our generate calls; default: PyTorch's choice)")
     ap.add_argument("--profile", default="", help="decode, graph mode: write a torch.profiler table per batch to PREFIX_<shape>_bs<B>.txt")
     ap.add_argument("--ckpt-dir", default="", help="keep the random checkpoints here and reuse them (default: a temp dir)")
     ap.add_argument("--repeat", type=int, default=3, help="decode: timed calls per contender (best counts), interleaved")
@@ -279,10 +395,9 @@ def main():
     ATTN[0], COMPILE[0], CKPT_DIR[0], REPEAT[0] = a.attn, a.compile, a.ckpt_dir, a.repeat
     FUSE[0], PROFILE[0] = {"auto": None, "on": True, "off": False}[a.fuse], a.profile
     if a.decode_sdpa:
-        import parallel_attention
         from torch.nn.attention import SDPBackend
         names = dict(efficient="EFFICIENT_ATTENTION", math="MATH", cudnn="CUDNN_ATTENTION", flash="FLASH_ATTENTION")
-        parallel_attention.DECODE_SDPA_BACKENDS = [getattr(SDPBackend, names[x]) for x in a.decode_sdpa.split(",")]
+        SDPA_BACKENDS[0] = [getattr(SDPBackend, names[x]) for x in a.decode_sdpa.split(",")]
     dtype = torch.bfloat16 if torch.cuda.is_available() else torch.float32
     res = dict(date=time.strftime("%Y-%m-%d"), torch=torch.__version__, threads=torch.get_num_threads(), attn=a.attn, compile=a.compile, fuse=a.fuse, decode_sdpa=a.decode_sdpa or "default",
                device=torch.cuda.get_device_name() if torch.cuda.is_available() else platform.processor() or "cpu")
@@ -295,6 +410,10 @@ def main():
                 json.dump(res, f, indent=1)
     if a.what in ("parallel", "all"):
         res["parallel"] = bench_parallel(shapes, [int(k) for k in a.widths.split(",")], a.blocks, a.step_tokens, dtype)
+    if a.what in ("ragged", "all"):
+        res["ragged"] = bench_ragged(shapes, a.ragged_modes.split(","), a.requests, a.rows, dtype)
+    if a.what in ("serve", "all"):
+        res["serve"] = bench_serve(shapes, a.rows, a.long_tokens, dtype)
     if a.out:
         with open(a.out, "w") as f:
             json.dump(res, f, indent=1)
