@@ -2,16 +2,15 @@
 Qwen2 / Qwen2.5 / Qwen3 dense decoder, loaded from (and saved to) a Hugging Face checkpoint folder.
 
     model = Qwen.from_pretrained("Qwen3-0.6B", device="cuda", dtype=torch.bfloat16)
-    logits = model(input_ids, positions, layout, kv_cache)       # (B, T, vocab)
+    logits = model(input_ids, positions, layout, kv_cache)          # (B, T, vocab)
+    logp = model(input_ids, positions, layout, targets=targets)     # (B, T) log-probs, chunked
 
 - Architecture only from config.json (old and new key spellings). Qwen2: q/k/v biases;
   Qwen3: per-head RMSNorm on q and k, explicit head_dim. GQA, tied or untied embeddings.
 - Module paths equal the HF tensor names, so loading is one strict load_state_dict on a model
-  built on the meta device (assign=True): each tensor goes from the file straight to its dtype
-  and device, never through a full fp32 copy.
+  built on the meta device (assign=True): each tensor goes from the file to its dtype and device.
 - Positions (RoPE) and the branch layout (parallel_attention.Layout) are explicit arguments:
   NPR branches share positions, so positions are NOT derived from token order.
-- model(ids, targets=...) gives per-token log-probs without materialising (T, vocab) logits.
 """
 import json
 import os
@@ -23,7 +22,7 @@ import torch.nn.functional as F
 from safetensors import SafetensorError, safe_open
 from safetensors.torch import save_file
 
-from parallel_attention import Layout, attention
+from parallel_attention import attention
 
 SUPPORTED = {"Qwen2ForCausalLM": "qwen2", "Qwen3ForCausalLM": "qwen3"}
 DTYPES = {"float32": torch.float32, "float16": torch.float16, "bfloat16": torch.bfloat16}
@@ -81,9 +80,8 @@ class QwenConfig:
 
     def to_dict(self):
         """config.json content: the original keys, updated with what may have changed."""
-        d = dict(self.raw)
         dtype_name = {v: k for k, v in DTYPES.items()}[self.dtype]
-        d.update(vocab_size=self.vocab_size, tie_word_embeddings=self.tie_word_embeddings,
+        d = dict(self.raw, vocab_size=self.vocab_size, tie_word_embeddings=self.tie_word_embeddings,
                  torch_dtype=dtype_name, dtype=dtype_name)
         d.setdefault("architectures", [{v: k for k, v in SUPPORTED.items()}[self.arch]])
         d.setdefault("model_type", self.arch)
@@ -91,7 +89,7 @@ class QwenConfig:
 
 
 # -----------------------------------------------------------------------------
-# The modules (names follow the HF checkpoint exactly)
+# The modules (attribute names follow the HF checkpoint exactly)
 
 class RMSNorm(nn.Module):
     def __init__(self, dim, eps):
@@ -99,27 +97,23 @@ class RMSNorm(nn.Module):
         self.weight = nn.Parameter(torch.ones(dim))
         self.eps = eps
 
-    def forward(self, x):
-        dtype = x.dtype  # HF computes the norm in fp32 and scales in the input dtype
-        x = x.float()
-        x = x * torch.rsqrt(x.pow(2).mean(-1, keepdim=True) + self.eps)
-        return self.weight * x.to(dtype)
+    def forward(self, x):  # as HF: normalise in fp32, scale in the input dtype
+        h = x.float()
+        return self.weight * (h * torch.rsqrt(h.pow(2).mean(-1, keepdim=True) + self.eps)).to(x.dtype)
 
 
 def rope_cos_sin(positions, head_dim, theta, dtype):
-    """HF's half-split RoPE tables for explicit positions (B, T) -> cos, sin (B, T, head_dim)."""
+    """HF's half-split RoPE tables for explicit positions (B, T) -> cos, sin (B, T, head_dim), made in fp32."""
     inv_freq = 1.0 / (theta ** (torch.arange(0, head_dim, 2, dtype=torch.int64,
                                              device=positions.device).float() / head_dim))
-    freqs = positions.float()[..., None] * inv_freq                    # (B, T, D/2), fp32
+    freqs = positions.float()[..., None] * inv_freq                    # (B, T, D/2)
     emb = torch.cat((freqs, freqs), dim=-1)
     return emb.cos().to(dtype), emb.sin().to(dtype)
 
 
-def apply_rope(x, cos, sin):
-    """x (B, H, T, D); cos/sin (B, T, D)."""
-    cos, sin = cos[:, None], sin[:, None]
+def apply_rope(x, cos, sin):  # x (B, H, T, D); cos/sin (B, T, D)
     x1, x2 = x.chunk(2, dim=-1)
-    return x * cos + torch.cat((-x2, x1), dim=-1) * sin
+    return x * cos[:, None] + torch.cat((-x2, x1), dim=-1) * sin[:, None]
 
 
 class Attention(nn.Module):
@@ -131,19 +125,18 @@ class Attention(nn.Module):
         self.k_proj = nn.Linear(cfg.hidden_size, self.n_kv * self.head_dim, bias=cfg.qkv_bias)
         self.v_proj = nn.Linear(cfg.hidden_size, self.n_kv * self.head_dim, bias=cfg.qkv_bias)
         self.o_proj = nn.Linear(self.n_head * self.head_dim, cfg.hidden_size, bias=False)
+        self.qk_norm = cfg.qk_norm
         if cfg.qk_norm:
             self.q_norm = RMSNorm(self.head_dim, cfg.rms_norm_eps)
             self.k_norm = RMSNorm(self.head_dim, cfg.rms_norm_eps)
-        self.qk_norm = cfg.qk_norm
 
     def forward(self, x, cos, sin, layout, kv_cache, attn_impl, qkv=None):
-        """qkv: optional (weight, bias) of q/k/v concatenated (decode_graph.fused_projections): one GEMM for three."""
+        """qkv: optional (weight, bias) of q|k|v concatenated (decode_graph.fused_projections): one GEMM."""
         B, T, _ = x.shape
         if qkv is None:
             q, k, v = self.q_proj(x), self.k_proj(x), self.v_proj(x)
         else:
-            q, k, v = F.linear(x, *qkv).split([self.n_head * self.head_dim, self.n_kv * self.head_dim,
-                                               self.n_kv * self.head_dim], dim=-1)
+            q, k, v = F.linear(x, *qkv).split([self.n_head * self.head_dim] + [self.n_kv * self.head_dim] * 2, -1)
         q = q.view(B, T, self.n_head, self.head_dim)
         k = k.view(B, T, self.n_kv, self.head_dim)
         v = v.view(B, T, self.n_kv, self.head_dim)
@@ -154,7 +147,7 @@ class Attention(nn.Module):
         if kv_cache is not None:
             k, v = kv_cache.update(self.layer_idx, k, v)                  # (B, Hkv, S, D)
             y = attention(q, k, v, layout, kv_cache.k_layout, impl=attn_impl)
-        elif layout is None:
+        elif layout is None:  # plain causal (no branches): SDPA's own causal kernel
             y = F.scaled_dot_product_attention(q, k, v, is_causal=True, enable_gqa=self.n_head != self.n_kv)
         else:
             y = attention(q, k, v, layout, impl=attn_impl)
@@ -168,10 +161,8 @@ class MLP(nn.Module):
         self.up_proj = nn.Linear(cfg.hidden_size, cfg.intermediate_size, bias=False)
         self.down_proj = nn.Linear(cfg.intermediate_size, cfg.hidden_size, bias=False)
 
-    def forward(self, x, gate_up=None):
-        if gate_up is None:
-            return self.down_proj(F.silu(self.gate_proj(x)) * self.up_proj(x))
-        g, u = F.linear(x, gate_up).chunk(2, dim=-1)       # decode_graph.fused_projections: one GEMM for two
+    def forward(self, x, gate_up=None):  # gate_up: gate|up concatenated (decode_graph.fused_projections)
+        g, u = (self.gate_proj(x), self.up_proj(x)) if gate_up is None else F.linear(x, gate_up).chunk(2, -1)
         return self.down_proj(F.silu(g) * u)
 
 
@@ -189,23 +180,17 @@ class DecoderLayer(nn.Module):
         return x + self.mlp(self.post_attention_layernorm(x), gate_up)
 
 
-class QwenBody(nn.Module):
-    """The `model.` prefix of the checkpoint: embeddings, layers, final norm."""
-    def __init__(self, cfg):
-        super().__init__()
-        self.embed_tokens = nn.Embedding(cfg.vocab_size, cfg.hidden_size)
-        self.layers = nn.ModuleList(DecoderLayer(cfg, i) for i in range(cfg.num_hidden_layers))
-        self.norm = RMSNorm(cfg.hidden_size, cfg.rms_norm_eps)
-
-
 class Qwen(nn.Module):
     def __init__(self, cfg: QwenConfig):
         super().__init__()
         self.config = cfg
-        self.model = QwenBody(cfg)
+        self.model = nn.ModuleDict(dict(   # the checkpoint's `model.` prefix
+            embed_tokens=nn.Embedding(cfg.vocab_size, cfg.hidden_size),
+            layers=nn.ModuleList(DecoderLayer(cfg, i) for i in range(cfg.num_hidden_layers)),
+            norm=RMSNorm(cfg.hidden_size, cfg.rms_norm_eps)))
         if not cfg.tie_word_embeddings:
             self.lm_head = nn.Linear(cfg.hidden_size, cfg.vocab_size, bias=False)
-        self.attn_impl = "auto"             # parallel_attention dispatcher: auto | triton | sdpa | ref
+        self.attn_impl = "auto"             # parallel_attention.attention: auto | triton | sdpa | ref
         self.gradient_checkpointing = False
 
     @property
@@ -213,61 +198,60 @@ class Qwen(nn.Module):
         return self.model.embed_tokens.weight if self.config.tie_word_embeddings else self.lm_head.weight
 
     def hidden_states(self, input_ids, positions=None, layout=None, kv_cache=None, fused=None):
-        """(B, T) ids -> (B, T, hidden) after the final norm. fused: decode_graph.fused_projections(self), optional
-        (inference: fewer, larger GEMMs)."""
+        """(B, T) ids -> (B, T, hidden) after the final norm. layout None: plain causal; kv_cache: the
+        new tokens go to the slots layout.slot; fused: decode_graph.fused_projections(self) (decoding)."""
         B, T = input_ids.shape
-        if positions is None:
-            if kv_cache is not None:
-                raise ValueError("with a kv_cache, positions must be given explicitly")
-            positions = torch.arange(T, device=input_ids.device).expand(B, T)
         if kv_cache is not None:
-            if layout is None or layout.slot is None:
-                raise ValueError("with a kv_cache, layout.slot must say which cache slot each token takes")
+            if positions is None or layout is None or layout.slot is None:
+                raise ValueError("with a kv_cache, give positions and a layout whose slot says which "
+                                 "cache slot each token takes")
             kv_cache.write_layout(layout)
             kv_cache.k_layout = kv_cache.layout()   # one object for all layers (their masks are memoised on it)
+        if positions is None:
+            positions = torch.arange(T, device=input_ids.device).expand(B, T)
         x = self.model.embed_tokens(input_ids)
         cos, sin = rope_cos_sin(positions, self.config.head_dim, self.config.rope_theta, x.dtype)
-        for layer in self.model.layers:
+        for i, layer in enumerate(self.model.layers):
             if self.gradient_checkpointing and self.training and torch.is_grad_enabled():
                 x = torch.utils.checkpoint.checkpoint(layer, x, cos, sin, layout, kv_cache, self.attn_impl,
                                                       use_reentrant=False)
             else:
-                x = layer(x, cos, sin, layout, kv_cache, self.attn_impl, fused[layer.self_attn.layer_idx] if fused else None)
+                x = layer(x, cos, sin, layout, kv_cache, self.attn_impl, fused[i] if fused else None)
         return self.model.norm(x)
 
     def forward(self, input_ids, positions=None, layout=None, kv_cache=None, targets=None, chunk_size=2048,
                 with_entropy=False):
-        """-> logits (B, T, vocab); given targets, the per-token log-probs (B, T) instead, computed
-        in chunks (inside forward, so DDP/FSDP hooks see one ordinary forward call)."""
+        """-> logits (B, T, vocab); given targets, the per-token log-probs (B, T) instead (and the
+        entropies), computed in chunks inside forward so that DDP/FSDP hooks see one ordinary call."""
         h = self.hidden_states(input_ids, positions, layout, kv_cache)
         if targets is None:
             return F.linear(h, self.output_weight)
         return chunked_logprobs(h, self.output_weight, targets, chunk_size, with_entropy)
 
-    # ---- loading and saving ---------------------------------------------------------------
+    def num_params(self):
+        return sum(p.numel() for p in self.parameters())
+
+    # ---- loading and saving (the HF layout) ---------------------------------------------------
     @staticmethod
     def from_pretrained(path, device="cpu", dtype=None):
         try:
             cfg = QwenConfig.from_dict(read_config(path))
         except KeyError as e:
             raise ValueError(f"{os.path.join(path, 'config.json')}: required field {e.args[0]!r} is missing") from None
-        if dtype is not None:
-            cfg.dtype = dtype
+        cfg.dtype = dtype or cfg.dtype
         with torch.device("meta"):
             model = Qwen(cfg)
-        expected = {k: v.shape for k, v in model.state_dict().items()}
+        expected = {k: tuple(v.shape) for k, v in model.state_dict().items()}
         state = load_safetensors(path, cfg.dtype, device)
-        missing = sorted(set(expected) - set(state))
-        unexpected = sorted(set(state) - set(expected))
-        if cfg.tie_word_embeddings and "lm_head.weight" in unexpected:  # harmless duplicate of the embedding
-            unexpected.remove("lm_head.weight")
-            del state["lm_head.weight"]
+        if cfg.tie_word_embeddings:
+            state.pop("lm_head.weight", None)   # a harmless duplicate of the embedding
+        missing, unexpected = sorted(set(expected) - set(state)), sorted(set(state) - set(expected))
         if missing or unexpected:
+            few = lambda names: f"{names[:20]}{' ...' if len(names) > 20 else ''}"
             raise ValueError(f"checkpoint {path} does not match the {cfg.arch} config: "
-                             f"missing tensors {missing[:20]}{' ...' if len(missing) > 20 else ''}, "
-                             f"unexpected tensors {unexpected[:20]}{' ...' if len(unexpected) > 20 else ''}")
-        bad = [f"{k}: file {tuple(state[k].shape)} vs config {tuple(s)}" for k, s in expected.items()
-               if tuple(state[k].shape) != tuple(s)]
+                             f"missing tensors {few(missing)}, unexpected tensors {few(unexpected)}")
+        bad = [f"{k}: file {tuple(state[k].shape)} vs config {s}"
+               for k, s in expected.items() if tuple(state[k].shape) != s]
         if bad:
             raise ValueError(f"checkpoint {path}: shape mismatch: " + "; ".join(bad[:20]))
         model.load_state_dict(state, strict=True, assign=True)
@@ -282,41 +266,32 @@ class Qwen(nn.Module):
                  for k, v in (state_dict or self.state_dict()).items()}
         with open(os.path.join(path, "config.json"), "w") as f:
             json.dump(replace(self.config, dtype=next(iter(state.values())).dtype).to_dict(), f, indent=2)
-        shards, cur, size = [], {}, 0
+        shards, size = [{}], 0
         for k, v in state.items():
             nbytes = v.numel() * v.element_size()
-            if cur and size + nbytes > max_shard_bytes:
-                shards.append(cur)
-                cur, size = {}, 0
-            cur[k] = v
-            size += nbytes
-        shards.append(cur)
+            if shards[-1] and size + nbytes > max_shard_bytes:
+                shards, size = shards + [{}], 0
+            shards[-1][k], size = v, size + nbytes
         for old in os.listdir(path):  # stale weights from an earlier save would shadow the new ones
-            if old.startswith("model") and (old.endswith(".safetensors") or old.endswith(".index.json")):
+            if old.startswith("model") and old.endswith((".safetensors", ".index.json")):
                 os.remove(os.path.join(path, old))
-        if len(shards) == 1:
-            save_file(shards[0], os.path.join(path, "model.safetensors"), metadata={"format": "pt"})
-            return
-        weight_map = {}
-        for i, shard in enumerate(shards):
-            name = f"model-{i + 1:05d}-of-{len(shards):05d}.safetensors"
+        names = ["model.safetensors"] if len(shards) == 1 else \
+            [f"model-{i + 1:05d}-of-{len(shards):05d}.safetensors" for i in range(len(shards))]
+        for name, shard in zip(names, shards):
             save_file(shard, os.path.join(path, name), metadata={"format": "pt"})
-            weight_map.update({k: name for k in shard})
-        total = sum(v.numel() * v.element_size() for v in state.values())
-        with open(os.path.join(path, "model.safetensors.index.json"), "w") as f:
-            json.dump({"metadata": {"total_size": total}, "weight_map": weight_map}, f, indent=2)
-
-    def num_params(self):
-        return sum(p.numel() for p in self.parameters())
+        if len(shards) > 1:
+            index = {"metadata": {"total_size": sum(v.numel() * v.element_size() for v in state.values())},
+                     "weight_map": {k: name for name, shard in zip(names, shards) for k in shard}}
+            with open(os.path.join(path, "model.safetensors.index.json"), "w") as f:
+                json.dump(index, f, indent=2)
 
 
 def read_config(path):
     if not os.path.isdir(path):
         raise FileNotFoundError(f"checkpoint folder not found: {path}")
-    cfg_path = os.path.join(path, "config.json")
-    if not os.path.isfile(cfg_path):
+    if not os.path.isfile(os.path.join(path, "config.json")):
         raise FileNotFoundError(f"no config.json in checkpoint folder {path}")
-    return read_json(cfg_path)
+    return read_json(os.path.join(path, "config.json"))
 
 
 def read_json(path):
@@ -345,51 +320,37 @@ def load_safetensors(path, dtype, device):
             raise FileNotFoundError(f"shard {name} listed in the index is missing from {path}")
         try:
             with safe_open(fp, framework="pt", device=str(device)) as f:
-                for k in f.keys():
-                    state[k] = f.get_tensor(k).to(dtype)
+                state.update({k: f.get_tensor(k).to(dtype) for k in f.keys()})
         except SafetensorError as e:
             raise ValueError(f"{fp}: not a complete safetensors file ({e}): an interrupted download or save?") from None
     return state
 
 
 # -----------------------------------------------------------------------------
-# Log-probs without (T, vocab) logits, and growing the vocabulary for the tag tokens
+# Log-probs without (T, vocab) logits, and the vocabulary
 
 def chunked_logprobs(h, W, targets, chunk_size=2048, with_entropy=False):
-    """h (B, T, hidden) @ W.T -> gathered log-probs, one block of chunk_size tokens (all rows) x vocab at a time. Under
-    autograd each chunk is checkpointed: backward recomputes it instead of keeping all alive."""
-    valid = targets >= 0
-    safe_t = targets.clamp(min=0)
-
+    """log softmax(h @ W.T) at the targets (negative targets: 0), chunk_size tokens (all rows) x vocab
+    at a time; under autograd each chunk is recomputed in backward instead of kept. with_entropy:
+    also the entropy of each token's distribution (detached)."""
     def chunk_fn(h_c, t_c):
         logits = F.linear(h_c, W).float()                                      # (B, c, V)
         logz = torch.logsumexp(logits, dim=-1)
         lp = logits.gather(-1, t_c[..., None]).squeeze(-1) - logz
-        if not with_entropy:
-            return lp, lp
-        p = torch.softmax(logits, dim=-1)
-        return lp, logz - (p * logits).sum(-1)                                 # entropy = logZ - E[logit]
+        ent = logz - (torch.softmax(logits, dim=-1) * logits).sum(-1) if with_entropy else lp  # logZ - E[logit]
+        return lp, ent
 
-    lps, ents = [], []
-    step = max(1, chunk_size // h.shape[0])                                    # chunk_size counts tokens of all rows
-    for s in range(0, h.shape[1], step):
-        args = (h[:, s:s + step], safe_t[:, s:s + step])
-        if torch.is_grad_enabled() and h.requires_grad:
-            lp, ent = torch.utils.checkpoint.checkpoint(chunk_fn, *args, use_reentrant=False)
-        else:
-            lp, ent = chunk_fn(*args)
-        lps.append(lp)
-        ents.append(ent)
-    logp = torch.cat(lps, 1).masked_fill(~valid, 0.0)
-    if with_entropy:
-        return logp, torch.cat(ents, 1).detach().masked_fill(~valid, 0.0)
-    return logp
+    step, safe_t = max(1, chunk_size // h.shape[0]), targets.clamp(min=0)
+    grad = torch.is_grad_enabled() and h.requires_grad
+    run = (lambda *a: torch.utils.checkpoint.checkpoint(chunk_fn, *a, use_reentrant=False)) if grad else chunk_fn
+    lps, ents = zip(*(run(h[:, s:s + step], safe_t[:, s:s + step]) for s in range(0, h.shape[1], step)))
+    logp = torch.cat(lps, 1).masked_fill(targets < 0, 0.0)
+    return (logp, torch.cat(ents, 1).detach().masked_fill(targets < 0, 0.0)) if with_entropy else logp
 
 
 def check_vocab(model, tokenizer, where=""):
-    """Every token id needs an embedding row: a tokenizer from another checkpoint would index past
-    the matrix mid-run (CUDA: a device-side assert). More rows than ids is normal: Qwen's files
-    have 151936 rows for 151669 ids."""
+    """Every token id needs an embedding row (a tokenizer from another checkpoint would index past the
+    matrix mid-run). More rows than ids is normal: Qwen's files have 151936 rows for 151669 ids."""
     n_ids = max(tokenizer._tk.get_vocab(with_added_tokens=True).values()) + 1
     if n_ids > model.config.vocab_size:
         raise ValueError(f"{where + ': ' if where else ''}the tokenizer has {n_ids} ids but the model only "
@@ -400,12 +361,10 @@ def check_vocab(model, tokenizer, where=""):
 @torch.no_grad()
 def add_tag_tokens(model, tokenizer, names: dict):
     """Add each key of `names` (e.g. "<step>") as one added token (not special: decoding with
-    skip_special_tokens=True keeps it, as for Qwen's <think>); initialise its embedding row
-    (and untied lm_head row) to the mean of the rows of the sub-tokens of its name ("step").
-    Grows the matrices when an id falls past the current vocab (Qwen's files have spare rows:
-    151936 rows for 151669 ids). Tokens already in the vocabulary keep their rows. Returns the ids."""
-    fresh = [t for t in names if tokenizer.token_to_id(t) is None]         # existing ones keep their rows
-    sub_ids = {tok: tokenizer.encode(names[tok]) for tok in fresh}          # before adding: plain text
+    skip_special_tokens=True keeps it, as for Qwen's <think>); a new token's embedding row (and
+    untied lm_head row) is the mean of the rows of the sub-tokens of its name ("step"). The matrices
+    grow when an id falls past them; tokens already in the vocabulary keep their rows. -> the ids."""
+    sub_ids = {t: tokenizer.encode(names[t]) for t in names if tokenizer.token_to_id(t) is None}  # before adding
     ids = tokenizer.add_tokens(list(names))
     cfg = model.config
     new_vocab = max(cfg.vocab_size, max(ids) + 1)
@@ -422,8 +381,6 @@ def add_tag_tokens(model, tokenizer, names: dict):
         cfg.vocab_size = new_vocab
     mats = [model.model.embed_tokens.weight] + ([] if cfg.tie_word_embeddings else [model.lm_head.weight])
     for tok, i in zip(names, ids):
-        if tok not in sub_ids:
-            continue
-        for W in mats:
+        for W in mats if tok in sub_ids else []:
             W[i] = W[sub_ids[tok]].float().mean(0).to(W.dtype)
     return ids
