@@ -1,81 +1,55 @@
 """
-The built-in default world: a tiny Qwen3 trained from scratch on "sums of products", so that every
-NPR stage (distill, sft, grpo, eval) runs on a 2-core CPU in minutes through the same code paths
-as a real Qwen checkpoint.
+The built-in default: a small arithmetic task, a character tokenizer and a 0.4M-parameter Qwen3
+trained from scratch on it, so that every NPR stage (distill, sft, grpo, eval) runs on a CPU in
+minutes through the same code as a real Qwen checkpoint. The model stands in for the paper's
+instruct model: it answers serially, and writes the tagged format when asked to.
 
-    python toy.py                      # data + tokenizer + base model + quick eval, 7-8 min on 2 cores (23-32k tok/s)
-    python toy.py --max-steps 1450     # the same amount of training whatever the machine's load
-    python toy.py --min-terms 2 --max-terms 4 --min-adigits 1   # feasibility's task (2-4 terms, a of 1-2 digits)
+    python toy.py                                                   # data + base model + quick eval
     python toy.py --max-steps 3 --out-dir /tmp/b --data-dir /tmp/d   # smoke run
 
-Writes out/data/{train,test}.jsonl and out/base (config.json, model.safetensors, tokenizer.json,
-tokenizer_config.json, train_config.json, metrics.jsonl): an ordinary HF-layout checkpoint that
-distill.py / sft.py / grpo.py / eval.py take like any Qwen folder.
+Writes out/data/{train,test}.jsonl and out/base (config.json, model.safetensors, tokenizer files,
+npr_instruction.txt, train_config.json, metrics.jsonl): an HF-layout checkpoint that distill.py,
+sft.py, grpo.py and eval.py take like any Qwen folder.
 
-The task (shared/toy_feasibility.md): "Compute 23*4 + 17*6 + 48*9." -> 626. By default 3 terms,
-every first factor of 2 digits, b in 2..9.
-  serial solution: every product worked out by place value, then the additions as one chain:
-      23*4=20*4+3*4=80+12=92. 17*6=10*6+7*6=60+42=102. 48*9=40*9+8*9=360+72=432. 92+102=194+432=626. \\boxed{626}
-  tagged solution: the same work, one <plan> and one <step> per product, the additions in the <takeaway>:
+The task: "Compute 23*4 + 17*6 + 48*9." -> 626 (by default 3 terms, a of 2 digits, b in 2..9).
+  serial: 23*4=20*4+3*4=80+12=92. 17*6=10*6+7*6=60+42=102. 48*9=40*9+8*9=360+72=432. 92+102=194+432=626. \\boxed{626}
+  tagged: the same work, one <plan> and one <step> per product, the additions in the <takeaway>:
       <guideline>
-      <plan>1: 23*4</plan>
-      ...
+      <plan>1: 23*4</plan>                  (one plan per product, each on its own line)
       </guideline>
       <step>
       1: 23*4=20*4+3*4=80+12=92 #1:92
-      </step>
-      ...
+      </step>                               (one step per plan)
       <takeaway>
       92+102=194+432=626.
       </takeaway>
       \\boxed{626}
-  Why worked products and 2-digit factors: a step must carry enough work to be worth running side by
-  side. With `23*4=92` steps (~14 tokens each against ~60 of guideline and takeaway) the ratio of all
-  tokens to critical-path tokens was 1.30 and parallel decoding answered later than serial; worked
-  steps (~30 tokens) give ~1.6 on this task (2-3 terms with a of 1-2 digits would give ~1.33, since a
-  1-digit product has nothing to work out). The worked form also gives the tiny model a chain of
-  thought per product: greedy accuracy 0.77 after 1450 steps, where the old 2-3-term task with
-  1-2-digit a reached 0.31.
-  Why " #1:92": every step names its result, so the takeaway can find step i's result by content
-  (all branches share their RoPE positions). Without it 17% of the RL model's parallel answers
-  mis-copied a step's result (140 of 800); `--label-share 0` gives the old, unnamed format (tagged_solution).
-  "serial-writer" tagged variant: the steps were written one after another, so step i >= 2 also
-  carries the running sum (2: 17*6=10*6+7*6=60+42=102. 92+102=194) and the takeaway only restates
-  the last sum. It is what a serial model imitating the format writes. Decoded in parallel, step i
-  cannot see step i-1 and must guess the running sum: the base model loses accuracy in parallel mode,
-  which self-distillation + parallel SFT are meant to recover (the point of the demo). With
-  `distill.py --reject-sibling-results` (npr.sibling_numbers) serial-writer samples are not kept.
-The base model sees a mix: prompts with the short INSTRUCTION get tagged solutions (a share of
-them serial-writer), plain prompts get serial solutions.
-
-Measured (idle 2-core Xeon, inside `bash speedrun.sh`, seed 0): 1450 steps in 312 s (~32k tok/s),
-319 s in all; final loss 0.008; greedy on the first 200 test problems with the instruction: serial
-decoding 0.785 accuracy (format-valid 1.00), parallel decoding 0.000 (format-valid 0.015). At T=1 on
-100 x 8: serial 0.660 (32% of the samples serial-writer; pass@8 0.90), parallel 0.000. Why parallel
-fails: besides the serial-writer sums, this tiny model finds "the next plan not yet carried out" by
-counting the steps already written, not by the step's number; a branch sees no sibling steps, so
-its steps do not follow their plans (most parallel samples end malformed or with a wrong sum).
-Parallel SFT has to teach the lookup by number. An earlier run of the same script (one thread, a
-busy machine) gave greedy serial 0.770: 2-thread CPU reductions are not bit-reproducible, so read
-differences of a few points as noise.
-On a busy machine two threads slow down 5-10x (one thread far less): the time budget then buys
-few steps and accuracy collapses; the script warns, and --max-steps / --threads 1 avoid it.
+Why this shape:
+- Worked products with 2-digit first factors: a step has to carry enough work to be worth decoding
+  beside its siblings (a bare "23*4=92" is shorter than the guideline and takeaway around it), and
+  the worked form gives the tiny model a chain of thought for each product.
+- " #1:92": all branches start at the same position, so the takeaway can tell the steps' results
+  apart only by their content; each step names its result (`--label-share 0` leaves the names out).
+- The serial-writer variant (a share of the tagged solutions): step i >= 2 also adds its product to
+  the running sum ("2: 17*6=...=102 #2:102. 92+102=194"), as a model that writes the steps one
+  after another does. Decoded in parallel, a step cannot see the one before it, so the base model
+  is poor in parallel mode; self-distillation and parallel SFT are what repair it (the point of the
+  demo; `distill.py --reject-sibling-results` keeps no serial-writer sample).
+Training mix: prompts with the short INSTRUCTION get tagged solutions, plain prompts serial ones.
 
 Deliberate deviations from a real instruct model:
-- Tokenizer: one token per character (printable ASCII and "\\n"; any other character is dropped
-  by encode), plus <|endoftext|> <|im_start|> <|im_end|> as special tokens and `\\boxed{` and the
-  8 NPR tags as ONE ordinary (non-special) token each. A real instruct model sees the tags as
-  multi-token text; single tokens keep the sequences short enough for a CPU. sft.py's tag adding
-  finds them present and leaves their trained embedding rows alone.
-- The instruction is a few words, not npr.INSTRUCTION (the per-character prompt would be 1.5k tokens).
-- The budget is a step count (reproducible on any machine; 5-8 min on 2 free cores); with
-  --max-steps 0 the schedule follows the wall clock instead (cosine over `minutes`).
+- Tokenizer: one token per character (printable ASCII and "\\n"; encode drops any other character),
+  <|endoftext|> <|im_start|> <|im_end|> as special tokens, and `\\boxed{` and the 8 NPR tags as ONE
+  ordinary (non-special) token each, which keeps sequences short enough for a CPU. sft.py's tag
+  adding finds the tags present and leaves their trained embedding rows alone.
+- The instruction is a few words, not npr.INSTRUCTION (per character that would be a 1.5k-token prompt).
+- Training length is a step count, not a time budget: the same amount of training whatever the
+  machine or its load.
 """
 import json
 import math
 import os
 import random
-import re
 import time
 from dataclasses import asdict, dataclass
 
@@ -83,7 +57,7 @@ import torch
 from tqdm import tqdm
 
 import npr
-from cli import INSTRUCTION_FILE, atomic_write, chat_prompt, instruction_for, load_for_sampling, parse_cli
+from cli import INSTRUCTION_FILE, atomic_write, parse_cli, print_config
 from model import Qwen, QwenConfig
 from sampler import Sampler, SamplingParams
 from tokenizer import Tokenizer
@@ -96,7 +70,7 @@ class Config:
     seed: int = 0                    # data split, training problems and init
     n_train: int = 20000             # problems in train.jsonl (later stages draw from it)
     n_test: int = 1000               # problems in test.jsonl (never trained on, by exact question)
-    # task difficulty (toy_feasibility.md section 3: first-factor digits is the main knob)
+    # the task (the first factor's digit count is the main difficulty knob)
     min_terms: int = 3               # 3 terms, every a of 2 digits: steps long enough to run side by side
     max_terms: int = 3
     min_adigits: int = 2             # digits of the first factor a: 1 -> 2..9, 2 -> 10..99
@@ -106,8 +80,8 @@ class Config:
     # training mix
     tagged_share: float = 0.7        # share of training prompts with INSTRUCTION and a tagged solution
     serial_writer_share: float = 0.4  # share of the tagged solutions in the serial-writer variant
-    label_share: float = 1.0         # share of the tagged solutions whose steps name their results (" #1:92"); 0 = the old format
-    # model: size S of toy_feasibility.md (0.40M parameters)
+    label_share: float = 1.0         # share of the tagged solutions whose steps name their results (" #1:92")
+    # model (0.40M parameters)
     hidden_size: int = 128
     num_layers: int = 2
     num_heads: int = 4
@@ -115,8 +89,7 @@ class Config:
     head_dim: int = 32
     intermediate_size: int = 384
     # optimisation
-    max_steps: int = 1450            # training steps (5-8 min on 2 free cores); the cosine schedule spans them
-    minutes: float = 4.0             # with --max-steps 0: a wall-clock budget instead (schedule follows the clock)
+    max_steps: int = 1450            # training steps; the cosine schedule spans them
     batch_size: int = 32
     lr: float = 2e-3
     beta1: float = 0.9
@@ -132,9 +105,6 @@ class Config:
     eval_n: int = 200
     eval_batch: int = 100
     eval_max_new_tokens: int = 256
-    # --diagnose DIR: classify the parallel-mode answers of a checkpoint (what goes wrong), then exit
-    diagnose: str = ""
-    diagnose_n: int = 200            # first N test problems x 4 samples, T=1, top-p 0.7 (eval.py's settings)
 
 
 # -----------------------------------------------------------------------------
@@ -160,19 +130,9 @@ def make_problem(rng, nterms=(2, 4), adigits=(1, 2), brange=(2, 9)):
     return dict(question=question, answer=str(sum(a * b for a, b in terms)), terms=terms)
 
 
-def parse_terms(question):
-    """[(a, b), ...] back from a question (train.jsonl keeps only question and answer)."""
-    return [(int(a), int(b)) for a, b in re.findall(r"(\d+)\*(\d+)", question)]
-
-
-def _sums(terms):
-    """Products and the left-to-right additions [(running, product, new running), ...]."""
-    prods = [a * b for a, b in terms]
-    adds, run = [], prods[0]
-    for p in prods[1:]:
-        adds.append((run, p, run + p))
-        run += p
-    return prods, adds
+def task_kwargs(cfg):
+    return dict(nterms=(cfg.min_terms, cfg.max_terms), adigits=(cfg.min_adigits, cfg.max_adigits),
+                brange=(cfg.min_b, cfg.max_b))
 
 
 def worked(a, b):
@@ -201,78 +161,30 @@ def serial_solution(terms):
     return " ".join(f"{worked(a, b)}." for a, b in terms) + f" {chain(prods)}. {BOXED}{sum(prods)}}}"
 
 
-def label(i, value):
-    """A step's result under its step's name: " #2:102" (see tagged_solution)."""
-    return f" #{i}:{value}"
-
-
 def tagged_solution(terms, serial_writer=False, labels=True):
     """The NPR format (NPR.md section 2), one plan and one step per product; each step works its
-    product out, the takeaway adds the products up. serial_writer: step i >= 2 also adds its product
-    to the running sum of the earlier steps, and the takeaway restates the last addition (what a model
-    that writes the steps one after another produces).
-    labels: step i ends by naming its result (" #2:102"). All branches share their positions, so
-    the takeaway can only tell the steps' results apart by content; a name right before each result
-    gives every digit of it a nearby, distinct mark. Without the names, over half of the wrong parallel
-    answers mis-copied a step's result (560 with a sibling's 522 became 520). The name avoids "=":
-    with ", s2=102" the base model learned its arithmetic far more slowly (serial accuracy 0.2-0.5
-    instead of ~0.78 after the same training), as if "=" no longer always meant "work it out"."""
-    prods, adds = _sums(terms)
+    product out, the takeaway adds the products up.
+    serial_writer: step i >= 2 also adds its product to the running sum of the steps before it, and
+    the takeaway restates the last addition (what a model writing the steps in turn produces).
+    labels: step i ends by naming its result (" #2:102"): a nearby, distinct mark for every digit of
+    it, since the takeaway finds a step's result by content alone. The name avoids "=", which the
+    solutions use only for "work it out"."""
+    prods = [a * b for a, b in terms]
+    running = [sum(prods[:i]) for i in range(1, len(prods) + 1)]      # the sum after each step
     plans = "".join(f"<plan>{i}: {a}*{b}</plan>\n" for i, (a, b) in enumerate(terms, 1))
     steps = []
     for i, (a, b) in enumerate(terms, 1):
-        body = f"{i}: {worked(a, b)}" + (label(i, a * b) if labels else "")
+        body = f"{i}: {worked(a, b)}" + (f" #{i}:{a * b}" if labels else "")
         if serial_writer and i >= 2:
-            x, y, z = adds[i - 2]
-            body += f". {x}+{y}={z}"
+            body += f". {running[i - 2]}+{prods[i - 1]}={running[i - 1]}"
         steps.append(f"<step>\n{body}\n</step>\n")
-    take = f"{adds[-1][0]}+{adds[-1][1]}={adds[-1][2]}." if serial_writer else f"{chain(prods)}."
+    take = f"{running[-2]}+{prods[-1]}={running[-1]}." if serial_writer else f"{chain(prods)}."
     return f"<guideline>\n{plans}</guideline>\n{''.join(steps)}<takeaway>\n{take}\n</takeaway>\n{BOXED}{sum(prods)}}}"
 
 
 def serial_writer_step(step):
     """A step that carries a running sum (". 92+102=194"): it reads a sibling's result."""
     return ". " in step
-
-
-def answer_errors(text, terms):
-    """Where a tagged answer to `terms` goes wrong -> "right", "step" (a step's result is not its
-    product), "copy" (the takeaway's operands are not the step results) or "add" (operands right,
-    the sum wrong). The takeaway chain a+b=c+d=e has operands a, b, d, ..."""
-    prods = [a * b for a, b in terms]
-    parsed = npr.parse(text)
-    if parsed.answer is not None and parsed.answer.strip() == str(sum(prods)):
-        return "right"
-    block = parsed.blocks[0] if parsed.blocks else None
-    res = {}                                       # step number -> the last number it wrote
-    for step in block.steps if block else []:
-        nums = re.findall(r"\d+", step)                  # "N: ...=92" or "N: ...=92 #N:92"
-        if len(nums) > 1 and re.match(r"\s*\d+:", step):
-            res[int(nums[0])] = int(nums[-1])
-    if [res.get(i) for i in range(1, len(prods) + 1)] != prods:
-        return "step"
-    nums = [int(x) for x in re.findall(r"\d+", block.takeaway or "")]
-    return "copy" if sorted(nums[:2] + nums[3::2]) != sorted(prods) else "add"
-
-
-def diagnose(path, test, n):
-    """Parallel-mode answers of a checkpoint on the first n test problems x 4 (T=1, top-p 0.7): how
-    many are right, and where the others go wrong (answer_errors)."""
-    model, tok = load_for_sampling(path, "cuda" if torch.cuda.is_available() else "cpu", "", True)
-    probs, ins = test[:n], instruction_for(path, "")
-    p = SamplingParams(mode="parallel", temperature=1.0, top_p=0.7, max_new_tokens=512)
-    prompts = [chat_prompt(tok, q["question"], ins) for q in probs]          # as eval.py prompts
-    got, _ = Sampler(model, tok).generate_many(prompts, 4, p, 256, progress=True)
-    kinds = [answer_errors(s.text, parse_terms(q["question"])) for q, ss in zip(probs, got) for s in ss]
-    out = {k: kinds.count(k) for k in ("right", "step", "copy", "add")}
-    print(f"{path}: {len(kinds)} parallel answers: " + ", ".join(f"{k} {v} ({v / len(kinds):.3f})" for k, v in out.items()))
-    return out
-
-
-def user_prompt(question, tagged=True):
-    """The user message: npr.build_prompt with the short instruction when a tagged answer is wanted
-    (exactly what distill / sft / grpo / eval build from the checkpoint's npr_instruction.txt)."""
-    return npr.build_prompt(question, INSTRUCTION) if tagged else question
 
 
 def write_data(out_dir, n_train, n_test, seed=0, **task):
@@ -295,13 +207,8 @@ def write_data(out_dir, n_train, n_test, seed=0, **task):
     return splits["train"], splits["test"]
 
 
-def read_jsonl(path):
-    with open(path) as f:
-        return [json.loads(line) for line in f if line.strip()]
-
-
 # -----------------------------------------------------------------------------
-# Tokenizer and model
+# Tokenizer, model and training examples
 
 def build_tokenizer():
     """Character-level tokenizer (tokenizers' BPE with no merges), ChatML specials, tags and \\boxed{
@@ -340,9 +247,10 @@ def init_weights(model, std=0.02):
 
 
 def prompt_ids(tok, question, tagged=True):
-    """Chat-rendered prompt ids, ending with the assistant header."""
-    return tok.encode(tok.render_chat([{"role": "user", "content": user_prompt(question, tagged)}],
-                                      enable_thinking=False))
+    """Chat-rendered prompt ids, ending with the assistant header. A tagged answer is asked for with
+    the short instruction, exactly as distill / sft / grpo / eval prompt from npr_instruction.txt."""
+    content = npr.build_prompt(question, INSTRUCTION) if tagged else question
+    return tok.encode(tok.render_chat([{"role": "user", "content": content}], enable_thinking=False))
 
 
 def example(tok, question, solution, tagged):
@@ -365,11 +273,6 @@ def sample_example(rng, tok, cfg, exclude=()):
     return example(tok, prob["question"], serial_solution(prob["terms"]), False)
 
 
-def task_kwargs(cfg):
-    return dict(nterms=(cfg.min_terms, cfg.max_terms), adigits=(cfg.min_adigits, cfg.max_adigits),
-                brange=(cfg.min_b, cfg.max_b))
-
-
 def collate(examples, pad_id):
     """-> ids (B, T) right-padded, targets (B, T): the next token where it is an assistant token, else -1."""
     T = max(len(ids) for ids, _ in examples)
@@ -381,10 +284,10 @@ def collate(examples, pad_id):
     return ids, tgt
 
 
-def lr_at(cfg, step, progress):
-    """Linear warm-up, then cosine from lr to lr * min_lr_ratio over progress in [0, 1]."""
+def lr_at(cfg, step):
+    """Linear warm-up over warmup_steps, then cosine from lr to lr * min_lr_ratio over max_steps."""
     warm = min(1.0, (step + 1) / cfg.warmup_steps) if cfg.warmup_steps else 1.0
-    cos = 0.5 * (1 + math.cos(math.pi * min(1.0, progress)))
+    cos = 0.5 * (1 + math.cos(math.pi * min(1.0, step / cfg.max_steps)))
     return cfg.lr * warm * (cfg.min_lr_ratio + (1 - cfg.min_lr_ratio) * cos)
 
 
@@ -414,14 +317,9 @@ def evaluate(model, tok, problems, mode="serial", tagged=True, batch_size=100, m
 
 
 # -----------------------------------------------------------------------------
-# CLI (the lead moves this to a shared module later)
-
-# -----------------------------------------------------------------------------
 
 def main(cfg: Config):
-    if cfg.diagnose:
-        return diagnose(cfg.diagnose, read_jsonl(os.path.join(cfg.data_dir, "test.jsonl")), cfg.diagnose_n)
-    print(json.dumps(asdict(cfg), indent=2))
+    print_config(cfg)
     torch.set_num_threads(cfg.threads)
     torch.manual_seed(cfg.seed)
     rng = random.Random(cfg.seed + 1)  # training problems; the split uses seed itself
@@ -441,60 +339,39 @@ def main(cfg: Config):
     keep = [p for p in model.parameters() if p.dim() < 2]
     opt = torch.optim.AdamW([{"params": decay, "weight_decay": cfg.weight_decay},
                              {"params": keep, "weight_decay": 0.0}], lr=cfg.lr, betas=(cfg.beta1, cfg.beta2))
-    os.makedirs(cfg.out_dir, exist_ok=True)
-    metrics_path = os.path.join(cfg.out_dir, "metrics.jsonl")
-    open(metrics_path, "w").close()
 
     print("== train ==")
-    budget = cfg.minutes * 60
-    bar = tqdm(total=cfg.max_steps if cfg.max_steps else int(budget), unit="step" if cfg.max_steps else "s",
-               desc="train", dynamic_ncols=True)
-    step, t_train, queue, tokens, metrics = 0, 0.0, [], 0, []
+    queue, tokens, metrics, t_train = [], 0, [], 0.0
     t0 = time.perf_counter()
-    while True:
-        elapsed = time.perf_counter() - t0
-        progress = step / cfg.max_steps if cfg.max_steps else elapsed / budget
-        if progress >= 1.0:
-            break
+    bar = tqdm(range(cfg.max_steps), desc="train", unit="step", dynamic_ncols=True)
+    for step in bar:
         if not queue:  # length bucketing: draw `bucket` batches, sort by length, shuffle the batches
             pool = sorted((sample_example(rng, tok, cfg, exclude) for _ in range(cfg.bucket * cfg.batch_size)),
                           key=lambda e: len(e[0]))
             queue = [pool[i:i + cfg.batch_size] for i in range(0, len(pool), cfg.batch_size)]
             rng.shuffle(queue)
         ids, tgt = collate(queue.pop(), tok.pad_id)
-        lr = lr_at(cfg, step, progress)
+        lr = lr_at(cfg, step)
         for g in opt.param_groups:
             g["lr"] = lr
         # plain causal forward (no layout): the base model is a serial model
         logp = model(ids, targets=tgt)                 # (B, T), 0 where tgt < 0
-        n_tgt = (tgt >= 0).sum()
-        loss = -logp.sum() / n_tgt                             # token mean over the batch
+        loss = -logp.sum() / (tgt >= 0).sum()          # token mean over the batch
         opt.zero_grad(set_to_none=True)
         loss.backward()
         gnorm = torch.nn.utils.clip_grad_norm_(model.parameters(), cfg.grad_clip)
         opt.step()
-        step += 1
         tokens += int((ids != tok.pad_id).sum())
         t_train = time.perf_counter() - t0
-        m = dict(step=step, loss=round(loss.item(), 5), lr=lr, grad_norm=round(gnorm.item(), 4),
+        m = dict(step=step + 1, loss=round(loss.item(), 5), lr=lr, grad_norm=round(gnorm.item(), 4),
                  tokens=tokens, tok_per_s=round(tokens / t_train), time_s=round(t_train, 2))
         metrics.append(m)
-        if step % cfg.log_every == 0 or step == 1:
+        if m["step"] % cfg.log_every == 0 or m["step"] == 1:
             tqdm.write(" | ".join(f"{k} {v:.2e}" if k == "lr" else f"{k} {v}" for k, v in m.items()))
-        if cfg.max_steps:
-            bar.update(1)
-        else:
-            bar.update(min(int(budget), int(t_train)) - bar.n)
-        bar.set_postfix(step=step, loss=f"{loss.item():.4f}")
-    bar.close()
+        bar.set_postfix(loss=f"{loss.item():.4f}")
     final_loss = sum(m["loss"] for m in metrics[-20:]) / max(1, len(metrics[-20:]))
-    tok_s = tokens / max(t_train, 1e-9)
-    print(f"trained {step} steps in {t_train:.1f}s | {tok_s:.0f} tok/s | final loss (mean of last 20) {final_loss:.4f}")
-    if not cfg.max_steps and tok_s < 20000:
-        print(f"WARNING: {tok_s:.0f} tok/s is well below the ~30k tok/s of an idle 2-core machine (another process "
-              "busy?): the time budget bought fewer steps than usual, so accuracy will be lower. "
-              "--max-steps N trains a fixed number of steps whatever the load; on a busy machine --threads 1 is "
-              "several times faster than 2.")
+    print(f"trained {len(metrics)} steps in {t_train:.1f}s | {tokens / max(t_train, 1e-9):.0f} tok/s | "
+          f"final loss (mean of last 20) {final_loss:.4f}")
 
     print("== save ==")
     model.eval()
@@ -504,8 +381,8 @@ def main(cfg: Config):
         f.write(INSTRUCTION + "\n")
     with open(os.path.join(cfg.out_dir, "train_config.json"), "w") as f:
         json.dump(asdict(cfg), f, indent=2)
-    with open(metrics_path, "a") as f:
-        f.writelines(json.dumps(m) + "\n" for m in metrics)
+    metrics_path = os.path.join(cfg.out_dir, "metrics.jsonl")
+    atomic_write(metrics_path, (json.dumps(m) + "\n" for m in metrics))
     print(f"checkpoint -> {cfg.out_dir}")
 
     print("== quick eval (greedy) ==")
@@ -520,8 +397,8 @@ def main(cfg: Config):
         if texts:
             print(f"  e.g. {probs[0]['question']} ->\n" + "\n".join("    " + ln for ln in texts[0].splitlines()))
     with open(metrics_path, "a") as f:
-        f.writelines(json.dumps({"eval": r, "step": step}) + "\n" for r in results)
-    return dict(steps=step, train_s=t_train, final_loss=final_loss, eval=results)
+        f.writelines(json.dumps({"eval": r, "step": len(metrics)}) + "\n" for r in results)
+    return dict(steps=len(metrics), train_s=t_train, final_loss=final_loss, eval=results)
 
 
 if __name__ == "__main__":

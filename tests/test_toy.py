@@ -1,5 +1,9 @@
-"""toy.py: the task, its solutions in the NPR format, the character tokenizer, the data split and a
-smoke run of main() that writes a checkpoint the rest of the code loads."""
+"""toy.py, the built-in default: every solution it trains on is correct and well-formed under the
+format's own parser (npr.parse, format_score, token_layout), the steps of a fork are independent
+unless serial-writer, the character tokenizer round-trips and loads in transformers to the same ids,
+the data split is disjoint and reproducible, and main() writes the same checkpoint for the same
+config, one the rest of the code loads. Also extras/toy_diagnose.py's sorting of wrong answers.
+Run: .venv/bin/python -m pytest tests/test_toy.py -q"""
 import json
 import random
 
@@ -8,9 +12,11 @@ import torch
 
 import npr
 import toy
+from cli import read_problems
+from extras import toy_diagnose
 from model import Qwen
-from tokenizer import Tokenizer
 from sampler import Sampler, SamplingParams
+from tokenizer import Tokenizer
 
 
 @pytest.fixture(scope="module")
@@ -49,9 +55,6 @@ def test_problem_and_solutions_example():
     assert "<takeaway>\n194+72=266.\n</takeaway>" in sw
     assert toy.serial_writer_step("2: 17*6=10*6+7*6=60+42=102. 92+102=194")
     assert not toy.serial_writer_step("2: 17*6=10*6+7*6=60+42=102")
-    assert toy.user_prompt("Compute 2*3 + 4*5.") == npr.build_prompt("Compute 2*3 + 4*5.", toy.INSTRUCTION)
-    assert toy.user_prompt("Compute 2*3 + 4*5.", tagged=False) == "Compute 2*3 + 4*5."
-    assert len(toy.INSTRUCTION) < 40
 
 
 def test_make_problem_ranges():
@@ -59,7 +62,6 @@ def test_make_problem_ranges():
         assert 2 <= len(p["terms"]) <= 4
         assert all(2 <= a <= 99 and 2 <= b <= 9 for a, b in p["terms"])
         assert p["answer"] == str(sum(a * b for a, b in p["terms"]))
-        assert toy.parse_terms(p["question"]) == p["terms"]
         assert p["question"] == "Compute " + " + ".join(f"{a}*{b}" for a, b in p["terms"]) + "."
     hard = problems(200, nterms=(3, 3), adigits=(2, 2))
     assert all(len(p["terms"]) == 3 and all(a >= 10 for a, _ in p["terms"]) for p in hard)
@@ -83,7 +85,7 @@ def test_solutions_are_correct_and_well_formed(tok):
             # independent steps: step i is its own product worked out, nothing from its siblings
             steps = [s.strip() for s in parsed.blocks[0].steps]
             if not sw:
-                assert steps == [f"{j}: {toy.worked(a, b)}" + (toy.label(j, a * b) if labels else "")
+                assert steps == [f"{j}: {toy.worked(a, b)}" + (f" #{j}:{a * b}" if labels else "")
                                  for j, (a, b) in enumerate(p["terms"], 1)]
                 assert not any(toy.serial_writer_step(s) for s in steps)
             else:
@@ -100,7 +102,7 @@ def test_tokenizer_round_trip_and_single_tokens(tok):
     for p in problems(300, seed=1):
         texts += [toy.serial_solution(p["terms"]), toy.tagged_solution(p["terms"]),
                   toy.tagged_solution(p["terms"], serial_writer=True), toy.tagged_solution(p["terms"], labels=False)]
-        texts += [tok.render_chat([{"role": "user", "content": toy.user_prompt(p["question"], t)}]) for t in (True, False)]
+        texts += [tok.decode(toy.prompt_ids(tok, p["question"], t)) for t in (True, False)]
     multi = npr.TAGS + (toy.BOXED,) + toy.SPECIAL_TOKENS
     for t in texts:
         ids = tok.encode(t)
@@ -133,12 +135,12 @@ def test_tokenizer_files_load_in_transformers(tmp_path):
     ours = Tokenizer.from_pretrained(tmp_path)
     hf = transformers.AutoTokenizer.from_pretrained(str(tmp_path))
     p = problems(5)[0]
-    text = ours.render_chat([{"role": "user", "content": toy.user_prompt(p["question"])}]) + \
-        toy.tagged_solution(p["terms"]) + "<|im_end|>"
+    msgs = [{"role": "user", "content": npr.build_prompt(p["question"], toy.INSTRUCTION)}]
+    prompt = hf.apply_chat_template(msgs, tokenize=False, add_generation_prompt=True)
+    assert ours.decode(toy.prompt_ids(ours, p["question"])) == prompt        # the prompt trained on
+    text = prompt + toy.tagged_solution(p["terms"]) + "<|im_end|>"
     assert hf(text, add_special_tokens=False)["input_ids"] == ours.encode(text)
     assert hf.decode(ours.encode(text)) == text
-    msgs = [{"role": "user", "content": toy.user_prompt(p["question"])}]
-    assert hf.apply_chat_template(msgs, tokenize=False, add_generation_prompt=True) == ours.render_chat(msgs)
 
 
 def test_write_data_disjoint_and_reproducible(tmp_path):
@@ -150,9 +152,10 @@ def test_write_data_disjoint_and_reproducible(tmp_path):
     qs_train, qs_test = [r["question"] for r in train], [r["question"] for r in test]
     assert len(set(qs_train)) == 400 and len(set(qs_test)) == 100 and not set(qs_train) & set(qs_test)
     for name, rows in (("train", train), ("test", test)):
-        assert toy.read_jsonl(tmp_path / "a" / f"{name}.jsonl") == rows
+        assert read_problems(str(tmp_path / "a" / f"{name}.jsonl")) == rows
         assert all(set(r) == {"question", "answer"} for r in rows)
-        assert all(str(sum(a * b for a, b in toy.parse_terms(r["question"]))) == r["answer"] for r in rows)
+        # "Compute 23*4 + 17*6." is a Python expression between "Compute " and "."
+        assert all(str(eval(r["question"][len("Compute "):-1])) == r["answer"] for r in rows)
     assert (tmp_path / "a" / "train.jsonl").read_bytes() == (tmp_path / "b" / "train.jsonl").read_bytes()
 
 
@@ -174,16 +177,16 @@ def test_collate_masks_prompt_and_padding(tok):
 
 
 def test_lr_schedule():
-    cfg = toy.Config(lr=1.0, warmup_steps=10, min_lr_ratio=0.1)
-    assert toy.lr_at(cfg, 0, 0.0) == pytest.approx(0.1)
-    assert toy.lr_at(cfg, 9, 0.0) == pytest.approx(1.0)
-    assert toy.lr_at(cfg, 100, 0.5) == pytest.approx(0.55)
-    assert toy.lr_at(cfg, 100, 1.0) == pytest.approx(0.1)
+    cfg = toy.Config(lr=1.0, warmup_steps=10, min_lr_ratio=0.1, max_steps=200)
+    lrs = [toy.lr_at(cfg, s) for s in range(200)]
+    assert lrs[0] == pytest.approx(0.1) and lrs[9] == pytest.approx(1.0, abs=0.01)    # linear warm-up
+    assert lrs[100] == pytest.approx(0.55) and toy.lr_at(cfg, 200) == pytest.approx(0.1)  # cosine to lr * 0.1
+    assert all(a >= b for a, b in zip(lrs[9:], lrs[10:]))                             # then only down
 
 
 def test_parse_cli():
     cfg = toy.parse_cli(toy.Config, ["--max-steps", "7", "--tagged-share", "0.5", "--out-dir", "x"])
-    assert (cfg.max_steps, cfg.tagged_share, cfg.out_dir, cfg.minutes) == (7, 0.5, "x", toy.Config.minutes)
+    assert (cfg.max_steps, cfg.tagged_share, cfg.out_dir, cfg.seed) == (7, 0.5, "x", toy.Config.seed)
 
     from dataclasses import dataclass
 
@@ -197,49 +200,74 @@ def test_parse_cli():
         toy.parse_cli(toy.Config, ["--help"])
 
 
-def test_main_smoke(tmp_path):
-    cfg = toy.Config(out_dir=str(tmp_path / "base"), data_dir=str(tmp_path / "data"), n_train=60, n_test=20,
-                     max_steps=3, batch_size=4, bucket=2, hidden_size=32, num_layers=1, num_heads=2,
-                     num_kv_heads=1, head_dim=16, intermediate_size=64, eval_n=4, eval_batch=4,
-                     eval_max_new_tokens=12, warmup_steps=2)
-    out = toy.main(cfg)
-    assert out["steps"] == 3 and len(out["eval"]) == 2
-    assert [r["mode"] for r in out["eval"]] == ["serial", "parallel"]
-    base = tmp_path / "base"
+SMOKE = dict(n_train=60, n_test=20, max_steps=3, batch_size=4, bucket=2, hidden_size=32, num_layers=1, num_heads=2,
+             num_kv_heads=1, head_dim=16, intermediate_size=64, eval_n=4, eval_batch=4, eval_max_new_tokens=12,
+             warmup_steps=2, threads=1)
+
+
+@pytest.fixture(scope="module")
+def smoke(tmp_path_factory):
+    """A 3-step toy.main run: (its return value, its output folder)."""
+    root = tmp_path_factory.mktemp("smoke")
+    out = toy.main(toy.Config(out_dir=str(root / "base"), data_dir=str(root / "data"), **SMOKE))
+    return out, root
+
+
+def test_main_smoke(smoke):
+    out, root = smoke
+    assert out["steps"] == 3 and [r["mode"] for r in out["eval"]] == ["serial", "parallel"]
+    base = root / "base"
     for f in ("config.json", "model.safetensors", "tokenizer.json", "tokenizer_config.json", "train_config.json"):
         assert (base / f).is_file(), f
+    assert (base / "npr_instruction.txt").read_text() == toy.INSTRUCTION + "\n"    # later stages prompt with it
     assert json.loads((base / "train_config.json").read_text())["max_steps"] == 3
     lines = [json.loads(x) for x in (base / "metrics.jsonl").read_text().splitlines()]
     assert [m["step"] for m in lines if "loss" in m] == [1, 2, 3] and sum("eval" in m for m in lines) == 2
-    assert len(toy.read_jsonl(tmp_path / "data" / "train.jsonl")) == 60
+    assert len(read_problems(str(root / "data" / "train.jsonl"))) == 60
 
     model = Qwen.from_pretrained(str(base))
     tok = Tokenizer.from_pretrained(str(base))
     cfgd = json.loads((base / "config.json").read_text())
     assert cfgd["architectures"] == ["Qwen3ForCausalLM"] and cfgd["vocab_size"] == tok.vocab_size
     assert model.config.tie_word_embeddings and model.config.dtype == torch.float32
-    q = toy.read_jsonl(tmp_path / "data" / "test.jsonl")[0]["question"]
+    q = read_problems(str(root / "data" / "test.jsonl"))[0]["question"]
     for mode in ("serial", "parallel"):
         (s,) = Sampler(model, tok).generate([toy.prompt_ids(tok, q)], n=1,
                                             params=SamplingParams(mode=mode, temperature=1.0, max_new_tokens=16))[0]
         # the text is the response without its final stop token (a random model may stop early)
         assert 0 < len(s.ids) and tok.decode(s.ids[:-1] if s.finish_reason == "eos" else s.ids) == s.text
-    # --diagnose classifies the smoke model's parallel answers (4 per problem) into the four kinds
-    out = toy.main(toy.Config(diagnose=str(base), data_dir=str(tmp_path / "data"), diagnose_n=2))
-    assert set(out) == {"right", "step", "copy", "add"} and sum(out.values()) == 8
 
+
+def test_main_is_reproducible(smoke, tmp_path):
+    """The same config gives the same data and bit for bit the same weights (every draw is seeded)."""
+    _, root = smoke
+    toy.main(toy.Config(out_dir=str(tmp_path / "base"), data_dir=str(tmp_path / "data"), **SMOKE))
+    for f in ("base/model.safetensors", "base/tokenizer.json", "data/train.jsonl", "data/test.jsonl"):
+        assert (tmp_path / f).read_bytes() == (root / f).read_bytes(), f
+
+
+# -----------------------------------------------------------------------------
+# extras/toy_diagnose.py
 
 @pytest.mark.parametrize("labels", [True, False])
-def test_answer_errors(labels):
+def test_answer_error(labels):
     terms = [(23, 4), (17, 6), (48, 9)]
+    assert toy_diagnose.parse_terms("Compute 23*4 + 17*6 + 48*9.") == terms
     right = toy.tagged_solution(terms, labels=labels)
-    assert toy.answer_errors(right, terms) == "right"
+    assert toy_diagnose.answer_error(right, terms) == "right"
     swapped = right.replace("92+102=194+432=626", "102+92=194+432=626")    # any order adds up the same
-    assert toy.answer_errors(swapped, terms) == "right"
+    assert toy_diagnose.answer_error(swapped, terms) == "right"
     copy = right.replace("92+102=194+432=626.", "61+102=163+432=595.").replace("{626}", "{595}")
-    assert toy.answer_errors(copy, terms) == "copy"
+    assert toy_diagnose.answer_error(copy, terms) == "copy"
     add = right.replace("92+102=194+432=626.", "92+102=184+432=616.").replace("{626}", "{616}")
-    assert toy.answer_errors(add, terms) == "add"
+    assert toy_diagnose.answer_error(add, terms) == "add"
     step = right.replace("80+12=92", "80+12=93").replace("#1:92", "#1:93").replace("{626}", "{627}")
-    assert toy.answer_errors(step, terms) == "step"
-    assert toy.answer_errors(right.replace("{626}", "{625}"), terms) == "add"
+    assert toy_diagnose.answer_error(step, terms) == "step"
+    assert toy_diagnose.answer_error(right.replace("{626}", "{625}"), terms) == "add"
+
+
+def test_diagnose_smoke(smoke):
+    _, root = smoke
+    out = toy_diagnose.main(toy_diagnose.Config(model=str(root / "base"), data=str(root / "data" / "test.jsonl"),
+                                                n=2, max_new_tokens=64))
+    assert set(out) == set(toy_diagnose.KINDS) and sum(out.values()) == 2 * 4
