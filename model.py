@@ -137,9 +137,7 @@ class Attention(nn.Module):
             q, k, v = self.q_proj(x), self.k_proj(x), self.v_proj(x)
         else:
             q, k, v = F.linear(x, *qkv).split([self.n_head * self.head_dim] + [self.n_kv * self.head_dim] * 2, -1)
-        q = q.view(B, T, self.n_head, self.head_dim)
-        k = k.view(B, T, self.n_kv, self.head_dim)
-        v = v.view(B, T, self.n_kv, self.head_dim)
+        q, k, v = (t.view(B, T, -1, self.head_dim) for t in (q, k, v))   # (B, T, H, D)
         if self.qk_norm:  # Qwen3: RMSNorm over head_dim, before RoPE
             q, k = self.q_norm(q), self.k_norm(k)
         q, k, v = q.transpose(1, 2), k.transpose(1, 2), v.transpose(1, 2)  # (B, H, T, D)
@@ -289,9 +287,9 @@ class Qwen(nn.Module):
 def read_config(path):
     if not os.path.isdir(path):
         raise FileNotFoundError(f"checkpoint folder not found: {path}")
-    if not os.path.isfile(os.path.join(path, "config.json")):
+    if not os.path.isfile(cfg_path := os.path.join(path, "config.json")):
         raise FileNotFoundError(f"no config.json in checkpoint folder {path}")
-    return read_json(os.path.join(path, "config.json"))
+    return read_json(cfg_path)
 
 
 def read_json(path):

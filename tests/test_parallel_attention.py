@@ -12,6 +12,9 @@ the kernels ("triton", by Triton's interpreter on CPU; their own tests are in te
     OMP_NUM_THREADS=1 .venv/bin/python -m pytest tests/test_parallel_attention.py -q
 """
 import importlib.util
+import os
+import subprocess
+import sys
 
 import pytest
 import torch
@@ -125,6 +128,20 @@ def test_branch_is_blind_to_siblings(impl):
     o1, o2 = attention(q, k, v, L, impl=impl), attention(q, k2, v2, L, impl=impl)
     torch.testing.assert_close(o1[:, :, 5:7], o2[:, :, 5:7], atol=0, rtol=0)  # branch b: identical
     assert (o1[:, :, 7:] - o2[:, :, 7:]).abs().min() > 1e-3                   # takeaway: changed
+
+
+def test_the_core_runs_without_triton():
+    """Importing the core and the model loads no Triton (a CPU-only install); "auto" is SDPA on CPU;
+    impl="triton" without triton says so."""
+    code = ("import sys; sys.modules['triton'] = None; import parallel_attention as pa, model, torch\n"
+            "q = torch.randn(1, 2, 5, 8); L = pa.Layout.causal(1, 5)\n"
+            "assert torch.allclose(pa.attention(q, q, q, L), pa.attention_ref(q, q, q, L), atol=1e-5)\n"
+            "assert not pa.has_triton() and 'triton_attention' not in sys.modules\n"
+            "try:\n    pa.attention(q, q, q, L, impl='triton')\nexcept RuntimeError as e:\n    print(e)")
+    root = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+    out = subprocess.run([sys.executable, "-c", code], cwd=root, capture_output=True, text=True, timeout=120)
+    assert out.returncode == 0, out.stderr
+    assert "cannot import triton" in out.stdout
 
 
 def test_dispatcher_auto_on_cpu_is_sdpa():
