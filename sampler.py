@@ -107,10 +107,10 @@ class Sample:
 class Stream:
     """One segment of a response that decodes as one line: the trunk between forks, or one branch."""
 
-    def __init__(self, block, branch, pos, gen):
+    def __init__(self, block, branch, gen, positions):
         self.block, self.branch = block, branch
-        self.next_pos = pos    # RoPE position of the next token
         self.gen = gen         # its random draws: the row's trunk generator, or the branch's own
+        self.positions = positions   # the row's npr.Positions: the positions rule, token by token in push order
         self.tokens = []       # its Tokens so far
         self.feed = []         # Tokens not yet written into the KV cache (the next steps' inputs)
         self.text = ""         # decoded text (tag detection works on text, tags special or not)
@@ -118,8 +118,7 @@ class Stream:
 
     def push(self, tok, piece, sampled=False, logprob=0.0):
         """Append a token; -> where its text starts in self.text."""
-        t = Token(tok, sampled, logprob, self.block, self.branch, self.next_pos)
-        self.next_pos += 1
+        t = Token(tok, sampled, logprob, self.block, self.branch, self.positions(self.block, self.branch))
         self.tokens.append(t)
         self.feed.append(t)
         self.text += piece
@@ -132,7 +131,8 @@ class Seq:
     def __init__(self, prompt, params, seed, index=0):
         self.prompt, self.p, self.seed, self.index = list(prompt), params, seed, index
         self.gen = row_generator(seed)  # the trunk's draws (each branch has its own): batch-independent
-        self.trunk = Stream(0, 0, len(self.prompt), self.gen)
+        self.positions = npr.Positions(len(self.prompt))
+        self.trunk = Stream(0, 0, self.gen, self.positions)
         self.streams = [self.trunk]     # every segment, canonical order: trunk, step 1 .. step k, trunk, ...
         self.fork = []                  # the branches of the open fork
         self.forks = []                 # branches per fork
@@ -281,23 +281,17 @@ class Sampler:
             self.running += new
         return gone
 
-    def mode(self):
-        dev = self.model.output_weight.device
-        mode = self.step_mode
-        if mode == "auto":
-            mode = "graph" if dev.type == "cuda" and not torch.is_autocast_enabled("cuda") else "eager"
+    def plan(self, slots):
+        """(Re)make the KV cache (and the fast path on it) while no request runs: rows of `slots` slots
+        (a multiple of 256, so calls with similar prompts share the cache and graphs), as many as the
+        KV-cache budget holds, up to max_rows. A kept cache that fits is only emptied."""
+        slots, w, cfg = -(-max(slots, self.min_slots) // 256) * 256, self.model.output_weight, self.model.config
+        autocast = torch.is_autocast_enabled(w.device.type)       # k/v then come out in the autocast dtype
+        dtype = torch.get_autocast_dtype(w.device.type) if autocast else w.dtype
+        mode = self.step_mode if self.step_mode != "auto" else "graph" if w.is_cuda and not autocast else "eager"
         if mode not in ("eager", "static", "graph"):
             raise ValueError(f"step_mode must be auto, eager, static or graph, not {self.step_mode!r}")
-        return mode
-
-    def cache_dtype(self):
-        dev = self.model.output_weight.device.type      # under autocast k/v come out in the autocast dtype
-        return torch.get_autocast_dtype(dev) if torch.is_autocast_enabled(dev) else self.model.output_weight.dtype
-
-    def rows_for(self, slots):
-        """Rows of `slots` slots the KV-cache memory budget holds, up to max_rows."""
-        cfg, w = self.model.config, self.model.output_weight
-        per_row = 2 * cfg.num_hidden_layers * cfg.num_key_value_heads * cfg.head_dim * slots * self.cache_dtype().itemsize
+        per_row = 2 * cfg.num_hidden_layers * cfg.num_key_value_heads * cfg.head_dim * slots * dtype.itemsize
         if self.cache_gb:
             budget = self.cache_gb * 2 ** 30
         elif w.is_cuda:      # a kept cache counts as free: it is replaced
@@ -308,27 +302,18 @@ class Sampler:
         if budget < per_row:
             raise ValueError(f"one KV-cache row of {slots} slots needs {per_row / 2 ** 30:.3f} GB, more than "
                              f"the budget of {budget / 2 ** 30:.3f} GB (Sampler.cache_gb)")
-        return min(self.max_rows, int(budget // per_row))
-
-    def plan(self, slots):
-        """(Re)make the KV cache (and the fast path on it) while no request runs: rows of `slots` slots
-        (a multiple of 256, so calls with similar prompts share the cache and graphs), as many as
-        rows_for says. A kept cache that fits is only emptied."""
-        slots = -(-max(slots, self.min_slots) // 256) * 256
-        mode, dtype, dev = self.mode(), self.cache_dtype(), self.model.output_weight.device
-        R, c, f = self.rows_for(slots), self.cache, self.fast
+        R = min(self.max_rows, int(budget // per_row))
         fuse = mode == "graph" if self.fuse_step is None else self.fuse_step
-        if c is not None and (c.doc.shape[0], c.k[0].dtype, c.k[0].device) == (R, dtype, dev) and c.capacity >= slots \
-                and (f is None if mode == "eager" else f is not None and (f.graphs, f.compiled, f.fused is not None)
-                     == (mode == "graph", self.compile_step, fuse)):
-            if f is not None:
-                f.reset()            # fused weights refreshed after an update
-        else:
-            self.cache = self.fast = None                      # free the old one before allocating
-            self.cache = KVCache(self.model.config, R, slots, device=dev, dtype=dtype)
+        key = (R, dtype, w.device, mode, self.compile_step, fuse)
+        if self.cache is None or self.cache.key != key or self.cache.capacity < slots:
+            self.cache = self.fast = None                          # free the old one before allocating
+            self.cache = KVCache(cfg, R, slots, device=w.device, dtype=dtype)
+            self.cache.key = key
             if mode != "eager":
                 self.fast = StaticStep(self.model, self.cache, mode == "graph", self.compile_step, pick, fuse, logprob_of)
-        self.free = list(range(self.cache.doc.shape[0]))
+        elif self.fast is not None:
+            self.fast.reset()        # fused weights refreshed after an update
+        self.free = list(range(R))
 
     def prefill(self, seqs):
         """The prompts of newly admitted requests, right-padded, in one forward into their cache rows;
@@ -460,7 +445,7 @@ class Sampler:
             self.force(seq.trunk, self.newline)  # as in training text ("</guideline>\n<step>")
         seq.forks.append(len(numbers))
         seq.trunk.closed = True                                     # suspended until the join
-        seq.fork = [Stream(seq.blocks, i, seq.trunk.next_pos, branch_generator(seq.seed, seq.blocks, i))
+        seq.fork = [Stream(seq.blocks, i, branch_generator(seq.seed, seq.blocks, i), seq.positions)
                     for i in range(1, len(numbers) + 1)]
         for st, header in zip(seq.fork, headers):
             self.force(st, header)
@@ -469,7 +454,7 @@ class Sampler:
 
     def join(self, seq):
         """All branches closed: the takeaway opens in the trunk at 1 + the largest branch position."""
-        trunk = Stream(seq.blocks, 0, max(s.next_pos for s in seq.fork), seq.gen)
+        trunk = Stream(seq.blocks, 0, seq.gen, seq.positions)
         trunk.text = seq.trunk.text                                 # tag state continues from the old trunk
         self.force(trunk, self.tok.encode(npr.TAKEAWAY_HEADER))
         seq.trunk = trunk
