@@ -31,18 +31,15 @@ Standard deviations are unbiased (n - 1, torch.std as in the official trainer). 
 fewer than 2 samples after the drops is dropped (the official keeps it with baseline 0: its
 advantage r / (batch std + 1e-6) is then unbounded when the batch's rewards are all equal).
 Both modes train on the exact sampled token ids with the sampler's layout (branch mask and shared
-positions; no re-tokenization). Forced tokens (step headers, takeaway opener) get no loss unless
---train-forced. With --ratio importance, the later mini-batches of a rollout batch use the true
-ratio exp(logp - logp_sampler) with the clip (exact on CPU and with --no-rollout-copy: the sampler's
-log-probs equal the trainer's; on CUDA the bf16 rollout copy makes them agree to bf16 rounding);
---ratio onpolicy (the paper's PAPO) sets the ratio to 1 everywhere.
---repetition-penalty (inside branches, rollouts only) is off by default: the official engine uses
-1.02 (pass it with real checkpoints), but on the built-in task the digits a branch must repeat are
-the answer, the sampler's fast path cannot draw inside its step with it, and the samples would come
-from a distribution other than the trained policy's (the log-probs are the model's own).
+positions; no re-tokenization); forced tokens (step headers, takeaway opener) get no loss unless
+--train-forced. --ratio importance: the later mini-batches of a rollout batch use the true ratio
+exp(logp - logp_sampler) with the clip (exact where the sampler's log-probs are the trainer's: see
+rollout_model); --ratio onpolicy (the paper's PAPO) sets it to 1 everywhere.
+--repetition-penalty (inside branches, rollouts only; official engine 1.02, pass it with real
+checkpoints) is off by default: on the built-in task a branch must repeat the digits of its answer,
+and the samples would come from a distribution other than the trained policy's.
 Logs one line per step, JSON lines in out_dir/metrics.jsonl, periodic eval, resumable checkpoints.
 """
-import contextlib
 import copy
 import math
 import os
@@ -52,15 +49,15 @@ from dataclasses import dataclass
 
 import torch
 import torch.distributed as dist
+from tqdm import tqdm
 
 import npr
-from cli import (JsonlLog, autocast, chat_prompt, init_distributed, instruction_for, load_resume_point, parse_cli,
-                 print_config, read_problems, save_final, save_resume_point)
-from model import Qwen, check_vocab
+from cli import (JsonlLog, accumulating, autocast, chat_prompt, init_distributed, instruction_for, load_for_training,
+                 load_resume_point, parse_cli, print_config, read_problems, save_final, save_resume_point,
+                 wrap_distributed)
 from eval import sample_metrics
 from parallel_attention import Layout
 from sampler import Sampler, SamplingParams
-from tokenizer import Tokenizer
 
 
 @dataclass
@@ -205,9 +202,9 @@ def to_batch(items, train_forced, dev):
     return ids.to(dev), pos.to(dev), layout.to(dev), targets.to(dev), old.to(dev), adv.to(dev)
 
 
-def rollout(sampler, tok, problems, order, cfg, step, instruction, rank, world):
-    """Sample groups for this rank's prompts; dynamic sampling in serial mode.
-    -> (groups [(Sample list, reward list)], stats)"""
+def rollout(sampler, tok, problems, cfg, step, instruction, rank, world):
+    """Sample groups for this rank's prompts; dynamic sampling in serial mode. -> (groups, each a
+    list of (Sample, reward); every (Sample, answer) drawn; dropped counts by reason; wall seconds)"""
     per_rank = cfg.prompts_per_step // world
     groups, dropped, seen, wall, rounds = [], {}, [], 0.0, 0
     need = per_rank
@@ -218,7 +215,7 @@ def rollout(sampler, tok, problems, order, cfg, step, instruction, rank, world):
         rng = random.Random((cfg.seed * 1_000_003 + step) * 1009 + rounds * 7919 + (rank if rounds else 0))
         n_draw = cfg.prompts_per_step if rounds == 0 else 2 * need
         slots = list(range(n_draw))[rank::world] if rounds == 0 else list(range(n_draw))
-        allpicks = [order[rng.randrange(len(order))] for _ in range(n_draw)]
+        allpicks = [rng.randrange(len(problems)) for _ in range(n_draw)]
         picks = [allpicks[g] for g in slots]
         params = SamplingParams(mode=cfg.mode, temperature=cfg.temperature, top_p=cfg.top_p,
                                 max_new_tokens=cfg.max_new_tokens, max_branches=cfg.max_branches,
@@ -251,6 +248,116 @@ def rollout(sampler, tok, problems, order, cfg, step, instruction, rank, world):
 
 
 # -----------------------------------------------------------------------------
+# The update, the step's log, evaluation
+
+def all_reduce(x, world, op="sum"):
+    """The tensor x summed (op "max": maximised) over the ranks, in place."""
+    if world > 1:
+        dist.all_reduce(x, op=dist.ReduceOp.MAX if op == "max" else dist.ReduceOp.SUM)
+    return x
+
+
+def update(train_model, model, opt, items, cfg, world, dev):
+    """Optimizer steps over the shuffled rollouts: seqs_per_update sequences each (global), as
+    micro-batches of gradient accumulation. -> (loss per step, grad norms, entropies, trained tokens)"""
+    ratio_kind = cfg.ratio or ("onpolicy" if cfg.mode == "parallel" else "importance")
+    per_rank = max(1, cfg.seqs_per_update // world)
+    n_updates = all_reduce(torch.tensor(math.ceil(len(items) / per_rank) if items else 0, device=dev), world, "max")
+    losses, gnorms, ents, n_train_tok = [], [], [], 0
+    for u in range(int(n_updates)):
+        mb = items[u * per_rank:(u + 1) * per_rank]
+        n_tok = sum(sum(bool(x) or cfg.train_forced for x in s.sampled) for s, _ in mb)
+        n_train_tok += n_tok
+        # the loss is a sum divided by a global count: tokens (serial, token mean) or sequences (parallel)
+        norm = all_reduce(torch.tensor(float(n_tok if cfg.mode == "serial" else len(mb)), device=dev), world)
+        # every rank runs the same number of forward/backward passes, so DDP's all-reduces pair up
+        n_micro = int(all_reduce(torch.tensor(max(1, math.ceil(len(mb) / cfg.micro_batch)), device=dev), world, "max"))
+        loss_u = 0.0
+        for j in range(n_micro):
+            part = mb[j * cfg.micro_batch:(j + 1) * cfg.micro_batch]
+            with accumulating(train_model, j == n_micro - 1), autocast(dev, cfg.bf16):
+                if part:
+                    ids, pos, layout, targets, old, A = to_batch(part, cfg.train_forced, dev)
+                    mask = (targets >= 0).float()
+                    logp, ent = train_model(ids, pos, layout, targets=targets, with_entropy=True)
+                    old = torch.where(torch.isnan(old), logp.detach(), old)   # forced tokens: ratio 1
+                    loss = policy_loss(logp, old, A, mask, cfg.mode, ratio_kind, cfg.clip_low, cfg.clip_high,
+                                       norm.clamp(min=1), cfg.clip_c) * world   # DDP/FSDP average over ranks
+                    ents.append(float((ent * mask).sum() / mask.sum().clamp(min=1)))
+                else:   # nothing left on this rank: a zero-weight pass keeps DDP/FSDP collectives in step
+                    z = torch.zeros(1, 1, dtype=torch.long, device=dev)
+                    loss = train_model(z, None, Layout.causal(1, 1, dev), targets=torch.zeros_like(z)).sum() * 0.0
+                loss.backward()
+            loss_u += loss.item() / world
+        gnorms.append(torch.nn.utils.clip_grad_norm_(model.parameters(), cfg.grad_clip).item())
+        opt.step()
+        opt.zero_grad(set_to_none=True)
+        losses.append(loss_u)
+    return losses, gnorms, ents, n_train_tok
+
+
+def log_step(step, seen, rewards, dropped, n_items, trained, roll_wall, t_train, world, dev):
+    """The step's record, over every rank's rollouts: sums gathered, then the means."""
+    m = sample_metrics(seen, roll_wall) if seen else {}
+    n = len(seen)
+    forks = [b for s, _ in seen for b in s.stats["branches_per_fork"]]
+    flat = [r for g in rewards for r in g]
+    losses, gnorms, ents, n_train_tok = trained
+    sums = dict(samples=n, accuracy=m.get("accuracy", 0) * n, format_valid=m.get("format_valid", 0) * n,
+                trigger_rate=m.get("trigger_rate", 0) * n, tokens=m.get("mean_tokens", 0) * n,
+                critical_tokens=m.get("mean_critical_tokens", 0) * n, branches=sum(forks), forks=len(forks),
+                reward=sum(flat), rewards=len(flat), trained_seqs=n_items, loss=sum(losses), roll_wall=roll_wall,
+                entropy=sum(ents), entropies=len(ents))
+    drops = [dropped]
+    if world > 1:
+        t = all_reduce(torch.tensor(list(sums.values()), dtype=torch.float64, device=dev), world)
+        sums = dict(zip(sums, t.tolist()))
+        drops = [None] * world
+        dist.all_gather_object(drops, dropped)
+    n = max(sums["samples"], 1)
+    return dict(step=step, reward=sums["reward"] / max(sums["rewards"], 1), accuracy=sums["accuracy"] / n,
+                format_valid=sums["format_valid"] / n, trigger_rate=sums["trigger_rate"] / n,
+                branches_per_fork=sums["branches"] / max(sums["forks"], 1), trained_seqs=int(sums["trained_seqs"]),
+                dropped={k: sum(d.get(k, 0) for d in drops) for d in drops for k in d},
+                response_tokens=sums["tokens"] / n, critical_tokens=sums["critical_tokens"] / n,
+                entropy=sums["entropy"] / max(sums["entropies"], 1), loss=float(sums["loss"]),
+                grad_norm=max(gnorms) if gnorms else 0.0,
+                rollout_tok_s=sums["tokens"] / max(sums["roll_wall"] / world, 1e-9),
+                train_tok_s=n_train_tok * world / max(t_train, 1e-9))
+
+
+def evaluate(sampler, tok, problems, instruction, cfg, dev, bf16_autocast):
+    """Greedy decoding of the eval problems in the training mode -> eval.py's metrics."""
+    params = SamplingParams(mode=cfg.mode, temperature=0.0, max_new_tokens=cfg.max_new_tokens,
+                            max_branches=cfg.max_branches)
+    prompts = [chat_prompt(tok, p["question"], instruction) for p in problems]
+    with autocast(dev, bf16_autocast):
+        got, wall = sampler.generate_many(prompts, 1, params, cfg.rollout_rows)
+    return sample_metrics([(ss[0], p["answer"]) for p, ss in zip(problems, got)], wall)
+
+
+def rollout_model(model, cfg, dev, world):
+    """-> (the model the rollouts decode with, whether they run under bf16 autocast). On CUDA with
+    --bf16 --rollout-copy: a bf16 copy of the weights (the sampler's CUDA graphs need plain bf16
+    weights, not autocast; its log-probs then differ from the trainer's by bf16 rounding, so
+    --ratio importance is close, not exact). Under FSDP2 the trained weights are sharded: always a
+    full copy. Elsewhere the model itself. A copy follows the weights through sync_rollout_model."""
+    to_bf16 = cfg.rollout_copy and cfg.bf16 and torch.device(dev).type == "cuda"
+    if not (to_bf16 or (world > 1 and cfg.fsdp)):
+        return model, cfg.bf16
+    copy_ = copy.deepcopy(model).eval().requires_grad_(False)
+    return (copy_.to(torch.bfloat16) if to_bf16 else copy_), cfg.bf16 and not to_bf16
+
+
+@torch.no_grad()
+def sync_rollout_model(roll_model, model):
+    """Copy the trained weights into the rollout copy (FSDP2: each shard gathered; every rank takes part)."""
+    if roll_model is not model:
+        for a, b in zip(roll_model.parameters(), model.parameters()):
+            a.copy_(b.full_tensor() if hasattr(b, "full_tensor") else b)
+
+
+# -----------------------------------------------------------------------------
 
 def main(cfg: Config):
     rank, world, _, dev = init_distributed()
@@ -260,77 +367,39 @@ def main(cfg: Config):
         raise ValueError(f"--mode must be serial or parallel, not {cfg.mode!r}")
     if cfg.prompts_per_step % world:
         raise ValueError(f"--prompts-per-step {cfg.prompts_per_step} must be divisible by the {world} ranks")
-    ratio_kind = cfg.ratio or ("onpolicy" if cfg.mode == "parallel" else "importance")
     torch.manual_seed(cfg.seed)
     if rank == 0:
         print_config(cfg)
-    dtype = {"bfloat16": torch.bfloat16, "float32": torch.float32}[cfg.dtype]
-    last_dir = os.path.join(cfg.out_dir, "last")
-    resuming = cfg.resume and os.path.isfile(os.path.join(last_dir, "train_state.pt"))
-    src = last_dir if resuming else cfg.model
-    tok = Tokenizer.from_pretrained(src)
-    model = Qwen.from_pretrained(src, device=dev, dtype=dtype)
-    check_vocab(model, tok, src)
-    model.attn_impl, model.gradient_checkpointing = cfg.attn_impl, cfg.grad_checkpointing
-    # rollouts: on CUDA a bf16 copy of the weights decodes, refreshed after every update: the sampler's
-    # CUDA graphs need plain bf16 weights, not autocast (its log-probs then differ from the trainer's
-    # by bf16 rounding: --ratio importance is no longer exact to 1e-4, only close). Under FSDP2 the
-    # trained weights are sharded, so the rollouts always use a full copy. Elsewhere: the model itself.
-    fsdp = world > 1 and cfg.fsdp
-    roll_model = model
-    to_bf16 = cfg.rollout_copy and cfg.bf16 and torch.device(dev).type == "cuda"
-    if to_bf16 or fsdp:
-        roll_model = copy.deepcopy(model).eval().requires_grad_(False)
-        if to_bf16:
-            roll_model.to(torch.bfloat16)
-    roll_autocast = cfg.bf16 and not to_bf16
+    model, tok, last_dir, resuming = load_for_training(cfg, dev)
+    roll_model, roll_autocast = rollout_model(model, cfg, dev, world)   # before FSDP2 shards the model
     sampler = Sampler(roll_model, tok)
     instruction = instruction_for(cfg.model, cfg.instruction)
     problems = read_problems(cfg.data)
     eval_problems = read_problems(cfg.eval_data)[:cfg.eval_problems] if cfg.eval_every else []
-    train_model = model
-    if fsdp:
-        from torch.distributed.fsdp import fully_shard
-        for layer in model.model.layers:
-            fully_shard(layer)
-        fully_shard(model)
-    elif world > 1:
-        from torch.nn.parallel import DistributedDataParallel
-        train_model = DistributedDataParallel(model)
+    train_model = wrap_distributed(model, world, cfg.fsdp)
     opt = torch.optim.AdamW(model.parameters(), lr=cfg.lr, betas=(0.9, 0.999), weight_decay=cfg.weight_decay)
-    step = 0
-    if resuming:
-        step = load_resume_point(opt, last_dir, rank, world, dev)
+    step = load_resume_point(opt, last_dir, rank, world, dev) if resuming else 0
     metrics = JsonlLog(os.path.join(cfg.out_dir, "metrics.jsonl"))
     if rank == 0:
         metrics.truncate_after(step)          # records past the resumed step are about to be redone
-    order = list(range(len(problems)))
 
-    def evaluate(at_step):
-        if not eval_problems or rank != 0:
-            return {}
-        model.eval()
-        params = SamplingParams(mode=cfg.mode, temperature=0.0, max_new_tokens=cfg.max_new_tokens,
-                                max_branches=cfg.max_branches)
-        prompts = [chat_prompt(tok, p["question"], instruction) for p in eval_problems]
-        with autocast(dev, roll_autocast):
-            got, wall = sampler.generate_many(prompts, 1, params, cfg.rollout_rows)
-        m = sample_metrics([(ss[0], p["answer"]) for p, ss in zip(eval_problems, got)], wall)
-        print(f"eval step {at_step} | greedy {cfg.mode} accuracy {m['accuracy']:.3f} | format {m['format_valid']:.3f}"
-              f" | trigger {m['trigger_rate']:.3f}", flush=True)
-        metrics.write(step=at_step, **{f"eval_{k}": v for k, v in m.items() if not isinstance(v, dict)})
-        return m
+    def maybe_evaluate(at_step):
+        if eval_problems and rank == 0 and cfg.eval_every and at_step % cfg.eval_every == 0:
+            model.eval()
+            m = evaluate(sampler, tok, eval_problems, instruction, cfg, dev, roll_autocast)
+            print(f"eval step {at_step} | greedy {cfg.mode} accuracy {m['accuracy']:.3f} | format "
+                  f"{m['format_valid']:.3f} | trigger {m['trigger_rate']:.3f}", flush=True)
+            metrics.write(step=at_step, **{f"eval_{k}": v for k, v in m.items() if not isinstance(v, dict)})
 
-    from tqdm import tqdm
     if step == 0:
-        evaluate(0)
+        maybe_evaluate(0)
     bar = tqdm(total=cfg.steps, initial=step, desc=f"grpo ({cfg.mode})", disable=rank != 0)
     while step < cfg.steps:
         t0 = time.perf_counter()
-        # ---- rollouts (no grad) ----
+        # ---- rollouts (no grad), rewards, advantages ----
         model.eval()
         with autocast(dev, roll_autocast):
-            groups, seen, dropped, roll_wall = rollout(sampler, tok, problems, order, cfg, step, instruction, rank, world)
+            groups, seen, dropped, roll_wall = rollout(sampler, tok, problems, cfg, step, instruction, rank, world)
         sampler.release()                     # the fast path's KV cache and graphs: not kept through training
         rewards = [[r for _, r in g] for g in groups]
         batch = [r for g in rewards for r in g]
@@ -344,78 +413,18 @@ def main(cfg: Config):
 
         # ---- updates: seqs_per_update sequences per optimizer step ----
         model.train()
-        per_rank_update = max(1, cfg.seqs_per_update // world)
-        n_updates = torch.tensor(math.ceil(len(items) / per_rank_update) if items else 0, device=dev)
-        if world > 1:
-            dist.all_reduce(n_updates, op=dist.ReduceOp.MAX)
-        losses, gnorms, ents, t_train, n_train_tok = [], [], [], time.perf_counter(), 0
-        for u in range(int(n_updates)):
-            mb = items[u * per_rank_update:(u + 1) * per_rank_update]
-            n_tok = sum(sum(bool(x) or cfg.train_forced for x in s.sampled) for s, _ in mb)
-            n_train_tok += n_tok
-            norm = torch.tensor(float(n_tok if cfg.mode == "serial" else len(mb)), device=dev)
-            # every rank runs the same number of forward/backward passes, so DDP's all-reduces pair up
-            n_micro = torch.tensor(max(1, math.ceil(len(mb) / cfg.micro_batch)), device=dev)
-            if world > 1:
-                dist.all_reduce(norm)
-                dist.all_reduce(n_micro, op=dist.ReduceOp.MAX)
-            loss_u = 0.0
-            for j in range(int(n_micro)):
-                part = mb[j * cfg.micro_batch:(j + 1) * cfg.micro_batch]
-                sync = world == 1 or fsdp or j == int(n_micro) - 1   # FSDP2 reduces every backward
-                with (train_model.no_sync() if not sync else contextlib.nullcontext()), autocast(dev, cfg.bf16):
-                    if part:
-                        ids, pos, layout, targets, old, A = to_batch(part, cfg.train_forced, dev)
-                        mask = (targets >= 0).float()
-                        logp, ent = train_model(ids, pos, layout, targets=targets, with_entropy=True)
-                        old = torch.where(torch.isnan(old), logp.detach(), old)   # forced tokens: ratio 1
-                        loss = policy_loss(logp, old, A, mask, cfg.mode, ratio_kind, cfg.clip_low, cfg.clip_high,
-                                           norm.clamp(min=1), cfg.clip_c) * world   # DDP/FSDP average over ranks
-                        ents.append(float((ent * mask).sum() / mask.sum().clamp(min=1)))
-                    else:   # nothing left on this rank: a zero-weight pass keeps DDP/FSDP collectives in step
-                        z = torch.zeros(1, 1, dtype=torch.long, device=dev)
-                        lp = train_model(z, None, Layout.causal(1, 1, dev), targets=torch.zeros_like(z))
-                        loss = lp.sum() * 0.0
-                    loss.backward()
-                loss_u += loss.item() / world
-            gnorms.append(torch.nn.utils.clip_grad_norm_(model.parameters(), cfg.grad_clip).item())
-            opt.step()
-            opt.zero_grad(set_to_none=True)
-            losses.append(loss_u)
-        if roll_model is not model:          # the rollout copy follows the trained weights
-            with torch.no_grad():                # (FSDP2: gather each shard; every rank takes part)
-                for a, b in zip(roll_model.parameters(), model.parameters()):
-                    a.copy_(b.full_tensor() if hasattr(b, "full_tensor") else b)
+        t_train = time.perf_counter()
+        trained = update(train_model, model, opt, items, cfg, world, dev)
+        sync_rollout_model(roll_model, model)  # the rollout copy follows the trained weights
         t_train = time.perf_counter() - t_train
         step += 1
 
-        # ---- log (sums over every rank's rollouts) ----
-        m = sample_metrics(seen, roll_wall) if seen else {}
-        n = len(seen)
-        forks = [b for s, _ in seen for b in s.stats["branches_per_fork"]]
-        flat = [r for g in rewards for r in g]
-        tot = torch.tensor([n, m.get("accuracy", 0) * n, m.get("format_valid", 0) * n, m.get("trigger_rate", 0) * n,
-                            m.get("mean_tokens", 0) * n, m.get("mean_critical_tokens", 0) * n, sum(forks), len(forks),
-                            sum(flat), len(flat), len(items), sum(losses), roll_wall, sum(ents), len(ents)],
-                           dtype=torch.float64, device=dev)
-        drops = [dropped]
-        if world > 1:
-            dist.all_reduce(tot)
-            drops = [None] * world
-            dist.all_gather_object(drops, dropped)
-        t = tot.tolist()
-        nn_ = max(t[0], 1)
-        rec = dict(step=step, reward=t[8] / max(t[9], 1), accuracy=t[1] / nn_, format_valid=t[2] / nn_,
-                   trigger_rate=t[3] / nn_, branches_per_fork=t[6] / max(t[7], 1), trained_seqs=int(t[10]),
-                   dropped={k: sum(d.get(k, 0) for d in drops) for d in drops for k in d},
-                   response_tokens=t[4] / nn_, critical_tokens=t[5] / nn_, entropy=t[13] / max(t[14], 1),
-                   loss=t[11], grad_norm=max(gnorms) if gnorms else 0.0, rollout_tok_s=t[4] / max(t[12] / world, 1e-9),
-                   train_tok_s=n_train_tok * world / max(t_train, 1e-9), step_s=time.perf_counter() - t0)
+        rec = log_step(step, seen, rewards, dropped, len(items), trained, roll_wall, t_train, world, dev)
+        rec["step_s"] = time.perf_counter() - t0
         bar.update(1)
         if rank == 0:
             metrics.log(**rec)
-        if cfg.eval_every and step % cfg.eval_every == 0:
-            evaluate(step)
+        maybe_evaluate(step)
         if cfg.save_every and step % cfg.save_every == 0 and step < cfg.steps:
             save_resume_point(model, tok, opt, last_dir, cfg, cfg.model, step, rank, world)
     bar.close()

@@ -5,23 +5,17 @@ Stage 2b (NPR-Beta): parallel SFT on the self-distilled trajectories, with branc
     torchrun --nproc-per-node 8 sft.py --model Qwen3-4B-Instruct-2507 --data distill.jsonl \\
         --out-dir out/sft --lr 1e-6 --batch-size 8 --row-tokens 32768 --epochs 1 --fsdp
 
-What it does (NPR.md section 4, stage 2b):
-- starts from the instruct (base) model, NOT the stage-1 model; adds the 8 tags as tokens (added, not special)
-  (each new row = mean of the sub-tokens of its name; tokens already present keep their rows);
-- each trajectory: prompt (chat-rendered) + response + end-of-turn, the response in the parallel
-  engine's form (npr.engine_pieces: its forced headers and separators, byte for byte); per-token
-  block / branch / position from npr.token_layout (separators belong to the branch before them), so
-  step i never sees step j != i; malformed trajectories are dropped and counted (with the reason);
-- sequences are packed into rows with document ids (no padding waste, documents blind to each
-  other); a sequence longer than a row is dropped and counted;
-- loss on assistant tokens only (tags included), token mean over the GLOBAL batch (all ranks,
-  all micro-batches of one optimizer step), log-probs computed in chunks (no (T, vocab) logits);
-- AdamW (0.9, 0.95), wd 0.1 on matrices, cosine schedule with warm-up, grad clipping, fp32 weights
-  with bf16 autocast on GPU (a bf16 weight cannot absorb a 1e-6 update),
-  gradient accumulation (one packed row per micro-batch), optional gradient checkpointing;
-- torchrun: DDP by default, FSDP2 (`fully_shard`) with --fsdp; gloo on CPU, nccl on GPU;
-- checkpoints in the HF layout (loadable by Qwen.from_pretrained and transformers): the final one
-  in --out-dir, periodic ones in --out-dir/last with optimizer state; rerunning resumes from it.
+NPR.md section 4, stage 2b: start from the instruct model (not the stage-1 model) and add the 8
+tags as tokens (added, not special; a new row = the mean of the rows of its name's sub-tokens). A
+trajectory is prompt + response + end-of-turn, the response in the engine's exact bytes
+(npr.engine_pieces) with each token's block, branch and position (npr.token_layout: separators
+belong to the branch before them), so step i never sees step j. Malformed trajectories and ones
+longer than a row are dropped and counted. Documents are packed into rows (document ids keep them
+blind to each other). Loss on assistant tokens only (tags included), token mean over the global
+batch (all ranks and micro-batches of a step). AdamW (0.9, 0.95), wd 0.1 on matrices, cosine
+schedule with warm-up, grad clipping; fp32 weights with bf16 autocast on GPU (a bf16 weight cannot
+absorb a 1e-6 update). torchrun: DDP, or FSDP2 with --fsdp. Checkpoints in the HF layout: the final
+one in --out-dir, resumable ones in --out-dir/last (rerunning resumes from it).
 Paper settings (flags): lr 1e-6, cosine, 5% warm-up, 1 epoch, 8 sequences/step, 32k context.
 The defaults below are the built-in default's (a 0.4M-parameter model: higher lr, more epochs).
 """
@@ -33,13 +27,14 @@ from dataclasses import dataclass
 
 import torch
 import torch.distributed as dist
+from tqdm import tqdm
 
 import npr
-from cli import (JsonlLog, autocast, init_distributed, instruction_for, load_resume_point, parse_cli,
-                 print_config, read_problems, save_final, save_resume_point)
-from model import Qwen, add_tag_tokens, check_vocab
+from cli import (JsonlLog, accumulating, autocast, init_distributed, instruction_for, load_for_training,
+                 load_resume_point, parse_cli, print_config, read_problems, save_final, save_resume_point,
+                 wrap_distributed)
+from model import add_tag_tokens
 from parallel_attention import Layout
-from tokenizer import Tokenizer
 
 
 @dataclass
@@ -139,19 +134,11 @@ def main(cfg: Config):
     log = print if rank == 0 else (lambda *a, **k: None)
     if rank == 0:
         print_config(cfg)
-    dtype = {"bfloat16": torch.bfloat16, "float32": torch.float32}[cfg.dtype]
-    last_dir = os.path.join(cfg.out_dir, "last")
-    resuming = cfg.resume and os.path.isfile(os.path.join(last_dir, "train_state.pt"))
-    src = last_dir if resuming else cfg.model
 
     log("== load model and add the tag tokens ==")
-    tok = Tokenizer.from_pretrained(src)
-    model = Qwen.from_pretrained(src, device=dev, dtype=dtype)
+    model, tok, last_dir, resuming = load_for_training(cfg, dev)
     if not resuming:
         add_tag_tokens(model, tok, npr.TAG_NAMES)
-    check_vocab(model, tok, src)
-    model.attn_impl = cfg.attn_impl
-    model.gradient_checkpointing = cfg.grad_checkpointing
     n_params = model.num_params()
 
     log("== data: layouts, drops, packing ==")
@@ -169,29 +156,17 @@ def main(cfg: Config):
             examples.append(ex)
     if not examples:
         raise ValueError(f"{cfg.data}: no usable trajectories (dropped: {dropped})")
-    steps_per_epoch = math.ceil(len(examples) / cfg.batch_size)
-    total_steps = max(1, int(steps_per_epoch * cfg.epochs))
+    total_steps = max(1, int(math.ceil(len(examples) / cfg.batch_size) * cfg.epochs))
     log(f"trajectories {len(examples)} | dropped {sum(dropped.values())} {dropped} | "
         f"steps {total_steps} | params {n_params / 1e6:.2f}M")
 
-    ddp_model = model
-    if world > 1:
-        if cfg.fsdp:
-            from torch.distributed.fsdp import fully_shard
-            for layer in model.model.layers:
-                fully_shard(layer)
-            fully_shard(model)
-        else:
-            from torch.nn.parallel import DistributedDataParallel
-            ddp_model = DistributedDataParallel(model)
-    decay = [p for n, p in model.named_parameters() if p.dim() >= 2]
-    no_decay = [p for n, p in model.named_parameters() if p.dim() < 2]
+    train_model = wrap_distributed(model, world, cfg.fsdp)
+    decay = [p for p in model.parameters() if p.dim() >= 2]
+    no_decay = [p for p in model.parameters() if p.dim() < 2]
     opt = torch.optim.AdamW([{"params": decay, "weight_decay": cfg.weight_decay},
                              {"params": no_decay, "weight_decay": 0.0}],
                             lr=cfg.lr, betas=(cfg.beta1, cfg.beta2), foreach=dev.type == "cuda")
-    step = 0
-    if resuming:
-        step = load_resume_point(opt, last_dir, rank, world, dev)
+    step = load_resume_point(opt, last_dir, rank, world, dev) if resuming else 0
     metrics = JsonlLog(os.path.join(cfg.out_dir, "metrics.jsonl"))
     if rank == 0:
         metrics.truncate_after(step)          # records past the resumed step are about to be redone
@@ -199,11 +174,9 @@ def main(cfg: Config):
     log("== train ==")
     order = []
     for epoch in range(math.ceil(cfg.epochs) + 1):   # one fixed shuffle per epoch, so resuming replays it
-        rng = random.Random(cfg.seed + epoch)
         perm = list(range(len(examples)))
-        rng.shuffle(perm)
+        random.Random(cfg.seed + epoch).shuffle(perm)
         order += perm
-    from tqdm import tqdm
     bar = tqdm(total=total_steps, initial=step, desc="sft", disable=rank != 0)
     model.train()
     while step < total_steps:
@@ -213,19 +186,15 @@ def main(cfg: Config):
         n_tok = torch.tensor(float(sum(sum(e["loss"]) for e in batch)), device=dev)   # global loss tokens
         for g in opt.param_groups:
             g["lr"] = lr_at(step, total_steps, cfg)
-        loss_sum, n_rows = 0.0, torch.tensor(len(rows), device=dev)
+        n_rows = torch.tensor(len(rows), device=dev)
         if world > 1:
             dist.all_reduce(n_rows, op=dist.ReduceOp.MAX)  # every rank runs as many micro-batches
+        loss_sum = 0.0
         for i in range(int(n_rows)):
-            r = rows[i] if i < len(rows) else None
-            if r is None:   # this rank has fewer rows: a zero-weight pass keeps the collectives in step
-                r = dict(ids=torch.zeros(1, 1, dtype=torch.long), targets=torch.full((1, 1), -100),
-                         pos=torch.zeros(1, 1, dtype=torch.long), layout=Layout.causal(1, 1))
-            sync = world == 1 or cfg.fsdp or i == int(n_rows) - 1
-            ctx = ddp_model.no_sync() if not sync else torch.enable_grad()
-            with ctx, autocast(dev, cfg.bf16):
-                fwd = ddp_model if world > 1 and not cfg.fsdp else model
-                lp = fwd(r["ids"].to(dev), r["pos"].to(dev), r["layout"].to(dev), targets=r["targets"].to(dev))
+            # a rank with fewer rows runs an empty one (no loss tokens): the collectives stay in step
+            r = rows[i] if i < len(rows) else to_row([dict(ids=[0], loss=[0], pos=[0], block=[0], branch=[0])])
+            with accumulating(train_model, i == int(n_rows) - 1), autocast(dev, cfg.bf16):
+                lp = train_model(r["ids"].to(dev), r["pos"].to(dev), r["layout"].to(dev), targets=r["targets"].to(dev))
                 # token mean over the global batch; DDP/FSDP average gradients over ranks, so x world
                 loss = -lp.sum() * world / n_tok
                 loss.backward()

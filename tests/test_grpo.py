@@ -1,20 +1,17 @@
-"""grpo.py: advantages and losses on hand-computed cases, dynamic sampling, dropped rollouts,
-and a short run of each mode that raises the mean reward."""
+"""grpo.py, the RL algorithm (stages 1 and 3): rewards, advantages and the clipped / on-policy loss
+on hand-computed cases; dynamic sampling and dropped rollouts never reach the loss; a short run of
+each mode raises the accuracy; 2 ranks (DDP, FSDP2) == 1 rank; a killed run resumes where it was.
+
+    OMP_NUM_THREADS=1 .venv/bin/python -m pytest tests/test_grpo.py -x -q
+"""
+import json
 import math
 
 import pytest
 import torch
 
 import grpo
-from sampler import Sample
-
-GOOD = ("<guideline>\n<plan>1: 2*3</plan>\n<plan>2: 4*5</plan>\n</guideline>\n<step>\n1: 2*3=6\n</step>\n"
-        "<step>\n2: 4*5=20\n</step>\n<takeaway>\n6+20=26.\n</takeaway>\n\\boxed{26}")
-
-
-def sample(text, finish="eos", crit=10):
-    return Sample(prompt_ids=[1], ids=[1], finish_reason=finish, text=text,
-                  stats=dict(total_tokens=crit, critical_path_tokens=crit, forks=1, branches_per_fork=[2], time_s=0.1))
+from helpers import GOOD, FakeSampler, FakeTok, sample
 
 
 def test_advantages_by_hand():
@@ -103,40 +100,21 @@ def test_leaving_the_box_out_does_not_beat_a_wrong_boxed_answer():
     assert right_a > 0 and nobox_a <= wrong_a
 
 
-class FakeSampler:
-    def __init__(self, texts):
-        self.texts = texts            # per call: list (per prompt) of list (per sample) of (text, finish[, crit])
-        self.params = []
-
-    def generate_many(self, prompts, n, params, rows, seeds=None):
-        self.params.append(params)
-        batch = self.texts.pop(0)
-        return [[sample(*batch[i % len(batch)][j]) for j in range(n)] for i in range(len(prompts))], 1.0
-
-
-class FakeTok:
-    def encode(self, t):
-        return [1]
-
-    def render_chat(self, m, add_generation_prompt=True, **kw):
-        return ""
-
-
 def test_dynamic_sampling_drops_zero_variance_groups_and_malformed_never_reach_the_loss():
     problems = [{"question": "q", "answer": "26"}]
     allright = [(GOOD, "eos")] * 4
     mixed = [(GOOD, "eos"), (GOOD.replace("{26}", "{2}"), "eos"), (GOOD, "malformed: x"), (GOOD, "eos")]
     cfg = grpo.Config(mode="serial", prompts_per_step=2, group_size=4, max_sampling_rounds=2)
-    fake = FakeSampler([[allright, allright], [mixed, allright, allright, allright]])
-    groups, seen, dropped, _ = grpo.rollout(fake, FakeTok(), problems, [0], cfg, 0, "", 0, 1)
+    fake = FakeSampler({"q": allright * 2 + mixed + allright * 3})     # round 1: 2 groups, round 2: 4
+    groups, seen, dropped, _ = grpo.rollout(fake, FakeTok(), problems, cfg, 0, "", 0, 1)
     assert len(groups) == 1 and dropped["zero-variance group"] == 4 * 5
     par = grpo.Config(mode="parallel", prompts_per_step=1, group_size=4)
-    groups, _, dropped, _ = grpo.rollout(FakeSampler([[mixed]]), FakeTok(), problems, [0], par, 0, "", 0, 1)
+    groups, _, dropped, _ = grpo.rollout(FakeSampler({"q": mixed}), FakeTok(), problems, par, 0, "", 0, 1)
     assert len(groups[0]) == 3 and dropped == {"malformed": 1}
     assert all(not s.finish_reason.startswith("malformed") for s, _ in groups[0])
     # a lone survivor has no group baseline: its group is dropped
     lone = [(GOOD, "eos")] + [(GOOD, "malformed: x")] * 3
-    groups, _, dropped, _ = grpo.rollout(FakeSampler([[lone]]), FakeTok(), problems, [0], par, 0, "", 0, 1)
+    groups, _, dropped, _ = grpo.rollout(FakeSampler({"q": lone}), FakeTok(), problems, par, 0, "", 0, 1)
     assert groups == [] and dropped == {"malformed": 3, "group too small": 1}
 
 
@@ -148,8 +126,8 @@ def test_dynamic_sampling_looks_at_the_score_before_the_overlong_penalty():
                       overlong_buffer=20)
     one_long = [(GOOD, "eos", 10)] * 3 + [(GOOD, "eos", 95)]
     mixed = [(GOOD, "eos"), (GOOD.replace("{26}", "{2}"), "eos")] * 2
-    fake = FakeSampler([[one_long], [mixed, mixed]])
-    groups, _, dropped, _ = grpo.rollout(fake, FakeTok(), problems, [0], cfg, 0, "", 0, 1)
+    fake = FakeSampler({"q": one_long + mixed * 2})
+    groups, _, dropped, _ = grpo.rollout(fake, FakeTok(), problems, cfg, 0, "", 0, 1)
     assert dropped == {"zero-variance group": 4} and [r for _, r in groups[0]] == [1.0, -1.0, 1.0, -1.0]
 
 
@@ -157,8 +135,8 @@ def test_repetition_penalty_reaches_the_rollouts():
     problems = [{"question": "q", "answer": "26"}]
     assert grpo.Config().repetition_penalty == 1.0             # off by default (see grpo.py's docstring)
     cfg = grpo.Config(mode="parallel", prompts_per_step=1, group_size=2, repetition_penalty=1.02)
-    fake = FakeSampler([[[(GOOD, "eos")] * 2]])
-    grpo.rollout(fake, FakeTok(), problems, [0], cfg, 0, "", 0, 1)
+    fake = FakeSampler({"q": [(GOOD, "eos")] * 2})
+    grpo.rollout(fake, FakeTok(), problems, cfg, 0, "", 0, 1)
     assert fake.params[0].repetition_penalty == 1.02
 
 
@@ -180,7 +158,6 @@ EASY = [(2, 3, 4, 5), (3, 3, 2, 2), (4, 2, 3, 1), (5, 2, 2, 3)]
 @pytest.fixture(scope="module")
 def sft_model(tmp_path_factory):
     """A tiny random model fine-tuned for a few seconds on 4 easy problems: right 20-70% of the time."""
-    import json
     import sft
     from helpers import make_checkpoint
     d = tmp_path_factory.mktemp("rl")
@@ -194,15 +171,15 @@ def sft_model(tmp_path_factory):
 
 
 def accuracy(path, rows, mode):
-    import npr
     from cli import chat_prompt
+    from eval import sample_metrics
     from model import Qwen
     from tokenizer import Tokenizer
     from sampler import Sampler, SamplingParams
     m, tok = Qwen.from_pretrained(str(path)), Tokenizer.from_pretrained(str(path))
     prompts = [chat_prompt(tok, r["question"], "Solve.") for r in rows]
     out = Sampler(m, tok).generate(prompts, n=64, params=SamplingParams(mode=mode, max_new_tokens=120, seed=123))
-    return npr.sample_metrics([(s, r["answer"]) for r, ss in zip(rows, out) for s in ss], 1.0)["accuracy"]
+    return sample_metrics([(s, r["answer"]) for r, ss in zip(rows, out) for s in ss], 1.0)["accuracy"]
 
 
 @pytest.mark.parametrize("mode", ["parallel", "serial"])
@@ -214,7 +191,6 @@ def test_a_few_steps_raise_the_reward_on_a_fixed_prompt_set(sft_model, tmp_path,
                           eval_data=str(d / "test.jsonl"), eval_every=8, save_every=0, steps=STEPS, prompts_per_step=4, group_size=8, seqs_per_update=32,
                           lr=RL_LR, max_new_tokens=120, instruction="Solve.", seed=0, malformed=MALFORMED))
     after = accuracy(tmp_path / "rl", rows, mode)
-    import json
     evals = [json.loads(x) for x in open(tmp_path / "rl" / "metrics.jsonl") if "eval_accuracy" in x]
     assert [e["step"] for e in evals] == [0, 8, 16]
     assert after >= before + 0.05, (before, after)   # measured: parallel 0.60 -> 0.70, serial 0.49 -> 0.80
@@ -225,7 +201,6 @@ def test_two_gloo_processes_match_one(sft_model, tmp_path, fsdp):
     """Rollouts do not depend on the number of ranks (global prompt picks, per-row random streams),
     the batch std is global and the loss is normalised globally: 2 ranks == 1 rank, with DDP and
     with FSDP2 (sharded training weights, a full copy for the rollouts, re-gathered after each update)."""
-    import json
     import os
     import subprocess
     import sys
@@ -255,17 +230,16 @@ def test_two_gloo_processes_match_one(sft_model, tmp_path, fsdp):
 
 def test_resume_after_a_kill(sft_model, tmp_path, monkeypatch):
     """Killed after the resumable save at step 2: the rerun continues at step 3 and logs each step once."""
-    import json
     d, _ = sft_model
     cfg = grpo.Config(mode="parallel", model=str(d / "sft"), data=str(d / "train.jsonl"), out_dir=str(tmp_path / "rl"),
                       eval_every=0, save_every=2, steps=4, prompts_per_step=4, group_size=4, seqs_per_update=16,
                       lr=1e-4, max_new_tokens=120, instruction="Solve.")
     real = grpo.rollout
 
-    def dying(*a, **k):
-        if a[5] == 3:                      # the step argument
+    def dying(sampler, tok, problems, cfg, step, *a):
+        if step == 3:
             raise KeyboardInterrupt
-        return real(*a, **k)
+        return real(sampler, tok, problems, cfg, step, *a)
     monkeypatch.setattr(grpo, "rollout", dying)
     with pytest.raises(KeyboardInterrupt):
         grpo.main(cfg)
