@@ -6,30 +6,26 @@ Stages 1 and 3: reinforcement learning with group rollouts, serial (NPR-Zero) or
     torchrun --nproc-per-node 8 grpo.py --model out/sft --data orz.json --lr 1e-7 --fsdp \\
         --prompts-per-step 16 --group-size 16 --seqs-per-update 16 --max-new-tokens 30000
 
---mode serial (stage 1, NPR-Zero; DAPO-style, NPR.md section 4): serial rollouts, group size n,
-  advantage (r - group mean) / (group std + 1e-6), clipped importance ratio with clip-higher
-  (0.2 / 0.28) against the sampler's own log-probs, dynamic sampling (groups whose rewards are all
-  equal are dropped and more prompts drawn until the batch is full), token-mean loss, soft overlong
-  penalty in the last --overlong-buffer tokens of the budget, dual-clip (--clip-c 10: a token with
-  A < 0 loses at most c x |A|), no KL, no entropy bonus. Dynamic sampling looks at the score before
-  the overlong penalty (the official filter_groups.metric=score) and stops after
-  --max-sampling-rounds rounds (the official samples until the batch is full, which never ends on a
-  model that solves, or fails, every prompt; we train on the groups we have).
-  Score: +1 / -1 for the answer; with --format-reward (the paper's variant; the official code
-  comments it out) a sample whose format score is not 0 gets -1 - --format-penalty whatever its
-  answer, i.e. accuracy counts only when the format passes.
+--mode serial (stage 1, NPR-Zero; DAPO-style, NPR.md section 4): serial rollouts; advantage
+  (r - group mean) / (group std + 1e-6); clipped importance ratio against the sampler's log-probs,
+  clip-higher (0.2 / 0.28) and dual-clip (--clip-c 10: a token with A < 0 loses at most c x |A|);
+  token-mean loss; soft overlong penalty in the last --overlong-buffer tokens of the budget; no KL,
+  no entropy bonus. Dynamic sampling drops groups whose scores (before the overlong penalty, as the
+  official filter_groups.metric=score) are all equal and draws more prompts, for at most
+  --max-sampling-rounds rounds (the official never stops on a model that solves, or fails, every
+  prompt). Score +1 / -1; with --format-reward (the paper's variant; the official code comments it
+  out) a sample whose format score is not 0 gets -1 - --format-penalty whatever its answer.
 --mode parallel (stage 3, PAPO): rollouts with the fork/join engine; malformed and over-budget
-  rollouts are dropped before scoring (counted; --malformed penalize scores them -1 instead: with a
-  model that is not yet ~100% well formed, dropping lets RL drift into malformed outputs, which no
-  reward ever pushes down); reward +1 / -1 (0 for an empty response); advantage
-  (r - group mean) / (std of the whole batch + 1e-6); strictly on-policy loss: ratio
-  exp(logp - stopgrad(logp)) == 1 (no clipping can fire), i.e. -A x (mean log-prob of the
-  sequence's tokens), averaged over sequences. No KL, no reference model, no entropy term.
-Both modes: a response without \\boxed{} has no answer and scores -1 like a wrong one (the official
-grader falls back to the last number; our instruction asks for the box); an empty response scores 0.
-Standard deviations are unbiased (n - 1, torch.std as in the official trainer). A group left with
-fewer than 2 samples after the drops is dropped (the official keeps it with baseline 0: its
-advantage r / (batch std + 1e-6) is then unbounded when the batch's rewards are all equal).
+  rollouts are dropped before scoring and counted (--malformed penalize scores a malformed one -1
+  instead: while a model is not always well formed, dropping lets RL drift into malformed outputs,
+  which no reward pushes down); reward +1 / -1; advantage (r - group mean) / (std of the whole batch + 1e-6); strictly
+  on-policy loss: ratio exp(logp - stopgrad(logp)) == 1 (no clipping can fire), i.e. -A x (mean
+  log-prob of the sequence's tokens), averaged over sequences. No KL, no reference model, no entropy.
+Both modes: a response without \\boxed{} scores -1 like a wrong one (the official grader falls back
+to the last number; our instruction asks for the box); an empty response scores 0. Standard
+deviations are unbiased (n - 1, as torch.std in the official trainer). A group left with fewer than
+2 samples after the drops is dropped (the official keeps it with baseline 0, whose advantage
+r / (batch std + 1e-6) is unbounded when the batch's rewards are all equal).
 Both modes train on the exact sampled token ids with the sampler's layout (branch mask and shared
 positions; no re-tokenization); forced tokens (step headers, takeaway opener) get no loss unless
 --train-forced. --ratio importance: the later mini-batches of a rollout batch use the true ratio

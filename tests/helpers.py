@@ -9,9 +9,14 @@ from tokenizers import Tokenizer as HFTok, decoders, models, pre_tokenizers, tra
 
 from model import Qwen, QwenConfig
 
-# A right, well-formed answer to "Compute 2*3 + 4*5." (26): one block, two branches.
-GOOD = ("<guideline>\n<plan>1: 2*3</plan>\n<plan>2: 4*5</plan>\n</guideline>\n<step>\n1: 2*3=6\n</step>\n"
-        "<step>\n2: 4*5=20\n</step>\n<takeaway>\n6+20=26.\n</takeaway>\n\\boxed{26}")
+def solution(a, b, c, e):
+    """A right, well-formed answer to "Compute {a}*{b} + {c}*{e}.": one block, two branches."""
+    p, q = a * b, c * e
+    return (f"<guideline>\n<plan>1: {a}*{b}</plan>\n<plan>2: {c}*{e}</plan>\n</guideline>\n<step>\n1: {a}*{b}={p}\n"
+            f"</step>\n<step>\n2: {c}*{e}={q}\n</step>\n<takeaway>\n{p}+{q}={p + q}.\n</takeaway>\n\\boxed{{{p + q}}}")
+
+
+GOOD = solution(2, 3, 4, 5)
 WRONG = GOOD.replace("\\boxed{26}", "\\boxed{27}")
 
 

@@ -1,5 +1,9 @@
-"""cli.py: checkpoints keep their input's files and dtype, resume points and rewrites survive a
-fault at any moment, input errors name the file and show as one line."""
+"""cli.py, the plumbing every stage shares: checkpoints keep their input's files and dtype, resume
+points and rewrites survive a fault at any moment, a tokenizer that does not fit the weights is
+refused at load, input errors name the file and show as one line.
+
+    OMP_NUM_THREADS=1 .venv/bin/python -m pytest tests/test_cli.py -x -q
+"""
 import json
 import os
 import shutil

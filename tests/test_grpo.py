@@ -11,7 +11,7 @@ import pytest
 import torch
 
 import grpo
-from helpers import GOOD, FakeSampler, FakeTok, sample
+from helpers import GOOD, FakeSampler, FakeTok, sample, solution
 
 
 def test_advantages_by_hand():
@@ -146,8 +146,6 @@ def test_save_dtype_is_a_flag():
     assert parse_cli(grpo.Config, ["--save-dtype", "bfloat16"]).save_dtype == "bfloat16"
 
 
-TRAJ = ("<guideline>\n<plan>1: {a}*{b}</plan>\n<plan>2: {c}*{e}</plan>\n</guideline>\n<step>\n1: {a}*{b}={p}\n</step>\n"
-        "<step>\n2: {c}*{e}={q}\n</step>\n<takeaway>\n{p}+{q}={s}.\n</takeaway>\n\\boxed{{{s}}}")
 STEPS = 16
 SFT_EPOCHS = 100
 RL_LR = 1e-4
@@ -162,7 +160,7 @@ def sft_model(tmp_path_factory):
     from helpers import make_checkpoint
     d = tmp_path_factory.mktemp("rl")
     rows = [dict(question=f"Compute {a}*{b} + {c}*{e}.", answer=str(a * b + c * e),
-                 trajectory=TRAJ.format(a=a, b=b, c=c, e=e, p=a * b, q=c * e, s=a * b + c * e)) for a, b, c, e in EASY]
+                 trajectory=solution(a, b, c, e)) for a, b, c, e in EASY]
     (d / "train.jsonl").write_text("".join(json.dumps(r) + "\n" for r in rows))
     make_checkpoint(d / "base")
     sft.main(sft.Config(model=str(d / "base"), data=str(d / "train.jsonl"), out_dir=str(d / "sft"), epochs=SFT_EPOCHS,

@@ -1,5 +1,10 @@
-"""sft.py: loss on assistant tokens only, packed documents blind to each other, the loss falls,
-checkpoints reload with identical logits, resume, and a 2-process gloo run equals 1 process."""
+"""sft.py, parallel SFT (stage 2b): the loss covers assistant tokens only; packed documents are blind
+to each other; a trajectory becomes exactly the tokens, positions and branches the engine samples;
+the loss falls and the checkpoint reloads with identical logits; a killed run resumes with the same
+losses; 2 gloo ranks (DDP, FSDP2) == 1 rank; an over-long sequence is dropped and counted.
+
+    OMP_NUM_THREADS=1 .venv/bin/python -m pytest tests/test_sft.py -x -q
+"""
 import json
 import os
 import subprocess
@@ -10,18 +15,16 @@ import torch
 
 import npr
 import sft
-from helpers import make_checkpoint
+from helpers import make_checkpoint, solution
 from model import Qwen
 from tokenizer import Tokenizer
 
-TRAJ = ("<guideline>\n<plan>1: {a}*3</plan>\n<plan>2: 4*5</plan>\n</guideline>\n<step>\n1: {a}*3={p}\n</step>\n"
-        "<step>\n2: 4*5=20\n</step>\n<takeaway>\n{p}+20={s}.\n</takeaway>\n\\boxed{{{s}}}")
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
 
 def rows(n):
     return [dict(question=f"Compute {a}*3 + 4*5.", answer=str(3 * a + 20),
-                 trajectory=TRAJ.format(a=a, p=3 * a, s=3 * a + 20)) for a in range(2, 2 + n)]
+                 trajectory=solution(a, 3, 4, 5)) for a in range(2, 2 + n)]
 
 
 @pytest.fixture(scope="module")
@@ -80,7 +83,7 @@ def test_loss_falls_and_checkpoint_reloads(setup, tmp_path):
     back = Qwen.from_pretrained(str(tmp_path / "o"))
     tok = Tokenizer.from_pretrained(str(tmp_path / "o"))
     assert all(len(tok.encode(t)) == 1 for t in npr.TAGS)
-    ids = torch.tensor([tok.encode(TRAJ.format(a=3, p=9, s=29))])
+    ids = torch.tensor([tok.encode(solution(3, 3, 4, 5))])
     with torch.no_grad():
         assert torch.equal(back(ids), model.eval()(ids))
 
