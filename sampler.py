@@ -251,10 +251,12 @@ class Sampler:
 
     @torch.no_grad()
     def step(self):
-        """One engine step: schedule, run, postprocess. -> the requests that ended in it."""
-        done = self.schedule()
+        """One engine step. -> the requests that ended in it."""
+        done = self.schedule()                                    # admit and prefill: first tokens drawn
         if any(not seq.finish for seq in self.running):
-            self.run_grid(*self.build_grid())
+            grid, requests, cells, limit = self.build_grid()      # the next token of every live stream
+            toks, lps = self.run(grid, requests, cells, limit)    # one forward, the draws
+            self.postprocess(requests, toks, lps)                 # tags: fork, join, finish
         done += [seq for seq in self.running if seq.finish]
         for seq in done:
             if seq.row is not None:
@@ -333,11 +335,12 @@ class Sampler:
         finally:
             c.rows = None
         last = torch.tensor([len(seq.prompt) - 1 for seq in seqs], device=dev)
-        self.sample_step([(seq, seq.trunk) for seq in seqs], F.linear(h[torch.arange(B, device=dev), last],
-                                                                      self.model.output_weight))
+        requests = [(seq, seq.trunk) for seq in seqs]
+        self.postprocess(requests, *self.sample(requests, F.linear(h[torch.arange(B, device=dev), last],
+                                                                   self.model.output_weight)))
 
     def build_grid(self):
-        """The step's (R, W, 6) grid (columns: decode_graph.GRID_FIELDS): the next token of every live
+        """The step's (R, W, 6) grid (columns: id, pos, doc, block, branch, slot): the next token of every live
         stream of every running row at the row's next slots; free rows and short rows padded.
         -> grid, the (row, stream) requests whose logits draw a token, their (row, column) cells, the slots filled."""
         items = [(seq, to_feed(seq)) for seq in self.running if not seq.finish]
@@ -363,8 +366,8 @@ class Sampler:
         assert limit < S, "KV cache overflow: the worst-case room is wrong"
         return torch.tensor(grid, dtype=torch.long), requests, cells, limit
 
-    def run_grid(self, grid, requests, cells, limit):
-        """One forward over the grid (eager, static or CUDA graph), then the draws."""
+    def run(self, grid, requests, cells, limit):
+        """One forward over the grid (eager, static or CUDA graph), then the draws -> (tokens, log-probs)."""
         dev, fast = self.model.output_weight.device, self.fast
         W = grid.shape[1]
         draw = in_step_draw([seq.p for seq in self.running if not seq.finish], self.steer)
@@ -376,19 +379,20 @@ class Sampler:
                     u[r, j] = torch.rand(1, generator=st.gen).item()
             toks, lps = fast(grid, limit, u, draw).tolist()              # one copy back
             at = [r * W + j for r, j in cells]
-            return self.record(requests, [int(toks[c]) for c in at], [lps[c] for c in at])
+            return [int(toks[c]) for c in at], [lps[c] for c in at]
         if fast is not None:
             h = fast(grid, limit)                                        # (R, W, hidden)
         else:
             ids, pos, meta = (t.to(dev) for t in (grid[..., 0], grid[..., 1], grid[..., 2:].int()))
             self.cache.limit = limit
             h = self.model.hidden_states(ids, pos, Layout(*meta.unbind(-1)), self.cache)
-        if requests:                                                     # logits only where a token is drawn
-            rr, jj = (torch.tensor(x, device=dev) for x in zip(*cells))
-            self.sample_step(requests, F.linear(h[rr, jj], self.model.output_weight))
+        if not requests:
+            return [], []
+        rr, jj = (torch.tensor(x, device=dev) for x in zip(*cells))       # logits only where a token is drawn
+        return self.sample(requests, F.linear(h[rr, jj], self.model.output_weight))
 
     # ---- postprocess: the draw and the engine's rules -------------------------------------------
-    def sample_step(self, requests, logits):
+    def sample(self, requests, logits):
         """Draw one token for each (row, stream) request from its logits (N, V), with its row's params.
         The log-prob recorded is the model's own (before steering and penalty), by logprob_of, the
         decode step's head: within a few fp32 ULPs of the largest logit of the trainer's logsumexp
@@ -416,9 +420,9 @@ class Sampler:
             for (temp, top_p, top_k), idx in groups.items():
                 ii = torch.tensor(idx, device=logits.device)
                 toks[ii] = pick(logits[ii], temp, top_p, top_k, u[ii])
-        self.record(requests, toks.tolist(), logprob_of(model_logits, toks).tolist())
+        return toks.tolist(), logprob_of(model_logits, toks).tolist()
 
-    def record(self, requests, toks, lps):
+    def postprocess(self, requests, toks, lps):
         """Hand each drawn token to its stream (a row that ended on an earlier token of this step takes no more)."""
         for (seq, st), t, lp in zip(requests, toks, lps):
             if seq.finish is None:

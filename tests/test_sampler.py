@@ -254,7 +254,7 @@ def test_two_stage_argmax_and_logprob(V):
 
 def test_head_logprobs_match_the_trainer_on_a_real_vocabulary():
     """From the same hidden states, over Qwen's 151936-row vocabulary with logits peaked like a
-    trained model's (largest 14-40), the sampler's recorded log-probs (sample_step; the decode
+    trained model's (largest 14-40), the sampler's recorded log-probs (Sampler.sample; the decode
     step's logprob_of) are within 2 fp32 ULPs of the largest logit of the trainer's chunked
     logsumexp (~1e-5; torch's CPU log_softmax is 3x past it). What goes beyond that between a
     sampler and a training forward comes from the hidden states (decode vs prefill attention,
@@ -272,9 +272,9 @@ def test_head_logprobs_match_the_trainer_on_a_real_vocabulary():
     bound = 4 * logits.abs().max() * 2 ** -24             # 2 ULPs of the largest logit
     sampler = Sampler.__new__(Sampler)                   # only its head runs: no model, no tokenizer
     got = {}
-    sampler.steer, sampler.record = None, lambda requests, toks, lps: got.update(toks=toks, lps=lps)
+    sampler.steer = None
     seqs = [Seq([0], resolved(SamplingParams()), i, i) for i in range(N)]
-    sampler.sample_step([(q, q.trunk) for q in seqs], logits)
+    got["toks"], got["lps"] = sampler.sample([(q, q.trunk) for q in seqs], logits)
     tok = torch.tensor(got["toks"])
     ref = chunked_logprobs(h[None], W, tok[None])[0]
     assert (torch.tensor(got["lps"]) - ref).abs().max() <= bound
