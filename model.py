@@ -203,8 +203,7 @@ class Qwen(nn.Module):
             if positions is None or layout is None or layout.slot is None:
                 raise ValueError("with a kv_cache, give positions and a layout whose slot says which "
                                  "cache slot each token takes")
-            kv_cache.write_layout(layout)
-            kv_cache.k_layout = kv_cache.layout()   # one object for all layers (their masks are memoised on it)
+            kv_cache.write_layout(layout)           # and sets kv_cache.k_layout, the keys' layout
         if positions is None:
             positions = torch.arange(T, device=input_ids.device).expand(B, T)
         x = self.model.embed_tokens(input_ids)
