@@ -1,62 +1,58 @@
 """
-Optional reading: the GPU fast path of parallel_attention.py, in Triton. The core (the rule, the
-reference, SDPA) is correct without this file; `parallel_attention.attention` imports it only when
-impl="triton" (or "auto" on CUDA) is chosen.
+Triton kernels for branch-isolated attention (optional reading: parallel_attention.py states the rule
+and holds the reference; this file only makes it fast on a GPU).
 
-Contents:
-    _sibling_holes / _layout_info    per-token tile-skipping metadata (host side, plain torch)
-    _visible                         the kernels' copy of parallel_attention.visible (tested to agree)
-    _attn_fwd                        forward, mask from metadata, saves the log-sum-exp
-    _attn_bwd_preprocess/_dkdv/_dq   backward; dk, dv summed over each GQA group
-    _attn_decode                     few queries per row vs a long KV cache (flash-decoding splits)
-    attention_triton                 the entry point: decode kernel, or forward + autograd backward
-FlashAttention-2 after the Triton fused-attention tutorial. Benchmark: python bench_attention.py.
+The rule (parallel_attention.visible) is applied at two granularities:
+- per tile pair, once per batch on the host (`tile_classes`, plain torch, no GPU->CPU sync): a
+  (query tile, key tile) pair of TILE x TILE tokens is EMPTY (no visible pair: never loaded), FULL
+  (every pair visible: no mask arithmetic) or PARTIAL (the mask is evaluated per element), as
+  FlexAttention's block mask does. The kernels loop only over the listed tiles (`tile_lists`).
+  Their BLOCK_M / BLOCK_N divide TILE, so one set of lists serves every tuned configuration.
+- per element, inside the kernels (`_visible`), on partial tiles only.
+
+  One document, TILE = 4 tokens: trunk t, block of 2 steps a, b, takeaway w (F full, P partial, . empty)
+
+            keys: t  a  b  w
+    query tiles t P  .  .  .
+                a F  P  .  .
+                b F  .  P  .        <- b never loads a's keys
+                w F  F  F  P
+
+Contents: token metadata and tile lists (torch) -> kernels (FlashAttention-2 after the Triton fused-
+attention tutorial: exp2 with the softmax scale folded in, fp32 accumulators):
+    _attn_fwd                  forward over the listed key tiles, saves the log-sum-exp (log2 units)
+    _attn_bwd_preprocess       delta = rowsum(o * do)
+    _attn_bwd_dkdv             dk, dv of a key tile over its listed query tiles, summed over a GQA group
+    _attn_bwd_dq               dq of a query tile over the forward's key tiles
+    _attn_decode               few queries per row vs a long KV cache (flash-decoding splits)
+-> the autotune sets -> launchers, the autograd Function and `attention_triton`.
 """
+import os
+
 import torch
 import torch.nn.functional as F
 import triton
 import triton.language as tl
 
-from parallel_attention import _memo
+from parallel_attention import _memo, visible
+
+INTERPRET = os.environ.get("TRITON_INTERPRET") == "1"  # read when the kernels are defined
+# Tokens per tile of the tile lists. Under the interpreter 16, so that tiny test shapes span several
+# tiles; the tests also run with 32 (two 16-row blocks per tile).
+TILE = 16 if INTERPRET else 128
+LOG2E = 1.4426950408889634
+CLASSIFY_PAIRS = 1 << 25  # (query, key) pairs per chunk of tile_classes (memory: a few bytes each)
 
 
 # -----------------------------------------------------------------------------
-# Tile skipping metadata (host side, plain torch, no GPU->CPU sync).
-# Per query row: the key range [lo, hi) it may see (its document's keys up to its slot) and a "hole"
-# [hole_lo, hole_hi) inside it made only of sibling-branch keys. A kernel tile takes the union of its
-# rows' ranges and the intersection of their holes, and skips every key tile outside / inside them.
-# All of it is per token, so it does not depend on the tile sizes the kernels use.
+# Per-token metadata for the kernels' element mask, and the tile lists
 
-def _sibling_holes(doc, blk, br):
-    """(B, T) key metadata -> four (B, T) int64 tensors, for token j of a well-ordered parallel
-    section (consecutive tokens of one doc and block with branch > 0, branch ids non-decreasing):
-    [a, b) = the earlier branches of its block (all siblings: invisible to j as a query) and
-    [c, d) = the later branches (all blind to j as a key). Empty (0, 0) where unsure, e.g. interleaved."""
-    B, T = doc.shape
-    idx = torch.arange(T, device=doc.device).expand(B, T)
-    prev = lambda x: x.roll(1, 1)
-    seg_cont = (br > 0) & (prev(br) > 0) & (doc == prev(doc)) & (blk == prev(blk)) & (idx > 0)
-    run_cont = seg_cont & (br == prev(br))                     # same branch as the token before
-    nbad = (seg_cont & (br < prev(br))).cumsum(1)             # branch order violations so far
-    zero, last = torch.zeros_like(idx), idx == T - 1
-    seg_start = torch.where(seg_cont, zero, idx).cummax(1).values
-    run_start = torch.where(run_cont, zero, idx).cummax(1).values
-    rev_cummin = lambda x: x.flip(1).cummin(1).values.flip(1)
-    seg_end = rev_cummin(torch.where(seg_cont.roll(-1, 1) & ~last, T, idx + 1))
-    run_end = rev_cummin(torch.where(run_cont.roll(-1, 1) & ~last, T, idx + 1))
-    ok_a = (br > 0) & (nbad == nbad.gather(1, seg_start))      # ordered on [seg_start, j]
-    ok_c = (br > 0) & (nbad == nbad.gather(1, seg_end - 1))    # ordered on [j, seg_end)
-    return (torch.where(ok_a, seg_start, zero), torch.where(ok_a, run_start, zero),
-            torch.where(ok_c, run_end, zero), torch.where(ok_c, seg_end, zero))
-
-
-def _layout_info(q_layout, k_layout=None, holes=True):
-    """-> q_info (B, 8, Tq), k_info (B, 8, Tk) int32 rows [doc, group, branch, slot, lo, hi, hole_lo,
-    hole_hi]. doc: dead queries -2, dead keys -1 (equal docs = both live); group: the block of a
-    branch token, else a sentinel that differs between queries and keys (equal groups = two branch
-    tokens of one block). For queries, lo..hole_hi are key indices (forward and dq); for keys, query
-    indices (dk/dv), known only for self-attention without slots (training), else the full range."""
-    self_attn = k_layout is None and q_layout.slot is None
+def token_info(q_layout, k_layout=None):
+    """-> q_info (B, 6, Tq), k_info (B, 3, Tk) int32 rows for the kernels:
+    queries [doc, group, branch, slot, lo, hi], keys [doc, group, branch]. doc: dead queries -2,
+    dead keys -1 (equal docs = both live); group: the block of a branch token, else a sentinel that
+    differs between queries and keys (equal groups = two branch tokens of one block). [lo, hi): the
+    keys a query may see at most (its document's keys up to its slot); the decode kernel's range."""
     k_layout = q_layout if k_layout is None else k_layout
     i64 = lambda t: t.to(torch.int64)
     qd, qb, qr, qs = i64(q_layout.doc), i64(q_layout.block), i64(q_layout.branch), i64(q_layout.slots())
@@ -65,130 +61,150 @@ def _layout_info(q_layout, k_layout=None, holes=True):
     # documents: when the keys' docs are non-decreasing (padding aside), a doc's keys are one run
     cm = kd.clamp_min(-1).cummax(1).values.contiguous()
     mono = ((cm == kd) | (kd < 0)).all(1, keepdim=True)
-    start = torch.where(mono, torch.searchsorted(cm, qd.contiguous()), 0)
+    lo = torch.where(mono, torch.searchsorted(cm, qd.contiguous()), 0)
     end = torch.where(mono, torch.searchsorted(cm, qd.contiguous(), right=True), Tk)
-    lo, hi = start, torch.minimum(qs + 1, end).clamp(0, Tk)  # causal: keys up to the query's slot
-    zq, zk = torch.zeros_like(qd), torch.zeros_like(kd)
-    if holes:
-        a, b, c, d = _sibling_holes(kd, kb, kr)
-        # a key with the query's (doc, block, branch) has the query's siblings in front of it
-        j = qs.clamp(0, Tk - 1)
-        same = (kd.gather(1, j) == qd) & (kb.gather(1, j) == qb) & (kr.gather(1, j) == qr)
-        h_lo, h_hi = torch.where(same, a.gather(1, j), zq), torch.where(same, b.gather(1, j), zq)
-    else:
-        h_lo, h_hi, c, d = zq, zq, zk, zk
-    live = qd >= 0  # a dead query sees nothing: empty range, everything is a hole
+    hi = torch.minimum(qs + 1, end).clamp(0, Tk)
+    live = qd >= 0  # a dead query sees nothing: empty range
     q_info = [torch.where(live, qd, -2), torch.where(qr > 0, qb, -2 ** 31 + 1), qr, qs,
-              torch.where(live, lo, Tk), torch.where(live, hi, 0),
-              torch.where(live, h_lo, 0), torch.where(live, h_hi, Tk)]
-    kidx = torch.arange(Tk, device=kd.device).expand(B, Tk)
-    if self_attn:  # key j is seen by queries j..end of its doc, minus its block's later branches
-        k_lo, k_hi = kidx, torch.where(mono, torch.searchsorted(cm, kd.contiguous(), right=True), Tq)
-    else:
-        k_lo, k_hi, c, d = zk, torch.full_like(kd, Tq), zk, zk
-    live = kd >= 0
-    k_info = [torch.where(live, kd, -1), torch.where(kr > 0, kb, -2 ** 31), kr, kidx,
-              torch.where(live, k_lo, Tq), torch.where(live, k_hi, 0),
-              torch.where(live, c, 0), torch.where(live, d, Tq)]
+              torch.where(live, lo, Tk), torch.where(live, hi, 0)]
+    k_info = [torch.where(kd >= 0, kd, -1), torch.where(kr > 0, kb, -2 ** 31), kr]
     pack = lambda rows: torch.stack(rows, 1).to(torch.int32).contiguous()
     return pack(q_info), pack(k_info)
 
 
-def _cached_layout_info(q_layout, k_layout, holes):
-    return _memo(q_layout, k_layout, ("info", holes), lambda: _layout_info(q_layout, k_layout, holes))
+def tile_classes(q_layout, k_layout=None, tile=None):
+    """(B, nQ, nK) int8 per (query tile, key tile): 0 = no visible pair, 1 = some, 2 = all (tokens
+    past the end count as invisible). Evaluated with the rule itself (parallel_attention.visible) on
+    every pair, a few query tiles at a time: Tq x Tk comparisons once per batch, shared by all layers."""
+    tile = tile or TILE
+    k_layout = q_layout if k_layout is None else k_layout
+    (B, Tq), Tk = q_layout.doc.shape, k_layout.doc.shape[1]
+    nQ, nK = -(-Tq // tile), -(-Tk // tile)
+    pad = lambda t, n, v: F.pad(t, (0, n * tile - t.shape[1]), value=v)  # to whole tiles, dead (doc -1)
+    qd, qb, qr, qs = (pad(t, nQ, v)[:, :, None] for t, v in ((q_layout.doc, -1), (q_layout.block, 0),
+                                                              (q_layout.branch, 0), (q_layout.slots(), 0)))
+    kd, kb, kr = (pad(t, nK, v)[:, None, :] for t, v in ((k_layout.doc, -1), (k_layout.block, 0),
+                                                          (k_layout.branch, 0)))
+    ks = torch.arange(nK * tile, device=kd.device)[None, None, :]
+    step = max(1, CLASSIFY_PAIRS // (B * tile * nK * tile))  # query tiles per chunk
+    out = []
+    for i in range(0, nQ, step):
+        rows = slice(i * tile, (i + step) * tile)
+        vis = visible(qd[:, rows], qb[:, rows], qr[:, rows], qs[:, rows], kd, kb, kr, ks)
+        vis = vis.view(B, -1, tile, nK, tile)
+        out.append(torch.where(vis.all(4).all(2), 2, vis.any(4).any(2).to(torch.int8)))
+    return torch.cat(out, 1).to(torch.int8)
+
+
+def tile_lists(q_layout, k_layout=None, tile=None):
+    """-> kv_num (B, 2, nQ), kv_idx (B, 2, nQ, nK), q_num (B, 2, nK), q_idx (B, 2, nK, nQ), int32:
+    per query tile the count and ascending indices of its partial [0] and full [1] key tiles (forward
+    and dq), and per key tile those of its query tiles (dk/dv). Unused entries are padding."""
+    cls = tile_classes(q_layout, k_layout, tile)
+
+    def lists(c):  # (B, nR, nC) -> (B, 2, nR), (B, 2, nR, nC)
+        listed = torch.stack([c == 1, c == 2], 1)
+        idx = torch.sort((~listed).to(torch.int16), dim=-1, stable=True).indices  # listed tiles first
+        return listed.sum(-1, dtype=torch.int32).contiguous(), idx.to(torch.int32).contiguous()
+    return (*lists(cls), *lists(cls.transpose(1, 2)))
 
 
 # -----------------------------------------------------------------------------
-# Triton kernels (FlashAttention-2, after the Triton fused-attention tutorial). The mask is computed
-# on the fly from the (8, T) info rows above; key tiles outside [lo, hi) or inside the hole are skipped.
-
-@triton.jit
-def _tile_info(INFO, T, offs, live, T_other, BLOCK: tl.constexpr):
-    # Metadata of the rows `offs` of one (8, T) info block (absent rows: doc -1), and the tile's
-    # range over the other side: [lo, hi) = union of the rows' ranges, lo rounded down to a tile;
-    # hole [h_lo, h_hi) = intersection of the rows' holes, rounded inwards to whole tiles.
-    # The caller loops over [lo, h_lo) and [h_hi, hi): the tiles in the hole are skipped.
-    doc = tl.load(INFO + offs, mask=live, other=-1)
-    grp = tl.load(INFO + T + offs, mask=live, other=0)
-    br = tl.load(INFO + 2 * T + offs, mask=live, other=0)
-    slot = tl.load(INFO + 3 * T + offs, mask=live, other=0)
-    hi = tl.max(tl.load(INFO + 5 * T + offs, mask=live, other=0), 0)
-    lo = tl.minimum(tl.min(tl.load(INFO + 4 * T + offs, mask=live, other=T_other), 0), hi) // BLOCK * BLOCK
-    h_lo = tl.cdiv(tl.max(tl.load(INFO + 6 * T + offs, mask=live, other=0), 0), BLOCK) * BLOCK
-    h_hi = tl.min(tl.load(INFO + 7 * T + offs, mask=live, other=T_other), 0) // BLOCK * BLOCK
-    h_lo = tl.minimum(tl.maximum(h_lo, lo), hi)
-    h_hi = tl.maximum(tl.minimum(h_hi, hi), h_lo)
-    return doc, grp, br, slot, lo, hi, h_lo, h_hi
-
+# Kernels
 
 @triton.jit
 def _visible(q_doc, q_grp, q_br, q_slot, k_doc, k_grp, k_br, k_idx):
-    # The kernels' copy of parallel_attention.visible, on the info rows of _layout_info (operands
-    # shaped to broadcast): same live doc (dead queries -2, dead keys -1), causal by slot, and not two
-    # different branches of one block (equal groups = two branch tokens of one block).
+    # The kernels' copy of parallel_attention.visible, on token_info's rows (operands shaped to
+    # broadcast): same live doc (dead queries -2, dead keys -1), causal by slot, and not two different
+    # branches of one block (equal groups = two branch tokens of one block).
     # tests/test_triton_attention.py checks that it agrees with the Python rule.
     return (q_doc == k_doc) & (k_idx <= q_slot) & ((q_grp != k_grp) | (q_br == k_br))
 
 
 @triton.jit
+def _key_rows(KI, Tk, offs, live):
+    # doc, group, branch of the keys `offs` of one (3, Tk) info block; absent keys: doc -1, never seen
+    doc = tl.load(KI + offs, mask=live, other=-1)
+    return doc, tl.load(KI + Tk + offs, mask=live, other=0), tl.load(KI + 2 * Tk + offs, mask=live, other=0)
+
+
+@triton.jit
+def _query_rows(QI, Tq, offs, live):
+    # doc, group, branch, slot of the queries `offs` of one (6, Tq) info block; absent queries: doc -2
+    doc = tl.load(QI + offs, mask=live, other=-2)
+    grp = tl.load(QI + Tq + offs, mask=live, other=0)
+    return doc, grp, tl.load(QI + 2 * Tq + offs, mask=live, other=0), tl.load(QI + 3 * Tq + offs, mask=live, other=0)
+
+
+@triton.jit
+def _softmax_step(acc, l_i, m_i, qk, v, PREC: tl.constexpr):
+    # one online-softmax step on scores in log2 units (-inf = masked); a row that has seen nothing
+    # yet keeps m_i = -inf and p = 0 instead of NaN
+    m_ij = tl.maximum(m_i, tl.max(qk, 1))
+    m_sub = tl.where(m_ij == float("-inf"), 0.0, m_ij)
+    p = tl.math.exp2(qk - m_sub[:, None])
+    alpha = tl.math.exp2(m_i - m_sub)
+    l_i = l_i * alpha + tl.sum(p, 1)
+    acc = tl.dot(p.to(v.dtype), v, acc * alpha[:, None], input_precision=PREC)
+    return acc, l_i, m_ij
+
+
+@triton.jit
 def _attn_fwd_inner(acc, l_i, m_i, q, q_doc, q_grp, q_br, q_slot,  # q (BLOCK_M, D), metadata (BLOCK_M,)
-                    K, V, KI, stride_kt, stride_vt, Tk, qk_scale, lo, hi,
-                    offs_n, offs_d, BLOCK_N: tl.constexpr, PREC: tl.constexpr):
-    for start_n in tl.range(lo, hi, BLOCK_N):
-        offs = start_n + offs_n
+                    K, V, KI, stride_kt, stride_vt, Tk, qk_scale, IDX, n_tiles, offs_n, offs_d,
+                    MASK: tl.constexpr, TILE: tl.constexpr, BLOCK_N: tl.constexpr, PREC: tl.constexpr):
+    # the key blocks of the n_tiles tiles listed at IDX, TILE // BLOCK_N blocks per tile
+    for it in tl.range(0, n_tiles * (TILE // BLOCK_N)):
+        offs = tl.load(IDX + it // (TILE // BLOCK_N)) * TILE + (it % (TILE // BLOCK_N)) * BLOCK_N + offs_n
         in_k = offs < Tk
-        k_doc = tl.load(KI + offs, mask=in_k, other=-1)  # absent keys: doc -1, never visible
-        k_grp = tl.load(KI + Tk + offs, mask=in_k, other=0)
-        k_br = tl.load(KI + 2 * Tk + offs, mask=in_k, other=0)
         kT = tl.load(K + offs[None, :] * stride_kt + offs_d[:, None], mask=in_k[None, :], other=0.0)
         qk = tl.dot(q, kT, input_precision=PREC) * qk_scale  # (BLOCK_M, BLOCK_N), log2 units
-        vis = _visible(q_doc[:, None], q_grp[:, None], q_br[:, None], q_slot[:, None],
-                       k_doc[None, :], k_grp[None, :], k_br[None, :], offs[None, :])
-        qk = tl.where(vis, qk, float("-inf"))
-        # online softmax; m_safe keeps rows that have seen nothing yet at p = 0 instead of NaN
-        m_ij = tl.maximum(m_i, tl.max(qk, 1))
-        m_safe = tl.where(m_ij == float("-inf"), 0.0, m_ij)
-        p = tl.math.exp2(qk - m_safe[:, None])
-        alpha = tl.math.exp2(m_i - m_safe)
-        l_i = l_i * alpha + tl.sum(p, 1)
+        if MASK:  # partial tile: the rule per element (full tiles skip this)
+            k_doc, k_grp, k_br = _key_rows(KI, Tk, offs, in_k)
+            vis = _visible(q_doc[:, None], q_grp[:, None], q_br[:, None], q_slot[:, None],
+                           k_doc[None, :], k_grp[None, :], k_br[None, :], offs[None, :])
+            qk = tl.where(vis, qk, float("-inf"))
         v = tl.load(V + offs[:, None] * stride_vt + offs_d[None, :], mask=in_k[:, None], other=0.0)
-        acc = tl.dot(p.to(v.dtype), v, acc * alpha[:, None], input_precision=PREC)
-        m_i = m_ij
+        acc, l_i, m_i = _softmax_step(acc, l_i, m_i, qk, v, PREC)
     return acc, l_i, m_i
 
 
 @triton.jit
-def _attn_fwd(Q, K, V, O, LSE, QI, KI, qk_scale,
+def _attn_fwd(Q, K, V, O, LSE, QI, KI, KV_NUM, KV_IDX, qk_scale,
               stride_qb, stride_qh, stride_qt, stride_kb, stride_kh, stride_kt,
-              stride_vb, stride_vh, stride_vt, Hq, Tq, Tk,
-              GROUP: tl.constexpr, D: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
-              PREC: tl.constexpr):
-    # grid (query tiles, B * Hq); q head h reads kv head h // GROUP
+              stride_vb, stride_vh, stride_vt, Hq, Tq, Tk, nQ, nK, T_KEY,
+              GROUP: tl.constexpr, D: tl.constexpr, TILE: tl.constexpr, PREC: tl.constexpr,
+              BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr):
+    # grid (query blocks, B * Hq); q head h reads kv head h // GROUP. T_KEY: only the autotune key.
     start_m, off_bh = tl.program_id(0), tl.program_id(1)
     b, h = off_bh // Hq, off_bh % Hq
     offs_m = start_m * BLOCK_M + tl.arange(0, BLOCK_M)
     offs_n, offs_d = tl.arange(0, BLOCK_N), tl.arange(0, D)
     in_q = offs_m < Tq
-    KI += b * 8 * Tk
-    q_doc, q_grp, q_br, q_slot, lo, hi, h_lo, h_hi = _tile_info(QI + b * 8 * Tq, Tq, offs_m, in_q, Tk, BLOCK_N)
+    q_doc, q_grp, q_br, q_slot = _query_rows(QI + b * 6 * Tq, Tq, offs_m, in_q)
     q = tl.load(Q + b.to(tl.int64) * stride_qb + h * stride_qh + offs_m[:, None] * stride_qt + offs_d[None, :],
                 mask=in_q[:, None], other=0.0)
     K += b.to(tl.int64) * stride_kb + (h // GROUP) * stride_kh
     V += b.to(tl.int64) * stride_vb + (h // GROUP) * stride_vh
+    KI += b * 3 * Tk
+    row = b * 2 * nQ + start_m * BLOCK_M // TILE  # this block's tile in the (B, 2, nQ) lists: partial
+    n_part, n_full = tl.load(KV_NUM + row), tl.load(KV_NUM + row + nQ)
+    IDX = KV_IDX + row.to(tl.int64) * nK
     m_i = tl.full([BLOCK_M], float("-inf"), tl.float32)
     l_i = tl.zeros([BLOCK_M], tl.float32)
     acc = tl.zeros([BLOCK_M, D], tl.float32)
-    # the key tiles before and after the hole of sibling-branch tiles
     acc, l_i, m_i = _attn_fwd_inner(acc, l_i, m_i, q, q_doc, q_grp, q_br, q_slot, K, V, KI, stride_kt,
-                                    stride_vt, Tk, qk_scale, lo, h_lo, offs_n, offs_d, BLOCK_N, PREC)
+                                    stride_vt, Tk, qk_scale, IDX + nQ * nK, n_full, offs_n, offs_d,
+                                    False, TILE, BLOCK_N, PREC)
     acc, l_i, m_i = _attn_fwd_inner(acc, l_i, m_i, q, q_doc, q_grp, q_br, q_slot, K, V, KI, stride_kt,
-                                    stride_vt, Tk, qk_scale, h_hi, hi, offs_n, offs_d, BLOCK_N, PREC)
+                                    stride_vt, Tk, qk_scale, IDX, n_part, offs_n, offs_d,
+                                    True, TILE, BLOCK_N, PREC)
     # epilogue: rows that saw nothing give 0 and lse = +inf (so backward's exp2(s - lse) is 0 there)
     seen = l_i > 0
     l_i = tl.where(seen, l_i, 1.0)
-    row = off_bh.to(tl.int64) * Tq + offs_m  # o, lse: contiguous (B, Hq, Tq[, D])
-    tl.store(LSE + row, tl.where(seen, m_i + tl.math.log2(l_i), float("inf")), mask=in_q)
-    tl.store(O + row[:, None] * D + offs_d[None, :], (acc / l_i[:, None]).to(O.dtype.element_ty),
+    out = off_bh.to(tl.int64) * Tq + offs_m  # o, lse: contiguous (B, Hq, Tq[, D])
+    tl.store(LSE + out, tl.where(seen, m_i + tl.math.log2(l_i), float("inf")), mask=in_q)
+    tl.store(O + out[:, None] * D + offs_d[None, :], (acc / l_i[:, None]).to(O.dtype.element_ty),
              mask=in_q[:, None])
 
 
@@ -206,24 +222,26 @@ def _attn_bwd_preprocess(O, DO, DELTA, n_rows, D: tl.constexpr, BLOCK_M: tl.cons
 
 @triton.jit
 def _attn_bwd_dkdv_inner(dk, dv, k, v, k_doc, k_grp, k_br, offs_n,  # k, v (BLOCK_N, D)
-                         Q, DO, LSE, DELTA, QI, stride_qt, Tq, qk_scale, lo, hi,
-                         offs_d, BLOCK_M: tl.constexpr, D: tl.constexpr, PREC: tl.constexpr):
-    for start_m in tl.range(lo, hi, BLOCK_M):
-        offs_m = start_m + tl.arange(0, BLOCK_M)
+                         Q, DO, LSE, DELTA, QI, stride_qt, Tq, qk_scale, IDX, n_tiles, offs_d,
+                         MASK: tl.constexpr, TILE: tl.constexpr, BLOCK_M: tl.constexpr, D: tl.constexpr,
+                         PREC: tl.constexpr):
+    # the query blocks of the n_tiles tiles listed at IDX, TILE // BLOCK_M blocks per tile
+    for it in tl.range(0, n_tiles * (TILE // BLOCK_M)):
+        offs_m = tl.load(IDX + it // (TILE // BLOCK_M)) * TILE + (it % (TILE // BLOCK_M)) * BLOCK_M \
+            + tl.arange(0, BLOCK_M)
         in_q = offs_m < Tq
-        q_doc = tl.load(QI + offs_m, mask=in_q, other=-1)
-        q_grp = tl.load(QI + Tq + offs_m, mask=in_q, other=0)
-        q_br = tl.load(QI + 2 * Tq + offs_m, mask=in_q, other=0)
-        q_slot = tl.load(QI + 3 * Tq + offs_m, mask=in_q, other=0)
         qT = tl.load(Q + offs_m[None, :] * stride_qt + offs_d[:, None], mask=in_q[None, :], other=0.0)
-        lse = tl.load(LSE + offs_m, mask=in_q, other=float("inf"))
-        qkT = tl.dot(k, qT, input_precision=PREC) * qk_scale  # (BLOCK_N, BLOCK_M)
-        vis = _visible(q_doc[None, :], q_grp[None, :], q_br[None, :], q_slot[None, :],
-                       k_doc[:, None], k_grp[:, None], k_br[:, None], offs_n[:, None])
-        pT = tl.where(vis, tl.math.exp2(qkT - lse[None, :]), 0.0)
         do = tl.load(DO + offs_m[:, None] * D + offs_d[None, :], mask=in_q[:, None], other=0.0)
-        dv = tl.dot(pT.to(do.dtype), do, dv, input_precision=PREC)
+        lse = tl.load(LSE + offs_m, mask=in_q, other=float("inf"))
         delta = tl.load(DELTA + offs_m, mask=in_q, other=0.0)
+        qkT = tl.dot(k, qT, input_precision=PREC) * qk_scale  # (BLOCK_N, BLOCK_M)
+        pT = tl.math.exp2(qkT - lse[None, :])
+        if MASK:
+            q_doc, q_grp, q_br, q_slot = _query_rows(QI, Tq, offs_m, in_q)
+            vis = _visible(q_doc[None, :], q_grp[None, :], q_br[None, :], q_slot[None, :],
+                           k_doc[:, None], k_grp[:, None], k_br[:, None], offs_n[:, None])
+            pT = tl.where(vis, pT, 0.0)
+        dv = tl.dot(pT.to(do.dtype), do, dv, input_precision=PREC)
         dpT = tl.dot(v, tl.trans(do), input_precision=PREC)
         dsT = pT * (dpT - delta[None, :])
         dk = tl.dot(dsT.to(qT.dtype), tl.trans(qT), dk, input_precision=PREC)
@@ -231,33 +249,38 @@ def _attn_bwd_dkdv_inner(dk, dv, k, v, k_doc, k_grp, k_br, offs_n,  # k, v (BLOC
 
 
 @triton.jit
-def _attn_bwd_dkdv(Q, K, V, DO, DK, DV, LSE, DELTA, QI, KI, qk_scale,
+def _attn_bwd_dkdv(Q, K, V, DO, DK, DV, LSE, DELTA, QI, KI, Q_NUM, Q_IDX, qk_scale,
                    stride_qb, stride_qh, stride_qt, stride_kb, stride_kh, stride_kt,
-                   stride_vb, stride_vh, stride_vt, Hq, Hkv, Tq, Tk,
-                   GROUP: tl.constexpr, D: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
-                   PREC: tl.constexpr):
-    # grid (key tiles, B * Hkv): dk, dv of one key tile, summed over the GROUP q heads that read it
+                   stride_vb, stride_vh, stride_vt, Hq, Hkv, Tq, Tk, nQ, nK, T_KEY,
+                   GROUP: tl.constexpr, D: tl.constexpr, TILE: tl.constexpr, PREC: tl.constexpr,
+                   BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr):
+    # grid (key blocks, B * Hkv): dk, dv of one key block, summed over the GROUP q heads that read it
     start_n, off_bh = tl.program_id(0), tl.program_id(1)
     b, kvh = off_bh // Hkv, off_bh % Hkv
     offs_n = start_n * BLOCK_N + tl.arange(0, BLOCK_N)
     offs_d = tl.arange(0, D)
     in_k = offs_n < Tk
-    QI += b * 8 * Tq
-    k_doc, k_grp, k_br, _, lo, hi, h_lo, h_hi = _tile_info(KI + b * 8 * Tk, Tk, offs_n, in_k, Tq, BLOCK_M)
+    k_doc, k_grp, k_br = _key_rows(KI + b * 3 * Tk, Tk, offs_n, in_k)
     k = tl.load(K + b.to(tl.int64) * stride_kb + kvh * stride_kh + offs_n[:, None] * stride_kt
                 + offs_d[None, :], mask=in_k[:, None], other=0.0)
     v = tl.load(V + b.to(tl.int64) * stride_vb + kvh * stride_vh + offs_n[:, None] * stride_vt
                 + offs_d[None, :], mask=in_k[:, None], other=0.0)
+    QI += b * 6 * Tq
+    row = b * 2 * nK + start_n * BLOCK_N // TILE  # this block's tile in the (B, 2, nK) lists
+    n_part, n_full = tl.load(Q_NUM + row), tl.load(Q_NUM + row + nK)
+    IDX = Q_IDX + row.to(tl.int64) * nQ
     dk = tl.zeros([BLOCK_N, D], tl.float32)
     dv = tl.zeros([BLOCK_N, D], tl.float32)
     for g in range(GROUP):
         h = kvh * GROUP + g
         Qh = Q + b.to(tl.int64) * stride_qb + h * stride_qh
-        row = (b * Hq + h).to(tl.int64) * Tq  # do, lse, delta: contiguous (B, Hq, Tq[, D])
-        dk, dv = _attn_bwd_dkdv_inner(dk, dv, k, v, k_doc, k_grp, k_br, offs_n, Qh, DO + row * D, LSE + row,
-                                      DELTA + row, QI, stride_qt, Tq, qk_scale, lo, h_lo, offs_d, BLOCK_M, D, PREC)
-        dk, dv = _attn_bwd_dkdv_inner(dk, dv, k, v, k_doc, k_grp, k_br, offs_n, Qh, DO + row * D, LSE + row,
-                                      DELTA + row, QI, stride_qt, Tq, qk_scale, h_hi, hi, offs_d, BLOCK_M, D, PREC)
+        r = (b * Hq + h).to(tl.int64) * Tq  # do, lse, delta: contiguous (B, Hq, Tq[, D])
+        dk, dv = _attn_bwd_dkdv_inner(dk, dv, k, v, k_doc, k_grp, k_br, offs_n, Qh, DO + r * D, LSE + r,
+                                      DELTA + r, QI, stride_qt, Tq, qk_scale, IDX + nK * nQ, n_full, offs_d,
+                                      False, TILE, BLOCK_M, D, PREC)
+        dk, dv = _attn_bwd_dkdv_inner(dk, dv, k, v, k_doc, k_grp, k_br, offs_n, Qh, DO + r * D, LSE + r,
+                                      DELTA + r, QI, stride_qt, Tq, qk_scale, IDX, n_part, offs_d,
+                                      True, TILE, BLOCK_M, D, PREC)
     out = (off_bh.to(tl.int64) * Tk + offs_n)[:, None] * D + offs_d[None, :]  # dk, dv: contiguous
     scale = qk_scale * 0.6931471805599453  # ds/dk = softmax scale = qk_scale * ln 2
     tl.store(DK + out, (dk * scale).to(DK.dtype.element_ty), mask=in_k[:, None])
@@ -266,20 +289,20 @@ def _attn_bwd_dkdv(Q, K, V, DO, DK, DV, LSE, DELTA, QI, KI, qk_scale,
 
 @triton.jit
 def _attn_bwd_dq_inner(dq, q, do, lse, delta, q_doc, q_grp, q_br, q_slot,  # q, do (BLOCK_M, D)
-                       K, V, KI, stride_kt, stride_vt, Tk, qk_scale, lo, hi,
-                       offs_n, offs_d, BLOCK_N: tl.constexpr, PREC: tl.constexpr):
-    for start_n in tl.range(lo, hi, BLOCK_N):
-        offs = start_n + offs_n
+                       K, V, KI, stride_kt, stride_vt, Tk, qk_scale, IDX, n_tiles, offs_n, offs_d,
+                       MASK: tl.constexpr, TILE: tl.constexpr, BLOCK_N: tl.constexpr, PREC: tl.constexpr):
+    for it in tl.range(0, n_tiles * (TILE // BLOCK_N)):
+        offs = tl.load(IDX + it // (TILE // BLOCK_N)) * TILE + (it % (TILE // BLOCK_N)) * BLOCK_N + offs_n
         in_k = offs < Tk
-        k_doc = tl.load(KI + offs, mask=in_k, other=-1)
-        k_grp = tl.load(KI + Tk + offs, mask=in_k, other=0)
-        k_br = tl.load(KI + 2 * Tk + offs, mask=in_k, other=0)
         kT = tl.load(K + offs[None, :] * stride_kt + offs_d[:, None], mask=in_k[None, :], other=0.0)
         vT = tl.load(V + offs[None, :] * stride_vt + offs_d[:, None], mask=in_k[None, :], other=0.0)
         qk = tl.dot(q, kT, input_precision=PREC) * qk_scale
-        vis = _visible(q_doc[:, None], q_grp[:, None], q_br[:, None], q_slot[:, None],
-                       k_doc[None, :], k_grp[None, :], k_br[None, :], offs[None, :])
-        p = tl.where(vis, tl.math.exp2(qk - lse[:, None]), 0.0)
+        p = tl.math.exp2(qk - lse[:, None])
+        if MASK:
+            k_doc, k_grp, k_br = _key_rows(KI, Tk, offs, in_k)
+            vis = _visible(q_doc[:, None], q_grp[:, None], q_br[:, None], q_slot[:, None],
+                           k_doc[None, :], k_grp[None, :], k_br[None, :], offs[None, :])
+            p = tl.where(vis, p, 0.0)
         dp = tl.dot(do, vT, input_precision=PREC)
         ds = p * (dp - delta[:, None])
         dq = tl.dot(ds.to(kT.dtype), tl.trans(kT), dq, input_precision=PREC)
@@ -287,34 +310,37 @@ def _attn_bwd_dq_inner(dq, q, do, lse, delta, q_doc, q_grp, q_br, q_slot,  # q, 
 
 
 @triton.jit
-def _attn_bwd_dq(Q, K, V, DO, DQ, LSE, DELTA, QI, KI, qk_scale,
+def _attn_bwd_dq(Q, K, V, DO, DQ, LSE, DELTA, QI, KI, KV_NUM, KV_IDX, qk_scale,
                  stride_qb, stride_qh, stride_qt, stride_kb, stride_kh, stride_kt,
-                 stride_vb, stride_vh, stride_vt, Hq, Tq, Tk,
-                 GROUP: tl.constexpr, D: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
-                 PREC: tl.constexpr):
-    # grid (query tiles, B * Hq): the same key tiles as the forward
+                 stride_vb, stride_vh, stride_vt, Hq, Tq, Tk, nQ, nK, T_KEY,
+                 GROUP: tl.constexpr, D: tl.constexpr, TILE: tl.constexpr, PREC: tl.constexpr,
+                 BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr):
+    # grid (query blocks, B * Hq): the same key tiles as the forward
     start_m, off_bh = tl.program_id(0), tl.program_id(1)
     b, h = off_bh // Hq, off_bh % Hq
     offs_m = start_m * BLOCK_M + tl.arange(0, BLOCK_M)
     offs_n, offs_d = tl.arange(0, BLOCK_N), tl.arange(0, D)
     in_q = offs_m < Tq
-    KI += b * 8 * Tk
-    q_doc, q_grp, q_br, q_slot, lo, hi, h_lo, h_hi = _tile_info(QI + b * 8 * Tq, Tq, offs_m, in_q, Tk, BLOCK_N)
+    q_doc, q_grp, q_br, q_slot = _query_rows(QI + b * 6 * Tq, Tq, offs_m, in_q)
     q = tl.load(Q + b.to(tl.int64) * stride_qb + h * stride_qh + offs_m[:, None] * stride_qt + offs_d[None, :],
                 mask=in_q[:, None], other=0.0)
-    row = off_bh.to(tl.int64) * Tq + offs_m  # do, lse, delta, dq: contiguous (B, Hq, Tq[, D])
-    do = tl.load(DO + row[:, None] * D + offs_d[None, :], mask=in_q[:, None], other=0.0)
-    lse = tl.load(LSE + row, mask=in_q, other=float("inf"))
-    delta = tl.load(DELTA + row, mask=in_q, other=0.0)
+    r = off_bh.to(tl.int64) * Tq + offs_m  # do, lse, delta, dq: contiguous (B, Hq, Tq[, D])
+    do = tl.load(DO + r[:, None] * D + offs_d[None, :], mask=in_q[:, None], other=0.0)
+    lse = tl.load(LSE + r, mask=in_q, other=float("inf"))
+    delta = tl.load(DELTA + r, mask=in_q, other=0.0)
     K += b.to(tl.int64) * stride_kb + (h // GROUP) * stride_kh
     V += b.to(tl.int64) * stride_vb + (h // GROUP) * stride_vh
+    KI += b * 3 * Tk
+    row = b * 2 * nQ + start_m * BLOCK_M // TILE
+    n_part, n_full = tl.load(KV_NUM + row), tl.load(KV_NUM + row + nQ)
+    IDX = KV_IDX + row.to(tl.int64) * nK
     dq = tl.zeros([BLOCK_M, D], tl.float32)
-    dq = _attn_bwd_dq_inner(dq, q, do, lse, delta, q_doc, q_grp, q_br, q_slot, K, V, KI, stride_kt,
-                            stride_vt, Tk, qk_scale, lo, h_lo, offs_n, offs_d, BLOCK_N, PREC)
-    dq = _attn_bwd_dq_inner(dq, q, do, lse, delta, q_doc, q_grp, q_br, q_slot, K, V, KI, stride_kt,
-                            stride_vt, Tk, qk_scale, h_hi, hi, offs_n, offs_d, BLOCK_N, PREC)
+    dq = _attn_bwd_dq_inner(dq, q, do, lse, delta, q_doc, q_grp, q_br, q_slot, K, V, KI, stride_kt, stride_vt,
+                            Tk, qk_scale, IDX + nQ * nK, n_full, offs_n, offs_d, False, TILE, BLOCK_N, PREC)
+    dq = _attn_bwd_dq_inner(dq, q, do, lse, delta, q_doc, q_grp, q_br, q_slot, K, V, KI, stride_kt, stride_vt,
+                            Tk, qk_scale, IDX, n_part, offs_n, offs_d, True, TILE, BLOCK_N, PREC)
     scale = qk_scale * 0.6931471805599453  # ds/dq = softmax scale
-    tl.store(DQ + row[:, None] * D + offs_d[None, :], (dq * scale).to(DQ.dtype.element_ty), mask=in_q[:, None])
+    tl.store(DQ + r[:, None] * D + offs_d[None, :], (dq * scale).to(DQ.dtype.element_ty), mask=in_q[:, None])
 
 
 @triton.jit
@@ -325,27 +351,38 @@ def _attn_decode(Q, K, V, O, LSE, QI, KI, qk_scale,
                  PREC: tl.constexpr):
     # grid (B * Hkv, SPLITS). The M dimension holds all GROUP x Tq (q head, query) pairs that read
     # kv head kvh, so each K/V tile is loaded once per kv head; SPLITS programs share the keys
-    # (flash-decoding) and write partial (o, lse) that the host merges. No sibling holes here:
-    # decode caches interleave the branches.
+    # (flash-decoding) and write partial (o, lse) that the host merges. The keys are the union of
+    # the queries' [lo, hi) ranges; no tile lists: decode caches interleave the branches.
     off_bh, split = tl.program_id(0), tl.program_id(1)
     b, kvh = off_bh // Hkv, off_bh % Hkv
     offs_m = tl.arange(0, BLOCK_M)
     offs_n, offs_d = tl.arange(0, BLOCK_N), tl.arange(0, D)
     in_q = offs_m < GROUP * Tq
     h, t = kvh * GROUP + offs_m // Tq, offs_m % Tq  # row m = (q head h, query t)
-    q_doc, q_grp, q_br, q_slot, lo, hi, _, _ = _tile_info(QI + b * 8 * Tq, Tq, t, in_q, Tk, BLOCK_N)
+    QI += b * 6 * Tq
+    q_doc, q_grp, q_br, q_slot = _query_rows(QI, Tq, t, in_q)
+    hi = tl.max(tl.load(QI + 5 * Tq + t, mask=in_q, other=0), 0)
+    lo = tl.minimum(tl.min(tl.load(QI + 4 * Tq + t, mask=in_q, other=Tk), 0), hi) // BLOCK_N * BLOCK_N
     chunk = tl.cdiv(tl.cdiv(hi - lo, BLOCK_N), SPLITS) * BLOCK_N
     s_lo = lo + split * chunk
     q = tl.load(Q + b.to(tl.int64) * stride_qb + h[:, None] * stride_qh + t[:, None] * stride_qt
                 + offs_d[None, :], mask=in_q[:, None], other=0.0)
+    K += b.to(tl.int64) * stride_kb + kvh * stride_kh
+    V += b.to(tl.int64) * stride_vb + kvh * stride_vh
+    KI += b * 3 * Tk
     m_i = tl.full([BLOCK_M], float("-inf"), tl.float32)
     l_i = tl.zeros([BLOCK_M], tl.float32)
     acc = tl.zeros([BLOCK_M, D], tl.float32)
-    acc, l_i, m_i = _attn_fwd_inner(acc, l_i, m_i, q, q_doc, q_grp, q_br, q_slot,
-                                    K + b.to(tl.int64) * stride_kb + kvh * stride_kh,
-                                    V + b.to(tl.int64) * stride_vb + kvh * stride_vh, KI + b * 8 * Tk,
-                                    stride_kt, stride_vt, Tk, qk_scale, s_lo, tl.minimum(hi, s_lo + chunk),
-                                    offs_n, offs_d, BLOCK_N, PREC)
+    for start_n in tl.range(s_lo, tl.minimum(hi, s_lo + chunk), BLOCK_N):
+        offs = start_n + offs_n
+        in_k = offs < Tk
+        k_doc, k_grp, k_br = _key_rows(KI, Tk, offs, in_k)
+        kT = tl.load(K + offs[None, :] * stride_kt + offs_d[:, None], mask=in_k[None, :], other=0.0)
+        qk = tl.dot(q, kT, input_precision=PREC) * qk_scale
+        vis = _visible(q_doc[:, None], q_grp[:, None], q_br[:, None], q_slot[:, None],
+                       k_doc[None, :], k_grp[None, :], k_br[None, :], offs[None, :])
+        v = tl.load(V + offs[:, None] * stride_vt + offs_d[None, :], mask=in_k[:, None], other=0.0)
+        acc, l_i, m_i = _softmax_step(acc, l_i, m_i, tl.where(vis, qk, float("-inf")), v, PREC)
     seen = l_i > 0  # an empty split has lse = -inf: weight 0 in the merge
     l_i = tl.where(seen, l_i, 1.0)
     row = ((split * B + b) * Hq + h).to(tl.int64) * Tq + t  # O (SPLITS, B, Hq, Tq, D) fp32
@@ -354,31 +391,50 @@ def _attn_decode(Q, K, V, O, LSE, QI, KI, qk_scale,
 
 
 # -----------------------------------------------------------------------------
-# Launchers
+# Autotune sets: (BLOCK_M, BLOCK_N, num_warps, num_stages), keyed on head dim, GQA group, dtype and
+# the length rounded up to a power of two. The first of each set is the one used without tuning
+# (under the interpreter: 16 x 16 blocks, no timing).
 
-# Tile sizes per kernel on CUDA, for bf16 and D = 128 on sm_90: chosen offline from ptxas (no register
-# spills but ~140 bytes in dkdv, wgmma in all three); not yet tuned by timing. Under the interpreter
-# every tile is 16, so that tiny test shapes still span several tiles and skip some.
 CUDA_CONFIGS = {
-    "fwd": dict(BLOCK_M=128, BLOCK_N=64, num_warps=8, num_stages=3),
-    "dkdv": dict(BLOCK_M=32, BLOCK_N=64, num_warps=4, num_stages=3),
-    "dq": dict(BLOCK_M=64, BLOCK_N=32, num_warps=4, num_stages=3),
-    "decode": dict(BLOCK_N=64, num_warps=4, num_stages=3),
+    "fwd": [(128, 64, 8, 3), (128, 128, 8, 3), (128, 64, 4, 4), (64, 64, 4, 3), (128, 32, 4, 3)],
+    "dkdv": [(32, 64, 4, 3), (32, 128, 4, 3), (64, 128, 8, 3), (64, 64, 4, 3)],
+    "dq": [(64, 32, 4, 3), (128, 32, 4, 3), (128, 64, 8, 3), (64, 64, 4, 3)],
 }
+DECODE_CONFIG = dict(BLOCK_N=64, num_warps=4, num_stages=3)
 
 
-def _config(kind, q):
-    if not q.is_cuda:
-        return dict(BLOCK_M=16, BLOCK_N=16)
-    cfg = dict(CUDA_CONFIGS[kind])
-    if q.shape[-1] <= 64:
-        cfg["num_warps"] = min(cfg["num_warps"], 4)
-    # fp32 (IEEE dots on CUDA cores) and D = 256 need smaller tiles to fit registers and shared memory
-    shrink = int(q.dtype == torch.float32) + int(q.shape[-1] > 128)
-    if shrink:
-        cfg.update({k: max(16, v >> shrink) for k, v in cfg.items() if k.startswith("BLOCK")}, num_stages=2)
-    return cfg
+def _configs(kind):
+    if INTERPRET:
+        return [triton.Config(dict(BLOCK_M=16, BLOCK_N=16))]
+    return [triton.Config(dict(BLOCK_M=m, BLOCK_N=n), num_warps=w, num_stages=s)
+            for m, n, w, s in CUDA_CONFIGS[kind]]
 
+
+def _prune(configs, named_args, **kwargs):
+    # fp32 (IEEE dots on CUDA cores) and D = 256 need smaller tiles to fit registers and shared
+    # memory; D <= 64 spills nothing with 4 warps
+    args = {**named_args, **kwargs}
+    D, fp32 = args["D"], args["Q"].dtype == torch.float32
+    shrink = int(fp32) + int(D > 128)
+    out = []
+    for c in configs:
+        kw = {k: max(16, v >> shrink) for k, v in c.kwargs.items()}
+        c = triton.Config(kw, num_warps=min(c.num_warps, 4) if D <= 64 else c.num_warps,
+                          num_stages=2 if shrink else c.num_stages)
+        if all(str(c) != str(o) for o in out):
+            out.append(c)
+    return out
+
+
+_tune = lambda kind: triton.autotune(configs=_configs(kind), key=["D", "GROUP", "T_KEY"],
+                                     prune_configs_by=dict(early_config_prune=_prune))
+_attn_fwd = _tune("fwd")(_attn_fwd)
+_attn_bwd_dkdv = _tune("dkdv")(_attn_bwd_dkdv)
+_attn_bwd_dq = _tune("dq")(_attn_bwd_dq)
+
+
+# -----------------------------------------------------------------------------
+# Launchers
 
 def _strides(*ts):
     return [s for t in ts for s in t.stride()[:3]]  # (b, h, t) strides; d is contiguous
@@ -388,47 +444,49 @@ def _precision(q):
     return "ieee" if q.dtype == torch.float32 else "tf32"  # fp32 inputs: no silent TF32 rounding
 
 
-def _fwd(q, k, v, q_info, k_info, scale):
+def _fwd(q, k, v, q_info, k_info, tiles, scale):
     """-> o (B, Hq, Tq, D) in q's dtype and lse (B, Hq, Tq) fp32 in log2 units (+inf: empty row)."""
     B, Hq, Tq, D = q.shape
     Hkv, Tk = k.shape[1], k.shape[2]
+    kv_num, kv_idx = tiles[:2]
     o = torch.empty(B, Hq, Tq, D, device=q.device, dtype=q.dtype)
     lse = torch.empty(B, Hq, Tq, device=q.device, dtype=torch.float32)
-    cfg = _config("fwd", q)
-    grid = (triton.cdiv(Tq, cfg["BLOCK_M"]), B * Hq)
-    _attn_fwd[grid](q, k, v, o, lse, q_info, k_info, scale * 1.4426950408889634, *_strides(q, k, v),
-                    Hq, Tq, Tk, GROUP=Hq // Hkv, D=D, PREC=_precision(q), **cfg)
+    grid = lambda meta: (triton.cdiv(Tq, meta["BLOCK_M"]), B * Hq)
+    _attn_fwd[grid](q, k, v, o, lse, q_info, k_info, kv_num, kv_idx, scale * LOG2E, *_strides(q, k, v),
+                    Hq, Tq, Tk, kv_idx.shape[2], kv_idx.shape[3], triton.next_power_of_2(Tk),
+                    GROUP=Hq // Hkv, D=D, TILE=tiles[4], PREC=_precision(q))
     return o, lse
 
 
 class _Attention(torch.autograd.Function):
     @staticmethod
-    def forward(ctx, q, k, v, q_info, k_info, scale):
-        o, lse = _fwd(q, k, v, q_info, k_info, scale)
-        ctx.save_for_backward(q, k, v, o, lse, q_info, k_info)
-        ctx.scale = scale
+    def forward(ctx, q, k, v, q_info, k_info, tiles, scale):
+        o, lse = _fwd(q, k, v, q_info, k_info, tiles, scale)
+        ctx.save_for_backward(q, k, v, o, lse, q_info, k_info, *tiles[:4])
+        ctx.scale, ctx.tile = scale, tiles[4]
         return o
 
     @staticmethod
     def backward(ctx, do):
-        q, k, v, o, lse, q_info, k_info = ctx.saved_tensors
+        q, k, v, o, lse, q_info, k_info, kv_num, kv_idx, q_num, q_idx = ctx.saved_tensors
         B, Hq, Tq, D = q.shape
         Hkv, Tk = k.shape[1], k.shape[2]
+        nQ, nK = kv_idx.shape[2], kv_idx.shape[3]
         do = do.contiguous()
         delta = torch.empty_like(lse)
         _attn_bwd_preprocess[(triton.cdiv(B * Hq * Tq, 64),)](o, do, delta, B * Hq * Tq, D=D, BLOCK_M=64)
         dq = torch.empty(q.shape, device=q.device, dtype=q.dtype)
         dk = torch.empty(k.shape, device=k.device, dtype=k.dtype)
         dv = torch.empty(v.shape, device=v.device, dtype=v.dtype)
-        args = (q_info, k_info, ctx.scale * 1.4426950408889634, *_strides(q, k, v))
-        kw = dict(GROUP=Hq // Hkv, D=D, PREC=_precision(q))
-        cfg = _config("dkdv", q)
-        _attn_bwd_dkdv[(triton.cdiv(Tk, cfg["BLOCK_N"]), B * Hkv)](
-            q, k, v, do, dk, dv, lse, delta, *args, Hq, Hkv, Tq, Tk, **kw, **cfg)
-        cfg = _config("dq", q)
-        _attn_bwd_dq[(triton.cdiv(Tq, cfg["BLOCK_M"]), B * Hq)](
-            q, k, v, do, dq, lse, delta, *args, Hq, Tq, Tk, **kw, **cfg)
-        return dq, dk, dv, None, None, None
+        args = (ctx.scale * LOG2E, *_strides(q, k, v))
+        kw = dict(GROUP=Hq // Hkv, D=D, TILE=ctx.tile, PREC=_precision(q))
+        T_KEY = triton.next_power_of_2(Tk)
+        _attn_bwd_dkdv[lambda meta: (triton.cdiv(Tk, meta["BLOCK_N"]), B * Hkv)](
+            q, k, v, do, dk, dv, lse, delta, q_info, k_info, q_num, q_idx, *args, Hq, Hkv, Tq, Tk, nQ, nK,
+            T_KEY, **kw)
+        _attn_bwd_dq[lambda meta: (triton.cdiv(Tq, meta["BLOCK_M"]), B * Hq)](
+            q, k, v, do, dq, lse, delta, q_info, k_info, kv_num, kv_idx, *args, Hq, Tq, Tk, nQ, nK, T_KEY, **kw)
+        return dq, dk, dv, None, None, None, None
 
 
 def _num_splits(q, Hkv, Tk, block_n):
@@ -443,14 +501,18 @@ def _decode(q, k, v, q_info, k_info, scale, splits=None):
     """Few queries per row against a long cache (forward only): (B, Hq, Tq, D) in q's dtype."""
     B, Hq, Tq, D = q.shape
     Hkv, Tk = k.shape[1], k.shape[2]
-    cfg = _config("decode", q)
+    cfg = dict(DECODE_CONFIG) if q.is_cuda else dict(BLOCK_N=16)
+    if q.is_cuda and D <= 64:
+        cfg["num_warps"] = min(cfg["num_warps"], 4)
+    if q.is_cuda and (q.dtype == torch.float32 or D > 128):  # smaller tiles: registers, shared memory
+        cfg.update(BLOCK_N=max(16, cfg["BLOCK_N"] >> (int(q.dtype == torch.float32) + int(D > 128))), num_stages=2)
     cfg["BLOCK_M"] = max(16, triton.next_power_of_2(Hq // Hkv * Tq))
     if q.is_cuda and cfg["BLOCK_M"] >= 64:
         cfg["num_warps"] = 8  # 4 warps spill at 64+ rows
     splits = splits or _num_splits(q, Hkv, Tk, cfg["BLOCK_N"])
     o = torch.empty(splits, B, Hq, Tq, D, device=q.device, dtype=torch.float32)
     lse = torch.empty(splits, B, Hq, Tq, device=q.device, dtype=torch.float32)
-    _attn_decode[(B * Hkv, splits)](q, k, v, o, lse, q_info, k_info, scale * 1.4426950408889634,
+    _attn_decode[(B * Hkv, splits)](q, k, v, o, lse, q_info, k_info, scale * LOG2E,
                                     *_strides(q, k, v), B, Hq, Hkv, Tq, Tk, splits,
                                     GROUP=Hq // Hkv, D=D, PREC=_precision(q), **cfg)
     if splits > 1:  # merge the partial softmaxes: weights 2^lse_s / sum_s 2^lse_s (0 if all empty)
@@ -471,9 +533,10 @@ def attention_triton(q, k, v, q_layout, k_layout=None, scale=None):
         return attention_triton(pad(q), pad(k), pad(v), q_layout, k_layout, scale)[..., :D]
     assert q.dtype == k.dtype == v.dtype, f"q, k, v dtypes differ: {q.dtype} {k.dtype} {v.dtype}"
     q, k, v = (t if t.stride(-1) == 1 else t.contiguous() for t in (q, k, v))  # any (b, h, t) strides
+    q_info, k_info = _memo(q_layout, k_layout, "info", lambda: token_info(q_layout, k_layout))
     grad = torch.is_grad_enabled() and (q.requires_grad or k.requires_grad or v.requires_grad)
     if not grad and Tq <= 16 and Hq // Hkv * Tq <= 128:
-        q_info, k_info = _cached_layout_info(q_layout, k_layout, holes=False)
         return _decode(q, k, v, q_info, k_info, scale)
-    q_info, k_info = _cached_layout_info(q_layout, k_layout, holes=True)
-    return _Attention.apply(q, k, v, q_info, k_info, scale)
+    tile = TILE
+    tiles = _memo(q_layout, k_layout, ("tiles", tile), lambda: (*tile_lists(q_layout, k_layout, tile), tile))
+    return _Attention.apply(q, k, v, q_info, k_info, tiles, scale)

@@ -1,12 +1,12 @@
 """The Triton kernels (triton_attention.py, optional reading) against the spec (parallel_attention.py).
 
 Invariants held here, run by Triton's interpreter on CPU (tests/conftest.py sets TRITON_INTERPRET=1;
-every tile is 16 x 16 there, so tiny shapes span several tiles and skip some):
-- the kernels' copy of the rule (`_visible` on `_layout_info`'s rows) == parallel_attention.visible
+tiles and blocks are 16 tokens there, so tiny shapes span several tiles):
+- the kernels' copy of the rule (`_visible` on `token_info`'s rows) == parallel_attention.visible
   on random packed layouts (docs, a shared prefix, blocks of 2-4 branches, serial runs, padding,
   interleaved branches, queries against a cache): an ablation of the rule must change both;
-- tile skipping is sound: every (query, key) pair a tile skips is invisible; the memo of the
-  metadata follows in-place edits;
+- the tile classes (empty / partial / full per query tile x key tile) == a brute-force mask, and
+  the tile lists hold exactly those tiles; empty tiles are never loaded, full tiles skip the mask;
 - kernel == reference: forward, backward (dq, dk, dv) and decode, fp32 here, bf16 on CUDA
   (`-m cuda`, skipped without a GPU); padding rows give zeros and finite gradients.
 
@@ -14,6 +14,7 @@ every tile is 16 x 16 there, so tiny shapes span several tiles and skip some):
 """
 import pytest
 import torch
+import torch.nn.functional as F
 
 pytest.importorskip("triton")
 import triton  # noqa: E402
@@ -21,7 +22,41 @@ import triton.language as tl  # noqa: E402
 
 import triton_attention as ta  # noqa: E402
 from parallel_attention import Layout, attention, attention_ref, visible_mask  # noqa: E402
-from test_parallel_attention import grads, npr_layout, qkv  # noqa: E402
+from test_parallel_attention import grads, qkv  # noqa: E402
+
+
+def random_layout(B, T, seed, steps=(1, 5), unit=1, interleave=None, pad=True):
+    """Rows of packed docs: a shared prefix, then serial trunk runs and blocks of 2-4 branches of
+    ragged length (contiguous or interleaved, block ids not always 1, 2, ...), padding at the end.
+    unit: every run a multiple of it (tile-aligned sections); interleave: None = at random."""
+    g = torch.Generator().manual_seed(seed)
+    n = lambda a, b: int(torch.randint(a, b + 1, (1,), generator=g))
+    rows = []
+    for _ in range(B):
+        toks, d = [], 0
+        while len(toks) < T:
+            toks += [(d, 0, 0)] * (unit * n(1, 5))                 # the prompt: a shared prefix
+            blk = n(0, 3)
+            for _ in range(n(1, 3)):
+                if n(0, 2) == 0:                                   # a serial run: trunk only
+                    toks += [(d, 0, 0)] * (unit * n(1, 6))
+                    continue
+                blk += n(1, 2)
+                run = [(d, blk, r) for r in range(1, n(2, 4) + 1) for _ in range(unit * n(*steps))]
+                if n(0, 1) if interleave is None else interleave:
+                    run = [run[i] for i in torch.randperm(len(run), generator=g)]
+                toks += [(d, blk, 0)] * (unit * n(0, 2)) + run + [(d, blk, 0)] * (unit * n(1, 3))
+            d += 1
+        p = unit * n(0, 4) if pad else 0
+        rows.append(toks[:T - p] + [(-1, 0, 0)] * p)
+    t = torch.tensor(rows, dtype=torch.int32)
+    return Layout(t[..., 0].contiguous(), t[..., 1].contiguous(), t[..., 2].contiguous())
+
+
+def cache_queries(L, first, n):
+    """Queries at slots first..first+n-1 of the cache L (a prefill chunk / decode step)."""
+    sl = torch.arange(first, first + n, dtype=torch.int32).expand(L.doc.shape[0], n).contiguous()
+    return Layout(L.doc[:, first:first + n], L.block[:, first:first + n], L.branch[:, first:first + n], sl)
 
 
 # -----------------------------------------------------------------------------
@@ -33,19 +68,16 @@ def _mask_kernel(QI, KI, OUT, Tq, Tk, BLOCK_M: tl.constexpr, BLOCK_N: tl.constex
     b = tl.program_id(0)
     offs_m, offs_n = tl.arange(0, BLOCK_M), tl.arange(0, BLOCK_N)
     in_q, in_k = offs_m < Tq, offs_n < Tk
-    q_doc, q_grp, q_br, q_slot, _, _, _, _ = ta._tile_info(QI + b * 8 * Tq, Tq, offs_m, in_q, Tk, BLOCK_N)
-    KI += b * 8 * Tk
-    k_doc = tl.load(KI + offs_n, mask=in_k, other=-1)
-    k_grp = tl.load(KI + Tk + offs_n, mask=in_k, other=0)
-    k_br = tl.load(KI + 2 * Tk + offs_n, mask=in_k, other=0)
+    q_doc, q_grp, q_br, q_slot = ta._query_rows(QI + b * 6 * Tq, Tq, offs_m, in_q)
+    k_doc, k_grp, k_br = ta._key_rows(KI + b * 3 * Tk, Tk, offs_n, in_k)
     vis = ta._visible(q_doc[:, None], q_grp[:, None], q_br[:, None], q_slot[:, None],
                       k_doc[None, :], k_grp[None, :], k_br[None, :], offs_n[None, :])
     out = OUT + b * Tq * Tk + offs_m[:, None] * Tk + offs_n[None, :]
     tl.store(out, vis.to(tl.int8), mask=in_q[:, None] & in_k[None, :])
 
 
-def kernel_mask(q_layout, k_layout=None, holes=True):
-    q_info, k_info = ta._layout_info(q_layout, k_layout, holes)
+def kernel_mask(q_layout, k_layout=None):
+    q_info, k_info = ta.token_info(q_layout, k_layout)
     (B, _, Tq), Tk = q_info.shape, k_info.shape[2]
     out = torch.zeros(B, Tq, Tk, dtype=torch.int8)
     _mask_kernel[(B,)](q_info, k_info, out, Tq, Tk, BLOCK_M=triton.next_power_of_2(max(Tq, 16)),
@@ -53,85 +85,75 @@ def kernel_mask(q_layout, k_layout=None, holes=True):
     return out.bool()
 
 
-def random_layout(B, T, seed):
-    """Rows of packed docs: a shared prefix, then serial trunk runs and blocks of 2-4 branches
-    (contiguous or interleaved, block ids not always 1, 2, ...), padding at the end."""
-    g = torch.Generator().manual_seed(seed)
-    n = lambda a, b: int(torch.randint(a, b + 1, (1,), generator=g))
-    rows = []
-    for _ in range(B):
-        toks, d = [], 0
-        while len(toks) < T:
-            toks += [(d, 0, 0)] * n(1, 5)                          # the prompt: a shared prefix
-            blk = n(0, 3)
-            for _ in range(n(1, 3)):
-                if n(0, 2) == 0:                                   # a serial run: trunk only
-                    toks += [(d, 0, 0)] * n(1, 6)
-                    continue
-                blk += n(1, 2)
-                steps = [(d, blk, r) for r in range(1, n(2, 4) + 1) for _ in range(n(1, 5))]
-                if n(0, 1):
-                    steps = [steps[i] for i in torch.randperm(len(steps), generator=g)]
-                toks += [(d, blk, 0)] * n(0, 2) + steps + [(d, blk, 0)] * n(1, 3)
-            d += 1
-        p = n(0, 4)
-        rows.append(toks[:T - p] + [(-1, 0, 0)] * p)
-    t = torch.tensor(rows, dtype=torch.int32)
-    return Layout(t[..., 0].contiguous(), t[..., 1].contiguous(), t[..., 2].contiguous())
-
-
 @pytest.mark.parametrize("seed", range(5))
 def test_kernel_rule_agrees_with_python_rule(seed):
     L = random_layout(3, 40, seed)
     assert (L.branch > 0).any() and ((L.branch == 0) & (L.doc >= 0)).any()
     assert torch.equal(kernel_mask(L), visible_mask(L))
-    # queries with slots against a cache with empty slots (prefill chunk / decode), no holes
+    # queries with slots against a cache with empty slots (prefill chunk / decode)
     L.doc[:, 36:] = -1
     idx = torch.randperm(36, generator=torch.Generator().manual_seed(seed))[:7].sort().values
     sl = idx.int().expand(3, 7).contiguous()
     Q = Layout(L.doc[:, idx], L.block[:, idx], L.branch[:, idx], sl)
     want = visible_mask(Q, L)
     assert want.any() and not want.all()
-    assert torch.equal(kernel_mask(Q, L, holes=False), want)
     assert torch.equal(kernel_mask(Q, L), want)
 
 
 # -----------------------------------------------------------------------------
-# Tile-skipping metadata: every skipped (query, key) pair must be invisible
+# Tile classes and lists against a brute-force mask
 
-def _assert_sound(q_layout, k_layout=None):
-    q_info, k_info = ta._layout_info(q_layout, k_layout)
-    vis = visible_mask(q_layout, k_layout)                                  # (B, Tq, Tk)
-    Tq, Tk = vis.shape[1:]
-    kk, qq = torch.arange(Tk)[None, None, :], torch.arange(Tq)[None, :, None]
-    lo, hi, hl, hh = (q_info[:, i, :, None] for i in range(4, 8))          # per query, over keys
-    assert not (vis & ((kk < lo) | (kk >= hi) | ((kk >= hl) & (kk < hh)))).any()
-    lo, hi, hl, hh = (k_info[:, i, None, :] for i in range(4, 8))          # per key, over queries
-    assert not (vis & ((qq < lo) | (qq >= hi) | ((qq >= hl) & (qq < hh)))).any()
-    return q_info, k_info
+def brute_classes(q_layout, k_layout, tile):
+    """(B, nQ, nK): 0 if no pair of the two tiles is visible, 2 if all are, else 1."""
+    vis = visible_mask(q_layout, k_layout)
+    B, Tq, Tk = vis.shape
+    nQ, nK = -(-Tq // tile), -(-Tk // tile)
+    v = F.pad(vis, (0, nK * tile - Tk, 0, nQ * tile - Tq)).view(B, nQ, tile, nK, tile)
+    return torch.where(v.all(4).all(2), 2, torch.where(v.any(4).any(2), 1, 0)).to(torch.int8)
 
 
-@pytest.mark.parametrize("seed", range(6))
-def test_layout_info_is_sound(seed):
-    L = npr_layout(3, 64, seed, interleave=seed % 3 == 2)
-    if seed == 4:  # docs not in order along the row: no document skipping, still sound
+@pytest.mark.parametrize("seed", range(4))
+@pytest.mark.parametrize("tile", [16, 32])
+def test_tile_classes_match_brute_force(seed, tile, monkeypatch):
+    # ragged and interleaved layouts, docs out of order, queries with slots against a cache; chunks
+    # of a few query tiles (as at long T); T not a multiple of the tile
+    monkeypatch.setattr(ta, "CLASSIFY_PAIRS", 3 * tile * tile * 13)
+    L = random_layout(3, 200, seed)
+    if seed == 2:
         L.doc[0] = L.doc[0].flip(0)
-    q_info, k_info = _assert_sound(L)
-    if seed % 3 != 2:  # contiguous branches: the sibling holes are found (skipping is real)
-        assert (q_info[:, 7] > q_info[:, 6]).any() and (k_info[:, 7] > k_info[:, 6]).any()
-    # queries with slots against a cache (chunked prefill / decode): the last 10 tokens of each row
-    sl = torch.arange(54, 64, dtype=torch.int32).expand(3, 10)
-    Q = Layout(L.doc[:, 54:], L.block[:, 54:], L.branch[:, 54:], sl)
-    _assert_sound(Q, L)
+    for q_l, k_l in ((L, None), (cache_queries(L, 150, 50), L)):
+        cls = ta.tile_classes(q_l, k_l, tile)
+        assert torch.equal(cls, brute_classes(q_l, k_l, tile))
+        assert (cls == 0).any() and (cls == 1).any()
 
 
-def test_layout_info_cache_sees_in_place_edits():
-    L = npr_layout(1, 30, seed=1)
-    a = ta._cached_layout_info(L, None, True)
-    assert ta._cached_layout_info(L, None, True) is a
-    L.doc[0, 20:] = -1  # e.g. the KV cache metadata rewritten in place
-    b = ta._cached_layout_info(L, None, True)
-    assert b is not a and torch.equal(b[0], ta._layout_info(L)[0])
+@pytest.mark.parametrize("seed", range(2))
+def test_tile_classes_full_tiles(seed):
+    # sections in whole tiles: full tiles (a trunk before a block, a branch's earlier tiles)
+    L = random_layout(2, 256, seed, steps=(1, 2), unit=16, interleave=False)
+    cls = ta.tile_classes(L, None, 16)
+    assert torch.equal(cls, brute_classes(L, None, 16)) and (cls == 2).sum() > 10
+
+
+def test_tile_lists():
+    L = random_layout(2, 100, seed=5)
+    cls = ta.tile_classes(L, None, 16)
+    kv_num, kv_idx, q_num, q_idx = ta.tile_lists(L, None, 16)
+    for c, num, idx in ((cls, kv_num, kv_idx), (cls.transpose(1, 2), q_num, q_idx)):
+        for b in range(2):
+            for i in range(c.shape[1]):
+                for part, want in ((0, 1), (1, 2)):  # partial tiles, full tiles: ascending
+                    listed = idx[b, part, i, :num[b, part, i]].tolist()
+                    assert listed == torch.nonzero(c[b, i] == want).flatten().tolist()
+
+
+def test_tile_lists_memo_sees_in_place_edits():
+    L = random_layout(1, 30, seed=1)
+    out = attention(*qkv(1, 2, 1, 30, 30, grad=False), L, impl="triton")
+    L.doc[0, 20:] = -1  # e.g. the KV cache metadata rewritten in place: new lists, not the cached ones
+    q, k, v = qkv(1, 2, 1, 30, 30, grad=False)
+    torch.testing.assert_close(attention(q, k, v, L, impl="triton"), attention_ref(q, k, v, L), atol=1e-4, rtol=1e-4)
+    assert not torch.equal(out, attention_ref(q, k, v, L))
 
 
 # -----------------------------------------------------------------------------
@@ -148,21 +170,29 @@ def _check(q, k, v, q_layout, k_layout=None, grad=True):
             torch.testing.assert_close(a, b, atol=1e-3, rtol=1e-3, msg=f"d{name}")
 
 
-@pytest.mark.parametrize("seed,Hq,Hkv,T,interleave,step", [
-    (0, 4, 2, 45, False, (1, 9)),    # packed docs, padding, 1..5 uneven branches, GQA, T % 16 != 0
-    (1, 2, 2, 64, False, (1, 9)),    # no GQA, T a multiple of the tile
-    (2, 3, 1, 37, True, (1, 9)),     # interleaved branches (no sibling holes), 3 q heads per kv head
-    (3, 2, 1, 90, False, (17, 30)),  # long steps: unaligned sibling holes spanning whole tiles
+@pytest.mark.parametrize("seed,Hq,Hkv,T,D,kw", [
+    (0, 4, 2, 70, 16, {}),                                  # ragged, padding, GQA, T % 16 != 0
+    (1, 2, 2, 96, 32, dict(steps=(1, 2), unit=16, interleave=False)),  # whole tiles: full ones
+    (2, 3, 1, 60, 16, dict(interleave=True)),               # interleaved branches, 3 q heads per kv head
+    (3, 2, 1, 110, 16, dict(steps=(9, 24), interleave=False)),  # long steps: boundaries inside tiles
 ])
-def test_kernel_matches_ref(seed, Hq, Hkv, T, interleave, step):
-    L = npr_layout(2, T, seed, interleave=interleave, step=step)
-    q, k, v = qkv(2, Hq, Hkv, T, T, seed=seed)
+def test_kernel_matches_ref(seed, Hq, Hkv, T, D, kw):
+    L = random_layout(2, T, seed, **kw)
+    q, k, v = qkv(2, Hq, Hkv, T, T, D=D, seed=seed)
+    _check(q, k, v, L)
+
+
+def test_kernel_blocks_smaller_than_tiles(monkeypatch):
+    # 32-token tiles read as two 16-row / 16-key blocks each (on CUDA: 128-token tiles, 32..128 blocks)
+    monkeypatch.setattr(ta, "TILE", 32)
+    L = random_layout(1, 100, seed=6, steps=(4, 12), interleave=False)
+    q, k, v = qkv(1, 2, 1, 100, 100, seed=6)
     _check(q, k, v, L)
 
 
 def test_kernel_strided_inputs_odd_head_dim():
     # q/k/v as (B, T, H, D) transposed views, as the model passes them; D = 24 is zero-padded to 32
-    L = npr_layout(1, 40, seed=5)
+    L = random_layout(1, 40, seed=5)
     g = torch.Generator().manual_seed(0)
     q, k, v = (torch.randn(1, 40, H, 24, generator=g).transpose(1, 2).requires_grad_() for H in (4, 2, 2))
     _check(q, k, v, L)
@@ -170,12 +200,10 @@ def test_kernel_strided_inputs_odd_head_dim():
 
 def test_kernel_prefill_against_cache():
     # 20 queries (> 16: the forward kernel, with grads) at slots 30..49 of a 60-slot cache
-    L = npr_layout(2, 60, seed=7, pad=False)
+    L = random_layout(2, 60, seed=7, pad=False)
     L.doc[:, 50:] = -1                                      # empty cache slots at the end
-    sl = torch.arange(30, 50, dtype=torch.int32).expand(2, 20)
-    Q = Layout(L.doc[:, 30:50], L.block[:, 30:50], L.branch[:, 30:50], sl)
     q, k, v = qkv(2, 4, 2, 20, 60, seed=7)
-    _check(q, k, v, Q, L)
+    _check(q, k, v, cache_queries(L, 30, 20), L)
 
 
 def _interleaved_cache(B, S, n_prefix, n_branch, steps, seed=0):
@@ -202,16 +230,16 @@ def test_decode_matches_ref(Tq, splits):
     if splits is None:  # through the dispatcher: small Tq without grad routes to the decode kernel
         o = attention(q, k, v, q_l, cache, impl="triton")
     else:
-        o = ta._decode(q, k, v, *ta._layout_info(q_l, cache, holes=False), 16 ** -0.5, splits=splits)
+        o = ta._decode(q, k, v, *ta.token_info(q_l, cache), 16 ** -0.5, splits=splits)
     assert not o.isnan().any()
     torch.testing.assert_close(o, o_ref, atol=1e-4, rtol=1e-4)
     assert o[1, :, 0].abs().max() == 0
 
 
 def test_fully_masked_rows_give_zeros_and_finite_grads():
-    L = npr_layout(2, 30, seed=2)
+    L = random_layout(2, 30, seed=2)
     L.doc[0, :] = -1          # a row that is all padding
-    L.doc[1, 10:14] = 7       # a short doc mid-row (docs out of order: no document skipping)
+    L.doc[1, 10:14] = 7       # a short doc mid-row (docs out of order)
     L.doc[1, 20:] = -1
     q, k, v = qkv(2, 2, 1, 30, 30)
     o = attention(q, k, v, L, impl="triton")
@@ -220,7 +248,7 @@ def test_fully_masked_rows_give_zeros_and_finite_grads():
 
 
 @pytest.mark.filterwarnings("ignore::RuntimeWarning")  # the interpreter's numpy sees the NaN rows
-def test_kernels_skip_tiles():
+def test_kernels_never_load_empty_tiles():
     # Poison (NaN) keys that no query of a tile may see: a kernel that still loaded those tiles would
     # return NaN (0 * NaN = NaN in p @ v). 16-token tiles: trunk | step 1 | step 2 | step 3.
     T, z = 64, torch.zeros(2, 64, dtype=torch.int32)
@@ -234,7 +262,7 @@ def test_kernels_skip_tiles():
         k[1, :, 0:16], v[1, :, 0:16] = float("nan"), float("nan")    # doc 0: before doc 1's keys
     o = attention(q, k, v, L, impl="triton")
     dq, = torch.autograd.grad(o, q, torch.ones_like(o))
-    for t in (o, dq):  # sibling hole (row 0) and document start (row 1) skipped, causal too
+    for t in (o, dq):  # sibling tiles (row 0) and the other document (row 1) skipped, causal too
         assert t[0, :, :16].isfinite().all() and t[0, :, 32:].isfinite().all() and t[1, :, 32:].isfinite().all()
     # dk/dv side: poisoned queries of steps 2 and 3 are skipped by the key tiles of step 1
     q, k, v = qkv(2, 2, 1, T, T)
@@ -242,6 +270,18 @@ def test_kernels_skip_tiles():
         q[0, :, 32:] = float("nan")
     dk, dv = torch.autograd.grad(attention(q, k, v, L, impl="triton"), (k, v), torch.ones(2, 2, T, 16))
     assert dk[0, :, 16:32].isfinite().all() and dv[0, :, 16:32].isfinite().all()
+
+
+def test_full_tiles_skip_the_mask(monkeypatch):
+    # lists that call every tile pair "full" on a causal layout: kernels that skip the mask on full
+    # tiles give attention over all keys (forward and backward); kernels that still applied it, causal
+    monkeypatch.setattr(ta, "tile_classes", lambda q, k=None, tile=None: torch.full((1, 4, 4), 2, dtype=torch.int8))
+    q, k, v = qkv(1, 2, 2, 64, 64)
+    o = attention(q, k, v, Layout.causal(1, 64), impl="triton")
+    want = torch.softmax(q @ k.transpose(-1, -2) / 4, -1) @ v
+    torch.testing.assert_close(o, want, atol=1e-4, rtol=1e-4)
+    for a, b in zip(grads(o, (q, k, v)), grads(want, (q, k, v))):
+        torch.testing.assert_close(a, b, atol=1e-3, rtol=1e-3)
 
 
 # -----------------------------------------------------------------------------
@@ -252,7 +292,7 @@ def test_kernels_skip_tiles():
 def test_cuda_bf16_matches_ref():
     # bf16 kernels vs the fp32 reference, held to (about) the error of bf16 SDPA on the same inputs
     dev = "cuda"
-    L = npr_layout(2, 1000, seed=0, step=(20, 200)).to(dev)
+    L = random_layout(2, 1000, seed=0, steps=(20, 200)).to(dev)
     mk = lambda H, T: torch.randn(2, H, T, 128, device=dev, dtype=torch.bfloat16, requires_grad=True)
     q, k, v = mk(8, 1000), mk(2, 1000), mk(2, 1000)
     do = torch.randn_like(q)
