@@ -1,46 +1,41 @@
 """
-The sampling engine, with the NPR fork/join rules (NPR.md section 5) and continuous batching.
+The sampling engine: NPR's fork/join rules (NPR.md section 5) with continuous batching.
 
     python sampler.py --model DIR --prompt "Compute 23*4 + 17*6." --mode parallel -n 4
 
 serial mode: ordinary decoding; the tags are just text.
 parallel mode: when a row's trunk emits </guideline>, count its numbered plans (k); 0 or more than
   the cap ends the row as malformed; else fork k branches, each opened with the forced header
-  "<step>\nN:" (npr.STEP_HEADER), all at the same RoPE position. Every live branch of every row is
-  decoded in the same forward. A branch ends at </step> (plus one forced "\n" separator, npr.SEPARATOR,
-  that belongs to it). When all branches of a row have ended they are joined: "<takeaway>\n"
-  (npr.TAKEAWAY_HEADER) is forced in the trunk at 1 + the largest branch position, and decoding goes on.
-  sft.py writes its trajectories with the same forced texts (npr.engine_pieces).
+  "<step>\nN:" (npr.STEP_HEADER), all at the same RoPE position. A branch ends at </step> (plus one
+  forced "\n", npr.SEPARATOR, that belongs to it). When all branches of a row have ended they are
+  joined: "<takeaway>\n" (npr.TAKEAWAY_HEADER) is forced in the trunk at 1 + the largest branch
+  position (npr.Positions), and decoding goes on. sft.py trains on the same forced texts.
 
-The engine (Sampler.step, read it first) is three parts, as in nano-vllm:
-  schedule    admit waiting requests (Seq) into free KV-cache rows and prefill their prompts;
-  run         one forward over an (R, W) grid: the next token of every live stream (trunk or branch)
-              of every row; eager, or decode_graph.StaticStep (padded static shapes, CUDA graphs);
-  postprocess draw the tokens, apply the tags (fork, join, finish); a finished row is free for the
-              next waiting request at the next step (continuous batching).
-generate() and generate_many() are loops over step().
+Sampler.step() is the engine, in three parts (as nano-vllm's step):
+  schedule     admit waiting requests (Seq) into free KV-cache rows; prefill their prompts;
+  run          one forward over an (R, W) grid, the next token of every live stream (trunk or branch)
+               of every running row; eager, or decode_graph.StaticStep (static shapes, CUDA graphs);
+  postprocess  the draws go to their streams: tags, fork, join, finish. A finished row takes the
+               next waiting request at the next step. generate() and generate_many() loop over step().
+Every request owns one cache row; branch tokens go into it interleaved and the branch mask comes from
+per-slot metadata (parallel_attention.py): no KV copying. Each stream feeds one token per step and
+draws from its own torch.Generator, so a sample does not depend on its batch nor on when it starts.
 
-No KV copying: every running request owns one cache row; branch tokens are appended to it interleaved
-(one slot per token, in the order they are decoded) and the branch mask is applied from per-slot
-metadata (parallel_attention.py). Slots and RoPE positions are separate quantities. Each stream feeds
-one token per step, whoever else is running, and each trunk and branch draws from its own
-torch.Generator: a sample is the same whatever it is batched with and whenever it is admitted.
-
-Memory: a request is admitted only into a row with room for its worst case (prompt + all-token budget
-+ forced tokens), so no row ever outgrows its room: nothing grows, copies or is preempted. The rows
-are as many as the KV-cache memory budget (Sampler.cache_gb) holds at that room, up to max_rows.
+Memory: a request is admitted only into a row with room for its worst case (prompt + all-token
+budget + forced tokens): no row outgrows its room, nothing grows, copies or is preempted. There are
+as many rows as the KV-cache budget (Sampler.cache_gb) holds, up to max_rows.
 
 Budget (SamplingParams.budget): "total" (default, the official engine's rule) ends a sample when all
 tokens of all its branches reach max_new_tokens; "critical" when its critical path does (all tokens
 then capped by max_total_tokens). Near the budget (less than fork_min_tokens left per branch) the
 engine does not fork: the block's steps are written serially in the trunk, as the official engine does.
 
-Output per sample, in the trainer's layout: response ids in canonical order (trunk, step 1 ..
-step k, trunk ...), per-token block / branch / position, a sampled-vs-forced mask, the log-prob of
-every token under the model's own distribution (temperature 1, no top-p: what a training forward
-computes; forced tokens get 0), the finish reason and stats.
+Output (Sample), in the trainer's layout: response ids in canonical order (trunk, step 1 .. step k,
+trunk ...), per-token block / branch / position, sampled-vs-forced, the log-prob of every token under
+the model (temperature 1, no top-p: what a training forward computes; forced tokens 0), finish, stats.
 """
 import argparse
+import dataclasses
 import time
 from collections import deque
 from dataclasses import dataclass, field
@@ -167,9 +162,6 @@ class KVCache:
         self.capacity = capacity
         self.limit = capacity  # attend over slots [0, limit): the caller shrinks it to the filled length
         self.rows = None       # the cache rows a forward's batch rows are (a prefill's); None = all, in order
-
-    def nbytes(self):
-        return sum(t.numel() * t.element_size() for t in self.k + self.v)
 
     def clear(self, row):
         """Empty one row for its next request (stale k/v are finite and masked: only the metadata resets)."""
@@ -298,7 +290,8 @@ class Sampler:
             budget = self.cache_gb * 2 ** 30
         elif w.is_cuda:      # a kept cache counts as free: it is replaced
             budget = 0.5 * (torch.cuda.mem_get_info(w.device)[0] + torch.cuda.memory_reserved(w.device)
-                            - torch.cuda.memory_allocated(w.device) + (self.cache.nbytes() if self.cache else 0))
+                            - torch.cuda.memory_allocated(w.device)
+                            + sum(t.numel() * t.element_size() for t in (self.cache.k + self.cache.v if self.cache else [])))
         else:
             budget = 4 * 2 ** 30
         if budget < per_row:
@@ -709,22 +702,17 @@ def generate_naive(model, prompt, max_new_tokens, stop_ids, temperature=0.0, top
     return ids[len(prompt):], lps
 
 
-def segments(sample, tokenizer):
-    """[(branch, text)] runs of the response in canonical order: trunk, step 1 .. step k, trunk ..."""
-    runs = []
+def show(sample, tokenizer):
+    """The response as text runs in canonical order (trunk, step 1 .. step k, trunk ...), then its stats."""
+    runs, lines = [], []
     for t, b in zip(sample.ids, sample.branch):
         if runs and runs[-1][0] == b:
             runs[-1][1].append(t)
         else:
             runs.append((b, [t]))
-    return [(b, tokenizer.decode(ts)) for b, ts in runs]
-
-
-def show(sample, tokenizer):
-    lines = []
-    for b, text in segments(sample, tokenizer):
+    for b, ts in runs:
         lines.append(f"  ── branch {b} ──" if b else "  ── trunk ──")
-        lines += ["  " + ln for ln in text.splitlines() or [""]]
+        lines += ["  " + ln for ln in tokenizer.decode(ts).splitlines() or [""]]
     st = sample.stats
     lines.append(f"  [{sample.finish_reason}] tokens {st['total_tokens']} | critical path "
                  f"{st['critical_path_tokens']} | forks {st['forks']} {st['branches_per_fork']} | {st['time_s']:.2f}s")
@@ -735,35 +723,23 @@ def main():
     ap = argparse.ArgumentParser(description="Sample from a Qwen checkpoint, serially or with NPR branches.")
     ap.add_argument("--model", required=True, help="HF checkpoint folder")
     ap.add_argument("--prompt", required=True)
-    ap.add_argument("--mode", default="parallel", choices=["serial", "parallel"])
     ap.add_argument("-n", type=int, default=1, help="samples")
-    ap.add_argument("--temperature", type=float, default=1.0)
-    ap.add_argument("--top-p", type=float, default=1.0)
-    ap.add_argument("--top-k", type=int, default=0)
-    ap.add_argument("--max-new-tokens", type=int, default=512)
-    ap.add_argument("--budget", default="total", choices=["total", "critical"], help="what --max-new-tokens counts")
-    ap.add_argument("--max-branches", type=int, default=5)
-    ap.add_argument("--repetition-penalty", type=float, default=1.0)
-    ap.add_argument("--seed", type=int, default=0)
     ap.add_argument("--no-instruction", action="store_true", help="send the prompt without the NPR instruction")
     ap.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
+    for f in dataclasses.fields(SamplingParams):          # every sampling setting, e.g. --max-new-tokens
+        ap.add_argument("--" + f.name.replace("_", "-"), type=type(f.default), default=f.default)
     a = ap.parse_args()
     tok = Tokenizer.from_pretrained(a.model)
     model = Qwen.from_pretrained(a.model, device=a.device)
     from cli import instruction_for   # the checkpoint's own instruction (the built-in default has one)
     user = a.prompt if a.no_instruction else npr.build_prompt(a.prompt, instruction_for(a.model))
     prompt = tok.encode(tok.render_chat([{"role": "user", "content": user}], enable_thinking=False))
-    params = SamplingParams(mode=a.mode, temperature=a.temperature, top_p=a.top_p, top_k=a.top_k,
-                            max_new_tokens=a.max_new_tokens, budget=a.budget, max_branches=a.max_branches,
-                            repetition_penalty=a.repetition_penalty, seed=a.seed)
-    t0 = time.perf_counter()
-    samples = Sampler(model, tok).generate([prompt], n=a.n, params=params)[0]
-    wall = time.perf_counter() - t0
-    for i, s in enumerate(samples):
-        print(f"=== sample {i} ===")
-        print(show(s, tok))
-    total = sum(s.stats["total_tokens"] for s in samples)
-    print(f"{len(samples)} samples | {total} tokens in {wall:.2f}s | {total / wall:.1f} tokens/s")
+    params = SamplingParams(**{f.name: getattr(a, f.name) for f in dataclasses.fields(SamplingParams)})
+    samples, wall = Sampler(model, tok).generate_many([prompt], a.n, params)
+    for i, s in enumerate(samples[0]):
+        print(f"=== sample {i} ===\n{show(s, tok)}")
+    total = sum(s.stats["total_tokens"] for s in samples[0])
+    print(f"{len(samples[0])} samples | {total} tokens in {wall:.2f}s | {total / wall:.1f} tokens/s")
 
 
 if __name__ == "__main__":
