@@ -43,7 +43,7 @@ part decode 60 $PY bench.py decode --shapes qwen3-0.6b --batches 1,32 --new-toke
 # 5) one forced trace (3 blocks of k steps x 64 tokens) in parallel vs serial mode, k = 2, 4, 5
 part parallel 100 $PY bench.py parallel --shapes qwen3-0.6b --widths 2,4,5 --blocks 3 --step-tokens 64 \
   --ckpt-dir "$CK" --out "$OUT/parallel.json"
-# 6) attention: bf16 check at T=4096, Triton vs FlexAttention vs SDPA, decode kernel
-part attention 100 $PY bench_attention.py --out "$OUT/attention.json"
+# 6) attention: bf16 check at T=4096, Triton vs FlexAttention vs SDPA (the full run: gpu_kernel.sh)
+part attention 120 $PY bench_attention.py --deadline 110 --out "$OUT/attention.json"
 grep -E "passed|failed|error" "$OUT/log.txt" | tail -5
 grep -E "^model|^\[" "$OUT/log.txt" | tail -30
