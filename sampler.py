@@ -129,6 +129,7 @@ class Seq:
         self.positions = npr.Positions(len(self.prompt))
         self.trunk = Stream(0, 0, self.gen, self.positions)
         self.streams = [self.trunk]     # every segment, canonical order: trunk, step 1 .. step k, trunk, ...
+        self.live = [self.trunk]        # the streams that still sample or feed, in the same order
         self.fork = []                  # the branches of the open fork
         self.forks = []                 # branches per fork
         self.row = None                 # its KV-cache row while running
@@ -351,6 +352,7 @@ class Sampler:
                 if not st.feed and not st.closed:            # its logits give the stream's next token
                     requests.append((seq, st))
                     cells.append((seq.row, j))
+            seq.live = [st for st in seq.live if st.feed or not st.closed]
         R = len(grid)
         self.counters["steps"] += 1
         self.counters["row_steps"] += R
@@ -447,6 +449,7 @@ class Sampler:
         for st, header in zip(seq.fork, headers):
             self.force(st, header)
         seq.streams += seq.fork
+        seq.live += seq.fork
         count(seq)
 
     def join(self, seq):
@@ -456,6 +459,7 @@ class Sampler:
         self.force(trunk, self.tok.encode(npr.TAKEAWAY_HEADER))
         seq.trunk = trunk
         seq.streams.append(trunk)                                   # after the branches' pending tokens
+        seq.live.append(trunk)
         count(seq)
 
     def on_token(self, seq, st, tok, logp):
@@ -582,7 +586,7 @@ def to_feed(seq):
     takeaway every branch token. So the streams go in groups (trunk, the branches of a fork, the
     trunk after the join) and a group waits while an earlier one still has tokens left after this step."""
     out, left, kind = [], False, None
-    for st in seq.streams:
+    for st in seq.live:
         if not st.feed:
             continue
         if (st.branch > 0) != kind:             # a new group: it waits for the earlier ones
