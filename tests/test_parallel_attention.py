@@ -8,6 +8,7 @@ the kernels ("triton", by Triton's interpreter on CPU; their own tests are in te
 - a query's output depends only on the keys the rule lets it see (siblings, later tokens, other docs);
 - a packed row == each of its documents alone; the slot order of branch tokens is free;
 - a query that sees nothing gives zeros, never NaN.
+- the core (this module and model.py) imports and runs without Triton.
 
     OMP_NUM_THREADS=1 .venv/bin/python -m pytest tests/test_parallel_attention.py -q
 """
