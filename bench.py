@@ -290,7 +290,7 @@ class Ragged:
         return logits
 
 
-def bench_ragged(shapes, modes, n, rows, dtype):
+def bench_ragged(shapes, modes, n, rows, dtype, admit_every=1):
     """n requests of ragged lengths on `rows` rows: static batches (generate() per batch of rows, each
     waits for its longest) against continuous batching (generate_many: a finished row takes the next
     request at the next step). Slot utilization = busy row-steps / row-steps."""
@@ -302,9 +302,10 @@ def bench_ragged(shapes, modes, n, rows, dtype):
         for mode in modes:
             p = SamplingParams(mode=mode, temperature=0, max_new_tokens=max(lengths) + 64)
             steer = Ragged(tok, lengths, mode)
-            r = dict(model=shape, mode=mode, requests=n, rows=rows, mean_len=round(sum(lengths) / n, 1), max_len=max(lengths))
+            r = dict(model=shape, mode=mode, requests=n, rows=rows, admit_every=admit_every, mean_len=round(sum(lengths) / n, 1), max_len=max(lengths))
             for name in ("static", "continuous"):
                 sampler = Sampler(model, tok)
+                sampler.admit_every = admit_every
                 t0 = time.perf_counter()
                 if name == "static":
                     got = []
@@ -377,6 +378,7 @@ def main():
     ap.add_argument("--requests", type=int, default=256, help="ragged: requests")
     ap.add_argument("--rows", type=int, default=32, help="ragged, serve: rows decoded together")
     ap.add_argument("--ragged-modes", default="serial,parallel")
+    ap.add_argument("--admit-every", type=int, default=1, help="ragged: admit waiting requests every Nth step (batched prefills)")
     ap.add_argument("--long-tokens", type=int, default=512, help="serve: tokens of each answer of the running batch")
     ap.add_argument("--threads", type=int, default=0, help="torch threads on CPU (0 = default)")
     ap.add_argument("--attn", default="auto", help="attention impl of the model: auto (Triton on CUDA) | triton | sdpa")
@@ -411,7 +413,7 @@ def main():
     if a.what in ("parallel", "all"):
         res["parallel"] = bench_parallel(shapes, [int(k) for k in a.widths.split(",")], a.blocks, a.step_tokens, dtype)
     if a.what in ("ragged", "all"):
-        res["ragged"] = bench_ragged(shapes, a.ragged_modes.split(","), a.requests, a.rows, dtype)
+        res["ragged"] = bench_ragged(shapes, a.ragged_modes.split(","), a.requests, a.rows, dtype, a.admit_every)
     if a.what in ("serve", "all"):
         res["serve"] = bench_serve(shapes, a.rows, a.long_tokens, dtype)
     if a.out:
