@@ -18,6 +18,7 @@ Standard library only.
 """
 import re
 from bisect import bisect_right
+from itertools import accumulate
 from dataclasses import dataclass, field
 
 from grading import extract_boxed, grade, is_equiv, normalize_answer  # noqa: F401  (re-exported)
@@ -372,11 +373,7 @@ def token_layout(pieces: list[str], start_pos: int = 0, max_branches: int = 5,
         branch  0  0           0  0  0            1      1   1       1     2      2   2       0
         pos     0  1           2  3  4            5      6   7       8     5      6   7       9
     """
-    starts, off = [], 0
-    for p in pieces:
-        starts.append(off)
-        off += len(p)
-    n = len(pieces)
+    starts, n = [0, *accumulate(map(len, pieces))][:-1], len(pieces)   # each token's first character
     parsed = parse("".join(pieces), max_branches, complete)
     problems = parsed.problems
 
