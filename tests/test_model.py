@@ -156,7 +156,7 @@ def qwen3(tmp_path_factory):
     return Qwen.from_pretrained(str(path), dtype=torch.float32)
 
 
-def npr_layout(lens=(3, 2, 4, 3, 2)):
+def one_block_layout(lens=(3, 2, 4, 3, 2)):
     """prefix(3) | step1(2) step2(4) step3(3) | takeaway(2): block/branch/positions per NPR.md s3."""
     pre, s1, s2, s3, tk = lens
     branch = [0] * pre + [1] * s1 + [2] * s2 + [3] * s3 + [0] * tk
@@ -171,7 +171,7 @@ def npr_layout(lens=(3, 2, 4, 3, 2)):
 @pytest.mark.parametrize("impl", ["sdpa", "ref", "triton"])
 def test_branch_is_blind_to_siblings(qwen3, impl):
     qwen3.attn_impl = impl
-    layout, pos = npr_layout()
+    layout, pos = one_block_layout()
     br = layout.branch[0]
     ids = torch.randint(0, VOCAB, (1, br.numel()))
     ids2 = ids.clone()
@@ -211,7 +211,7 @@ def test_packed_documents_do_not_see_each_other(qwen3):
 
 def test_kv_cache_equals_full_forward(qwen3):
     """Prefill 5 tokens, then decode one token per step into interleaved cache slots."""
-    layout, pos = npr_layout((3, 2, 2, 2, 2))
+    layout, pos = one_block_layout((3, 2, 2, 2, 2))
     T = pos.shape[1]
     ids = torch.randint(0, VOCAB, (1, T))
     with torch.no_grad():
@@ -229,7 +229,7 @@ def test_kv_cache_equals_full_forward(qwen3):
 
 
 def test_gradient_checkpointing_changes_no_gradient(qwen3):
-    layout, pos = npr_layout()
+    layout, pos = one_block_layout()
     ids = torch.randint(0, VOCAB, (1, pos.shape[1]))
     targets = torch.roll(ids, -1, 1)
     grads = []
@@ -246,7 +246,7 @@ def test_gradient_checkpointing_changes_no_gradient(qwen3):
 
 
 def test_kv_cache_needs_positions_and_slots(qwen3):
-    layout, pos = npr_layout()
+    layout, pos = one_block_layout()
     cache = KVCache(qwen3.config, 1, 32, dtype=torch.float32)
     ids = torch.randint(0, VOCAB, (1, pos.shape[1]))
     with pytest.raises(ValueError, match="slot"):
