@@ -96,15 +96,19 @@ def tile_stats(L):
 # -----------------------------------------------------------------------------
 # Timing
 
-def timer(dev):
+def timer(dev, dry=False):
+    """-> ms(fn): CUDA: triton's do_bench; CPU: best of 3 calls after a warm-up (dry run: one call)."""
     if dev == "cuda":
         from triton.testing import do_bench
         return lambda fn: do_bench(fn, warmup=10, rep=50)
 
-    def ms(fn):  # CPU (dry run): one call's wall clock, not a speed
-        t = time.perf_counter()
-        fn()
-        return (time.perf_counter() - t) * 1e3
+    def ms(fn):
+        times = []
+        for _ in range(1 if dry else 4):
+            t = time.perf_counter()
+            fn()
+            times.append(time.perf_counter() - t)
+        return min(times[1:] or times) * 1e3
     return ms
 
 
@@ -150,7 +154,7 @@ def part_speed(res, dev, dry, T):
     frac = visible_mask(Layout(L.doc[:1], L.block[:1], L.branch[:1])).float().mean().item()
     res[f"T{T}_visible_frac"] = round(frac, 4)
     res[f"T{T}_tiles"] = tile_stats(Layout(L.doc[:1], L.block[:1], L.branch[:1]))
-    ms = timer(dev)
+    ms = timer(dev, dry)
     for name, fn in fns.items():
         res[f"T{T}_{name}_fwd_ms"] = round(ms(fn), 3)
         if dev == "cuda" or name != "flex":  # (FlexAttention has no backward on CPU)
@@ -231,7 +235,7 @@ def part_decode(res, dev, dry):
     """B=32 rows x 4 queries (one per branch) against an interleaved cache."""
     B, H, KV, D = (32, 32, 8, 128) if not dry else (2, 4, 2, 16)
     dt = torch.bfloat16 if dev == "cuda" else torch.float32
-    ms = timer(dev)
+    ms = timer(dev, dry)
     for S in ((4096, 8192, 16384) if not dry else (64,)):
         ql, cache = decode_layout(B, S, device=dev)
         q, k, v = (torch.randn(B, h, t, D, device=dev, dtype=dt) for h, t in ((H, 4), (KV, S), (KV, S)))
