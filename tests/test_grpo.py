@@ -12,6 +12,7 @@ import torch
 
 import grpo
 from helpers import GOOD, FakeSampler, FakeTok, sample, solution
+from npr import grade
 
 
 def test_advantages_by_hand():
@@ -146,16 +147,12 @@ def test_save_dtype_is_a_flag():
     assert parse_cli(grpo.Config, ["--save-dtype", "bfloat16"]).save_dtype == "bfloat16"
 
 
-STEPS = 16
-SFT_EPOCHS = 100
-RL_LR = 1e-4
-MALFORMED = 'penalize'
 EASY = [(2, 3, 4, 5), (3, 3, 2, 2), (4, 2, 3, 1), (5, 2, 2, 3)]
 
 
 @pytest.fixture(scope="module")
 def sft_model(tmp_path_factory):
-    """A tiny random model fine-tuned for a few seconds on 4 easy problems: right 20-70% of the time."""
+    """A tiny random model fine-tuned for a few seconds on 4 easy problems: right 50-65% of the time."""
     import sft
     from helpers import make_checkpoint
     d = tmp_path_factory.mktemp("rl")
@@ -163,35 +160,48 @@ def sft_model(tmp_path_factory):
                  trajectory=solution(a, b, c, e)) for a, b, c, e in EASY]
     (d / "train.jsonl").write_text("".join(json.dumps(r) + "\n" for r in rows))
     make_checkpoint(d / "base")
-    sft.main(sft.Config(model=str(d / "base"), data=str(d / "train.jsonl"), out_dir=str(d / "sft"), epochs=SFT_EPOCHS,
+    sft.main(sft.Config(model=str(d / "base"), data=str(d / "train.jsonl"), out_dir=str(d / "sft"), epochs=100,
                         batch_size=4, row_tokens=2048, lr=3e-3, instruction="Solve.", warmup_frac=0.0))
     return d, rows
 
 
 def accuracy(path, rows, mode):
+    """-> (accuracy, accuracy among the samples that finish with end-of-turn) over 4 x 64 samples at
+    T=1, the same random streams for every checkpoint."""
     from cli import chat_prompt
-    from eval import sample_metrics
     from model import Qwen
     from tokenizer import Tokenizer
     from sampler import Sampler, SamplingParams
     m, tok = Qwen.from_pretrained(str(path)), Tokenizer.from_pretrained(str(path))
     prompts = [chat_prompt(tok, r["question"], "Solve.") for r in rows]
     out = Sampler(m, tok).generate(prompts, n=64, params=SamplingParams(mode=mode, max_new_tokens=120, seed=123))
-    return sample_metrics([(s, r["answer"]) for r, ss in zip(rows, out) for s in ss], 1.0)["accuracy"]
+    right = [(s.finish_reason == "eos", grade(s.text, r["answer"])) for r, ss in zip(rows, out) for s in ss]
+    return sum(ok for _, ok in right) / len(right), sum(ok for eos, ok in right if eos) / max(sum(e for e, _ in right), 1)
 
 
-@pytest.mark.parametrize("mode", ["parallel", "serial"])
-def test_a_few_steps_raise_the_reward_on_a_fixed_prompt_set(sft_model, tmp_path, mode):
+@pytest.mark.parametrize("mode, steps, min_gain", [("parallel", 24, 0.0), ("serial", 12, 0.05)])
+def test_a_few_steps_raise_what_the_default_algorithm_optimizes(sft_model, tmp_path, mode, steps, min_gain):
+    """A few steps with the default settings raise the accuracy of the rollouts the algorithm scores:
+    serial, all of them; parallel, those that finish (malformed and over-budget rollouts are dropped
+    before scoring, the paper's rule, so their share is free to grow: the overall parallel accuracy
+    is not what it optimizes, and it is not asserted).
+    False failures (a correct change that only reshuffles the random streams), measured over grpo
+    seeds 0-9 with evaluation seeds of their own, OMP_NUM_THREADS=1: parallel gain among finished
+    samples -0.005 to +0.149 (mean 0.093, sd 0.043; 1 of 10 seeds fails, a normal fit says 1.6%);
+    serial gain +0.137 to +0.297 (mean 0.211, sd 0.052; 0 of 10, a normal fit says 0.1%). The
+    test's own seed 0 passes by +0.13 and +0.30; the loss with its sign flipped fails both by far."""
     d, rows = sft_model
     before = accuracy(d / "sft", rows, mode)
     (d / "test.jsonl").write_text((d / "train.jsonl").read_text())
     grpo.main(grpo.Config(mode=mode, model=str(d / "sft"), data=str(d / "train.jsonl"), out_dir=str(tmp_path / "rl"),
-                          eval_data=str(d / "test.jsonl"), eval_every=8, save_every=0, steps=STEPS, prompts_per_step=4, group_size=8, seqs_per_update=32,
-                          lr=RL_LR, max_new_tokens=120, instruction="Solve.", seed=0, malformed=MALFORMED))
+                          eval_data=str(d / "test.jsonl"), eval_every=steps // 2, save_every=0, steps=steps,
+                          prompts_per_step=4, group_size=8, seqs_per_update=32, lr=1e-4, max_new_tokens=120,
+                          instruction="Solve.", seed=0))
     after = accuracy(tmp_path / "rl", rows, mode)
     evals = [json.loads(x) for x in open(tmp_path / "rl" / "metrics.jsonl") if "eval_accuracy" in x]
-    assert [e["step"] for e in evals] == [0, 8, 16]
-    assert after >= before + 0.05, (before, after)   # measured: parallel 0.60 -> 0.70, serial 0.49 -> 0.80
+    assert [e["step"] for e in evals] == [0, steps // 2, steps]
+    scored = 1 if mode == "parallel" else 0
+    assert after[scored] - before[scored] > min_gain, (before, after)
 
 
 @pytest.mark.parametrize("fsdp", [False, True], ids=["ddp", "fsdp2"])
