@@ -174,12 +174,14 @@ def tagged_solution(terms, serial_writer=False, labels=True):
     plans = "".join(f"<plan>{i}: {a}*{b}</plan>\n" for i, (a, b) in enumerate(terms, 1))
     steps = []
     for i, (a, b) in enumerate(terms, 1):
-        body = f"{i}: {worked(a, b)}" + (f" #{i}:{a * b}" if labels else "")
+        # a step and the takeaway open with the bytes the parallel engine forces ("<step>\n1:", "<takeaway>\n")
+        body = npr.STEP_HEADER.format(n=i) + f" {worked(a, b)}" + (f" #{i}:{a * b}" if labels else "")
         if serial_writer and i >= 2:
             body += f". {running[i - 2]}+{prods[i - 1]}={running[i - 1]}"
-        steps.append(f"<step>\n{body}\n</step>\n")
+        steps.append(f"{body}\n</step>\n")
     take = f"{running[-2]}+{prods[-1]}={running[-1]}." if serial_writer else f"{chain(prods)}."
-    return f"<guideline>\n{plans}</guideline>\n{''.join(steps)}<takeaway>\n{take}\n</takeaway>\n{BOXED}{sum(prods)}}}"
+    return (f"<guideline>\n{plans}</guideline>\n{''.join(steps)}{npr.TAKEAWAY_HEADER}{take}\n</takeaway>\n"
+            f"{BOXED}{sum(prods)}}}")
 
 
 def serial_writer_step(step):
