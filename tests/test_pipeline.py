@@ -1,41 +1,58 @@
-"""A very small end-to-end run of the built-in default through the stage scripts' own main():
-toy base model -> distill -> sft -> eval (speedrun.sh runs the same entry points at full size)."""
+"""The built-in default end to end at a very small size, through each stage script's own main():
+toy base model -> distill -> sft -> eval (speedrun.sh runs the same entry points at full size).
+Invariant: every stage hands the next a usable output. The base model answers in the format and
+solves some problems; distillation keeps a fair share of the problems and only correct,
+format-perfect trajectories; the SFT model forks in parallel mode and keeps the format. The run is
+seeded (one thread: the same numbers on every run on a machine); the thresholds sit at about half of
+what it gives (base 0.35 correct and 1.0 format-valid on 20 problems, 28 of 60 accepted, SFT
+parallel trigger 1.0 and 0.85 format-valid on 20 samples), since another CPU rounds differently.
+Run: .venv/bin/python -m pytest tests/test_pipeline.py -q   (marked slow: `-m "not slow"` skips it)"""
 import json
+import os
+import subprocess
+
+import pytest
 
 import distill
 import eval as ev
+import npr
 import sft
 import toy
 
+BASE_STEPS = 500   # base training on the easiest slice of the task (2 terms, 1-digit factors)
 
+
+@pytest.mark.slow
 def test_base_distill_sft_eval(tmp_path):
     base, data = tmp_path / "base", tmp_path / "data"
-    # the easiest slice of the task (2 terms, 1-digit factors) so a short run already gets some right
-    toy.main(toy.Config(out_dir=str(base), data_dir=str(data), n_train=400, n_test=40, min_terms=2, max_terms=2,
-                        min_adigits=1, max_adigits=1,
-                        max_steps=STEPS, eval_n=20, eval_batch=20))
-    assert (base / "npr_instruction.txt").exists()
-    out = tmp_path / "distill" / "train.jsonl"
-    distill.main(distill.Config(model=str(base), data=str(data / "train.jsonl"), out=str(out), n_problems=60,
-                                max_tries=8, tries_per_round=4, max_new_tokens=120))
+    out = toy.main(toy.Config(out_dir=str(base), data_dir=str(data), n_train=400, n_test=40, min_terms=2,
+                              max_terms=2, min_adigits=1, max_adigits=1, max_steps=BASE_STEPS, eval_n=20,
+                              eval_batch=20, threads=1))
+    serial = out["eval"][0]
+    assert serial["mode"] == "serial" and serial["acc"] >= 0.15 and serial["format_ok"] >= 0.8, serial
+
+    trajectories = tmp_path / "distill" / "train.jsonl"
+    distill.main(distill.Config(model=str(base), data=str(data / "train.jsonl"), out=str(trajectories),
+                                n_problems=60, max_tries=8, tries_per_round=4, max_new_tokens=120))
     summary = json.load(open(tmp_path / "distill" / "train.summary.json"))
-    assert summary["problems"] == 60 and summary["accepted"] >= 1, summary
-    model = sft.main(sft.Config(model=str(base), data=str(out), out_dir=str(tmp_path / "sft"), epochs=2,
+    assert summary["problems"] == 60 and summary["acceptance"] >= 0.2, summary
+    rows = [json.loads(line) for line in open(trajectories)]
+    assert len(rows) == summary["accepted"]
+    for r in rows:   # what SFT learns from: correct and format-perfect, nothing else
+        assert npr.format_score(r["trajectory"])[0] == 0.0 and npr.grade(r["trajectory"], r["answer"]), r
+
+    model = sft.main(sft.Config(model=str(base), data=str(trajectories), out_dir=str(tmp_path / "sft"), epochs=2,
                                 batch_size=8, lr=1e-3))
     assert model is not None and (tmp_path / "sft" / "npr_instruction.txt").exists()
     rep = ev.main(ev.Config(model=str(tmp_path / "sft"), data=str(data / "test.jsonl"), n_problems=10, k=2,
-                            max_new_tokens=120, mode="both"))
-    assert rep["parallel"]["samples"] == 20 and rep["parallel"]["trigger_rate"] > 0.5, rep["parallel"]
-
-
-STEPS = 500
+                            max_new_tokens=120, mode="parallel", latency_n=0))
+    par = rep["parallel"]
+    assert par["samples"] == 20 and par["trigger_rate"] >= 0.8 and par["format_valid"] >= 0.5, par
 
 
 def test_speedrun_distils_from_the_stage1_model(tmp_path):
     """With STAGE1=1 the distillation samples from the stage-1 model (the paper), the SFT still starts
     from the base model (NPR.md stage 2b); without it both use the base model. DRY_RUN prints the commands."""
-    import os
-    import subprocess
     root = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
     assert subprocess.run(["bash", "-n", "speedrun.sh"], cwd=root).returncode == 0
     for stage1, src in [("1", "zero"), ("0", "base")]:
