@@ -42,6 +42,7 @@ from dataclasses import dataclass, field
 
 import torch
 import torch.nn.functional as F
+from tqdm import tqdm
 
 import npr
 from decode_graph import StaticStep
@@ -559,10 +560,8 @@ class Sampler:
             raise ValueError("every prompt needs at least one token")
         self.waiting.extend(seqs)
         self.max_rows, self.steer = min(batch_rows or len(seqs), len(seqs)), steer
-        bar = None
-        if progress:
-            from tqdm import tqdm
-            bar = tqdm(total=len(seqs), desc=f"sampling ({'/'.join(sorted({p.mode for p in plist}))})", unit="sample")
+        bar = tqdm(total=len(seqs), desc=f"sampling ({'/'.join(sorted({p.mode for p in row_p}))})", unit="sample",
+                   disable=not progress)
         out, t0 = [None] * len(seqs), time.perf_counter()
         try:
             while self.waiting or self.running:
@@ -570,12 +569,10 @@ class Sampler:
                     out[seq.index] = self.to_sample(seq)
                     if on_sample is not None:
                         on_sample(seq.index // n, seq.index % n, out[seq.index])
-                    if bar is not None:
-                        bar.update()
+                    bar.update()
         finally:
             self.steer = None
-            if bar is not None:
-                bar.close()
+            bar.close()
             if self.waiting or self.running:           # interrupted: leave the engine empty
                 self.waiting.clear()
                 self.gone = []
