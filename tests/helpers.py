@@ -7,6 +7,7 @@ import os
 import torch
 from tokenizers import Tokenizer as HFTok, decoders, models, pre_tokenizers, trainers
 
+import npr
 from model import Qwen, QwenConfig
 
 def solution(a, b, c, e):
@@ -163,3 +164,65 @@ def full_disk_open(real_open=open):
         f = real_open(path, mode, *a, **k)
         return FullDisk(f) if "w" in mode else f
     return opener
+
+
+# ---- scripted decoding: force chosen tokens through the real engine ---------------------------
+def chat(tok, q="Compute 2*3 + 4*5."):
+    return tok.encode(tok.render_chat([{"role": "user", "content": q}]))
+
+
+class Script:
+    """A steer that forces scripted tokens: per row for the trunk, per (row, block, branch) for a
+    branch; where a script is missing or used up, the model decodes freely."""
+
+    def __init__(self, trunk=None, branches=None):
+        self.trunk, self.branches = trunk or {}, branches or {}
+
+    def __call__(self, requests, logits):
+        for i, (seq, st) in enumerate(requests):
+            if st.branch:
+                script, done = self.branches.get((seq.index, st.block, st.branch)), len(st.tokens)
+            else:
+                script = self.trunk.get(seq.index)
+                done = sum(len(s.tokens) for s in seq.streams if s.branch == 0)
+            if script is not None and done < len(script):
+                logits[i] = float("-inf")
+                logits[i, script[done]] = 0.0
+        return logits
+
+
+def ids_of(tok, *parts):
+    """Concatenated encodings of the parts (the engine encodes its forced headers on their own)."""
+    return [t for p in parts for t in tok.encode(p)]
+
+
+def teacher_forced(model, s):
+    """Log-prob of each response token given the tokens before it, from ONE forward with the layout."""
+    ids, pos, layout = s.full_layout()
+    targets = torch.cat([ids[:, 1:], torch.full((1, 1), -100)], 1)
+    with torch.no_grad():
+        lp = model(ids, pos, layout, targets=targets)[0]
+    P = len(s.prompt_ids)
+    return lp[P - 1:P - 1 + len(s.ids)]
+
+
+def check_exact(model, tok, s):
+    """The sampler's layout is the format module's, and its log-probs are the trainer's."""
+    lay = npr.token_layout([tok.decode_piece(t) for t in s.ids], start_pos=len(s.prompt_ids))
+    assert lay.branch == s.branch and lay.pos == s.pos, (lay, s)
+    assert all(a == b for a, b, br in zip(lay.block, s.block, s.branch) if br > 0)
+    sampled = torch.tensor(s.sampled)
+    diff = (teacher_forced(model, s) - torch.tensor(s.logprobs))[sampled].abs().max().item()
+    assert diff <= 1e-4, diff
+    return lay
+
+
+def block_script(tok, plans, eos=True, answer="\\boxed{26}"):
+    """Trunk: guideline with the given plan numbers, the engine's forced newline; after the join:
+    the engine's forced takeaway header, then the takeaway and the answer."""
+    guide = "<guideline>\n" + "".join(f"<plan>{n}: do part {n}</plan>\n" for n in plans) + "</guideline>"
+    return ids_of(tok, guide, "\n", "<takeaway>\n", f"6+20=26\n</takeaway>\n{answer}") + ([tok.eos_id] if eos else [])
+
+
+def step_script(tok, n, body):
+    return ids_of(tok, f"<step>\n{n}:", f" {body}</step>")

@@ -3,9 +3,8 @@ CUDA graphs (GPU) give the same tokens and log-probs as the ordinary eager step.
 import pytest
 import torch
 
-import test_sampler as ts
 from decode_graph import StaticStep
-from helpers import make_checkpoint
+from helpers import Script, block_script, chat, check_exact, ids_of, make_checkpoint, step_script
 from sampler import Sampler, SamplingParams
 
 cuda = pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA")
@@ -32,12 +31,12 @@ def same(a, b, tol):
 
 def workload(tok):
     """Rows that fork at different times and widths (grids of several widths) plus a free row."""
-    prompts = [ts.chat(tok, "a"), ts.chat(tok, "a longer question"), ts.chat(tok, "b")]
-    trunks = {0: ts.block_script(tok, ["1", "2"]),
-              1: ts.ids_of(tok, "Let me think. ") + ts.block_script(tok, ["1", "2", "3", "4", "5"])}
-    branches = {(0, 1, 1): ts.step_script(tok, 1, "one"), (0, 1, 2): ts.step_script(tok, 2, "two two two two")}
-    branches.update({(1, 1, i): ts.step_script(tok, i, "w" * (2 * i)) for i in range(1, 6)})
-    return prompts, ts.Script(trunks, branches)
+    prompts = [chat(tok, "a"), chat(tok, "a longer question"), chat(tok, "b")]
+    trunks = {0: block_script(tok, ["1", "2"]),
+              1: ids_of(tok, "Let me think. ") + block_script(tok, ["1", "2", "3", "4", "5"])}
+    branches = {(0, 1, 1): step_script(tok, 1, "one"), (0, 1, 2): step_script(tok, 2, "two two two two")}
+    branches.update({(1, 1, i): step_script(tok, i, "w" * (2 * i)) for i in range(1, 6)})
+    return prompts, Script(trunks, branches)
 
 
 def test_static_shapes_equal_eager_step(ck):
@@ -51,7 +50,7 @@ def test_static_shapes_equal_eager_step(ck):
     same(eager, static, 1e-4)
     assert [s.stats["branches_per_fork"] for s in static][:2] == [[2], [5]]
     for s in static[:2]:
-        ts.check_exact(model, tok, s)
+        check_exact(model, tok, s)
 
 
 def test_static_cache_reused_across_calls_and_spans_grow(ck):
@@ -61,12 +60,12 @@ def test_static_cache_reused_across_calls_and_spans_grow(ck):
     sampler = Sampler(model, tok)
     sampler.stop_ids = set()
     p = SamplingParams(mode="serial", temperature=0, max_new_tokens=300)
-    prompts = [ts.chat(tok, "x"), ts.chat(tok, "y y")]
+    prompts = [chat(tok, "x"), chat(tok, "y y")]
     first = run(model, tok, "static", prompts, p, sampler=sampler)
     fast = sampler.fast
     again = run(model, tok, "static", prompts, p, sampler=sampler)
     assert sampler.fast is fast                       # same cache object, reset in place
-    run(model, tok, "static", [ts.chat(tok, "x y z"), ts.chat(tok, "y")], p, sampler=sampler)
+    run(model, tok, "static", [chat(tok, "x y z"), chat(tok, "y")], p, sampler=sampler)
     assert sampler.fast is fast                       # other prompt lengths, same capacity bucket
     eager = run(model, tok, "eager", prompts, p)
     same(eager, first, 1e-4)
@@ -84,7 +83,7 @@ def test_in_step_draw_equals_eager(ck, mode, step):
     model = copy.deepcopy(model).to("cuda" if step == "graph" else "cpu")
     with torch.no_grad():
         model.model.norm.weight.mul_(0.02)     # flat next-token distributions (the fixture's is peaked)
-    prompts = [ts.chat(tok, "a"), ts.chat(tok, "a longer question")]
+    prompts = [chat(tok, "a"), chat(tok, "a longer question")]
     for temperature, top_p, top_k in ((1.0, 1.0, 0), (0.7, 0.8, 0), (1.3, 1.0, 7), (0.0, 1.0, 0)):
         p = SamplingParams(mode=mode, temperature=temperature, top_p=top_p, top_k=top_k, max_new_tokens=60, seed=3)
         sampler = Sampler(model, tok)
@@ -170,11 +169,11 @@ def test_cuda_graph_equals_eager(tmp_path, dtype, attn):
     sampler = Sampler(model, tok)
     sampler.stop_ids = set()
     q = SamplingParams(mode="serial", temperature=0, max_new_tokens=300)   # crosses a span: a second graph
-    a = run(model, tok, "graph", [ts.chat(tok, "x")] * 3, q, sampler=sampler)
-    b = run(model, tok, "graph", [ts.chat(tok, "x")] * 3, q, sampler=sampler)   # replays the kept graphs
+    a = run(model, tok, "graph", [chat(tok, "x")] * 3, q, sampler=sampler)
+    b = run(model, tok, "graph", [chat(tok, "x")] * 3, q, sampler=sampler)   # replays the kept graphs
     assert len(sampler.fast.graph) >= 2
     same(a, b, 0.0)                                   # replaying is deterministic
-    same(a, run(model, tok, "static", [ts.chat(tok, "x")] * 3, q), tol)
+    same(a, run(model, tok, "static", [chat(tok, "x")] * 3, q), tol)
 
 
 @pytest.mark.cuda
@@ -188,9 +187,9 @@ def test_cuda_graph_compiled_equals_static(tmp_path):
     p = SamplingParams(mode="serial", temperature=1.0, max_new_tokens=40, seed=1)   # one graph key: one compile
     sampler = Sampler(model, tok)
     sampler.compile_step = True
-    comp = run(model, tok, "graph", [ts.chat(tok, "x"), ts.chat(tok, "y")], p, sampler=sampler)
+    comp = run(model, tok, "graph", [chat(tok, "x"), chat(tok, "y")], p, sampler=sampler)
     assert sampler.fast.compiled and len(sampler.fast.graph) == 1
-    same(comp, run(model, tok, "static", [ts.chat(tok, "x"), ts.chat(tok, "y")], p), 1e-4)
+    same(comp, run(model, tok, "static", [chat(tok, "x"), chat(tok, "y")], p), 1e-4)
 
 
 @pytest.mark.parametrize("mode", ["eager", "static", pytest.param("graph", marks=[pytest.mark.cuda, cuda])])
@@ -201,9 +200,9 @@ def test_rows_bounded_by_the_kv_budget(ck, mode):
     from sampler import Seq, resolved
     model, tok = ck
     prompts, _ = workload(tok)
-    trunks = {0: ts.block_script(tok, ["1", "2"]), 1: ts.block_script(tok, ["1", "2", "3", "4", "5"])}
-    branches = {(r, 1, i): ts.step_script(tok, i, "w" * (40 * i)) for r in (0, 1) for i in range(1, 6)}
-    steer = ts.Script(trunks, branches)
+    trunks = {0: block_script(tok, ["1", "2"]), 1: block_script(tok, ["1", "2", "3", "4", "5"])}
+    branches = {(r, 1, i): step_script(tok, i, "w" * (40 * i)) for r in (0, 1) for i in range(1, 6)}
+    steer = Script(trunks, branches)
     p = SamplingParams(temperature=1.0, max_new_tokens=400, budget="critical")
     if mode == "graph":
         import copy

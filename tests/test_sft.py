@@ -134,7 +134,7 @@ def test_trajectories_take_the_engines_forced_bytes(tmp_path):
     engine forces) by encode_example, gives the sampler's own ids, positions and branches: SFT
     teaches what the engine will produce. A step numbered unlike its plan is rejected."""
     from sampler import Sampler, SamplingParams
-    from test_sampler import Script, block_script, chat, step_script
+    from helpers import Script, block_script, chat, step_script
     model, tok = make_checkpoint(tmp_path, tags_special=True)
     steer = Script({0: block_script(tok, ["1", "2"])},
                    {(0, 1, 1): step_script(tok, 1, "2*3=6"), (0, 1, 2): step_script(tok, 2, "4*5=20")})
