@@ -22,44 +22,11 @@ import torch
 import torch.nn.functional as F
 
 import parallel_attention as pa
+from helpers import grads, npr_layout, qkv
 from parallel_attention import Layout, attention, attention_ref, attention_sdpa, visible_mask
 
 needs_triton = pytest.mark.skipif(importlib.util.find_spec("triton") is None, reason="triton not importable")
 IMPLS = ["ref", "sdpa", pytest.param("triton", marks=needs_triton)]
-
-
-def npr_layout(B, T, seed, max_branches=5, pad=True, interleave=False, step=(1, 9)):
-    """Packed rows of NPR documents: prompt trunk, then blocks of [guideline trunk, 1..max_branches
-    steps of uneven length, takeaway trunk]; optional padding (doc -1) at the end of each row."""
-    g = torch.Generator().manual_seed(seed)
-    n = lambda a, b: int(torch.randint(a, b + 1, (1,), generator=g))
-    rows = []
-    for _ in range(B):
-        toks, d = [], 0
-        while len(toks) < T:
-            toks += [(d, 0, 0)] * n(1, 6)
-            for blk in range(1, n(1, 2) + 1):
-                toks += [(d, blk, 0)] * n(0, 3)
-                steps = [(d, blk, r) for r in range(1, n(1, max_branches) + 1) for _ in range(n(*step))]
-                if interleave:  # branches not contiguous: the kernels must not assume they are
-                    steps = [steps[i] for i in torch.randperm(len(steps), generator=g)]
-                toks += steps + [(d, blk, 0)] * n(1, 4)
-            d += 1
-        p = n(0, 5) if pad else 0
-        rows.append(toks[:T - p] + [(-1, 0, 0)] * p)
-    t = torch.tensor(rows, dtype=torch.int32)  # (B, T, 3)
-    return Layout(doc=t[..., 0].contiguous(), block=t[..., 1].contiguous(), branch=t[..., 2].contiguous())
-
-
-def qkv(B, Hq, Hkv, Tq, Tk, D=16, seed=0, grad=True):
-    g = torch.Generator().manual_seed(seed)
-    mk = lambda H, T: torch.randn(B, H, T, D, generator=g).requires_grad_(grad)
-    return mk(Hq, Tq), mk(Hkv, Tk), mk(Hkv, Tk)
-
-
-def grads(out, inputs, seed=1):
-    g = torch.randn(out.shape, generator=torch.Generator().manual_seed(seed))
-    return torch.autograd.grad(out, inputs, g)
 
 
 # -----------------------------------------------------------------------------

@@ -22,7 +22,7 @@ import triton.language as tl  # noqa: E402
 
 import triton_attention as ta  # noqa: E402
 from parallel_attention import Layout, attention, attention_ref, visible_mask  # noqa: E402
-from test_parallel_attention import grads, qkv  # noqa: E402
+from helpers import grads, qkv  # noqa: E402
 
 
 def random_layout(B, T, seed, steps=(1, 5), unit=1, interleave=None, pad=True):
