@@ -66,33 +66,6 @@ class Config:
     out: str = ""                       # report path ("" = <model>/eval.json)
 
 
-def sample_metrics(samples, wall_s):
-    """samples: [(Sample, gold answer)] (duck-typed: .text, .finish_reason, .stats); wall_s: generation
-    wall time -> the metrics of this file's docstring, plus finish reasons. Trigger: a parallel-mode
-    sample counts only when the engine forked into >= 2 branches (a block written serially near the
-    budget does not); a serial-mode sample (stats["mode"] == "serial") when its text holds a block
-    with >= 2 steps, i.e. would have forked."""
-    n = max(len(samples), 1)
-    forks = [b for s, _ in samples for b in s.stats["branches_per_fork"]]
-    total = sum(s.stats["total_tokens"] for s, _ in samples)
-    crit = sum(s.stats["critical_path_tokens"] for s, _ in samples)
-    triggered = [npr.is_parallel(s.text) if s.stats.get("mode") == "serial"
-                 else any(b >= 2 for b in s.stats["branches_per_fork"]) for s, _ in samples]
-    valid = [s.finish_reason == "eos" and npr.format_score(s.text)[0] == 0.0 for s, _ in samples]
-    return dict(
-        samples=len(samples),
-        accuracy=sum(npr.grade(s.text, a) for s, a in samples) / n,
-        format_valid=sum(valid) / n, trigger_rate=sum(triggered) / n,
-        branches_per_fork=sum(forks) / len(forks) if forks else 0.0,
-        tokens_per_s=total / wall_s if wall_s else 0.0,
-        time_to_answer_s=sum(s.stats["time_s"] for s, _ in samples) / n,
-        total_over_critical=total / crit if crit else 0.0,
-        mean_tokens=total / n, mean_critical_tokens=crit / n,
-        finish={r: sum(s.finish_reason == r for s, _ in samples) / n
-                for r in sorted({s.finish_reason for s, _ in samples})},
-    )
-
-
 def table(report):
     cols = ["accuracy", "format_valid", "trigger_rate", "branches_per_fork", "tokens_per_s",
             "time_to_answer_1_s", "time_to_answer_s", "total_over_critical", "mean_tokens"]
@@ -145,7 +118,7 @@ def main(cfg: Config):
                                 repetition_penalty=rp, seed=cfg.seed)
         prompts = [chat_prompt(tok, p["question"], instruction) for p in problems]
         got, wall = sampler.generate_many(prompts, cfg.k, params, cfg.batch_size, progress=True)
-        report[mode] = sample_metrics([(s, p["answer"]) for p, ss in zip(problems, got) for s in ss], wall)
+        report[mode] = npr.sample_metrics([(s, p["answer"]) for p, ss in zip(problems, got) for s in ss], wall)
         report[mode].update(settings)
         if cfg.latency_n:
             report[mode].update(one_request_latency(sampler, prompts[:cfg.latency_n], params, cfg.k))

@@ -51,7 +51,6 @@ import npr
 from cli import (JsonlLog, accumulating, autocast, chat_prompt, init_distributed, instruction_for, load_for_training,
                  load_resume_point, parse_cli, print_config, read_problems, save_final, save_resume_point,
                  wrap_distributed)
-from eval import sample_metrics
 from parallel_attention import Layout
 from sampler import Sampler, SamplingParams
 
@@ -294,7 +293,7 @@ def update(train_model, model, opt, items, cfg, world, dev):
 
 def log_step(step, seen, rewards, dropped, n_items, trained, roll_wall, t_train, world, dev):
     """The step's record, over every rank's rollouts: sums gathered, then the means."""
-    m = sample_metrics(seen, roll_wall) if seen else {}
+    m = npr.sample_metrics(seen, roll_wall) if seen else {}
     n = len(seen)
     forks = [b for s, _ in seen for b in s.stats["branches_per_fork"]]
     flat = [r for g in rewards for r in g]
@@ -329,7 +328,7 @@ def evaluate(sampler, tok, problems, instruction, cfg, dev, bf16_autocast):
     prompts = [chat_prompt(tok, p["question"], instruction) for p in problems]
     with autocast(dev, bf16_autocast):
         got, wall = sampler.generate_many(prompts, 1, params, cfg.rollout_rows)
-    return sample_metrics([(ss[0], p["answer"]) for p, ss in zip(problems, got)], wall)
+    return npr.sample_metrics([(ss[0], p["answer"]) for p, ss in zip(problems, got)], wall)
 
 
 def rollout_model(model, cfg, dev, world):

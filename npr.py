@@ -401,3 +401,30 @@ def token_layout(pieces: list[str], start_pos: int = 0, max_branches: int = 5,
                 t += 1
     positions = Positions(start_pos)
     return TokenLayout(block, branch, [positions(k, i) for k, i in zip(block, branch)], problems)
+
+
+def sample_metrics(samples, wall_s):
+    """samples: [(Sample, gold answer)] (duck-typed: .text, .finish_reason, .stats); wall_s: generation
+    wall time -> the metrics eval.py's docstring defines, plus finish reasons. Trigger: a parallel-mode
+    sample counts only when the engine forked into >= 2 branches (a block written serially near the
+    budget does not); a serial-mode sample (stats["mode"] == "serial") when its text holds a block
+    with >= 2 steps, i.e. would have forked."""
+    n = max(len(samples), 1)
+    forks = [b for s, _ in samples for b in s.stats["branches_per_fork"]]
+    total = sum(s.stats["total_tokens"] for s, _ in samples)
+    crit = sum(s.stats["critical_path_tokens"] for s, _ in samples)
+    triggered = [is_parallel(s.text) if s.stats.get("mode") == "serial"
+                 else any(b >= 2 for b in s.stats["branches_per_fork"]) for s, _ in samples]
+    valid = [s.finish_reason == "eos" and format_score(s.text)[0] == 0.0 for s, _ in samples]
+    return dict(
+        samples=len(samples),
+        accuracy=sum(grade(s.text, a) for s, a in samples) / n,
+        format_valid=sum(valid) / n, trigger_rate=sum(triggered) / n,
+        branches_per_fork=sum(forks) / len(forks) if forks else 0.0,
+        tokens_per_s=total / wall_s if wall_s else 0.0,
+        time_to_answer_s=sum(s.stats["time_s"] for s, _ in samples) / n,
+        total_over_critical=total / crit if crit else 0.0,
+        mean_tokens=total / n, mean_critical_tokens=crit / n,
+        finish={r: sum(s.finish_reason == r for s, _ in samples) / n
+                for r in sorted({s.finish_reason for s, _ in samples})},
+    )

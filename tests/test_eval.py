@@ -11,7 +11,8 @@ import os
 import pytest
 
 import eval as ev
-from eval import sample_metrics, table
+from eval import table
+from npr import sample_metrics
 from helpers import GOOD, make_checkpoint, sample
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))

@@ -139,8 +139,7 @@ def test_no_fork_near_the_budget(ck):
     p = SamplingParams(max_new_tokens=len(trunk) + len(serial_steps) + 5, fork_min_tokens=len(serial_steps) + 10)
     s = Sampler(model, tok).generate([chat(tok)], params=p, steer=Script({0: trunk + serial_steps}))[0][0]
     assert s.stats["forks"] == 0 and set(s.branch) == {0} and s.finish_reason == "budget"
-    from eval import sample_metrics
-    assert npr.is_parallel(s.text) and sample_metrics([(s, "1")], 1.0)["trigger_rate"] == 0.0
+    assert npr.is_parallel(s.text) and npr.sample_metrics([(s, "1")], 1.0)["trigger_rate"] == 0.0
 
 
 def test_seeded_runs_repeat_and_batch_rows_differ(ck):
