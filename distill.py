@@ -117,22 +117,23 @@ def distill_chunk(sampler, tok, items, cfg, instruction, seed):
         if not todo:
             break
         n = min(cfg.tries_per_round, cfg.max_tries - min(tries[i] for i in todo))
+        # one continuous-batching call per round; the seeds are those of chunks of batch_size rows
         per_call = max(1, cfg.batch_size // n)
-        for c in range(0, len(todo), per_call):
-            part = todo[c:c + per_call]
-            params = SamplingParams(mode=cfg.mode, temperature=cfg.temperature, top_p=cfg.top_p,
-                                    max_new_tokens=cfg.max_new_tokens, seed=seed * 1000 + rnd * 100 + c)
-            out = sampler.generate([prompts[i] for i in part], n=n, params=params)
-            for i, samples in zip(part, out):
-                for s in samples:
-                    if i in kept or tries[i] >= cfg.max_tries:
-                        break
-                    tries[i] += 1
-                    why = judge(s, probs[i]["answer"], probs[i]["question"], cfg.reject_sibling_results)
-                    if why is None:
-                        kept[i] = s
-                    else:
-                        reasons[i][why] += 1
+        seeds = [(seed * 1000 + rnd * 100 + c) * 1000003 + j for c in range(0, len(todo), per_call)
+                 for j in range(len(todo[c:c + per_call]) * n)]
+        params = SamplingParams(mode=cfg.mode, temperature=cfg.temperature, top_p=cfg.top_p,
+                                max_new_tokens=cfg.max_new_tokens)
+        out, _ = sampler.generate_many([prompts[i] for i in todo], n, params, cfg.batch_size, seeds=seeds)
+        for i, samples in zip(todo, out):
+            for s in samples:
+                if i in kept or tries[i] >= cfg.max_tries:
+                    break
+                tries[i] += 1
+                why = judge(s, probs[i]["answer"], probs[i]["question"], cfg.reject_sibling_results)
+                if why is None:
+                    kept[i] = s
+                else:
+                    reasons[i][why] += 1
         rnd += 1
     accepted, state = [], []
     for i, p in items:
