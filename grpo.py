@@ -1,39 +1,19 @@
 """
-Stages 1 and 3: reinforcement learning with group rollouts, serial (NPR-Zero) or parallel (PAPO).
+Stages 1 and 3: RL with group rollouts, serial (NPR-Zero) or parallel (PAPO); the method, the official
+settings and where we differ (format reward flag, dual-clip, bounded dynamic sampling, dropped
+rollouts, unbiased stds, no box = wrong) are in NPR.md section 4. Rewards, advantages and the loss
+are written out below (reward_of, advantages, policy_loss).
 
     python grpo.py                                       # the built-in default: PAPO on out/sft
     python grpo.py --mode serial --model out/base        # stage 1 (NPR-Zero) on the default
     torchrun --nproc-per-node 8 grpo.py --model out/sft --data orz.json --lr 1e-7 --fsdp \\
         --prompts-per-step 16 --group-size 16 --seqs-per-update 16 --max-new-tokens 30000
 
---mode serial (stage 1, NPR-Zero; DAPO-style, NPR.md section 4): serial rollouts; advantage
-  (r - group mean) / (group std + 1e-6); clipped importance ratio against the sampler's log-probs,
-  clip-higher (0.2 / 0.28) and dual-clip (--clip-c 10: a token with A < 0 loses at most c x |A|);
-  token-mean loss; soft overlong penalty in the last --overlong-buffer tokens of the budget; no KL,
-  no entropy bonus. Dynamic sampling drops groups whose scores (before the overlong penalty, as the
-  official filter_groups.metric=score) are all equal and draws more prompts, for at most
-  --max-sampling-rounds rounds (the official never stops on a model that solves, or fails, every
-  prompt). Score +1 / -1; with --format-reward (the paper's variant; the official code comments it
-  out) a sample whose format score is not 0 gets -1 - --format-penalty whatever its answer.
---mode parallel (stage 3, PAPO): rollouts with the fork/join engine; malformed and over-budget
-  rollouts are dropped before scoring and counted (--malformed penalize scores a malformed one -1
-  instead: while a model is not always well formed, dropping lets RL drift into malformed outputs,
-  which no reward pushes down); reward +1 / -1; advantage (r - group mean) / (std of the whole batch + 1e-6); strictly
-  on-policy loss: ratio exp(logp - stopgrad(logp)) == 1 (no clipping can fire), i.e. -A x (mean
-  log-prob of the sequence's tokens), averaged over sequences. No KL, no reference model, no entropy.
-Both modes: a response without \\boxed{} scores -1 like a wrong one (the official grader falls back
-to the last number; our instruction asks for the box); an empty response scores 0. Standard
-deviations are unbiased (n - 1, as torch.std in the official trainer). A group left with fewer than
-2 samples after the drops is dropped (the official keeps it with baseline 0, whose advantage
-r / (batch std + 1e-6) is unbounded when the batch's rewards are all equal).
-Both modes train on the exact sampled token ids with the sampler's layout (branch mask and shared
-positions; no re-tokenization); forced tokens (step headers, takeaway opener) get no loss unless
+Both modes train on the exact sampled ids with the sampler's layout; forced tokens get no loss unless
 --train-forced. --ratio importance: the later mini-batches of a rollout batch use the true ratio
 exp(logp - logp_sampler) with the clip (exact where the sampler's log-probs are the trainer's: see
-rollout_model); --ratio onpolicy (the paper's PAPO) sets it to 1 everywhere.
---repetition-penalty (inside branches, rollouts only; official engine 1.02, pass it with real
-checkpoints) is off by default: on the built-in task a branch must repeat the digits of its answer,
-and the samples would come from a distribution other than the trained policy's.
+rollout_model); --ratio onpolicy (PAPO) sets it to 1. --repetition-penalty is off by default (NPR.md
+section 5): on the built-in task a branch must repeat its answer's digits.
 Logs one line per step, JSON lines in out_dir/metrics.jsonl, periodic eval, resumable checkpoints.
 """
 import copy
@@ -127,16 +107,14 @@ def reward_of(sample, answer, cfg):
     return score + penalty, score, None
 
 
-def std(xs):
-    """Unbiased (n - 1), as torch.std in the official trainer."""
+def std(xs):   # unbiased (n - 1), as torch.std in the official trainer
     m = sum(xs) / len(xs)
     return math.sqrt(sum((x - m) ** 2 for x in xs) / max(len(xs) - 1, 1))
 
 
 def advantages(groups, mode, batch=None):
-    """groups: [[reward, ...] per prompt] -> same shape. serial (GRPO/DAPO): (r - group mean) /
-    (group std + 1e-6); parallel (PAPO): (r - group mean) / (std of the whole batch + 1e-6), where
-    `batch` holds every reward of the step (all ranks; default: these groups)."""
+    """groups: [[reward, ...] per prompt] -> same shape; (r - group mean) / (std + 1e-6), the std of the
+    group (serial) or of `batch`, every reward of the step on all ranks (parallel; default: groups)."""
     if mode == "parallel":
         s = std(batch or [r for g in groups for r in g])
         return [[(r - sum(g) / len(g)) / (s + 1e-6) for r in g] for g in groups]
@@ -144,17 +122,13 @@ def advantages(groups, mode, batch=None):
 
 
 def policy_loss(logp, old_logp, adv, mask, mode, ratio_kind, clip_low, clip_high, norm, clip_c=0.0):
-    """logp/old_logp/mask (B, T); adv (B,). norm: global count (tokens for serial, sequences for
-    parallel) that the sum is divided by, so that gradient accumulation and ranks add up.
-    clip_c > 0: dual-clip, a token with A < 0 loses at most clip_c x |A| (a huge ratio stops counting)."""
-    if ratio_kind == "onpolicy":
-        ratio = torch.exp(logp - logp.detach())                              # == 1, gradient of logp
-    else:
-        ratio = torch.exp(logp - old_logp)
+    """logp/old_logp/mask (B, T); adv (B,). norm: the global count the sum is divided by (tokens for
+    serial, sequences for parallel), so that gradient accumulation and ranks add up."""
     A = adv[:, None]
     if ratio_kind == "onpolicy":
-        per_tok = -ratio * A
+        per_tok = -torch.exp(logp - logp.detach()) * A                      # ratio == 1, gradient of logp
     else:                                                                    # PPO clip with clip-higher
+        ratio = torch.exp(logp - old_logp)
         per_tok = -torch.minimum(ratio * A, ratio.clamp(1 - clip_low, 1 + clip_high) * A)
         if clip_c > 0:                                                       # dual-clip
             per_tok = torch.where(A < 0, torch.minimum(per_tok, -clip_c * A), per_tok)
@@ -204,9 +178,8 @@ def rollout(sampler, tok, problems, cfg, step, instruction, rank, world):
     groups, dropped, seen, wall, rounds = [], {}, [], 0.0, 0
     need = per_rank
     while need > 0 and rounds < (cfg.max_sampling_rounds if cfg.mode == "serial" and cfg.dynamic_sampling else 1):
-        # round 0: the step's prompts are drawn identically on every rank and split by rank, and every
-        # row's random stream is named by (step, prompt slot, sample): the rollouts do not depend on
-        # the number of ranks. Later rounds (dynamic sampling) draw per rank.
+        # round 0: the same prompts on every rank, split by rank, each row's stream named by (step,
+        # slot, sample): rollouts do not depend on the rank count. Later rounds draw per rank.
         rng = random.Random((cfg.seed * 1_000_003 + step) * 1009 + rounds * 7919 + (rank if rounds else 0))
         n_draw = cfg.prompts_per_step if rounds == 0 else 2 * need
         slots = list(range(n_draw))[rank::world] if rounds == 0 else list(range(n_draw))
@@ -253,8 +226,8 @@ def all_reduce(x, world, op="sum"):
 
 
 def update(train_model, model, opt, items, cfg, world, dev):
-    """Optimizer steps over the shuffled rollouts: seqs_per_update sequences each (global), as
-    micro-batches of gradient accumulation. -> (loss per step, grad norms, entropies, trained tokens)"""
+    """Optimizer steps of seqs_per_update sequences (global) in micro-batches.
+    -> (loss per step, grad norms, entropies, trained tokens)"""
     ratio_kind = cfg.ratio or ("onpolicy" if cfg.mode == "parallel" else "importance")
     per_rank = max(1, cfg.seqs_per_update // world)
     n_updates = all_reduce(torch.tensor(math.ceil(len(items) / per_rank) if items else 0, device=dev), world, "max")
@@ -332,11 +305,9 @@ def evaluate(sampler, tok, problems, instruction, cfg, dev, bf16_autocast):
 
 
 def rollout_model(model, cfg, dev, world):
-    """-> (the model the rollouts decode with, whether they run under bf16 autocast). On CUDA with
-    --bf16 --rollout-copy: a bf16 copy of the weights (the sampler's CUDA graphs need plain bf16
-    weights, not autocast; its log-probs then differ from the trainer's by bf16 rounding, so
-    --ratio importance is close, not exact). Under FSDP2 the trained weights are sharded: always a
-    full copy. Elsewhere the model itself. A copy follows the weights through sync_rollout_model."""
+    """-> (the model the rollouts decode with, whether under bf16 autocast). CUDA --bf16 --rollout-copy:
+    a bf16 copy for the CUDA graphs (log-probs then differ by bf16 rounding: --ratio importance is
+    close, not exact); FSDP2: a full copy of the sharded weights; elsewhere the model itself."""
     to_bf16 = cfg.rollout_copy and cfg.bf16 and torch.device(dev).type == "cuda"
     if not (to_bf16 or (world > 1 and cfg.fsdp)):
         return model, cfg.bf16
