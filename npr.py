@@ -6,15 +6,11 @@ A response is a sequence of blocks, then the answer (NPR.md section 2):
     <step> 1: plan 1 carried out, blind to step 2 </step> <step> 2: ... </step>
     <takeaway> combine the steps, decide what next </takeaway>   ... more blocks ... \\boxed{ANSWER}
 
-One parser (`parse`) reads the grammar; everything else is a view of what it read:
-- format_score: the official score (the self-distillation filter), on the parse of the text
-  without whitespace;
-- token_layout: block, branch and RoPE position of every token (the trainers' mask and positions),
-  positions by the one rule in `Positions`, which the sampler applies as it decodes;
-- engine_pieces: a response in the exact bytes the parallel engine writes (SFT's input).
-The sampler detects tags as it decodes with `new_tags` and reads the fork width with `plan_numbers`.
-Answer extraction and equivalence live in grading.py (npr.grade and npr.is_equiv re-export them).
-Standard library only.
+One parser (`parse`) reads the grammar; format_score (the self-distillation filter), token_layout
+(block, branch and RoPE position per token; positions by `Positions`, which the sampler also uses)
+and engine_pieces (a response in the engine's exact bytes, SFT's input) are views of what it read.
+The sampler detects tags with `new_tags` and the fork width with `plan_numbers`. Answer grading
+lives in grading.py (re-exported here). Standard library only.
 """
 import re
 from bisect import bisect_right
@@ -80,9 +76,8 @@ def build_prompt(question: str, instruction: str | None = None) -> str:
 
 
 def new_tags(text: str, start: int) -> list[tuple[str, int]]:
-    """Tags whose last character lies at index >= start, i.e. completed by text appended at `start`.
-    Returns (tag, index of its '<') in order. Works whether tags arrive as one added token or as
-    several plain-text pieces ("<st", "ep>"): the sampler calls it after appending each piece."""
+    """(tag, index of its '<') of the tags completed by text appended at `start`, in order; works
+    whether a tag arrives as one token or as several pieces ("<st", "ep>")."""
     lo = max(0, start - _MAX_TAG + 1)  # a tag ending at >= start begins at >= start - 11
     return [(m.group(), m.start()) for m in TAG_RE.finditer(text, lo) if m.end() > start]
 
@@ -98,8 +93,7 @@ def plan_numbers(guideline_text: str) -> list[str]:
 
 @dataclass
 class Block:
-    """One <guideline> block as read: character spans into the text, then its parts as text.
-    An element is closed only when its own closing tag ends it; a block is framed when
+    """One <guideline> block as read: character spans into the text, then its parts as text. Framed:
     </guideline>, <takeaway> and </takeaway> each came where the grammar puts them."""
     start: int                                        # the '<' of <guideline>
     end: int = -1                                     # one past </takeaway>, or where the block was cut off
@@ -234,10 +228,8 @@ def is_parallel(text_or_parsed) -> bool:
 
 def engine_pieces(text: str, max_branches: int = 5) -> tuple[list[str] | None, str | None]:
     """A well-formed response as the parallel engine writes it -> (pieces, None), else (None, why).
-    The forced texts are pieces of their own (encode each piece alone, as the engine does), so the
-    tokens are the engine's. Whitespace after </guideline>, between steps and before <takeaway>
-    becomes one SEPARATOR; each step opens with STEP_HEADER of its plan's number (a step numbered
-    otherwise is rejected); <takeaway> becomes TAKEAWAY_HEADER (one newline of the text it replaces).
+    Encode each piece alone, as the engine does: the forced texts are pieces of their own, whitespace
+    between blocks' parts becomes one SEPARATOR, a step misnumbered for its plan is rejected.
         '<guideline>..</guideline><step>1: a</step> <step> 2 : b</step><takeaway>c'
      -> '<guideline>..</guideline>' '\\n' '<step>\\n1:' ' a</step>' '\\n' '<step>\\n2:' ' b</step>' '\\n' '<takeaway>\\n' 'c'"""
     p = parse(text, max_branches)
@@ -261,20 +253,9 @@ def engine_pieces(text: str, max_branches: int = 5) -> tuple[list[str] | None, s
 # Format score (the filter for self-distilled samples: kept only at 0.0)
 
 def format_score(text: str, max_branches: int = 5) -> tuple[float, list[str]]:
-    """0.0 for a perfect sample, else a sum of negative penalties, plus the problems in words.
-
-    The official rules (NPR.md section 2), on the parse of the text with every whitespace character
-    removed (lengths count non-whitespace characters). Only framed blocks count as blocks; an
-    element (plan, step) only when closed by its own tag:
-    - no block: -1.5 (nothing else is checked but the boxed rule);
-    - a tag in the text before a block: -1.5 per block; after the last block: -1.0;
-    - 0 plans: -1.0; else #steps != #plans: -1.0; else more plans than max_branches: -1.0;
-    - residue (what a guideline holds besides its plans, or the steps region besides its steps):
-      -0.2 when plain text, -0.4 when it holds a tag (e.g. an unclosed <plan>), once per region;
-    - each plan shorter than 3 characters, step or takeaway shorter than 6, or holding a tag: -0.4;
-      a plan that does not open with "N:" (the engine forks only on those): -0.4;
-    - an empty \\boxed{} anywhere: -1.0 (a missing answer is the answer reward's business).
-    """
+    """0.0 for a perfect sample, else a sum of negative penalties, plus the problems in words. The rules
+    of NPR.md section 2, on the parse of the text without whitespace; only framed blocks count, and
+    a plan or step only when closed by its own tag; residue is penalised once per region."""
     s = re.sub(r"\s+", "", text or "")
     score, problems = 0.0, []
 
@@ -328,11 +309,8 @@ def format_score(text: str, max_branches: int = 5) -> tuple[float, list[str]]:
 # Positions and the token layout: block, branch and RoPE position of every token (NPR.md section 3)
 
 class Positions:
-    """The positions rule, one token at a time, in any order that keeps each branch's tokens in
-    order and the join after its branches (the sampler's interleaved decode order does): trunk
-    tokens count up from start_pos; every branch of a block starts at 1 + the last trunk position
-    before it; inside a branch +1 per token; after the join the trunk resumes at 1 + the highest
-    position so far (= the end of the longest branch)."""
+    """The positions rule (NPR.md section 3), one token at a time, in any order that keeps each
+    branch's tokens in order and the join after its branches (as the sampler's decode order does)."""
 
     def __init__(self, start_pos: int = 0):
         self.hi = self.trunk = start_pos - 1
@@ -359,13 +337,9 @@ class TokenLayout:
 
 def token_layout(pieces: list[str], start_pos: int = 0, max_branches: int = 5,
                  complete: bool = True) -> TokenLayout:
-    """Layout of response tokens given their decoded texts (one piece per token, any granularity).
-
-    Tokens are assigned by character spans of "".join(pieces): a token belongs to block b if it
-    overlaps the span from the '<' of b's <guideline> to the '>' of its </takeaway>, and to branch i
-    if it overlaps the span from the '<' of the i-th <step> to the '>' of its </step>; whitespace-only
-    tokens right after a branch join that branch (so step i+1 cannot read step i through a "\\n").
-    complete=False: the text may still be growing (sampler), so open blocks are not problems.
+    """Layout of response tokens given their decoded texts (one piece per token). A token is in block
+    b / branch i if it overlaps b's span / its i-th step's span (tag to tag); whitespace-only tokens
+    right after a branch join it (NPR.md section 3). complete=False: the text may still grow.
 
     Example (start_pos=0; each plan shown as one token P):
         token   Q  <guideline> P  P  </guideline> <step> 1:x </step> "\\n" <step> 2:y </step> <takeaway>
@@ -404,11 +378,8 @@ def token_layout(pieces: list[str], start_pos: int = 0, max_branches: int = 5,
 
 
 def sample_metrics(samples, wall_s):
-    """samples: [(Sample, gold answer)] (duck-typed: .text, .finish_reason, .stats); wall_s: generation
-    wall time -> the metrics eval.py's docstring defines, plus finish reasons. Trigger: a parallel-mode
-    sample counts only when the engine forked into >= 2 branches (a block written serially near the
-    budget does not); a serial-mode sample (stats["mode"] == "serial") when its text holds a block
-    with >= 2 steps, i.e. would have forked."""
+    """samples: [(Sample, gold answer)]; wall_s: generation wall time -> the metrics of NPR.md section 6,
+    plus finish reasons. A serial-mode sample triggers when its text holds a block with >= 2 steps."""
     n = max(len(samples), 1)
     forks = [b for s, _ in samples for b in s.stats["branches_per_fork"]]
     total = sum(s.stats["total_tokens"] for s, _ in samples)
