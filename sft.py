@@ -5,19 +5,13 @@ Stage 2b (NPR-Beta): parallel SFT on the self-distilled trajectories, with branc
     torchrun --nproc-per-node 8 sft.py --model Qwen3-4B-Instruct-2507 --data distill.jsonl \\
         --out-dir out/sft --lr 1e-6 --batch-size 8 --row-tokens 32768 --epochs 1 --fsdp
 
-NPR.md section 4, stage 2b: start from the instruct model (not the stage-1 model) and add the 8
-tags as tokens (added, not special; a new row = the mean of the rows of its name's sub-tokens). A
-trajectory is prompt + response + end-of-turn, the response in the engine's exact bytes
-(npr.engine_pieces) with each token's block, branch and position (npr.token_layout: separators
-belong to the branch before them), so step i never sees step j. Malformed trajectories and ones
-longer than a row are dropped and counted. Documents are packed into rows (document ids keep them
-blind to each other). Loss on assistant tokens only (tags included), token mean over the global
-batch (all ranks and micro-batches of a step). AdamW (0.9, 0.95), wd 0.1 on matrices, cosine
-schedule with warm-up, grad clipping; fp32 weights with bf16 autocast on GPU (a bf16 weight cannot
-absorb a 1e-6 update). torchrun: DDP, or FSDP2 with --fsdp. Checkpoints in the HF layout: the final
-one in --out-dir, resumable ones in --out-dir/last (rerunning resumes from it).
-Paper settings (flags): lr 1e-6, cosine, 5% warm-up, 1 epoch, 8 sequences/step, 32k context.
-The defaults below are the built-in default's (a 0.4M-parameter model: higher lr, more epochs).
+The method and the paper's settings are in NPR.md section 4, stage 2b: the tags become tokens, each
+trajectory is put into the engine's exact bytes (npr.engine_pieces) with its block, branch and
+positions (npr.token_layout), documents are packed into rows blind to each other, and the loss is a
+token mean over the global batch. Malformed trajectories and ones longer than a row are dropped and
+counted. torchrun: DDP, or FSDP2 with --fsdp. The final checkpoint goes to --out-dir, resumable ones
+to --out-dir/last (rerunning resumes). The defaults are the built-in default's (a 0.4M-parameter
+model: higher lr, more epochs than the paper's).
 """
 import math
 import os
@@ -70,9 +64,8 @@ class Config:
 # Data: trajectories -> (ids, positions, block, branch, loss mask) -> packed rows
 
 def encode_example(tok, row, instruction, max_branches):
-    """-> dict(ids, pos, block, branch, loss) for prompt + response, or (None, reason).
-    The response is put into the parallel engine's form (npr.engine_pieces: its forced texts, each
-    encoded alone), so SFT teaches the tokens and positions the sampler will produce."""
+    """-> (dict(ids, pos, block, branch, loss) for prompt + response in the engine's form, None),
+    or (None, reason)."""
     user = row.get("prompt") or npr.build_prompt(row["question"], instruction)
     prompt = tok.encode(tok.render_chat([{"role": "user", "content": user}], enable_thinking=False))
     pieces, why = npr.engine_pieces(row["trajectory"], max_branches)
