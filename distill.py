@@ -1,19 +1,14 @@
 """
-Stage 2a: self-distillation by rejection sampling (NPR.md section 4).
+Stage 2a: self-distillation by rejection sampling (NPR.md section 4, stage 2a).
 
     python distill.py                                                  # the built-in default
     python distill.py --model Qwen3-4B-Instruct-2507 --data orz_math_57k.json --out out/distill.jsonl \\
         --max-new-tokens 30000 --batch-size 512
     torchrun --nproc-per-node 8 distill.py --model ... --data ...      # each rank samples a shard
 
-For every problem: sample with the NPR instruction at temperature 1.0, serial decoding (the tags
-are plain text to a model that has not been through SFT), up to --max-tries samples; keep the
-FIRST sample that is both correct (npr.grade) and format-perfect (npr.format_score == 0, finished
-with end-of-turn): one trajectory per problem. Option, not in the paper (--reject-sibling-results):
-a sample is also rejected when a step writes the result of an earlier step of its block
-(sibling_numbers): serial sampling lets step 2 read step 1, parallel SFT hides step 1 from step 2,
-so such a step teaches the model to guess. Tries are drawn in rounds (--tries-per-round samples for
-each still-unsolved problem), which keeps "first passing try" and wastes nothing on solved problems.
+Per problem, up to --max-tries serial samples; keep the FIRST one that is correct and format-perfect
+(--reject-sibling-results: see sibling_numbers). Tries are drawn in rounds of --tries-per-round
+per still-unsolved problem.
 
 Output: SFT-ready JSONL (index, question, answer, prompt, trajectory, tries, format_score), plus
 <out>.state.jsonl with one line per finished problem (accepted or not, tries, reasons). Rerunning
@@ -64,14 +59,10 @@ _NUMBER_RE = re.compile(r"\d+(?:\.\d+)?")
 
 
 def sibling_numbers(text: str, question: str = "") -> list[tuple[int, int, str]]:
-    """Results a step can only have read in an earlier sibling step: (block, step, number), both
-    counted from 1. A step's result is the last number it writes; a later step of the same block that
-    writes it too (its "N:" header aside) is flagged unless the number also appears where that step
-    may look: the question and the text before the block's first <step> (earlier blocks, the
-    guideline). Serial decoding lets step 2 read step 1 ("2: 17*6=102. 92+102=194" takes 92, step
-    1's result); branch-isolated decoding cannot, so training on such a step teaches the model to
-    guess. A later step that happens to compute the same number on its own is flagged too; results of
-    one digit are ignored (too common to tell)."""
+    """Results a step can only have read in an earlier sibling step: (block, step, number), from 1. A
+    step's result is the last number it writes; a later step of the block that writes it too is
+    flagged unless the question or the text before the block's first <step> holds it ("2: 17*6=102.
+    92+102=194" takes 92, step 1's result). Results of one digit are ignored (too common to tell)."""
     found = []
     for bi, blk in enumerate(npr.parse(text).blocks, 1):
         if not blk.step_spans:
@@ -87,8 +78,7 @@ def sibling_numbers(text: str, question: str = "") -> list[tuple[int, int, str]]
 
 
 def judge(sample, answer, question="", siblings=False):
-    """-> None when the sample is kept, else the reason it was rejected. siblings: also reject a
-    sample whose steps use an earlier step's result (sibling_numbers)."""
+    """-> None when the sample is kept, else why not; siblings: apply sibling_numbers too."""
     if sample.finish_reason != "eos":
         return f"unfinished ({sample.finish_reason.split(':')[0]})"
     score, problems = npr.format_score(sample.text)
