@@ -1,15 +1,15 @@
 """
-Stages 1 and 3: RL with group rollouts, serial (NPR-Zero) or parallel (PAPO); the method, the official
-settings and where we differ (format reward flag, dual-clip, bounded dynamic sampling, dropped
-rollouts, unbiased stds, no box = wrong) are in NPR.md section 4. Rewards, advantages and the loss
-are written out below (reward_of, advantages, policy_loss).
+Stages 1 and 3: reinforcement learning with group rollouts, serial (NPR-Zero) or parallel (PAPO).
 
     python grpo.py                                       # the built-in default: PAPO on out/sft
     python grpo.py --mode serial --model out/base        # stage 1 (NPR-Zero) on the default
     torchrun --nproc-per-node 8 grpo.py --model out/sft --data orz.json --lr 1e-7 --fsdp \\
         --prompts-per-step 16 --group-size 16 --seqs-per-update 16 --max-new-tokens 30000
 
-Both modes train on the exact sampled ids with the sampler's layout; forced tokens get no loss unless
+The method, the official settings and where we differ (format reward flag, dual-clip, bounded
+dynamic sampling, dropped rollouts, unbiased stds, no box = wrong) are in NPR.md section 4; rewards,
+advantages and the loss are written out below (reward_of, advantages, policy_loss). Both modes
+train on the exact sampled ids with the sampler's layout; forced tokens get no loss unless
 --train-forced. --ratio importance: the later mini-batches of a rollout batch use the true ratio
 exp(logp - logp_sampler) with the clip (exact where the sampler's log-probs are the trainer's: see
 rollout_model); --ratio onpolicy (PAPO) sets it to 1. --repetition-penalty is off by default (NPR.md
