@@ -1,41 +1,23 @@
 """
 The sampling engine: NPR's fork/join rules (NPR.md section 5) with continuous batching.
 
-    python sampler.py --model DIR --prompt "Compute 23*4 + 17*6." --mode parallel -n 4
-
 serial mode: ordinary decoding; the tags are just text.
-parallel mode: when a row's trunk emits </guideline>, count its numbered plans (k); 0 or more than
-  the cap ends the row as malformed; else fork k branches, each opened with the forced header
-  "<step>\nN:" (npr.STEP_HEADER), all at the same RoPE position. A branch ends at </step> (plus one
-  forced "\n", npr.SEPARATOR, that belongs to it). When all branches of a row have ended they are
-  joined: "<takeaway>\n" (npr.TAKEAWAY_HEADER) is forced in the trunk at 1 + the largest branch
-  position (npr.Positions), and decoding goes on. sft.py trains on the same forced texts.
+parallel mode: at a trunk's </guideline>, fork one branch per numbered plan (none, or more than
+  max_branches: malformed), each opened with npr.STEP_HEADER, all at the same RoPE position. A branch
+  ends at </step> (plus its own npr.SEPARATOR). When all have ended, npr.TAKEAWAY_HEADER is forced in
+  the trunk at 1 + the largest branch position (npr.Positions). sft.py trains on the same forced texts.
+  Near the budget (less than fork_min_tokens left per branch) the block's steps stay serial in the trunk.
 
 Sampler.step() is the engine, in three parts (as nano-vllm's step):
-  schedule     admit waiting requests (Seq) into free KV-cache rows; prefill their prompts;
-  run          one forward over an (R, W) grid, the next token of every live stream (trunk or branch)
-               of every running row; eager, or decode_graph.StaticStep (static shapes, CUDA graphs);
-  postprocess  the draws go to their streams: tags, fork, join, finish. A finished row takes the
-               next waiting request at the next step. generate() and generate_many() loop over step().
-Every request owns one cache row; branch tokens go into it interleaved and the branch mask comes from
-per-slot metadata (parallel_attention.py): no KV copying. Each stream feeds one token per step and
-draws from its own torch.Generator, so a sample does not depend on its batch nor on when it starts.
-
-Memory: a request is admitted only into a row with room for its worst case (prompt + all-token
-budget + forced tokens): no row outgrows its room, nothing grows, copies or is preempted. There are
-as many rows as the KV-cache budget (Sampler.cache_gb) holds, up to max_rows.
-
-Budget (SamplingParams.budget): "total" (default, the official engine's rule) ends a sample when all
-tokens of all its branches reach max_new_tokens; "critical" when its critical path does (all tokens
-then capped by max_total_tokens). Near the budget (less than fork_min_tokens left per branch) the
-engine does not fork: the block's steps are written serially in the trunk, as the official engine does.
-
-Output (Sample), in the trainer's layout: response ids in canonical order (trunk, step 1 .. step k,
-trunk ...), per-token block / branch / position, sampled-vs-forced, the log-prob of every token under
-the model (temperature 1, no top-p: what a training forward computes; forced tokens 0), finish, stats.
+  schedule     admit waiting requests (Seq) into free KV-cache rows with room for their worst case
+               (nothing grows, copies or is preempted); prefill their prompts
+  run          build_grid: the next token of every live stream (trunk or branch) of every running row;
+               one forward over that (R, W) grid, eager or decode_graph.StaticStep (CUDA graphs)
+  postprocess  the draws go to their streams: tags, fork, join, finish; generate() loops over step()
+A request owns one cache row; branch tokens go into it interleaved, masked by per-slot metadata
+(parallel_attention.py). Each stream draws from its own torch.Generator, so a sample does not depend
+on its batch. Output (Sample) is in the trainer's layout, with the model's log-prob of every token.
 """
-import argparse
-import dataclasses
 import time
 from collections import deque
 from dataclasses import dataclass, field
@@ -143,16 +125,14 @@ class Seq:
         self.t_start = self.t_end = None
 
     def slots(self):
-        """KV-cache slots its worst case needs: the prompt, the all-token budget, room for forced
-        tokens, the scratch slot."""
+        """KV-cache slots its worst case needs: prompt, all-token budget, forced tokens, scratch slot."""
         return len(self.prompt) + self.p.max_total_tokens + 16 * (self.p.max_branches + 2) + 1
 
 
 class KVCache:
-    """A static per-layer K/V cache of `capacity` slots per row, plus the branch metadata of every
-    slot (a Layout over the slots). Slots and RoPE positions are separate quantities: the caller
-    says which slot each new token goes to (layout.slot); empty slots have doc = -1. The last slot
-    is the scratch slot padding writes to (never attended)."""
+    """A static per-layer K/V cache of `capacity` slots per row, plus the branch metadata of every slot.
+    Slots and RoPE positions are separate: the caller says which slot each new token goes to
+    (layout.slot); empty slots have doc = -1; the last slot is the scratch slot padding writes to."""
 
     def __init__(self, cfg, rows, capacity, device="cpu", dtype=None):
         dtype = dtype or cfg.dtype
@@ -167,16 +147,12 @@ class KVCache:
 
     def clear(self, row):
         """Empty one row for its next request (stale k/v are finite and masked: only the metadata resets)."""
-        self.doc[row] = -1
-        self.block[row] = 0
-        self.branch[row] = 0
+        self.doc[row], self.block[row], self.branch[row] = -1, 0, 0
 
-    # Writes go through index_put_, not scatter_: under torch.compile (the GPU fast path) Inductor
-    # turns index_put back into an in-place write, while scatter becomes a copy of the whole cache
-    # per layer plus a copy back.
+    # index_put_, not scatter_: under torch.compile Inductor keeps index_put an in-place write, while
+    # scatter becomes a copy of the whole cache per layer plus a copy back.
     def write_layout(self, layout):
-        """Record the metadata of the new tokens at their slots and make the k/v write index (once per
-        forward, before the layers)."""
+        """Record the new tokens' metadata at their slots; make the k/v write index (once per forward)."""
         s = layout.slots().long()
         rows = (self.rows if self.rows is not None else torch.arange(s.shape[0], device=s.device))[:, None]
         self.doc.index_put_((rows, s), layout.doc)
@@ -187,8 +163,7 @@ class KVCache:
         self.k_layout = self.layout()   # one Layout object for all layers: their masks are memoised on it
 
     def update(self, layer_idx, k, v):
-        """Write k/v (B, Hkv, T, D) at the slots given to write_layout; return the cache views
-        (B, Hkv, limit, D)."""
+        """Write k/v (B, Hkv, T, D) at the slots given to write_layout -> the cache views (B, Hkv, limit, D)."""
         self.k[layer_idx].index_put_(self.index, k.to(self.k[layer_idx].dtype))
         self.v[layer_idx].index_put_(self.index, v.to(self.v[layer_idx].dtype))
         return self.pick(self.k[layer_idx]), self.pick(self.v[layer_idx])
@@ -206,19 +181,14 @@ class Sampler:
         self.model, self.tok = model, tokenizer
         self.stop_ids = set(tokenizer.stop_ids)
         self.newline = tokenizer.encode(npr.SEPARATOR)
-        # decode step: "auto" = CUDA graphs on a GPU (not under autocast), else "eager";
-        # "static" = the graphs' padded shapes run eagerly (the CPU test of the fast path)
+        # "auto" = CUDA graphs on a GPU (not under autocast), else "eager"; "static" = the graphs' shapes, eagerly
         self.step_mode = "auto"
         self.compile_step = False   # fast path through torch.compile too (decode_graph.py; attn_impl "sdpa")
-        # fast path with q/k/v and gate/up fused into one GEMM each (a copy of those weights);
-        # None = with CUDA graphs only, where a step costs per kernel
-        self.fuse_step = None
+        self.fuse_step = None       # fast path with fused q/k/v and gate/up GEMMs (None = with CUDA graphs only)
         self.cache_gb = 0.0         # KV-cache memory budget (0 = half the free GPU memory / 4 GB on CPU)
         self.max_rows = 256         # rows decoded together, at most (fewer when the budget says so)
         self.min_slots = 0          # room per row at least (a server sizes it for its largest request)
-        # admit new requests at every Nth step only (each admission is an eager prefill forward: on a
-        # GPU a launch-bound ~25 ms against a ~2 ms graph step, so admitting several at once pays)
-        self.admit_every = 1
+        self.admit_every = 1        # admit at every Nth step only (a prefill is an eager, launch-bound forward)
         self.steer = None           # steer(requests, logits) -> logits: edits what tokens are drawn from (tests)
         self.cache = self.fast = None   # the KV cache and the StaticStep on it, kept for the next call
         self.waiting, self.running, self.free, self.gone = deque(), [], [], []   # gone: cancelled while waiting
@@ -263,9 +233,8 @@ class Sampler:
         return done
 
     def schedule(self):
-        """Admit waiting requests, oldest first, while a row is free and has room for the oldest's
-        worst case (a larger one waits until every row is idle; the cache is then made anew), and
-        prefill their prompts. -> the requests cancelled while they waited."""
+        """Admit waiting requests, oldest first, while a row is free and has room for the oldest's worst
+        case (else it waits for an idle engine and a new cache); prefill them. -> those cancelled while waiting."""
         gone, self.gone = self.gone, []
         if self.waiting and not self.running:
             self.plan(max(seq.slots() for seq in self.waiting))
@@ -283,9 +252,8 @@ class Sampler:
         return gone
 
     def plan(self, slots):
-        """(Re)make the KV cache (and the fast path on it) while no request runs: rows of `slots` slots
-        (a multiple of 256, so calls with similar prompts share the cache and graphs), as many as the
-        KV-cache budget holds, up to max_rows. A kept cache that fits is only emptied."""
+        """(Re)make the KV cache and its fast path while no request runs: rows of `slots` slots (rounded up
+        to 256: similar calls share cache and graphs), as many as the budget holds, up to max_rows."""
         slots, w, cfg = -(-max(slots, self.min_slots) // 256) * 256, self.model.output_weight, self.model.config
         autocast = torch.is_autocast_enabled(w.device.type)       # k/v then come out in the autocast dtype
         dtype = torch.get_autocast_dtype(w.device.type) if autocast else w.dtype
@@ -318,8 +286,7 @@ class Sampler:
         self.free = list(range(R))
 
     def prefill(self, seqs):
-        """The prompts of newly admitted requests, right-padded, in one forward into their cache rows;
-        draw each one's first token."""
+        """Newly admitted prompts, right-padded, in one forward into their cache rows; draw their first tokens."""
         dev, L, B = self.model.output_weight.device, max(len(s.prompt) for s in seqs), len(seqs)
         ids = torch.zeros(B, L, dtype=torch.long)
         doc = torch.full((B, L), -1, dtype=torch.int32)     # padding: invisible, in slots written later
@@ -359,9 +326,8 @@ class Sampler:
                     requests.append((seq, st))
                     cells.append((seq.row, j))
             seq.live = [st for st in seq.live if st.feed or not st.closed]
-        R = len(grid)
         self.counters["steps"] += 1
-        self.counters["row_steps"] += R
+        self.counters["row_steps"] += len(grid)
         self.counters["busy_row_steps"] += len(items)
         limit = max(seq.next_slot for seq in self.running)
         assert limit < S, "KV cache overflow: the worst-case room is wrong"
@@ -395,9 +361,8 @@ class Sampler:
     # ---- postprocess: the draw and the engine's rules -------------------------------------------
     def sample(self, requests, logits):
         """Draw one token for each (row, stream) request from its logits (N, V), with its row's params.
-        The log-prob recorded is the model's own (before steering and penalty), by logprob_of, the
-        decode step's head: within a few fp32 ULPs of the largest logit of the trainer's logsumexp
-        (torch's CPU log_softmax over a 152k vocabulary is several times further off: its fp32 sum)."""
+        The log-prob recorded is the model's own (before steering and penalty), by logprob_of as in
+        the decode step (closer to the trainer's logsumexp than torch's CPU log_softmax)."""
         logits = model_logits = logits.float()
         if self.steer is not None or any(seq.p.repetition_penalty != 1.0 for seq, _ in requests):
             logits = logits.clone()                              # both edit the logits in place
@@ -414,13 +379,10 @@ class Sampler:
         groups = {}                                              # rows with the same sampling settings
         for i, (seq, _) in enumerate(requests):
             groups.setdefault((seq.p.temperature, seq.p.top_p, seq.p.top_k), []).append(i)
-        if len(groups) == 1:
-            toks = pick(logits, *next(iter(groups)), u)
-        else:
-            toks = torch.empty(len(requests), dtype=torch.long, device=logits.device)
-            for (temp, top_p, top_k), idx in groups.items():
-                ii = torch.tensor(idx, device=logits.device)
-                toks[ii] = pick(logits[ii], temp, top_p, top_k, u[ii])
+        toks = torch.empty(len(requests), dtype=torch.long, device=logits.device)
+        for (temp, top_p, top_k), idx in groups.items():
+            ii = torch.tensor(idx, device=logits.device)
+            toks[ii] = pick(logits[ii], temp, top_p, top_k, u[ii])
         return toks.tolist(), logprob_of(model_logits, toks).tolist()
 
     def postprocess(self, requests, toks, lps):
@@ -531,15 +493,11 @@ class Sampler:
 
     # ---- callers: a batch of requests in, samples out --------------------------------------------
     def generate(self, prompts, n=1, params=None, steer=None, progress=False, seeds=None, on_sample=None):
-        """prompts: token-id lists (chat already rendered). Returns one list of n Samples per prompt.
-        params: one SamplingParams for every prompt, or a list of one per prompt (each row then samples,
-        budgets and forks by its own: requests with different settings share one batch).
-        seeds: one per row (prompt-major, n rows per prompt); default params.seed * 1000003 + row.
-        A row's trunk and each of its branches draw from their own torch.Generator and every stream
-        feeds one token per step, so a sample does not depend on its batch nor on when it is admitted.
-        steer(requests, logits) -> logits, optional: edits the logits a token is drawn from (tests
-        force a structure with it); recorded log-probs stay those of the model.
-        on_sample(prompt index, sample index, Sample), optional: called as each sample ends."""
+        """prompts: token-id lists (chat already rendered) -> one list of n Samples per prompt.
+        params: one SamplingParams, or one per prompt (requests with different settings share a batch).
+        seeds: one per row (prompt-major); default params.seed * 1000003 + row.
+        steer(requests, logits) -> logits: edits what a token is drawn from (tests force a structure
+        with it); the log-probs stay the model's. on_sample(prompt index, sample index, Sample): as each ends."""
         return self.generate_many(prompts, n, params, 0, progress, seeds, steer, on_sample)[0]
 
     def generate_many(self, prompts, n, params, batch_rows=256, progress=False, seeds=None, steer=None, on_sample=None):
@@ -583,10 +541,9 @@ class Sampler:
 
 def to_feed(seq):
     """The (Token, Stream) pairs of a row to write this step, in slot order: the next pending token of
-    each stream (one per stream, whatever else runs: a row's schedule is its own). Slot order must
-    stay causal across a fork and a join: branches follow every trunk token before the fork, the
-    takeaway every branch token. So the streams go in groups (trunk, the branches of a fork, the
-    trunk after the join) and a group waits while an earlier one still has tokens left after this step."""
+    each stream. Slot order stays causal across a fork and a join: the streams go in groups (trunk,
+    the branches of a fork, the trunk after the join) and a group waits while an earlier one still
+    has tokens left after this step."""
     out, left, kind = [], False, None
     for st in seq.live:
         if not st.feed:
@@ -673,8 +630,7 @@ def chunks(V):
 
 def argmax_rows(logits):
     """logits.argmax(-1) in two stages (the max of each chunk of the row, then the best chunk): the
-    same first maximal index, but a GPU spreads one row over many blocks (a one-row argmax over a
-    152k vocabulary ran as a single 28-microsecond block in the decode step)."""
+    same first maximal index, but a GPU spreads one row over many blocks, not one."""
     N, V = logits.shape
     C = chunks(V)
     m, i = logits.view(N, C, V // C).max(-1)                            # (N, C): first max of each chunk
@@ -693,8 +649,7 @@ def logprob_of(logits, tok):
 
 @torch.no_grad()
 def generate_naive(model, prompt, max_new_tokens, stop_ids, temperature=0.0, top_p=1.0, top_k=0, seed=0):
-    """The test oracle: serial decoding without a cache, one full forward per token.
-    Returns (ids, logprobs)."""
+    """The test oracle: serial decoding without a cache, one full forward per token. -> (ids, logprobs)"""
     dev = model.output_weight.device
     gen = row_generator(seed * 1000003)                   # row 0's stream in generate()
     ids, lps = list(prompt), []
@@ -706,47 +661,3 @@ def generate_naive(model, prompt, max_new_tokens, stop_ids, temperature=0.0, top
         if ids[-1] in stop_ids:
             break
     return ids[len(prompt):], lps
-
-
-def show(sample, tokenizer):
-    """The response as text runs in canonical order (trunk, step 1 .. step k, trunk ...), then its stats."""
-    runs, lines = [], []
-    for t, b in zip(sample.ids, sample.branch):
-        if runs and runs[-1][0] == b:
-            runs[-1][1].append(t)
-        else:
-            runs.append((b, [t]))
-    for b, ts in runs:
-        lines.append(f"  ── branch {b} ──" if b else "  ── trunk ──")
-        lines += ["  " + ln for ln in tokenizer.decode(ts).splitlines() or [""]]
-    st = sample.stats
-    lines.append(f"  [{sample.finish_reason}] tokens {st['total_tokens']} | critical path "
-                 f"{st['critical_path_tokens']} | forks {st['forks']} {st['branches_per_fork']} | {st['time_s']:.2f}s")
-    return "\n".join(lines)
-
-
-def main():
-    ap = argparse.ArgumentParser(description="Sample from a Qwen checkpoint, serially or with NPR branches.")
-    ap.add_argument("--model", required=True, help="HF checkpoint folder")
-    ap.add_argument("--prompt", required=True)
-    ap.add_argument("-n", type=int, default=1, help="samples")
-    ap.add_argument("--no-instruction", action="store_true", help="send the prompt without the NPR instruction")
-    ap.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
-    for f in dataclasses.fields(SamplingParams):          # every sampling setting, e.g. --max-new-tokens
-        ap.add_argument("--" + f.name.replace("_", "-"), type=type(f.default), default=f.default)
-    a = ap.parse_args()
-    tok = Tokenizer.from_pretrained(a.model)
-    model = Qwen.from_pretrained(a.model, device=a.device)
-    from cli import instruction_for   # the checkpoint's own instruction (the built-in default has one)
-    user = a.prompt if a.no_instruction else npr.build_prompt(a.prompt, instruction_for(a.model))
-    prompt = tok.encode(tok.render_chat([{"role": "user", "content": user}], enable_thinking=False))
-    params = SamplingParams(**{f.name: getattr(a, f.name) for f in dataclasses.fields(SamplingParams)})
-    samples, wall = Sampler(model, tok).generate_many([prompt], a.n, params)
-    for i, s in enumerate(samples[0]):
-        print(f"=== sample {i} ===\n{show(s, tok)}")
-    total = sum(s.stats["total_tokens"] for s in samples[0])
-    print(f"{len(samples[0])} samples | {total} tokens in {wall:.2f}s | {total / wall:.1f} tokens/s")
-
-
-if __name__ == "__main__":
-    main()

@@ -5,7 +5,12 @@ import torch
 
 import npr
 from helpers import Script, block_script, chat, check_exact, ids_of, make_checkpoint, step_script, teacher_forced
-from sampler import Sampler, SamplingParams, generate_naive, pick, show
+from sampler import Sampler, SamplingParams, generate_naive, pick
+
+
+def show(s, tok):
+    """A sample for a failure message: why it ended, its stats, its text."""
+    return f"[{s.finish_reason}] {s.stats}\n{tok.decode(s.ids)}"
 
 
 @pytest.fixture(scope="module", params=[False, True], ids=["tags-as-text", "tags-special"])
