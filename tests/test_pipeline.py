@@ -52,7 +52,7 @@ def test_base_distill_sft_eval(tmp_path):
 
 def test_speedrun_distils_from_the_stage1_model(tmp_path):
     """With STAGE1=1 the distillation samples from the stage-1 model (the paper), the SFT still starts
-    from the base model (NPR.md stage 2b); without it both use the base model. DRY_RUN prints the commands."""
+    from the base model (NPR.md section 4, stage 2b); without it both use the base model. DRY_RUN prints the commands."""
     root = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
     assert subprocess.run(["bash", "-n", "speedrun.sh"], cwd=root).returncode == 0
     for stage1, src in [("1", "zero"), ("0", "base")]:
