@@ -5,7 +5,8 @@
 # $OUT. Uses the machine's python.
 #   OUT=gpu_out bash gpu_check.sh            # DEADLINE=430: seconds for everything; parts past it are skipped
 # Parts, most important first: compiled graph decode vs transformers generate (+ profile); tests; the
-# same without fused projections; graphs without compile; the forced-trace parallel speedup; attention.
+# same without fused projections; graphs without compile; the forced-trace parallel speedup; attention;
+# continuous batching (ragged workload) and serve.py's time to first token.
 set -uo pipefail
 cd "$(dirname "$0")"
 OUT=${OUT:-gpu_out}
@@ -45,5 +46,12 @@ part parallel 100 $PY bench.py parallel --shapes qwen3-0.6b --widths 2,4,5 --blo
   --ckpt-dir "$CK" --out "$OUT/parallel.json"
 # 6) attention: bf16 check at T=4096, Triton vs FlexAttention vs SDPA (the full run: gpu_kernel.sh)
 part attention 120 $PY bench_attention.py --deadline 110 --out "$OUT/attention.json"
+# 7) continuous batching on the GPU: the ragged workload, admissions every step and every 8th (batched prefills)
+part ragged 120 $PY bench.py ragged --shapes qwen3-0.6b --requests 256 --rows 64 --ragged-modes serial,parallel \
+  --ckpt-dir "$CK" --out "$OUT/ragged.json"
+part ragged8 100 $PY bench.py ragged --shapes qwen3-0.6b --requests 256 --rows 64 --ragged-modes parallel --admit-every 8 \
+  --ckpt-dir "$CK" --out "$OUT/ragged_admit8.json"
+# 8) serve.py: time to first token of a request arriving while 32 long answers decode
+part serve 60 $PY bench.py serve --shapes qwen3-0.6b --rows 32 --long-tokens 1024 --ckpt-dir "$CK" --out "$OUT/serve.json"
 grep -E "passed|failed|error" "$OUT/log.txt" | tail -5
 grep -E "^model|^\[" "$OUT/log.txt" | tail -30
