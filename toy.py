@@ -301,14 +301,10 @@ def evaluate(model, tok, problems, mode="serial", tagged=True, batch_size=100, m
     share of outputs that carry a running sum inside a step (serial-writer), mean response tokens."""
     sampler = Sampler(model, tok)
     params = SamplingParams(mode=mode, temperature=0.0, max_new_tokens=max_new_tokens)
-    texts, reasons, ntok = [], [], []
-    for i in range(0, len(problems), batch_size):
-        chunk = problems[i:i + batch_size]
-        prompts = [prompt_ids(tok, p["question"], tagged) for p in chunk]
-        for (s,) in sampler.generate(prompts, n=1, params=params):
-            texts.append(tok.decode([t for t in s.ids if t not in tok.stop_ids]))
-            reasons.append(s.finish_reason)
-            ntok.append(s.stats["total_tokens"])
+    prompts = [prompt_ids(tok, p["question"], tagged) for p in problems]
+    got = [s for (s,) in sampler.generate_many(prompts, 1, params, batch_size)[0]]   # continuous batching
+    texts = [tok.decode([t for t in s.ids if t not in tok.stop_ids]) for s in got]
+    reasons, ntok = [s.finish_reason for s in got], [s.stats["total_tokens"] for s in got]
     n = max(1, len(problems))
     parsed = [npr.parse(t) for t in texts]
     return dict(mode=mode, tagged=tagged, n=len(problems),
