@@ -214,7 +214,7 @@ def test_rows_bounded_by_the_kv_budget(ck, mode):
     tight.cache_gb = 2.5 * row_gb
     a = run(model, tok, mode, prompts, p, steer, sampler=roomy)
     b = run(model, tok, mode, prompts, p, steer, sampler=tight)
-    same(a, b, 1e-5 if mode != "graph" else 1e-4)     # graph: the decode kernel splits other spans
+    same(a, b, 1e-4)     # log-probs: other batch shapes change the last bits (~1e-5 with 2 threads)
     assert (roomy.cache.doc.shape[0], tight.cache.doc.shape[0]) == (3, 2)
     assert tight.cache.capacity == slots and max(len(s.ids) for s in b) > 400     # more than max_new_tokens in all
     assert b[1].stats["branches_per_fork"] == [5] and b[1].stats["critical_path_tokens"] <= 400

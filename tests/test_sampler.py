@@ -304,7 +304,7 @@ def flat(model):
     return model
 
 
-def same_samples(a, b, tol=1e-5):
+def same_samples(a, b, tol=1e-4):   # tokens exactly; log-probs: other batch shapes change the last bits
     assert [(s.ids, s.block, s.branch, s.pos, s.sampled, s.finish_reason) for s in a] == \
            [(s.ids, s.block, s.branch, s.pos, s.sampled, s.finish_reason) for s in b]
     assert max(abs(x - y) for s, t in zip(a, b) for x, y in zip(s.logprobs, t.logprobs)) <= tol
