@@ -517,6 +517,7 @@ class Sampler:
         if any(not seq.prompt for seq in seqs):
             raise ValueError("every prompt needs at least one token")
         self.waiting.extend(seqs)
+        kept_rows = self.max_rows                      # this call's row cap only
         self.max_rows, self.steer = min(batch_rows or len(seqs), len(seqs)), steer
         bar = tqdm(total=len(seqs), desc=f"sampling ({'/'.join(sorted({p.mode for p in row_p}))})", unit="sample",
                    disable=not progress)
@@ -529,7 +530,7 @@ class Sampler:
                         on_sample(seq.index // n, seq.index % n, out[seq.index])
                     bar.update()
         finally:
-            self.steer = None
+            self.max_rows, self.steer = kept_rows, None
             bar.close()
             if self.waiting or self.running:           # interrupted: leave the engine empty
                 self.waiting.clear()
