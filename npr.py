@@ -12,6 +12,7 @@ and engine_pieces (a response in the engine's exact bytes, SFT's input) are view
 The sampler detects tags with `new_tags` and the fork width with `plan_numbers`. Answer grading
 lives in grading.py (re-exported here). Standard library only.
 """
+import os
 import re
 from bisect import bisect_right
 from itertools import accumulate
@@ -33,40 +34,10 @@ STEP_HEADER = "<step>\n{n}:"       # opens branch n (n = its plan's number)
 TAKEAWAY_HEADER = "<takeaway>\n"   # opens the trunk after the join
 SEPARATOR = "\n"                   # after </guideline> and after each </step> (unless the token ended in whitespace)
 
-INSTRUCTION = """\
-Solve the problem below. Think in rounds, and inside a round explore several lines of reasoning \
-at the same time. Mark up your reasoning with these tags:
-
-<guideline> ... </guideline> starts a round. Inside it, put each idea you want to pursue in its \
-own <plan> ... </plan>. Number the plans 1:, 2:, 3: and so on, and keep each plan to one short \
-sentence. Whenever the problem allows different methods, or splits into parts that can be worked \
-out separately, write several plans (at most five).
-
-<step> ... </step> carries out one plan. Write exactly one step per plan, in the order of the \
-plans, and begin each step with the number of its plan (1:, 2:, ...). The steps of a round are \
-worked out simultaneously and none of them can read the others, so write every step as though the \
-other steps did not exist: do not mention them or rely on their results.
-
-<takeaway> ... </takeaway> ends the round once all its steps are written. Compare the steps, merge \
-what they found, catch mistakes, and decide whether another round is needed.
-
-Begin a new <guideline> round after a takeaway if more work remains. When you are finished, write \
-the final answer after the last takeaway, inside \\boxed{}.
-
-The shape of one round:
-<guideline>
-<plan>1: ...</plan>
-<plan>2: ...</plan>
-</guideline>
-<step>
-1: ...
-</step>
-<step>
-2: ...
-</step>
-<takeaway>
-...
-</takeaway>"""
+# The instruction the prompts open with (build_prompt), kept as the model reads it in its own file; a
+# checkpoint may carry its own file of the same name (cli.instruction_for).
+with open(os.path.join(os.path.dirname(os.path.abspath(__file__)), "npr_instruction.txt"), encoding="utf-8") as _f:
+    INSTRUCTION = _f.read().strip()
 
 
 def build_prompt(question: str, instruction: str | None = None) -> str:

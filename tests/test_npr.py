@@ -5,6 +5,7 @@ across token boundaries. Pure Python, a few seconds.
 
     OMP_NUM_THREADS=1 .venv/bin/python -m pytest tests/test_npr.py -x -q
 """
+import os
 import random
 import re
 
@@ -61,6 +62,13 @@ def test_build_prompt_holds_instruction_and_question():
         assert t in npr.INSTRUCTION
     assert "1:" in npr.INSTRUCTION and "\\boxed{}" in npr.INSTRUCTION
     assert npr.build_prompt(" q ", instruction="Short.") == "Short.\n\nProblem:\nq"
+
+
+def test_instruction_is_the_file_beside_npr_py():
+    path = os.path.join(os.path.dirname(os.path.abspath(npr.__file__)), "npr_instruction.txt")
+    with open(path, encoding="utf-8") as f:
+        assert f.read() == npr.INSTRUCTION + "\n"
+    assert npr.INSTRUCTION.startswith("Solve the problem below.") and npr.INSTRUCTION.endswith("</takeaway>")
 
 
 def test_parse_good_sample():
