@@ -30,7 +30,7 @@ from tokenizers import Tokenizer as HFTok, decoders, models, pre_tokenizers
 
 import npr
 from model import Qwen, QwenConfig
-from sampler import Sampler, SamplingParams, Seq
+from sampler import Sampler, SamplingParams
 from tokenizer import Tokenizer
 
 SHAPES = {
@@ -310,11 +310,11 @@ def bench_ragged(shapes, modes, n, rows, dtype, admit_every=1):
                 if name == "static":
                     got = []
                     for i in range(0, n, rows):      # batch i's requests keep their index (the steer's lengths)
-                        seqs = [sampler.add(Seq(prompt, p, j, j)) for j in range(i, min(i + rows, n))]
+                        seqs = [sampler.add(prompt, p, j, j) for j in range(i, min(i + rows, n))]
                         sampler.max_rows, sampler.steer = len(seqs), steer
                         while sampler.waiting or sampler.running:
                             got += sampler.step()
-                    got = [sampler.to_sample(seq) for seq in got]
+                    got = [seq.to_sample() for seq in got]
                 else:
                     got = [o[0] for o in sampler.generate_many([prompt] * n, 1, p, rows, steer=steer)[0]]
                 wall = time.perf_counter() - t0

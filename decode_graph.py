@@ -57,6 +57,16 @@ def weights_version(model):
     return tuple((id(p), p.data_ptr(), p._version) for p in model.parameters())
 
 
+def in_step_draw(plist, steer):
+    """(temperature, top_p, top_k) when every row samples alike and nothing edits the logits (no
+    steering, no repetition penalty): the step may then draw inside itself; else None."""
+    if steer is not None or any(p.repetition_penalty != 1.0 for p in plist):
+        return None
+    kinds = {(0.0, 1.0, 0) if p.temperature <= 0 else (float(p.temperature), float(p.top_p), int(p.top_k))
+             for p in plist}
+    return kinds.pop() if len(kinds) == 1 else None
+
+
 class StaticStep:
     """hidden_states of one decode step on a fixed (R, S) KV cache, padded to static shapes."""
 
@@ -154,6 +164,19 @@ class StaticStep:
         self.cache.limit = Sb
         self.graph[key].replay()
         return self.out[key]
+
+    def draw(self, grid, limit, requests, cells, draw):
+        """The step with the draw inside it: each (row, stream) request's token at its (row, column)
+        cell, drawn with a uniform from the stream's own generator (greedy needs none).
+        -> (tokens, log-probs), as Sampler.sample returns them."""
+        u = None
+        if draw[0] > 0:
+            u = torch.zeros(grid.shape[:2])
+            for (seq, st), (r, j) in zip(requests, cells):
+                u[r, j] = torch.rand(1, generator=st.gen).item()
+        toks, lps = self(grid, limit, u, draw).tolist()              # one copy back
+        at = [r * grid.shape[1] + j for r, j in cells]
+        return [int(toks[c]) for c in at], [lps[c] for c in at]
 
     def capture(self, key, g, ub):
         """Warm up on a side stream (Triton compiles, cuBLAS picks its kernels; the step is

@@ -1,132 +1,29 @@
 """
-The sampling engine: NPR's fork/join rules (NPR.md section 5) with continuous batching.
-
-serial mode: ordinary decoding; the tags are just text.
-parallel mode: at a trunk's </guideline>, fork one branch per numbered plan (none, or more than
-  max_branches: malformed), each opened with npr.STEP_HEADER, all at the same RoPE position. A branch
-  ends at </step> (plus its own npr.SEPARATOR). When all have ended, npr.TAKEAWAY_HEADER is forced in
-  the trunk at 1 + the largest branch position (npr.Positions). sft.py trains on the same forced texts.
-  Near the budget (less than fork_min_tokens left per branch) the block's steps stay serial in the trunk.
+The sampling engine: many requests decoded together with continuous batching. What each drawn
+token means (NPR's fork/join rules, the streams of a request) is request.py's.
 
 Sampler.step() is the engine, in three parts (as nano-vllm's step):
-  schedule     admit waiting requests (Seq) into free KV-cache rows with room for their worst case
-               (nothing grows, copies or is preempted); prefill their prompts
+  schedule     admit waiting requests (request.Seq) into free KV-cache rows with room for their worst
+               case (nothing grows, copies or is preempted); prefill their prompts
   run          build_grid: the next token of every live stream (trunk or branch) of every running row;
                one forward over that (R, W) grid, eager or decode_graph.StaticStep (CUDA graphs)
-  postprocess  the draws go to their streams: tags, fork, join, finish; generate() loops over step()
+  postprocess  each draw goes to its request (Seq.on_token: tags, fork, join, end); generate() loops
 A request owns one cache row; branch tokens go into it interleaved, masked by per-slot metadata
-(parallel_attention.py). Each stream draws from its own torch.Generator, so a sample does not depend
-on its batch. Output (Sample) is in the trainer's layout, with the model's log-prob of every token.
+(parallel_attention.py). Output (request.Sample) is in the trainer's layout, with the model's
+log-prob of every token.
 """
 import time
 from collections import deque
-from dataclasses import dataclass, field
 
 import torch
 import torch.nn.functional as F
 from tqdm import tqdm
 
-import npr
-from decode_graph import StaticStep
+from decode_graph import StaticStep, in_step_draw
 from model import Qwen
 from parallel_attention import Layout
+from request import Sample, SamplingParams, Seq, resolved  # noqa: F401  (Sample, SamplingParams: the API)
 from tokenizer import Tokenizer
-
-
-@dataclass
-class SamplingParams:
-    mode: str = "parallel"           # "serial" | "parallel"
-    temperature: float = 1.0         # 0 = greedy
-    top_p: float = 1.0
-    top_k: int = 0                   # 0 = off
-    max_new_tokens: int = 512        # the token budget, counted as `budget` says
-    budget: str = "total"            # "total": all tokens of all branches (official engine; OpenAI's max_tokens)
-                                     # "critical": the critical path (longest chain of dependent tokens)
-    max_total_tokens: int = 0        # budget "critical": cap on all tokens (0 = max_branches x max_new_tokens)
-    max_branches: int = 5            # more numbered plans than this ends the sample as malformed
-    fork_min_tokens: int = 8         # near the budget (less than this left per branch) do not fork
-    repetition_penalty: float = 1.0  # inside branches only (official engine: 1.02)
-    seed: int = 0
-
-
-@dataclass
-class Token:
-    """One response token, as the trainer reads it (NPR.md section 3)."""
-    id: int
-    sampled: bool      # drawn from the model (False: forced by the engine)
-    logprob: float     # log p(id) under the model; 0.0 for forced tokens
-    block: int
-    branch: int
-    pos: int           # RoPE position
-
-
-@dataclass
-class Sample:
-    prompt_ids: list
-    ids: list = field(default_factory=list)       # response tokens, canonical order
-    block: list = field(default_factory=list)     # per token, NPR.md section 3
-    branch: list = field(default_factory=list)
-    pos: list = field(default_factory=list)       # RoPE positions (the prompt holds 0..P-1)
-    sampled: list = field(default_factory=list)   # True: drawn from the model; False: forced by the engine
-    logprobs: list = field(default_factory=list)  # log p(token) under the model (0.0 for forced tokens)
-    finish_reason: str = ""                       # "eos" | "budget" | "malformed: <why>" | "cancelled"
-    text: str = ""                                # the response text, without the final stop token
-    stats: dict = field(default_factory=dict)
-
-    def full_layout(self, doc=0):
-        """ids, positions and Layout (1, P + T) of prompt + response: what the trainer feeds."""
-        P = len(self.prompt_ids)
-        ids = torch.tensor([self.prompt_ids + self.ids])
-        pos = torch.tensor([list(range(P)) + self.pos])
-        t = lambda xs: torch.tensor([[0] * P + xs], dtype=torch.int32)
-        return ids, pos, Layout(doc=torch.full_like(t(self.block), doc), block=t(self.block), branch=t(self.branch))
-
-
-class Stream:
-    """One segment of a response that decodes as one line: the trunk between forks, or one branch."""
-
-    def __init__(self, block, branch, gen, positions):
-        self.block, self.branch = block, branch
-        self.gen = gen         # its random draws: the row's trunk generator, or the branch's own
-        self.positions = positions   # the row's npr.Positions: the positions rule, token by token in push order
-        self.tokens = []       # its Tokens so far
-        self.feed = []         # Tokens not yet written into the KV cache (the next steps' inputs)
-        self.text = ""         # decoded text (tag detection works on text, tags special or not)
-        self.closed = False    # samples no more (a branch after </step>, a trunk suspended by a fork)
-
-    def push(self, tok, piece, sampled=False, logprob=0.0):
-        """Append a token; -> where its text starts in self.text."""
-        t = Token(tok, sampled, logprob, self.block, self.branch, self.positions(self.block, self.branch))
-        self.tokens.append(t)
-        self.feed.append(t)
-        self.text += piece
-        return len(self.text) - len(piece)
-
-
-class Seq:
-    """One request (one sample): its prompt, params and seed, its streams, its KV-cache row."""
-
-    def __init__(self, prompt, params, seed, index=0):
-        self.prompt, self.p, self.seed, self.index = list(prompt), params, seed, index
-        self.gen = row_generator(seed)  # the trunk's draws (each branch has its own): batch-independent
-        self.positions = npr.Positions(len(self.prompt))
-        self.trunk = Stream(0, 0, self.gen, self.positions)
-        self.streams = [self.trunk]     # every segment, canonical order: trunk, step 1 .. step k, trunk, ...
-        self.live = [self.trunk]        # the streams that still sample or feed, in the same order
-        self.fork = []                  # the branches of the open fork
-        self.forks = []                 # branches per fork
-        self.row = None                 # its KV-cache row while running
-        self.next_slot = len(self.prompt)
-        self.finish = None
-        self.total = self.crit = 0      # tokens so far: all of them / on the critical path
-        self.blocks = 0                 # guideline blocks opened
-        self.guide_start = None         # index in trunk.text where the open guideline starts
-        self.unforked = False           # the open block's steps are written serially (budget)
-        self.t_start = self.t_end = None
-
-    def slots(self):
-        """KV-cache slots its worst case needs: prompt, all-token budget, forced tokens, scratch slot."""
-        return len(self.prompt) + self.p.max_total_tokens + 16 * (self.p.max_branches + 2) + 1
 
 
 class KVCache:
@@ -179,8 +76,7 @@ class KVCache:
 class Sampler:
     def __init__(self, model: Qwen, tokenizer: Tokenizer):
         self.model, self.tok = model, tokenizer
-        self.stop_ids = set(tokenizer.stop_ids)
-        self.newline = tokenizer.encode(npr.SEPARATOR)
+        self.stop_ids = set(tokenizer.stop_ids)   # a drawn id in here ends its request
         # "auto" = CUDA graphs on a GPU (not under autocast), else "eager"; "static" = the graphs' shapes, eagerly
         self.step_mode = "auto"
         self.compile_step = False   # fast path through torch.compile too (decode_graph.py; attn_impl "sdpa")
@@ -201,17 +97,15 @@ class Sampler:
         self.free = []
 
     # ---- the engine ----------------------------------------------------------------------------
-    def add(self, seq):
-        """Queue a request; it is admitted at the next step that has a free row for it."""
-        if not seq.prompt:
-            raise ValueError("every prompt needs at least one token")
-        seq.p = resolved(seq.p)
+    def add(self, prompt, params, seed=0, index=0):
+        """Queue a request (prompt token ids) -> its Seq; it is admitted at the next step with a free row."""
+        seq = Seq(prompt, params, seed, index, self.tok)
         self.waiting.append(seq)
         return seq
 
     def cancel(self, seq):
         """End a request at the next step (its row is freed then)."""
-        self.finish(seq, "cancelled")
+        seq.end("cancelled")
         if seq in self.waiting:
             self.waiting.remove(seq)
             self.gone.append(seq)
@@ -310,7 +204,7 @@ class Sampler:
         """The step's (R, W, 6) grid (columns: id, pos, doc, block, branch, slot): the next token of every live
         stream of every running row at the row's next slots; free rows and short rows padded.
         -> grid, the (row, stream) requests whose logits draw a token, their (row, column) cells, the slots filled."""
-        items = [(seq, to_feed(seq)) for seq in self.running if not seq.finish]
+        items = [(seq, seq.to_feed()) for seq in self.running if not seq.finish]
         W = max((len(x) for _, x in items), default=1)
         Wg = self.fast.width(W) if self.fast is not None else None     # static width of the fast path
         W, S = Wg or W, self.cache.capacity
@@ -339,14 +233,7 @@ class Sampler:
         W = grid.shape[1]
         draw = in_step_draw([seq.p for seq in self.running if not seq.finish], self.steer)
         if fast is not None and draw is not None and fast.can_draw(W):    # the step draws the tokens itself
-            u = None                                                     # greedy needs no uniforms
-            if draw[0] > 0:
-                u = torch.zeros(grid.shape[:2])
-                for (seq, st), (r, j) in zip(requests, cells):
-                    u[r, j] = torch.rand(1, generator=st.gen).item()
-            toks, lps = fast(grid, limit, u, draw).tolist()              # one copy back
-            at = [r * W + j for r, j in cells]
-            return [int(toks[c]) for c in at], [lps[c] for c in at]
+            return fast.draw(grid, limit, requests, cells, draw)
         if fast is not None:
             h = fast(grid, limit)                                        # (R, W, hidden)
         else:
@@ -358,7 +245,7 @@ class Sampler:
         rr, jj = (torch.tensor(x, device=dev) for x in zip(*cells))       # logits only where a token is drawn
         return self.sample(requests, F.linear(h[rr, jj], self.model.output_weight))
 
-    # ---- postprocess: the draw and the engine's rules -------------------------------------------
+    # ---- the draw --------------------------------------------------------------------------------
     def sample(self, requests, logits):
         """Draw one token for each (row, stream) request from its logits (N, V), with its row's params.
         The log-prob recorded is the model's own (before steering and penalty), by logprob_of as in
@@ -389,107 +276,7 @@ class Sampler:
         """Hand each drawn token to its stream (a row that ended on an earlier token of this step takes no more)."""
         for (seq, st), t, lp in zip(requests, toks, lps):
             if seq.finish is None:
-                self.on_token(seq, st, t, lp)
-
-    def finish(self, seq, reason):
-        if seq.finish is None:
-            seq.finish, seq.t_end = reason, time.perf_counter()
-
-    def force(self, st, ids):
-        for t in ids:
-            st.push(t, self.tok.decode_piece(t))
-
-    def fork(self, seq, numbers):
-        """Open one branch per numbered plan, all at the position after the trunk's last token."""
-        p = seq.p
-        headers = [self.tok.encode(npr.STEP_HEADER.format(n=n)) for n in numbers]
-        longest = max(len(h) for h in headers)
-        need_total = sum(len(h) for h in headers) + len(numbers) * p.fork_min_tokens
-        if seq.total + need_total > p.max_total_tokens or seq.crit + longest + p.fork_min_tokens > p.max_new_tokens:
-            seq.unforked = True                                     # too close to a budget: stay serial
-            return
-        if not seq.trunk.text[-1:].isspace():   # the separator before the first step is the trunk's,
-            self.force(seq.trunk, self.newline)  # as in training text ("</guideline>\n<step>")
-        seq.forks.append(len(numbers))
-        seq.trunk.closed = True                                     # suspended until the join
-        seq.fork = [Stream(seq.blocks, i, branch_generator(seq.seed, seq.blocks, i), seq.positions)
-                    for i in range(1, len(numbers) + 1)]
-        for st, header in zip(seq.fork, headers):
-            self.force(st, header)
-        seq.streams += seq.fork
-        seq.live += seq.fork
-        count(seq)
-
-    def join(self, seq):
-        """All branches closed: the takeaway opens in the trunk at 1 + the largest branch position."""
-        trunk = Stream(seq.blocks, 0, seq.gen, seq.positions)
-        trunk.text = seq.trunk.text                                 # tag state continues from the old trunk
-        self.force(trunk, self.tok.encode(npr.TAKEAWAY_HEADER))
-        seq.trunk = trunk
-        seq.streams.append(trunk)                                   # after the branches' pending tokens
-        seq.live.append(trunk)
-        count(seq)
-
-    def on_token(self, seq, st, tok, logp):
-        """Record a sampled token and apply the engine's rules to it."""
-        p = seq.p
-        start = st.push(tok, self.tok.decode_piece(tok), True, logp)
-        count(seq)
-        if tok in self.stop_ids:
-            return self.finish(seq, "malformed: eos inside a step" if st.branch else "eos")
-        if p.mode == "parallel":
-            for tag, at in npr.new_tags(st.text, start):
-                if st.branch:
-                    self.on_branch_tag(seq, st, tag)
-                else:
-                    self.on_trunk_tag(seq, st, tag, at)
-                if seq.finish or st.closed:
-                    break
-        if seq.finish is None and (seq.total >= p.max_total_tokens or seq.crit >= p.max_new_tokens):
-            self.finish(seq, "budget")
-
-    def on_trunk_tag(self, seq, st, tag, at):
-        if tag == "<guideline>":
-            if seq.guide_start is not None:
-                return self.finish(seq, "malformed: guideline nested in a guideline")
-            seq.blocks += 1
-            st.block = st.tokens[-1].block = seq.blocks
-            seq.guide_start, seq.unforked = at, False
-        elif tag == "</guideline>":
-            if seq.guide_start is None:
-                return self.finish(seq, "malformed: </guideline> without <guideline>")
-            numbers = npr.plan_numbers(st.text[seq.guide_start:at])
-            seq.guide_start = None
-            if not numbers:
-                return self.finish(seq, "malformed: guideline with 0 numbered plans")
-            if len(numbers) > seq.p.max_branches:
-                return self.finish(seq, f"malformed: {len(numbers)} plans > cap {seq.p.max_branches}")
-            self.fork(seq, numbers)
-        elif tag == "<step>" and not seq.unforked:
-            return self.finish(seq, "malformed: <step> outside a fork")
-        elif tag == "</takeaway>":
-            st.block = 0
-
-    def on_branch_tag(self, seq, st, tag):
-        if tag == "</step>":
-            st.closed = True
-            if not st.text[-1:].isspace():       # keep one trailing separator, owned by the branch
-                self.force(st, self.newline)
-            if all(s.closed for s in seq.fork):
-                self.join(seq)
-        else:
-            self.finish(seq, f"malformed: {tag} inside a step")
-
-    def to_sample(self, seq):
-        toks = [t for st in seq.streams for t in st.tokens]
-        col = lambda name: [getattr(t, name) for t in toks]
-        s = Sample(prompt_ids=seq.prompt, ids=col("id"), sampled=col("sampled"), logprobs=col("logprob"),
-                   block=col("block"), branch=col("branch"), pos=col("pos"), finish_reason=seq.finish)
-        s.text = self.tok.decode(s.ids[:-1] if seq.finish == "eos" else s.ids)   # without the stop token
-        s.stats = dict(mode=seq.p.mode, total_tokens=len(toks), critical_path_tokens=seq.crit, forks=len(seq.forks),
-                       branches_per_fork=list(seq.forks),
-                       time_s=(seq.t_end - seq.t_start) if seq.t_start is not None else 0.0)
-        return s
+                seq.on_token(st, t, lp, t in self.stop_ids)
 
     # ---- callers: a batch of requests in, samples out --------------------------------------------
     def generate(self, prompts, n=1, params=None, steer=None, progress=False, seeds=None, on_sample=None):
@@ -508,14 +295,12 @@ class Sampler:
         plist = params if isinstance(params, (list, tuple)) else [params or SamplingParams()] * len(prompts)
         if len(plist) != len(prompts):
             raise ValueError(f"{len(plist)} SamplingParams for {len(prompts)} prompts")
-        row_p = [resolved(p) for p in plist for _ in range(n)]
+        row_p = [resolved(p) for p in plist for _ in range(n)]   # checked before anything runs
         seeds = seeds if seeds is not None else [p.seed * 1000003 + i for i, p in enumerate(row_p)]
         if len(seeds) != len(row_p):
             raise ValueError(f"{len(seeds)} seeds for {len(row_p)} rows")
         assert not self.running and not self.waiting, "the engine is busy (serve.py drives it by step())"
-        seqs = [Seq(prompts[i // n], p, sd, i) for i, (p, sd) in enumerate(zip(row_p, seeds))]
-        if any(not seq.prompt for seq in seqs):
-            raise ValueError("every prompt needs at least one token")
+        seqs = [Seq(prompts[i // n], p, sd, i, self.tok) for i, (p, sd) in enumerate(zip(row_p, seeds))]
         self.waiting.extend(seqs)
         kept_rows = self.max_rows                      # this call's row cap only
         self.max_rows, self.steer = min(batch_rows or len(seqs), len(seqs)), steer
@@ -525,7 +310,7 @@ class Sampler:
         try:
             while self.waiting or self.running:
                 for seq in self.step():
-                    out[seq.index] = self.to_sample(seq)
+                    out[seq.index] = seq.to_sample()
                     if on_sample is not None:
                         on_sample(seq.index // n, seq.index % n, out[seq.index])
                     bar.update()
@@ -538,71 +323,6 @@ class Sampler:
                 self.free += [seq.row for seq in self.running]
                 self.running = []
         return [out[i * n:(i + 1) * n] for i in range(len(prompts))], time.perf_counter() - t0
-
-
-def to_feed(seq):
-    """The (Token, Stream) pairs of a row to write this step, in slot order: the next pending token of
-    each stream. Slot order stays causal across a fork and a join: the streams go in groups (trunk,
-    the branches of a fork, the trunk after the join) and a group waits while an earlier one still
-    has tokens left after this step."""
-    out, left, kind = [], False, None
-    for st in seq.live:
-        if not st.feed:
-            continue
-        if (st.branch > 0) != kind:             # a new group: it waits for the earlier ones
-            if left:
-                break
-            kind = st.branch > 0
-        out.append((st.feed[0], st))
-        left = left or len(st.feed) > 1
-    return out
-
-
-def count(seq):
-    """Token totals: all tokens, and the critical path (each fork counts its longest branch)."""
-    total = crit = longest = 0
-    for st in seq.streams:
-        total += len(st.tokens)
-        if st.branch:
-            longest = max(longest, len(st.tokens))
-        else:
-            crit, longest = crit + longest + len(st.tokens), 0
-    seq.total, seq.crit = total, crit + longest
-
-
-def resolved(p):
-    """Checked params with the all-branch cap filled in: max_new_tokens under budget "total";
-    under "critical" max_total_tokens, 0 = max_branches x max_new_tokens."""
-    if p.mode not in ("serial", "parallel"):
-        raise ValueError(f"mode must be 'serial' or 'parallel', not {p.mode!r}")
-    if p.budget not in ("total", "critical"):
-        raise ValueError(f"budget must be 'total' or 'critical', not {p.budget!r}")
-    if p.budget == "total":
-        total = p.max_new_tokens
-    else:
-        total = p.max_total_tokens or p.max_new_tokens * (p.max_branches if p.mode == "parallel" else 1)
-    return SamplingParams(**{**p.__dict__, "max_total_tokens": total})
-
-
-def in_step_draw(plist, steer):
-    """(temperature, top_p, top_k) when every row samples alike and nothing edits the logits (no
-    steering, no repetition penalty): the fast path then draws inside its step; else None."""
-    if steer is not None or any(p.repetition_penalty != 1.0 for p in plist):
-        return None
-    kinds = {(0.0, 1.0, 0) if p.temperature <= 0 else (float(p.temperature), float(p.top_p), int(p.top_k))
-             for p in plist}
-    return kinds.pop() if len(kinds) == 1 else None
-
-
-def row_generator(seed):
-    """A row's own CPU torch.Generator (seeds of any size are folded into 64 bits)."""
-    return torch.Generator().manual_seed(seed % 2 ** 64)
-
-
-def branch_generator(seed, block, branch):
-    """Branch `branch` of block `block` of the row seeded `seed` draws from its own generator, so
-    its tokens do not depend on the steps at which it and its siblings are scheduled."""
-    return row_generator(seed * 0x9E3779B97F4A7C15 + block * 1000003 + branch)
 
 
 def pick(logits, temperature, top_p, top_k, u):
@@ -646,19 +366,3 @@ def logprob_of(logits, tok):
     mx = x.amax(-1).amax(-1)                                            # (N,)
     lse = mx + (x - mx[:, None, None]).exp().sum(-1).sum(-1).log()
     return logits.gather(1, tok[:, None]).squeeze(1) - lse
-
-
-@torch.no_grad()
-def generate_naive(model, prompt, max_new_tokens, stop_ids, temperature=0.0, top_p=1.0, top_k=0, seed=0):
-    """The test oracle: serial decoding without a cache, one full forward per token. -> (ids, logprobs)"""
-    dev = model.output_weight.device
-    gen = row_generator(seed * 1000003)                   # row 0's stream in generate()
-    ids, lps = list(prompt), []
-    for _ in range(max_new_tokens):
-        logits = model(torch.tensor([ids], device=dev))[:, -1].float()
-        t = pick(logits, temperature, top_p, top_k, torch.rand(1, generator=gen).to(dev))
-        lps.append(torch.log_softmax(logits, -1)[0, t].item())
-        ids.append(t.item())
-        if ids[-1] in stop_ids:
-            break
-    return ids[len(prompt):], lps

@@ -92,7 +92,7 @@ import torch
 
 import npr
 from cli import instruction_for, load_for_sampling, parse_cli, print_config
-from sampler import Sampler, SamplingParams, Seq
+from sampler import Sampler, SamplingParams
 
 DEFAULT_MODELS = ("out/grpo", "out/sft", "out/base")  # the built-in default's stages, newest first
 FINISH = {"eos": "stop", "budget": "length", "cancelled": "cancelled"}   # malformed -> "stop"
@@ -362,7 +362,7 @@ class Engine:
                 self.waiting.popleft()
                 if job.cancelled:
                     continue
-                job.seqs = [s.add(Seq(job.prompt, job.params, job.seed * 1000003 + i)) for i in range(job.n)]
+                job.seqs = [s.add(job.prompt, job.params, job.seed * 1000003 + i) for i in range(job.n)]
                 job.sent = [[] for _ in range(job.n)]
                 self.jobs.append(job)
                 self.counts["rows"] += job.n
@@ -409,7 +409,7 @@ class Engine:
                     job.sent[i] = None                   # reported
                     job.events.put(("finish", i, seq.finish))
         if all(seq.finish for seq in job.seqs):
-            job.events.put(("done", [self.sampler.to_sample(seq) for seq in job.seqs]))
+            job.events.put(("done", [seq.to_sample() for seq in job.seqs]))
 
     def close(self):
         with self.cond:

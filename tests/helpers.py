@@ -22,9 +22,9 @@ WRONG = GOOD.replace("\\boxed{26}", "\\boxed{27}")
 
 
 def sample(text, finish="eos", total=10, crit=None, forks=(2,), t=0.1, mode="parallel"):
-    """A sampler.Sample with what the stage scripts read: its text, why it ended and its stats
+    """A request.Sample with what the stage scripts read: its text, why it ended and its stats
     (total and critical-path tokens, branches of each fork, seconds, decoding mode)."""
-    from sampler import Sample
+    from request import Sample
     return Sample(prompt_ids=[1], ids=[1], finish_reason=finish, text=text,
                   stats=dict(mode=mode, total_tokens=total, critical_path_tokens=total if crit is None else crit,
                              forks=len(forks), branches_per_fork=list(forks), time_s=t))
@@ -189,6 +189,24 @@ class Script:
                 logits[i] = float("-inf")
                 logits[i, script[done]] = 0.0
         return logits
+
+
+@torch.no_grad()
+def generate_naive(model, prompt, max_new_tokens, stop_ids, temperature=0.0, top_p=1.0, top_k=0, seed=0):
+    """The test oracle: serial decoding without a cache, one full forward per token. -> (ids, logprobs)"""
+    from request import row_generator
+    from sampler import pick
+    dev = model.output_weight.device
+    gen = row_generator(seed * 1000003)                   # row 0's stream in generate()
+    ids, lps = list(prompt), []
+    for _ in range(max_new_tokens):
+        logits = model(torch.tensor([ids], device=dev))[:, -1].float()
+        t = pick(logits, temperature, top_p, top_k, torch.rand(1, generator=gen).to(dev))
+        lps.append(torch.log_softmax(logits, -1)[0, t].item())
+        ids.append(t.item())
+        if ids[-1] in stop_ids:
+            break
+    return ids[len(prompt):], lps
 
 
 def ids_of(tok, *parts):

@@ -125,7 +125,7 @@ def sampler_run(sampler, mode, prompts, p):
 
 
 def test_in_step_draw_only_when_nothing_edits_the_logits():
-    from sampler import in_step_draw
+    from decode_graph import in_step_draw
     p = SamplingParams(temperature=0.7, top_p=0.9)
     assert in_step_draw([p, p], None) == (0.7, 0.9, 0)
     assert in_step_draw([SamplingParams(temperature=0), SamplingParams(temperature=0, top_p=0.5)], None) == (0.0, 1.0, 0)
@@ -197,7 +197,7 @@ def test_rows_bounded_by_the_kv_budget(ck, mode):
     """A row holds its request's worst case (budget "critical": up to max_branches x max_new_tokens
     in all), so no row outgrows its room and nothing grows; the KV-cache budget (Sampler.cache_gb)
     bounds the rows: with room for two rows the three requests run two at a time, with the same samples."""
-    from sampler import Seq, resolved
+    from request import Seq, resolved
     model, tok = ck
     prompts, _ = workload(tok)
     trunks = {0: block_script(tok, ["1", "2"]), 1: block_script(tok, ["1", "2", "3", "4", "5"])}

@@ -4,8 +4,9 @@ import pytest
 import torch
 
 import npr
-from helpers import Script, block_script, chat, check_exact, ids_of, make_checkpoint, step_script, teacher_forced
-from sampler import Sampler, SamplingParams, generate_naive, pick
+from helpers import (Script, block_script, chat, check_exact, generate_naive, ids_of, make_checkpoint, step_script,
+                     teacher_forced)
+from sampler import Sampler, SamplingParams, pick
 
 
 def show(s, tok):
@@ -204,7 +205,8 @@ def test_head_logprobs_match_the_trainer_on_a_real_vocabulary():
     matmul shapes), not from the head."""
     import torch.nn.functional as F
     from model import chunked_logprobs
-    from sampler import Seq, logprob_of, resolved
+    from request import Seq, resolved
+    from sampler import logprob_of
     g = torch.Generator().manual_seed(0)
     V, d, N = 151936, 16, 64
     h = F.normalize(torch.randn(N, d, generator=g), dim=-1) * d ** 0.5        # an RMS-normed hidden state
@@ -353,15 +355,15 @@ def test_continuous_batching_equals_one_at_a_time(ck, mode, step):
 def test_engine_steps_stream_samples_and_cancel_frees_the_row(ck):
     """The engine driven by step(): requests join while others run; a cancelled request ends at the
     next step and its row goes to the next waiting request; on_sample sees each sample as it ends."""
-    from sampler import Seq, resolved
+    from request import resolved
     model, tok = ck
     sampler = Sampler(model, tok)
     sampler.stop_ids, sampler.max_rows = set(), 2
     p = SamplingParams(mode="serial", temperature=0, max_new_tokens=50)
-    a, b = sampler.add(Seq(chat(tok, "a"), p, 1)), sampler.add(Seq(chat(tok, "b"), p, 2))
+    a, b = sampler.add(chat(tok, "a"), p, 1), sampler.add(chat(tok, "b"), p, 2)
     for _ in range(3):
         assert sampler.step() == []
-    c = sampler.add(Seq(chat(tok, "c"), p, 3))                  # no row free: it waits
+    c = sampler.add(chat(tok, "c"), p, 3)                  # no row free: it waits
     assert sampler.step() == [] and c.row is None and len(a.trunk.tokens) == 5
     sampler.cancel(b)
     row = b.row
@@ -370,7 +372,7 @@ def test_engine_steps_stream_samples_and_cancel_frees_the_row(ck):
     done = []
     while sampler.running:
         done += sampler.step()
-    assert done == [a, c] and sampler.to_sample(c).ids == Sampler(model, tok).generate(
+    assert done == [a, c] and c.to_sample().ids == Sampler(model, tok).generate(
         [chat(tok, "c")], params=p, seeds=[3])[0][0].ids[:len(c.trunk.tokens)]
     order = []
     out = sampler.generate([chat(tok, "x"), chat(tok, "y")], params=[resolved(p), SamplingParams(

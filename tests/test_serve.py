@@ -28,7 +28,7 @@ from contextlib import contextmanager
 import pytest
 
 from helpers import make_checkpoint
-from sampler import Token
+from request import Token
 from serve import ChoiceStream, Config, Engine, api_key, default_model, make_server
 
 ARTIFACTS = os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))), "test-artifacts")
