@@ -24,27 +24,19 @@ The task: "Compute 23*4 + 17*6 + 48*9." -> 626 (by default 3 terms, a of 2 digit
       92+102=194+432=626.
       </takeaway>
       \\boxed{626}
-Why this shape:
-- Worked products with 2-digit first factors: a step has to carry enough work to be worth decoding
-  beside its siblings (a bare "23*4=92" is shorter than the guideline and takeaway around it), and
-  the worked form gives the tiny model a chain of thought for each product.
-- " #1:92": all branches start at the same position, so the takeaway can tell the steps' results
-  apart only by their content; each step names its result (`--label-share 0` leaves the names out).
-- The serial-writer variant (a share of the tagged solutions): step i >= 2 also adds its product to
-  the running sum ("2: 17*6=...=102 #2:102. 92+102=194"), as a model that writes the steps one
-  after another does. Decoded in parallel, a step cannot see the one before it, so the base model
-  is poor in parallel mode; self-distillation and parallel SFT are what repair it (the point of the
-  demo; `distill.py --reject-sibling-results` keeps no serial-writer sample).
 Training mix: prompts with the short INSTRUCTION get tagged solutions, plain prompts serial ones.
+A share of the tagged solutions is in the serial-writer variant: step i >= 2 also adds its product
+to the running sum ("2: 17*6=...=102 #2:102. 92+102=194"), as a model writing the steps in turn
+does. Decoded in parallel a step cannot see the one before it, so the base model is poor in parallel
+mode; self-distillation and parallel SFT repair that (`distill.py --reject-sibling-results` keeps no
+serial-writer sample).
 
 Deliberate deviations from a real instruct model:
 - Tokenizer: one token per character (printable ASCII and "\\n"; encode drops any other character),
-  <|endoftext|> <|im_start|> <|im_end|> as special tokens, and `\\boxed{` and the 8 NPR tags as ONE
-  ordinary (non-special) token each, which keeps sequences short enough for a CPU. sft.py's tag
-  adding finds the tags present and leaves their trained embedding rows alone.
-- The instruction is a few words, not npr.INSTRUCTION (per character that would be a 1.5k-token prompt).
-- Training length is a step count, not a time budget: the same amount of training whatever the
-  machine or its load.
+  ChatML specials, and `\\boxed{` and the 8 NPR tags as ONE ordinary token each: sequences short
+  enough for a CPU (sft.py finds the tags present and leaves their trained embedding rows alone).
+- The instruction is a few words, not npr.INSTRUCTION (per character that is a 1.5k-token prompt).
+- Training length is a step count, not a time budget: the same training on any machine.
 """
 import json
 import math
@@ -52,6 +44,7 @@ import os
 import random
 import time
 from dataclasses import asdict, dataclass
+from itertools import accumulate
 
 import torch
 from tqdm import tqdm
@@ -137,7 +130,8 @@ def task_kwargs(cfg):
 
 def worked(a, b):
     """One product written out by place value: 23*4=20*4+3*4=80+12=92 (a one-part a: 40*4=160, 8*9=72).
-    A step's whole work: it needs only its own term, so the steps of a fork are independent."""
+    A step's whole work: it needs only its own term, so the steps of a fork are independent, and it is
+    long enough to be worth decoding beside its siblings (a bare 23*4=92 is shorter than the tags)."""
     parts = [int(d) * 10 ** e for e, d in enumerate(reversed(str(a))) if d != "0"][::-1]
     if len(parts) == 1:
         return f"{a}*{b}={a * b}"
@@ -147,11 +141,7 @@ def worked(a, b):
 
 def chain(prods):
     """The left-to-right additions as one chain: 92+102=194+72=266"""
-    out, run = str(prods[0]), prods[0]
-    for p in prods[1:]:
-        run += p
-        out += f"+{p}={run}"
-    return out
+    return str(prods[0]) + "".join(f"+{p}={s}" for p, s in zip(prods[1:], list(accumulate(prods))[1:]))
 
 
 def serial_solution(terms):
@@ -162,15 +152,12 @@ def serial_solution(terms):
 
 
 def tagged_solution(terms, serial_writer=False, labels=True):
-    """The NPR format (NPR.md section 2), one plan and one step per product; each step works its
-    product out, the takeaway adds the products up.
-    serial_writer: step i >= 2 also adds its product to the running sum of the steps before it, and
-    the takeaway restates the last addition (what a model writing the steps in turn produces).
-    labels: step i ends by naming its result (" #2:102"): a nearby, distinct mark for every digit of
-    it, since the takeaway finds a step's result by content alone. The name avoids "=", which the
-    solutions use only for "work it out"."""
+    """The NPR format (NPR.md section 2): one plan and one step per product, the takeaway adds up.
+    serial_writer: step i >= 2 also adds its product to the running sum, and the takeaway restates
+    the last addition. labels: step i ends by naming its result (" #2:102"): all branches start at
+    the same position, so the takeaway tells their results apart by content alone ("#", not "=")."""
     prods = [a * b for a, b in terms]
-    running = [sum(prods[:i]) for i in range(1, len(prods) + 1)]      # the sum after each step
+    running = list(accumulate(prods))                                  # the sum after each step
     plans = "".join(f"<plan>{i}: {a}*{b}</plan>\n" for i, (a, b) in enumerate(terms, 1))
     steps = []
     for i, (a, b) in enumerate(terms, 1):
@@ -192,17 +179,14 @@ def serial_writer_step(step):
 def write_data(out_dir, n_train, n_test, seed=0, **task):
     """train.jsonl / test.jsonl with {"question", "answer"}; test questions never appear in train.
     The same (n_test, seed, task) always gives the same test set; train is drawn after it."""
-    rng = random.Random(seed)
-    splits = {}
-    seen = set()
+    rng, seen, splits = random.Random(seed), set(), {}
     for name, n in (("test", n_test), ("train", n_train)):
-        rows = []
+        rows = splits[name] = []
         while len(rows) < n:
             p = make_problem(rng, **task)
             if p["question"] not in seen:  # unique within a split, disjoint across them
                 seen.add(p["question"])
                 rows.append({"question": p["question"], "answer": p["answer"]})
-        splits[name] = rows
     os.makedirs(out_dir, exist_ok=True)
     for name, rows in splits.items():
         atomic_write(os.path.join(out_dir, f"{name}.jsonl"), (json.dumps(r) + "\n" for r in rows))
@@ -255,24 +239,18 @@ def prompt_ids(tok, question, tagged=True):
     return tok.encode(tok.render_chat([{"role": "user", "content": content}], enable_thinking=False))
 
 
-def example(tok, question, solution, tagged):
-    """(ids, n_prompt): the sequence trained on is prompt + solution + <|im_end|>; the loss covers
-    the ids from n_prompt on."""
-    p = prompt_ids(tok, question, tagged)
-    return p + tok.encode(solution) + [tok.im_end_id], len(p)
-
-
 def sample_example(rng, tok, cfg, exclude=()):
-    """A fresh training example from the mix (a problem not in `exclude`)."""
+    """A fresh training example from the mix (a problem not in `exclude`): (ids, n_prompt), the ids
+    prompt + solution + <|im_end|>, the loss on those from n_prompt on."""
     while True:
         prob = make_problem(rng, **task_kwargs(cfg))
         if prob["question"] not in exclude:
             break
-    if rng.random() < cfg.tagged_share:
-        sol = tagged_solution(prob["terms"], serial_writer=rng.random() < cfg.serial_writer_share,
-                              labels=rng.random() < cfg.label_share)
-        return example(tok, prob["question"], sol, True)
-    return example(tok, prob["question"], serial_solution(prob["terms"]), False)
+    tagged = rng.random() < cfg.tagged_share
+    sol = (tagged_solution(prob["terms"], serial_writer=rng.random() < cfg.serial_writer_share,
+                           labels=rng.random() < cfg.label_share) if tagged else serial_solution(prob["terms"]))
+    p = prompt_ids(tok, prob["question"], tagged)
+    return p + tok.encode(sol) + [tok.im_end_id], len(p)
 
 
 def collate(examples, pad_id):
@@ -296,22 +274,24 @@ def lr_at(cfg, step):
 # -----------------------------------------------------------------------------
 # Quick evaluation
 
-def evaluate(model, tok, problems, mode="serial", tagged=True, batch_size=100, max_new_tokens=256):
-    """Greedy decoding of problems ({"question", "answer"}) -> accuracy, format-valid share (score 0),
-    share of outputs that carry a running sum inside a step (serial-writer), mean response tokens."""
-    sampler = Sampler(model, tok)
-    params = SamplingParams(mode=mode, temperature=0.0, max_new_tokens=max_new_tokens)
-    prompts = [prompt_ids(tok, p["question"], tagged) for p in problems]
-    got = [s for (s,) in sampler.generate_many(prompts, 1, params, batch_size)[0]]   # continuous batching
+def evaluate(model, tok, problems, mode, cfg):
+    """Greedy decoding of problems ({"question", "answer"}) with the INSTRUCTION prompt -> (metrics,
+    texts): accuracy, format-valid share (score 0), share with a running sum inside a step (serial-
+    writer), share ended by <|im_end|>, mean response tokens, wall time."""
+    t0 = time.perf_counter()
+    params = SamplingParams(mode=mode, temperature=0.0, max_new_tokens=cfg.eval_max_new_tokens)
+    prompts = [prompt_ids(tok, p["question"]) for p in problems]
+    got = [s for (s,) in Sampler(model, tok).generate_many(prompts, 1, params, cfg.eval_batch)[0]]
     texts = [tok.decode([t for t in s.ids if t not in tok.stop_ids]) for s in got]
-    reasons, ntok = [s.finish_reason for s in got], [s.stats["total_tokens"] for s in got]
     n = max(1, len(problems))
-    parsed = [npr.parse(t) for t in texts]
-    return dict(mode=mode, tagged=tagged, n=len(problems),
+    return dict(mode=mode, tagged=True, n=len(problems),
                 acc=sum(npr.grade(t, p["answer"]) for t, p in zip(texts, problems)) / n,
                 format_ok=sum(npr.format_score(t)[0] == 0.0 for t in texts) / n,
-                serial_writer=sum(any(serial_writer_step(s) for b in q.blocks for s in b.steps) for q in parsed) / n,
-                eos=sum(r == "eos" for r in reasons) / n, mean_tokens=sum(ntok) / n), texts
+                serial_writer=sum(any(serial_writer_step(s) for b in npr.parse(t).blocks for s in b.steps)
+                                  for t in texts) / n,
+                eos=sum(s.finish_reason == "eos" for s in got) / n,
+                mean_tokens=sum(s.stats["total_tokens"] for s in got) / n,
+                time_s=round(time.perf_counter() - t0, 1)), texts
 
 
 # -----------------------------------------------------------------------------
@@ -333,10 +313,9 @@ def main(cfg: Config):
     init_weights(model)
     model.train()
     print(f"vocab {tok.vocab_size} | params {model.num_params() / 1e6:.2f}M")
-    decay = [p for p in model.parameters() if p.dim() >= 2]  # no weight decay on norm weights
-    keep = [p for p in model.parameters() if p.dim() < 2]
-    opt = torch.optim.AdamW([{"params": decay, "weight_decay": cfg.weight_decay},
-                             {"params": keep, "weight_decay": 0.0}], lr=cfg.lr, betas=(cfg.beta1, cfg.beta2))
+    groups = [{"params": [p for p in model.parameters() if p.dim() >= 2], "weight_decay": cfg.weight_decay},
+              {"params": [p for p in model.parameters() if p.dim() < 2], "weight_decay": 0.0}]  # none on norms
+    opt = torch.optim.AdamW(groups, lr=cfg.lr, betas=(cfg.beta1, cfg.beta2))
 
     print("== train ==")
     queue, tokens, metrics, t_train = [], 0, [], 0.0
@@ -375,21 +354,16 @@ def main(cfg: Config):
     model.eval()
     model.save_pretrained(cfg.out_dir)
     tok.save_pretrained(cfg.out_dir)
-    with open(os.path.join(cfg.out_dir, INSTRUCTION_FILE), "w") as f:   # later stages prompt with it
-        f.write(INSTRUCTION + "\n")
-    with open(os.path.join(cfg.out_dir, "train_config.json"), "w") as f:
-        json.dump(asdict(cfg), f, indent=2)
+    atomic_write(os.path.join(cfg.out_dir, INSTRUCTION_FILE), INSTRUCTION + "\n")   # later stages prompt with it
+    atomic_write(os.path.join(cfg.out_dir, "train_config.json"), json.dumps(asdict(cfg), indent=2))
     metrics_path = os.path.join(cfg.out_dir, "metrics.jsonl")
     atomic_write(metrics_path, (json.dumps(m) + "\n" for m in metrics))
     print(f"checkpoint -> {cfg.out_dir}")
 
     print("== quick eval (greedy) ==")
-    probs = test[:cfg.eval_n]
-    results = []
+    probs, results = test[:cfg.eval_n], []
     for mode in ("serial", "parallel"):
-        t1 = time.perf_counter()
-        r, texts = evaluate(model, tok, probs, mode, True, cfg.eval_batch, cfg.eval_max_new_tokens)
-        r["time_s"] = round(time.perf_counter() - t1, 1)
+        r, texts = evaluate(model, tok, probs, mode, cfg)
         results.append(r)
         print(" | ".join(f"{k} {v:.3f}" if isinstance(v, float) else f"{k} {v}" for k, v in r.items()))
         if texts:
