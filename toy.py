@@ -362,12 +362,11 @@ def main(cfg: Config):
 
     print("== quick eval (greedy) ==")
     probs, results = test[:cfg.eval_n], []
-    for mode in ("serial", "parallel"):
+    for mode in ("serial", "parallel") if probs else ():   # --eval-n 0: none
         r, texts = evaluate(model, tok, probs, mode, cfg)
         results.append(r)
         print(" | ".join(f"{k} {v:.3f}" if isinstance(v, float) else f"{k} {v}" for k, v in r.items()))
-        if texts:
-            print(f"  e.g. {probs[0]['question']} ->\n" + "\n".join("    " + ln for ln in texts[0].splitlines()))
+        print(f"  e.g. {probs[0]['question']} ->\n" + "\n".join("    " + ln for ln in texts[0].splitlines()))
     with open(metrics_path, "a") as f:
         f.writelines(json.dumps({"eval": r, "step": len(metrics)}) + "\n" for r in results)
     return dict(steps=len(metrics), train_s=t_train, final_loss=final_loss, eval=results)

@@ -239,9 +239,12 @@ def test_main_smoke(smoke):
 
 
 def test_main_is_reproducible(smoke, tmp_path):
-    """The same config gives the same data and bit for bit the same weights (every draw is seeded)."""
+    """The same config gives the same data and bit for bit the same weights (every draw is seeded),
+    with or without the quick evaluation (--eval-n 0 skips it)."""
     _, root = smoke
-    toy.main(toy.Config(out_dir=str(tmp_path / "base"), data_dir=str(tmp_path / "data"), **SMOKE))
+    out = toy.main(toy.Config(out_dir=str(tmp_path / "base"), data_dir=str(tmp_path / "data"),
+                              **{**SMOKE, "eval_n": 0}))
+    assert out["eval"] == []
     for f in ("base/model.safetensors", "base/tokenizer.json", "data/train.jsonl", "data/test.jsonl"):
         assert (tmp_path / f).read_bytes() == (root / f).read_bytes(), f
 
