@@ -10,11 +10,6 @@ from sampler import Sampler, SamplingParams
 cuda = pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA")
 
 
-@pytest.fixture(scope="module", params=[False, True], ids=["tags-as-text", "tags-special"])
-def ck(request, tmp_path_factory):
-    return make_checkpoint(tmp_path_factory.mktemp("ck"), tags_special=request.param)
-
-
 def run(model, tok, mode, prompts, params, steer=None, seeds=None, sampler=None):
     sampler = sampler or Sampler(model, tok)
     sampler.step_mode = mode
