@@ -22,7 +22,7 @@ from tqdm import tqdm
 from decode_graph import StaticStep, in_step_draw
 from model import Qwen
 from parallel_attention import Layout
-from request import Sample, SamplingParams, Seq, resolved  # noqa: F401  (Sample, SamplingParams: the API)
+from request import SamplingParams, Seq, resolved
 from tokenizer import Tokenizer
 
 
