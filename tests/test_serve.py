@@ -24,6 +24,7 @@ import urllib.error
 import urllib.parse
 import urllib.request
 from contextlib import contextmanager
+from html.parser import HTMLParser
 
 import pytest
 
@@ -601,13 +602,106 @@ def test_default_model_is_the_newest_stage(tmp_path, monkeypatch):
     assert default_model() == "out/sft"
 
 
+VOID = {"area", "base", "br", "col", "embed", "hr", "img", "input", "link", "meta", "source", "track", "wbr"}
+URL_ATTRS = {"src", "srcset", "href", "action", "formaction", "poster", "data", "background", "xlink:href"}
+
+
+class PageParser(HTMLParser):
+    """The page's tags -> `problems` (what keeps it from being one self-contained, well-formed file),
+    the text of its <script>s and the CSS of its <style>s and style attributes."""
+
+    def __init__(self):
+        super().__init__(convert_charrefs=True)
+        self.problems, self.scripts, self.css, self.open, self.doctype = [], [], [], [], False
+
+    def handle_decl(self, decl):
+        self.doctype |= decl.lower() == "doctype html"
+
+    def handle_starttag(self, tag, attrs):
+        where = f"line {self.getpos()[0]}: <{tag}>"
+        for name, value in attrs:
+            if name in URL_ATTRS and not (value or "").startswith(("#", "data:")):
+                self.problems.append(f"{where} loads {name}={value!r}")
+            if name == "style":
+                self.css.append(value or "")
+        if tag == "link":
+            self.problems.append(f"{where}: no <link>, the page inlines what it needs")
+        if tag in ("script", "style"):
+            (self.scripts if tag == "script" else self.css).append("")
+        if tag not in VOID:
+            self.open.append((tag, where))
+
+    def handle_startendtag(self, tag, attrs):
+        self.handle_starttag(tag, attrs)
+        if tag not in VOID:
+            self.open.pop()
+
+    def handle_endtag(self, tag):
+        if not self.open or self.open[-1][0] != tag:
+            opened = self.open[-1][1] if self.open else "nothing"
+            self.problems.append(f"line {self.getpos()[0]}: </{tag}> closes {opened}")
+        else:
+            self.open.pop()
+
+    def handle_data(self, data):
+        if self.open and self.open[-1][0] in ("script", "style"):
+            (self.scripts if self.open[-1][0] == "script" else self.css)[-1] += data
+
+
+FETCH = re.compile(r"""fetch\(\s*(["'])(/[^"'`$]*)\1\s*(?:,\s*\{[^}]*?\bmethod\s*:\s*["'](\w+)["'])?""")
+
+
+def page_problems(page, url):
+    """Everything that keeps `page` from working offline against the server at `url`: a list of messages."""
+    p = PageParser()
+    p.feed(page)
+    p.close()
+    problems = p.problems + [f"{where} is never closed" for _, where in p.open]
+    problems += [] if p.doctype else ["no <!doctype html>"]
+    problems += [] if p.scripts and all(s.strip() for s in p.scripts) else ["a <script> without inline code"]
+    for css in p.css:
+        problems += [f"CSS loads {m!r}" for m in re.findall(r"@import[^;]*|url\(\s*(?![\"']?data:)[^)]*\)", css)]
+    js = "\n".join(p.scripts)
+    problems += [f"script names an absolute URL: {m!r}" for m in re.findall(r"""["'`]\s*(?:https?:)?//[^"'`]*""", js)]
+    problems += [f"script loads through {m}: only fetch() with a literal path is checked"
+                 for m in re.findall(r"XMLHttpRequest|EventSource|WebSocket|sendBeacon|importScripts|\bimport\(|"
+                                     r"new Worker", js)]
+    calls = [(m[2].upper() or "GET", m[1]) for m in FETCH.findall(js)]
+    if len(calls) != js.count("fetch("):
+        problems.append("a fetch() whose first argument is not a literal path")
+    for method, path in calls:   # each answered by this server (the page's chat request shape, 1 token)
+        data = json.dumps({"messages": USER, "max_tokens": 1}).encode() if method == "POST" else None
+        req = urllib.request.Request(url + path, data=data, method=method, headers={"Content-Type": "application/json"})
+        try:
+            status = urllib.request.urlopen(req, timeout=60).status
+        except urllib.error.HTTPError as e:
+            status = e.code
+        if status in (404, 405):
+            problems.append(f"the page's {method} {path} gets {status} from the server")
+    return problems, calls
+
+
 def test_page_is_one_self_contained_file(server):
+    """The page parses, loads nothing from outside (inline <script>/<style>, no <link>, no external URL
+    in attributes, CSS or script) and every path its script fetches is one the server answers."""
     url, _ = server
     with urllib.request.urlopen(url + "/?prompt=x&autorun=1", timeout=10) as r:
         assert r.headers["Content-Type"].startswith("text/html")
         page = r.read().decode()
-    assert "<script>" in page and "<style>" in page and "/v1/chat/completions" in page
-    assert not re.search(r"""(src|href)\s*=\s*["']?(https?:)?//|@import|<link""", page), "the page must work offline"
+    problems, calls = page_problems(page, url)
+    assert problems == [] and ("POST", "/v1/chat/completions") in calls, problems
+    # the checks catch a broken page: each of these edits of the real page is reported
+    breaks = [("<script>", '<script src="https://cdn.example.com/x.js"></script><script>'),
+              ("</head>", '<link rel="stylesheet" href="https://cdn.example.com/x.css"></head>'),
+              ("<style>", '<style>@import "https://cdn.example.com/x.css";'),
+              ("<style>", "<style>body { background: url(https://cdn.example.com/b.png); }"),
+              ('fetch("/v1/chat/completions"', 'fetch("/v1/completion"'),
+              ('fetch("/v1/chat/completions"', 'fetch("https://api.example.com/v1/chat/completions"'),
+              ('fetch("/v1/chat/completions"', 'fetch(location.origin + "/v1/chat/completions"'),
+              ("</form>", "")]
+    for old, new in breaks:
+        assert old in page, old
+        assert page_problems(page.replace(old, new, 1), url)[0], new
 
 
 # -----------------------------------------------------------------------------
