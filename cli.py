@@ -1,7 +1,8 @@
 """
 Shared plumbing of the stage scripts (distill, sft, grpo, eval, serve): dataclass -> command-line
-flags, reading problem files, JSON-lines logs, checkpoints in the HF layout, torch.distributed setup.
-Nothing here knows about the method; the method lives in npr.py and the scripts.
+flags, reading problem files, JSON-lines logs, checkpoints in the HF layout, the start of a training
+run, grpo's rollout copy of the weights, torch.distributed. Nothing here knows about the method; the
+method lives in npr.py and the scripts.
 """
 import argparse
 import dataclasses
@@ -367,19 +368,58 @@ def load_for_sampling(path, device, dtype="", bf16=True):
     return model, tok
 
 
-def load_for_training(cfg, device):
-    """The model and tokenizer a training stage (sft, grpo) starts from: its resume point
-    cfg.out_dir/last when one exists (and cfg.resume), else cfg.model; weights in cfg.dtype.
-    -> (model, tokenizer, last_dir, resuming)"""
+def start_training(cfg):
+    """What a training stage (sft, grpo) does first: torch.distributed (under torchrun), CPU threads,
+    the seed, the resolved config printed (rank 0), then the model and tokenizer, from the resume point
+    cfg.out_dir/last when one exists (and cfg.resume), else from cfg.model; weights in cfg.dtype.
+    -> (rank, world, device, model, tokenizer, resuming)"""
     from model import DTYPES, Qwen, check_vocab
     from tokenizer import Tokenizer
+    rank, world, _, dev = init_distributed()
+    if cfg.threads:
+        torch.set_num_threads(cfg.threads)
+    torch.manual_seed(cfg.seed)
+    if rank == 0:
+        print_config(cfg)
     last_dir = os.path.join(cfg.out_dir, "last")
     resuming = cfg.resume and os.path.isfile(os.path.join(last_dir, "train_state.pt"))
     src = last_dir if resuming else cfg.model
-    model, tok = Qwen.from_pretrained(src, device=device, dtype=DTYPES[cfg.dtype]), Tokenizer.from_pretrained(src)
+    model, tok = Qwen.from_pretrained(src, device=dev, dtype=DTYPES[cfg.dtype]), Tokenizer.from_pretrained(src)
     check_vocab(model, tok, src)
     model.attn_impl, model.gradient_checkpointing = cfg.attn_impl, cfg.grad_checkpointing
-    return model, tok, last_dir, resuming
+    return rank, world, dev, model, tok, resuming
+
+
+def resume_training(opt, cfg, resuming, rank, world, device):
+    """-> (the step to continue from, the run's JsonlLog out_dir/metrics.jsonl). Resuming: this rank's
+    optimizer state restored from out_dir/last; either way the records past that step are dropped
+    (they are about to be redone)."""
+    step = load_resume_point(opt, os.path.join(cfg.out_dir, "last"), rank, world, device) if resuming else 0
+    metrics = JsonlLog(os.path.join(cfg.out_dir, "metrics.jsonl"))
+    if rank == 0:
+        metrics.truncate_after(step)
+    return step, metrics
+
+
+def rollout_model(model, cfg, dev, world):
+    """-> (the model grpo's rollouts decode with, whether under bf16 autocast). CUDA --bf16 --rollout-copy:
+    a bf16 copy for the CUDA graphs (log-probs then differ by bf16 rounding: --ratio importance is
+    close, not exact); FSDP2: a full copy of the weights, made before they are sharded; elsewhere the
+    model itself."""
+    import copy
+    to_bf16 = cfg.rollout_copy and cfg.bf16 and torch.device(dev).type == "cuda"
+    if not (to_bf16 or (world > 1 and cfg.fsdp)):
+        return model, cfg.bf16
+    copy_ = copy.deepcopy(model).eval().requires_grad_(False)
+    return (copy_.to(torch.bfloat16) if to_bf16 else copy_), cfg.bf16 and not to_bf16
+
+
+@torch.no_grad()
+def sync_rollout_model(roll_model, model):
+    """Copy the trained weights into the rollout copy (FSDP2: each shard gathered; every rank takes part)."""
+    if roll_model is not model:
+        for a, b in zip(roll_model.parameters(), model.parameters()):
+            a.copy_(b.full_tensor() if hasattr(b, "full_tensor") else b)
 
 
 # -----------------------------------------------------------------------------
@@ -407,6 +447,24 @@ def accumulating(train_model, last):
     if last or not isinstance(train_model, DistributedDataParallel):
         return contextlib.nullcontext()
     return train_model.no_sync()
+
+
+def all_reduce(x, world, op="sum"):
+    """The tensor x summed (op "max": maximised) over the ranks, in place."""
+    if world > 1:
+        import torch.distributed as dist
+        dist.all_reduce(x, op=dist.ReduceOp.MAX if op == "max" else dist.ReduceOp.SUM)
+    return x
+
+
+def all_gather(obj, world):
+    """Every rank's `obj` (any picklable value), in rank order."""
+    if world == 1:
+        return [obj]
+    import torch.distributed as dist
+    out = [None] * world
+    dist.all_gather_object(out, obj)
+    return out
 
 
 def autocast(device, bf16):

@@ -12,11 +12,10 @@ advantages and the loss are written out below (reward_of, advantages, policy_los
 train on the exact sampled ids with the sampler's layout; forced tokens get no loss unless
 --train-forced. --ratio importance: the later mini-batches of a rollout batch use the true ratio
 exp(logp - logp_sampler) with the clip (exact where the sampler's log-probs are the trainer's: see
-rollout_model); --ratio onpolicy (PAPO) sets it to 1. --repetition-penalty is off by default (NPR.md
+cli.rollout_model); --ratio onpolicy (PAPO) sets it to 1. --repetition-penalty is off by default (NPR.md
 section 5): on the built-in task a branch must repeat its answer's digits.
 Logs one line per step, JSON lines in out_dir/metrics.jsonl, periodic eval, resumable checkpoints.
 """
-import copy
 import math
 import os
 import random
@@ -24,12 +23,11 @@ import time
 from dataclasses import dataclass
 
 import torch
-import torch.distributed as dist
 from tqdm import tqdm
 
 import npr
-from cli import (JsonlLog, accumulating, autocast, chat_prompt, init_distributed, instruction_for, load_for_training,
-                 load_resume_point, parse_cli, print_config, read_problems, save_final, save_resume_point,
+from cli import (accumulating, all_gather, all_reduce, autocast, chat_prompt, instruction_for, parse_cli, read_problems,
+                 resume_training, rollout_model, save_final, save_resume_point, start_training, sync_rollout_model,
                  wrap_distributed)
 from parallel_attention import Layout
 from sampler import Sampler, SamplingParams
@@ -177,6 +175,9 @@ def rollout(sampler, tok, problems, cfg, step, instruction, rank, world):
     per_rank = cfg.prompts_per_step // world
     groups, dropped, seen, wall, rounds = [], {}, [], 0.0, 0
     need = per_rank
+    params = SamplingParams(mode=cfg.mode, temperature=cfg.temperature, top_p=cfg.top_p,
+                            max_new_tokens=cfg.max_new_tokens, max_branches=cfg.max_branches,
+                            repetition_penalty=cfg.repetition_penalty, seed=cfg.seed)
     while need > 0 and rounds < (cfg.max_sampling_rounds if cfg.mode == "serial" and cfg.dynamic_sampling else 1):
         # round 0: the same prompts on every rank, split by rank, each row's stream named by (step,
         # slot, sample): rollouts do not depend on the rank count. Later rounds draw per rank.
@@ -185,9 +186,6 @@ def rollout(sampler, tok, problems, cfg, step, instruction, rank, world):
         slots = list(range(n_draw))[rank::world] if rounds == 0 else list(range(n_draw))
         allpicks = [rng.randrange(len(problems)) for _ in range(n_draw)]
         picks = [allpicks[g] for g in slots]
-        params = SamplingParams(mode=cfg.mode, temperature=cfg.temperature, top_p=cfg.top_p,
-                                max_new_tokens=cfg.max_new_tokens, max_branches=cfg.max_branches,
-                                repetition_penalty=cfg.repetition_penalty, seed=cfg.seed)
         seeds = [(((cfg.seed * 1_000_003 + step) * 1009 + rounds) * 100_003 + (g if rounds == 0 else rank * n_draw + g))
                  * 1024 + j for g in slots for j in range(cfg.group_size)]
         prompts = [chat_prompt(tok, problems[i]["question"], instruction) for i in picks]
@@ -217,13 +215,6 @@ def rollout(sampler, tok, problems, cfg, step, instruction, rank, world):
 
 # -----------------------------------------------------------------------------
 # The update, the step's log, evaluation
-
-def all_reduce(x, world, op="sum"):
-    """The tensor x summed (op "max": maximised) over the ranks, in place."""
-    if world > 1:
-        dist.all_reduce(x, op=dist.ReduceOp.MAX if op == "max" else dist.ReduceOp.SUM)
-    return x
-
 
 def update(train_model, model, opt, items, cfg, world, dev):
     """Optimizer steps of seqs_per_update sequences (global) in micro-batches.
@@ -265,31 +256,27 @@ def update(train_model, model, opt, items, cfg, world, dev):
 
 
 def log_step(step, seen, rewards, dropped, n_items, trained, roll_wall, t_train, world, dev):
-    """The step's record, over every rank's rollouts: sums gathered, then the means."""
-    m = npr.sample_metrics(seen, roll_wall) if seen else {}
-    n = len(seen)
+    """The step's record over every rank's rollouts: sums and counts added over the ranks, then the means."""
+    losses, gnorms, ents, n_train_tok = trained
+    m, n = (npr.sample_metrics(seen, roll_wall) if seen else {}), len(seen)
     forks = [b for s, _ in seen for b in s.stats["branches_per_fork"]]
     flat = [r for g in rewards for r in g]
-    losses, gnorms, ents, n_train_tok = trained
     sums = dict(samples=n, accuracy=m.get("accuracy", 0) * n, format_valid=m.get("format_valid", 0) * n,
                 trigger_rate=m.get("trigger_rate", 0) * n, tokens=m.get("mean_tokens", 0) * n,
                 critical_tokens=m.get("mean_critical_tokens", 0) * n, branches=sum(forks), forks=len(forks),
                 reward=sum(flat), rewards=len(flat), trained_seqs=n_items, loss=sum(losses), roll_wall=roll_wall,
                 entropy=sum(ents), entropies=len(ents))
-    drops = [dropped]
     if world > 1:
         t = all_reduce(torch.tensor(list(sums.values()), dtype=torch.float64, device=dev), world)
         sums = dict(zip(sums, t.tolist()))
-        drops = [None] * world
-        dist.all_gather_object(drops, dropped)
-    n = max(sums["samples"], 1)
-    return dict(step=step, reward=sums["reward"] / max(sums["rewards"], 1), accuracy=sums["accuracy"] / n,
-                format_valid=sums["format_valid"] / n, trigger_rate=sums["trigger_rate"] / n,
-                branches_per_fork=sums["branches"] / max(sums["forks"], 1), trained_seqs=int(sums["trained_seqs"]),
+    drops = all_gather(dropped, world)
+    mean = lambda k, count="samples": sums[k] / max(sums[count], 1)
+    return dict(step=step, reward=mean("reward", "rewards"), accuracy=mean("accuracy"),
+                format_valid=mean("format_valid"), trigger_rate=mean("trigger_rate"),
+                branches_per_fork=mean("branches", "forks"), trained_seqs=int(sums["trained_seqs"]),
                 dropped={k: sum(d.get(k, 0) for d in drops) for d in drops for k in d},
-                response_tokens=sums["tokens"] / n, critical_tokens=sums["critical_tokens"] / n,
-                entropy=sums["entropy"] / max(sums["entropies"], 1), loss=float(sums["loss"]),
-                grad_norm=max(gnorms) if gnorms else 0.0,
+                response_tokens=mean("tokens"), critical_tokens=mean("critical_tokens"),
+                entropy=mean("entropy", "entropies"), loss=float(sums["loss"]), grad_norm=max(gnorms, default=0.0),
                 rollout_tok_s=sums["tokens"] / max(sums["roll_wall"] / world, 1e-9),
                 train_tok_s=n_train_tok * world / max(t_train, 1e-9))
 
@@ -304,39 +291,14 @@ def evaluate(sampler, tok, problems, instruction, cfg, dev, bf16_autocast):
     return npr.sample_metrics([(ss[0], p["answer"]) for p, ss in zip(problems, got)], wall)
 
 
-def rollout_model(model, cfg, dev, world):
-    """-> (the model the rollouts decode with, whether under bf16 autocast). CUDA --bf16 --rollout-copy:
-    a bf16 copy for the CUDA graphs (log-probs then differ by bf16 rounding: --ratio importance is
-    close, not exact); FSDP2: a full copy of the sharded weights; elsewhere the model itself."""
-    to_bf16 = cfg.rollout_copy and cfg.bf16 and torch.device(dev).type == "cuda"
-    if not (to_bf16 or (world > 1 and cfg.fsdp)):
-        return model, cfg.bf16
-    copy_ = copy.deepcopy(model).eval().requires_grad_(False)
-    return (copy_.to(torch.bfloat16) if to_bf16 else copy_), cfg.bf16 and not to_bf16
-
-
-@torch.no_grad()
-def sync_rollout_model(roll_model, model):
-    """Copy the trained weights into the rollout copy (FSDP2: each shard gathered; every rank takes part)."""
-    if roll_model is not model:
-        for a, b in zip(roll_model.parameters(), model.parameters()):
-            a.copy_(b.full_tensor() if hasattr(b, "full_tensor") else b)
-
-
 # -----------------------------------------------------------------------------
 
 def main(cfg: Config):
-    rank, world, _, dev = init_distributed()
-    if cfg.threads:
-        torch.set_num_threads(cfg.threads)
     if cfg.mode not in ("serial", "parallel"):
         raise ValueError(f"--mode must be serial or parallel, not {cfg.mode!r}")
+    rank, world, dev, model, tok, resuming = start_training(cfg)
     if cfg.prompts_per_step % world:
         raise ValueError(f"--prompts-per-step {cfg.prompts_per_step} must be divisible by the {world} ranks")
-    torch.manual_seed(cfg.seed)
-    if rank == 0:
-        print_config(cfg)
-    model, tok, last_dir, resuming = load_for_training(cfg, dev)
     roll_model, roll_autocast = rollout_model(model, cfg, dev, world)   # before FSDP2 shards the model
     sampler = Sampler(roll_model, tok)
     instruction = instruction_for(cfg.model, cfg.instruction)
@@ -344,10 +306,7 @@ def main(cfg: Config):
     eval_problems = read_problems(cfg.eval_data)[:cfg.eval_problems] if cfg.eval_every else []
     train_model = wrap_distributed(model, world, cfg.fsdp)
     opt = torch.optim.AdamW(model.parameters(), lr=cfg.lr, betas=(0.9, 0.999), weight_decay=cfg.weight_decay)
-    step = load_resume_point(opt, last_dir, rank, world, dev) if resuming else 0
-    metrics = JsonlLog(os.path.join(cfg.out_dir, "metrics.jsonl"))
-    if rank == 0:
-        metrics.truncate_after(step)          # records past the resumed step are about to be redone
+    step, metrics = resume_training(opt, cfg, resuming, rank, world, dev)
 
     def maybe_evaluate(at_step):
         if eval_problems and rank == 0 and cfg.eval_every and at_step % cfg.eval_every == 0:
@@ -369,10 +328,8 @@ def main(cfg: Config):
         sampler.release()                     # the fast path's KV cache and graphs: not kept through training
         rewards = [[r for _, r in g] for g in groups]
         batch = [r for g in rewards for r in g]
-        if world > 1 and cfg.mode == "parallel":   # the batch std spans every rank's rollouts
-            allr = [None] * world
-            dist.all_gather_object(allr, batch)
-            batch = [r for rr in allr for r in rr]
+        if cfg.mode == "parallel":            # the batch std spans every rank's rollouts
+            batch = [r for rank_batch in all_gather(batch, world) for r in rank_batch]
         adv = advantages(rewards, cfg.mode, batch) if rewards else []
         items = [(s, a) for g, ag in zip(groups, adv) for (s, _), a in zip(g, ag)]
         random.Random(step).shuffle(items)
@@ -392,7 +349,7 @@ def main(cfg: Config):
             metrics.log(**rec)
         maybe_evaluate(step)
         if cfg.save_every and step % cfg.save_every == 0 and step < cfg.steps:
-            save_resume_point(model, tok, opt, last_dir, cfg, cfg.model, step, rank, world)
+            save_resume_point(model, tok, opt, os.path.join(cfg.out_dir, "last"), cfg, cfg.model, step, rank, world)
     bar.close()
     save_final(model, tok, cfg.out_dir, cfg, cfg.model, rank, world)
     return model

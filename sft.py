@@ -20,13 +20,11 @@ import time
 from dataclasses import dataclass
 
 import torch
-import torch.distributed as dist
 from tqdm import tqdm
 
 import npr
-from cli import (JsonlLog, accumulating, autocast, init_distributed, instruction_for, load_for_training,
-                 load_resume_point, parse_cli, print_config, read_problems, save_final, save_resume_point,
-                 wrap_distributed)
+from cli import (accumulating, all_reduce, autocast, instruction_for, parse_cli, read_problems, resume_training,
+                 save_final, save_resume_point, start_training, wrap_distributed)
 from model import add_tag_tokens
 from parallel_attention import Layout
 
@@ -120,17 +118,10 @@ def lr_at(step, total, cfg):
 # -----------------------------------------------------------------------------
 
 def main(cfg: Config):
-    rank, world, _, dev = init_distributed()
-    if cfg.threads:
-        torch.set_num_threads(cfg.threads)
-    torch.manual_seed(cfg.seed)
+    rank, world, dev, model, tok, resuming = start_training(cfg)
     log = print if rank == 0 else (lambda *a, **k: None)
-    if rank == 0:
-        print_config(cfg)
-
-    log("== load model and add the tag tokens ==")
-    model, tok, last_dir, resuming = load_for_training(cfg, dev)
-    if not resuming:
+    if not resuming:                          # a resume point has the tag tokens already
+        log("== add the tag tokens ==")
         add_tag_tokens(model, tok, npr.TAG_NAMES)
     n_params = model.num_params()
 
@@ -159,10 +150,7 @@ def main(cfg: Config):
     opt = torch.optim.AdamW([{"params": decay, "weight_decay": cfg.weight_decay},
                              {"params": no_decay, "weight_decay": 0.0}],
                             lr=cfg.lr, betas=(cfg.beta1, cfg.beta2), foreach=dev.type == "cuda")
-    step = load_resume_point(opt, last_dir, rank, world, dev) if resuming else 0
-    metrics = JsonlLog(os.path.join(cfg.out_dir, "metrics.jsonl"))
-    if rank == 0:
-        metrics.truncate_after(step)          # records past the resumed step are about to be redone
+    step, metrics = resume_training(opt, cfg, resuming, rank, world, dev)
 
     log("== train ==")
     order = []
@@ -179,23 +167,19 @@ def main(cfg: Config):
         n_tok = torch.tensor(float(sum(sum(e["loss"]) for e in batch)), device=dev)   # global loss tokens
         for g in opt.param_groups:
             g["lr"] = lr_at(step, total_steps, cfg)
-        n_rows = torch.tensor(len(rows), device=dev)
-        if world > 1:
-            dist.all_reduce(n_rows, op=dist.ReduceOp.MAX)  # every rank runs as many micro-batches
+        n_rows = int(all_reduce(torch.tensor(len(rows), device=dev), world, "max"))   # the same on every rank
         loss_sum = 0.0
-        for i in range(int(n_rows)):
+        for i in range(n_rows):
             # a rank with fewer rows runs an empty one (no loss tokens): the collectives stay in step
             r = rows[i] if i < len(rows) else to_row([dict(ids=[0], loss=[0], pos=[0], block=[0], branch=[0])])
-            with accumulating(train_model, i == int(n_rows) - 1), autocast(dev, cfg.bf16):
+            with accumulating(train_model, i == n_rows - 1), autocast(dev, cfg.bf16):
                 lp = train_model(r["ids"].to(dev), r["pos"].to(dev), r["layout"].to(dev), targets=r["targets"].to(dev))
                 # token mean over the global batch; DDP/FSDP average gradients over ranks, so x world
                 loss = -lp.sum() * world / n_tok
                 loss.backward()
             loss_sum += loss.item() / world
         if world > 1:
-            t = torch.tensor(loss_sum, device=dev)
-            dist.all_reduce(t)
-            loss_sum = t.item()
+            loss_sum = all_reduce(torch.tensor(loss_sum, device=dev), world).item()
         gnorm = torch.nn.utils.clip_grad_norm_(model.parameters(), cfg.grad_clip).item()
         opt.step()
         opt.zero_grad(set_to_none=True)
@@ -210,7 +194,7 @@ def main(cfg: Config):
         if rank == 0:
             metrics.log(**rec)
         if cfg.save_every and step % cfg.save_every == 0 and step < total_steps:
-            save_resume_point(model, tok, opt, last_dir, cfg, cfg.model, step, rank, world)
+            save_resume_point(model, tok, opt, os.path.join(cfg.out_dir, "last"), cfg, cfg.model, step, rank, world)
     bar.close()
     save_final(model, tok, cfg.out_dir, cfg, cfg.model, rank, world)
     return model
