@@ -412,9 +412,12 @@ class Engine:
             job.events.put(("done", [seq.to_sample() for seq in job.seqs]))
 
     def close(self):
+        """Stop the engine after its current step (a step still running when Python exits aborts it)."""
         with self.cond:
             self.closed = True
             self.cond.notify_all()
+        if threading.current_thread() is not self.worker:
+            self.worker.join()
 
     def health(self):
         with self.cond:

@@ -28,9 +28,9 @@ from html.parser import HTMLParser
 
 import pytest
 
-from helpers import make_checkpoint
-from request import Token
-from serve import ChoiceStream, Config, Engine, api_key, default_model, make_server
+from helpers import chat, make_checkpoint
+from request import SamplingParams, Token
+from serve import ChoiceStream, Config, Engine, Job, api_key, default_model, make_server
 
 ARTIFACTS = os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))), "test-artifacts")
 USER = [{"role": "user", "content": "Compute 2*3 + 4*5."}]
@@ -346,6 +346,21 @@ def test_server_keeps_serving_after_bad_input(server):
     status, r, _ = call(url, body={"messages": USER, "max_tokens": 50})
     assert status == 200 and r["choices"][0]["message"]["content"]
     assert call(url, "/health")[1]["errors"] == 0 and engine.worker.is_alive()
+
+
+def test_close_waits_for_the_step_in_flight(ck):
+    """close() returns once the engine's thread has stopped: a step left running when Python exits
+    aborts the process ("terminate called without an active exception")."""
+    model, tok = ck
+    engine = Engine(model, tok, Config(max_tokens_limit=2000), steer=Shape(tok, end=False, delay=0.05))
+    job = Job(chat(tok), 1, SamplingParams(max_new_tokens=2000), 1, stream=False)
+    engine.submit(job)
+    t0 = time.time()
+    while engine.counts["steps"] < 3:
+        assert time.time() - t0 < 10, engine.health()
+        time.sleep(0.01)
+    engine.close()
+    assert not engine.worker.is_alive()
 
 
 def test_full_queue_answers_503(ck):
