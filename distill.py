@@ -15,6 +15,7 @@ Output: SFT-ready JSONL (index, question, answer, prompt, trajectory, tries, for
 after a kill skips every finished problem: nothing written is lost. Data: JSONL / JSON with
 --question-field / --answer-field, or the ORZ-math collection's layout as it comes.
 """
+import itertools
 import json
 import os
 import re
@@ -101,8 +102,9 @@ def distill_chunk(sampler, tok, items, cfg, instruction, seed):
     prompts = {i: chat_prompt(tok, p["question"], instruction) for i, p in items}
     probs = dict(items)
     tries, reasons, kept = Counter(), {i: Counter() for i, _ in items}, {}
-    rnd = 0
-    while True:
+    params = SamplingParams(mode=cfg.mode, temperature=cfg.temperature, top_p=cfg.top_p,
+                            max_new_tokens=cfg.max_new_tokens)
+    for rnd in itertools.count():
         todo = [i for i, _ in items if i not in kept and tries[i] < cfg.max_tries]
         if not todo:
             break
@@ -111,8 +113,6 @@ def distill_chunk(sampler, tok, items, cfg, instruction, seed):
         per_call = max(1, cfg.batch_size // n)
         seeds = [(seed * 1000 + rnd * 100 + c) * 1000003 + j for c in range(0, len(todo), per_call)
                  for j in range(len(todo[c:c + per_call]) * n)]
-        params = SamplingParams(mode=cfg.mode, temperature=cfg.temperature, top_p=cfg.top_p,
-                                max_new_tokens=cfg.max_new_tokens)
         out, _ = sampler.generate_many([prompts[i] for i in todo], n, params, cfg.batch_size, seeds=seeds)
         for i, samples in zip(todo, out):
             for s in samples:
@@ -124,7 +124,6 @@ def distill_chunk(sampler, tok, items, cfg, instruction, seed):
                     kept[i] = s
                 else:
                     reasons[i][why] += 1
-        rnd += 1
     accepted, state = [], []
     for i, p in items:
         s = kept.get(i)
@@ -136,13 +135,29 @@ def distill_chunk(sampler, tok, items, cfg, instruction, seed):
     return accepted, state
 
 
+def summarize(done, out_path, wall_s):
+    """Problems tried, accepted, mean tries, rejection reasons (counted over all rejected tries)."""
+    acc = [r for r in done.values() if r["accepted"]]
+    reasons = Counter()
+    for r in done.values():
+        reasons.update(r["reasons"])
+    # dedupe the output file (a kill between the two appends may repeat a chunk); the rewrite is
+    # atomic: a kill or a full disk in the middle must not empty a file the state calls done
+    rows = {}
+    if os.path.isfile(out_path):
+        for x in read_jsonl(out_path):
+            rows.setdefault(x["index"], json.dumps(x) + "\n")
+        atomic_write(out_path, rows.values())
+    return dict(problems=len(done), accepted=len(acc), acceptance=len(acc) / max(len(done), 1),
+                mean_tries_accepted=sum(r["tries"] for r in acc) / max(len(acc), 1),
+                rejected_tries=dict(reasons.most_common()), trajectories=len(rows), wall_s=round(wall_s, 1))
+
+
 def main(cfg: Config):
     rank, world, _, dev = init_distributed()
     if rank == 0:
         print_config(cfg)
-    problems = read_problems(cfg.data, cfg.question_field, cfg.answer_field)
-    if cfg.n_problems:
-        problems = problems[:cfg.n_problems]
+    problems = read_problems(cfg.data, cfg.question_field, cfg.answer_field)[:cfg.n_problems or None]
     model, tok = load_for_sampling(cfg.model, dev, cfg.dtype, cfg.bf16)
     sampler = Sampler(model, tok)
     instruction = instruction_for(cfg.model, cfg.instruction)
@@ -154,8 +169,6 @@ def main(cfg: Config):
     print(f"rank {rank}: {len(problems)} problems, {len(done)} done before, {len(mine)} to go", flush=True)
 
     bar = tqdm(total=len(mine), desc="distill", unit="problem", disable=rank != 0)
-    n_acc = sum(r["accepted"] for r in done.values())
-    n_seen = len(done)
     t0 = time.perf_counter()
     for c in range(0, len(mine), cfg.chunk):
         items = mine[c:c + cfg.chunk]
@@ -164,12 +177,9 @@ def main(cfg: Config):
         # removed when reading), never skips it
         append_lines(shard, [json.dumps(r) for r in accepted])
         append_lines(state_path, [json.dumps(r) for r in state])
-        for r in state:
-            done[r["index"]] = r
-        n_acc += len(accepted)
-        n_seen += len(items)
+        done.update((r["index"], r) for r in state)
         bar.update(len(items))
-        bar.set_postfix(accept=f"{n_acc / max(n_seen, 1):.1%}")
+        bar.set_postfix(accept=f"{sum(r['accepted'] for r in done.values()) / len(done):.1%}")
     bar.close()
 
     if world > 1:
@@ -189,24 +199,6 @@ def main(cfg: Config):
         atomic_write(os.path.splitext(cfg.out)[0] + ".summary.json", json.dumps(summary, indent=2))
     if world > 1:
         dist.destroy_process_group()
-
-
-def summarize(done, out_path, wall_s):
-    """Problems tried, accepted, mean tries, rejection reasons (counted over all rejected tries)."""
-    acc = [r for r in done.values() if r["accepted"]]
-    reasons = Counter()
-    for r in done.values():
-        reasons.update(r["reasons"])
-    # dedupe the output file (a kill between the two appends may repeat a chunk); the rewrite is
-    # atomic: a kill or a full disk in the middle must not empty a file the state calls done
-    rows = {}
-    if os.path.isfile(out_path):
-        for x in read_jsonl(out_path):
-            rows.setdefault(x["index"], json.dumps(x) + "\n")
-        atomic_write(out_path, rows.values())
-    return dict(problems=len(done), accepted=len(acc), acceptance=len(acc) / max(len(done), 1),
-                mean_tries_accepted=sum(r["tries"] for r in acc) / max(len(acc), 1),
-                rejected_tries=dict(reasons.most_common()), trajectories=len(rows), wall_s=round(wall_s, 1))
 
 
 if __name__ == "__main__":

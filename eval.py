@@ -99,9 +99,7 @@ def main(cfg: Config):
     print_config(cfg)
     dev = cfg.device or ("cuda" if torch.cuda.is_available() else "cpu")
     model, tok = load_for_sampling(cfg.model, dev, cfg.dtype, cfg.bf16)
-    problems = read_problems(cfg.data, cfg.question_field, cfg.answer_field)
-    if cfg.n_problems:
-        problems = problems[:cfg.n_problems]
+    problems = read_problems(cfg.data, cfg.question_field, cfg.answer_field)[:cfg.n_problems or None]
     instruction = instruction_for(cfg.model, cfg.instruction)
     sampler = Sampler(model, tok)
     report = dict(model=cfg.model, data=cfg.data, k=cfg.k, problems=len(problems))
