@@ -23,6 +23,7 @@ import time
 from collections import Counter
 from dataclasses import dataclass
 
+import torch
 import torch.distributed as dist
 from tqdm import tqdm
 
@@ -51,7 +52,7 @@ class Config:
     chunk: int = 256                        # problems per resumable unit (written when done)
     instruction: str = ""                   # "" = the checkpoint's own, else npr.INSTRUCTION
     seed: int = 0
-    device: str = ""
+    device: str = ""                        # "" = cuda when available (under torchrun: the rank's GPU)
     bf16: bool = True                       # on CUDA: bf16 weights for decoding (fp32 checkpoints of sft/grpo too)
     dtype: str = ""
 
@@ -155,6 +156,7 @@ def summarize(done, out_path, wall_s):
 
 def main(cfg: Config):
     rank, world, _, dev = init_distributed()
+    dev = torch.device(cfg.device) if cfg.device else dev
     if rank == 0:
         print_config(cfg)
     problems = read_problems(cfg.data, cfg.question_field, cfg.answer_field)[:cfg.n_problems or None]

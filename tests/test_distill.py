@@ -111,6 +111,22 @@ def test_resume_after_a_kill_loses_nothing(tmp_path, monkeypatch):
     assert summary["problems"] == 6 and summary["accepted"] == 3 and summary["rejected_tries"] == {"wrong answer": 6}
 
 
+def test_device_flag_picks_the_device(tmp_path, monkeypatch):
+    """--device is where the model goes ("" = the one init_distributed picks)."""
+    data = tmp_path / "p.jsonl"
+    data.write_text(json.dumps({"question": "Q", "answer": "1"}) + "\n")
+    seen = []
+
+    def load(path, dev, *a):
+        seen.append(str(dev))
+        raise KeyboardInterrupt                                   # stop before any decoding
+    monkeypatch.setattr(distill, "load_for_sampling", load)
+    for device in ("cuda:1", ""):
+        with pytest.raises(KeyboardInterrupt):
+            distill.main(distill.Config(data=str(data), out=str(tmp_path / "d.jsonl"), device=device))
+    assert seen == ["cuda:1", str(cli.init_distributed()[3])]
+
+
 def test_read_problems_layouts_and_errors(tmp_path):
     orz = tmp_path / "orz.json"
     orz.write_text(json.dumps([[{"from": "human", "value": "1+1?"}, {"from": "assistant", "ground_truth": {"value": 2}}]]))
