@@ -237,7 +237,8 @@ SIDE_FILES = ("tokenizer", "vocab", "merges", "special_tokens_map", "added_token
 def save_dtype(cfg, src_dir):
     """The dtype a final checkpoint is written in: cfg.save_dtype when set, else the input's
     (config.json dtype / torch_dtype): training keeps fp32 master weights, a bf16 model stays bf16."""
-    from model import DTYPES, read_config
+    from checkpoint import read_config
+    from model import DTYPES
     name = getattr(cfg, "save_dtype", "")
     if not name and src_dir and os.path.isfile(os.path.join(src_dir, "config.json")):
         d = read_config(src_dir)
@@ -358,7 +359,8 @@ def load_for_sampling(path, device, dtype="", bf16=True):
     """-> (model, tokenizer) for the scripts that only decode (distill, eval, serve). On CUDA with bf16
     and no explicit dtype the weights are loaded in bf16 (fp32 sft/grpo checkpoints too): the
     sampler's CUDA-graph fast path then applies (it does not run under autocast)."""
-    from model import Qwen, check_vocab
+    from checkpoint import check_vocab
+    from model import Qwen
     from tokenizer import Tokenizer
     dt = {"": None, "bfloat16": torch.bfloat16, "float16": torch.float16, "float32": torch.float32}[dtype]
     if dt is None and bf16 and torch.device(device).type == "cuda":
@@ -373,7 +375,8 @@ def start_training(cfg):
     the seed, the resolved config printed (rank 0), then the model and tokenizer, from the resume point
     cfg.out_dir/last when one exists (and cfg.resume), else from cfg.model; weights in cfg.dtype.
     -> (rank, world, device, model, tokenizer, resuming)"""
-    from model import DTYPES, Qwen, check_vocab
+    from checkpoint import check_vocab
+    from model import DTYPES, Qwen
     from tokenizer import Tokenizer
     rank, world, _, dev = init_distributed()
     if cfg.threads:

@@ -17,7 +17,6 @@ from dataclasses import dataclass, field
 import torch
 
 import npr
-from parallel_attention import Layout
 
 
 @dataclass
@@ -73,14 +72,6 @@ class Sample:
     finish_reason: str = ""                       # "eos" | "budget" | "malformed: <why>" | "cancelled"
     text: str = ""                                # the response text, without the final stop token
     stats: dict = field(default_factory=dict)
-
-    def full_layout(self, doc=0):
-        """ids, positions and Layout (1, P + T) of prompt + response: what the trainer feeds."""
-        P = len(self.prompt_ids)
-        ids = torch.tensor([self.prompt_ids + self.ids])
-        pos = torch.tensor([list(range(P)) + self.pos])
-        t = lambda xs: torch.tensor([[0] * P + xs], dtype=torch.int32)
-        return ids, pos, Layout(doc=torch.full_like(t(self.block), doc), block=t(self.block), branch=t(self.branch))
 
 
 class Stream:

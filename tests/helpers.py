@@ -214,9 +214,19 @@ def ids_of(tok, *parts):
     return [t for p in parts for t in tok.encode(p)]
 
 
+def full_layout(s):
+    """ids, positions and Layout (1, P + T) of a Sample's prompt + response: what the trainer feeds."""
+    from parallel_attention import Layout
+    P = len(s.prompt_ids)
+    ids = torch.tensor([s.prompt_ids + s.ids])
+    pos = torch.tensor([list(range(P)) + s.pos])
+    t = lambda xs: torch.tensor([[0] * P + xs], dtype=torch.int32)
+    return ids, pos, Layout(doc=torch.zeros_like(t(s.block)), block=t(s.block), branch=t(s.branch))
+
+
 def teacher_forced(model, s):
     """Log-prob of each response token given the tokens before it, from ONE forward with the layout."""
-    ids, pos, layout = s.full_layout()
+    ids, pos, layout = full_layout(s)
     targets = torch.cat([ids[:, 1:], torch.full((1, 1), -100)], 1)
     with torch.no_grad():
         lp = model(ids, pos, layout, targets=targets)[0]

@@ -6,7 +6,8 @@ Run: OMP_NUM_THREADS=1 .venv/bin/python -m pytest tests/test_sampler.py (~30 s).
 import pytest
 import torch
 
-from helpers import Script, block_script, chat, generate_naive, ids_of, make_checkpoint, step_script, teacher_forced
+from helpers import (Script, block_script, chat, full_layout, generate_naive, ids_of, make_checkpoint, step_script,
+                     teacher_forced)
 from sampler import Sampler, SamplingParams, pick
 
 
@@ -144,7 +145,7 @@ def test_cuda_triton_sampler_matches_teacher_forced(tmp_path):
                    {(0, 1, i): step_script(tok, i, "x" * (3 * i) + " = 1") for i in (1, 2, 3)})
     s = Sampler(model, tok).generate([chat(tok)], params=SamplingParams(), steer=steer)[0][0]
     assert s.finish_reason == "eos"
-    ids, pos, layout = s.full_layout()
+    ids, pos, layout = full_layout(s)
     targets = torch.cat([ids[:, 1:], torch.full((1, 1), -100)], 1)
     with torch.no_grad():
         lp = model(ids.cuda(), pos.cuda(), layout.to("cuda"), targets=targets.cuda())[0].cpu()
