@@ -7,9 +7,9 @@ A response is a sequence of blocks, then the answer (NPR.md section 2):
     <takeaway> combine the steps, decide what next </takeaway>   ... more blocks ... \\boxed{ANSWER}
 
 One parser (`parse`) reads the grammar; format_score (the self-distillation filter), token_layout
-(block, branch and RoPE position per token; positions by `Positions`, which the sampler also uses)
+(block, branch and RoPE position per token; positions by `Positions`, which the engine also uses)
 and engine_pieces (a response in the engine's exact bytes, SFT's input) are views of what it read.
-The sampler detects tags with `new_tags` and the fork width with `plan_numbers`. Answer grading
+The engine (request.py) detects tags with `new_tags` and the fork width with `plan_numbers`. Answer grading
 lives in grading.py (re-exported here). Standard library only.
 """
 import os
@@ -28,7 +28,7 @@ TAG_RE = re.compile("|".join(map(re.escape, TAGS)))
 HEADER_RE = re.compile(r"\s*(\d+(?:\.\d+)*)\s*:")   # the "N:" that opens a numbered plan or step
 _MAX_TAG = max(len(t) for t in TAGS)
 
-# The texts the parallel engine forces (sampler.py), defined once: SFT puts its trajectories into the
+# The texts the parallel engine forces (request.py), defined once: SFT puts its trajectories into the
 # same bytes (engine_pieces), so it teaches exactly the tokens and positions the engine produces.
 STEP_HEADER = "<step>\n{n}:"       # opens branch n (n = its plan's number)
 TAKEAWAY_HEADER = "<takeaway>\n"   # opens the trunk after the join
