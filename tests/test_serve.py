@@ -5,7 +5,8 @@ headless chromium (skipped when chromium is not installed).
 
 A random model does not write guidelines, so a steer (the sampler's logits hook) forces an NPR
 block on every row and leaves a few tokens inside each step, the takeaway and the answer to the
-model (never a tag, brace or stop token there), so rows, seeds and temperatures still matter."""
+model (never a tag, brace or stop token there), so rows, seeds and temperatures still matter.
+Run: OMP_NUM_THREADS=1 .venv/bin/python -m pytest tests/test_serve.py (~25 s)."""
 import base64
 import fcntl
 import http.client
