@@ -1,13 +1,20 @@
 """
-The Hugging Face checkpoint folder on disk, for model.py (and the loaders in cli.py): config.json,
-model.safetensors or its shards with their index, read and written so that transformers, vLLM and
-SGLang read our outputs as they read Qwen's; every error names the file and what is wrong with it.
+Checkpoints on disk, in the Hugging Face layout, so that transformers, vLLM and SGLang read our
+outputs as they read Qwen's; every error names the file and what is wrong with it.
+- The folder's files, for model.py: config.json, model.safetensors or its shards with their index.
+- A stage's checkpoints: its output (the input's dtype and every tokenizer / generation file of the
+  input carried along), resumable points that survive a kill at any moment, loading for decoding.
 """
+import dataclasses
 import json
 import os
+import shutil
 
+import torch
 from safetensors import SafetensorError, safe_open
 from safetensors.torch import save_file
+
+INSTRUCTION_FILE = "npr_instruction.txt"  # a checkpoint's own instruction (the built-in default has one)
 
 
 def read_config(path):
@@ -81,3 +88,162 @@ def check_vocab(model, tokenizer, where=""):
         raise ValueError(f"{where + ': ' if where else ''}the tokenizer has {n_ids} ids but the model only "
                          f"{model.config.vocab_size} embedding rows (config.json vocab_size): tokenizer and "
                          "weights from different checkpoints?")
+
+
+# -----------------------------------------------------------------------------
+# A stage's checkpoints
+
+# Files a checkpoint carries besides config.json and the weights (name prefixes): tokenizer and
+# generation settings that transformers, vLLM & co. read (generation_config.json holds the eos ids
+# generate() stops at and the sampling defaults; vocab.json + merges.txt the slow tokenizer).
+SIDE_FILES = ("tokenizer", "vocab", "merges", "special_tokens_map", "added_tokens", "chat_template",
+              "generation_config", INSTRUCTION_FILE)
+
+
+def save_dtype(cfg, src_dir):
+    """The dtype a final checkpoint is written in: cfg.save_dtype when set, else the input's
+    (config.json dtype / torch_dtype): training keeps fp32 master weights, a bf16 model stays bf16."""
+    from model import DTYPES
+    name = getattr(cfg, "save_dtype", "")
+    if not name and src_dir and os.path.isfile(os.path.join(src_dir, "config.json")):
+        d = read_config(src_dir)
+        name = d.get("dtype") or d.get("torch_dtype") or ""
+    if name and name not in DTYPES:
+        raise ValueError(f"unknown save dtype {name!r}: one of {', '.join(DTYPES)}")
+    return DTYPES[name] if name else None
+
+
+def save_checkpoint(model, tok, out_dir, cfg=None, src_dir=None, state_dict=None, dtype=None):
+    """HF layout (config.json, safetensors in `dtype` or as they are, tokenizer files) + the run's
+    config, into out_dir (other files there, e.g. metrics.jsonl, stay). Every tokenizer/generation
+    file of src_dir (SIDE_FILES) comes along; ours then overwrite the ones the tags change.
+    Written to a side folder first, then moved in file by file."""
+    tmp = out_dir.rstrip("/") + ".tmp"
+    shutil.rmtree(tmp, ignore_errors=True)
+    os.makedirs(tmp)
+    if src_dir and os.path.isdir(src_dir):
+        for f in os.listdir(src_dir):
+            if f.startswith(SIDE_FILES) and os.path.isfile(os.path.join(src_dir, f)):
+                shutil.copy(os.path.join(src_dir, f), tmp)
+    model.save_pretrained(tmp, state_dict=state_dict, dtype=dtype)
+    tok.save_pretrained(tmp)
+    if cfg is not None:
+        with open(os.path.join(tmp, "run_config.json"), "w") as f:
+            json.dump(dataclasses.asdict(cfg), f, indent=2)
+    os.makedirs(out_dir, exist_ok=True)
+    for f in os.listdir(out_dir):  # stale weights from an earlier save would shadow the new ones
+        if f.startswith("model") and (f.endswith(".safetensors") or f.endswith(".index.json")):
+            os.remove(os.path.join(out_dir, f))
+    for f in os.listdir(tmp):
+        os.replace(os.path.join(tmp, f), os.path.join(out_dir, f))
+    os.rmdir(tmp)
+
+
+def resume_folders(last_dir):
+    """Every folder and link of the resume point `last_dir` (a symlink to `last_dir`.<step>)."""
+    parent, base = os.path.split(os.path.abspath(last_dir))
+    if not os.path.isdir(parent):
+        return []
+    return [os.path.join(parent, f) for f in os.listdir(parent) if f == base or f.startswith(base + ".")]
+
+
+def fsync_tree(path):
+    """Flush every file of a folder (and the folder) to disk before it is renamed into place."""
+    for name in os.listdir(path):
+        fd = os.open(os.path.join(path, name), os.O_RDONLY)
+        try:
+            os.fsync(fd)
+        finally:
+            os.close(fd)
+    fd = os.open(path, os.O_RDONLY)
+    try:
+        os.fsync(fd)
+    finally:
+        os.close(fd)
+
+
+def save_resume_point(model, tok, opt, last_dir, cfg, src_dir, step, rank, world):
+    """A resumable checkpoint: weights in the training dtype (fp32 master weights resume exactly),
+    each rank's optimizer state, then train_state.pt, all in a new folder `last_dir`.<step>.partial;
+    synced to disk, renamed to `last_dir`.<step>, and only then the symlink `last_dir` is switched to
+    it (an atomic rename) and the older saves removed. A kill at any moment leaves `last_dir`
+    pointing at the last complete save (os.path.isfile(last_dir/train_state.pt) tells one exists)."""
+    import torch.distributed as dist
+    state = full_state_dict(model)
+    new = f"{last_dir}.{step}"
+    part = new + ".partial"
+    if rank == 0:
+        shutil.rmtree(part, ignore_errors=True)
+        save_checkpoint(model, tok, part, cfg, src_dir, state_dict=state)
+    if world > 1:
+        dist.barrier()
+    torch.save(opt.state_dict(), os.path.join(part, f"optimizer.rank{rank}.pt"))
+    if world > 1:
+        dist.barrier()
+    if rank == 0:
+        torch.save({"step": step, "world": world}, os.path.join(part, "train_state.pt"))
+        fsync_tree(part)
+        shutil.rmtree(new, ignore_errors=True)
+        os.replace(part, new)
+        link = last_dir + ".link"
+        if os.path.lexists(link):
+            os.remove(link)
+        os.symlink(os.path.basename(new), link)
+        if os.path.isdir(last_dir) and not os.path.islink(last_dir):
+            shutil.rmtree(last_dir)  # a plain folder (an older layout): the new save is complete
+        os.replace(link, last_dir)
+        for p in resume_folders(last_dir):
+            if p not in (os.path.abspath(last_dir), os.path.abspath(new)):
+                if p.endswith(".partial"):
+                    print(f"removed the unfinished save {p}", flush=True)
+                shutil.rmtree(p, ignore_errors=True)
+
+
+def load_resume_point(opt, last_dir, rank, world, device):
+    """Restore this rank's optimizer state from save_resume_point; -> the step to continue from."""
+    state = torch.load(os.path.join(last_dir, "train_state.pt"), weights_only=False)
+    if state["world"] != world:
+        raise ValueError(f"{last_dir} was written by {state['world']} ranks; resume with the same number")
+    opt.load_state_dict(torch.load(os.path.join(last_dir, f"optimizer.rank{rank}.pt"), map_location=device,
+                                   weights_only=False))
+    skipped = [p for p in resume_folders(last_dir) if p.endswith(".partial")]
+    print(f"resumed from {os.path.realpath(last_dir)} at step {state['step']}"
+          + (f" (ignoring the unfinished save {', '.join(skipped)})" if skipped else ""), flush=True)
+    return state["step"]
+
+
+def save_final(model, tok, out_dir, cfg, src_dir, rank, world):
+    """The final checkpoint in out_dir, in the input's dtype unless cfg.save_dtype says otherwise
+    (every rank gathers under FSDP, rank 0 writes), the resume points removed, the process group closed."""
+    import torch.distributed as dist
+    state = full_state_dict(model)
+    if rank == 0:
+        save_checkpoint(model, tok, out_dir, cfg, src_dir, state_dict=state, dtype=save_dtype(cfg, src_dir))
+        for p in resume_folders(os.path.join(out_dir, "last")):
+            if os.path.islink(p):
+                os.remove(p)
+            else:
+                shutil.rmtree(p, ignore_errors=True)
+        print(f"saved {out_dir}", flush=True)
+    if world > 1:
+        dist.barrier()
+        dist.destroy_process_group()
+
+
+def full_state_dict(model):
+    """The unsharded state dict (a collective under FSDP2: every rank must call it)."""
+    return {k: v.full_tensor() if hasattr(v, "full_tensor") else v for k, v in model.state_dict().items()}
+
+
+def load_for_sampling(path, device, dtype="", bf16=True):
+    """-> (model, tokenizer) for the scripts that only decode (distill, eval, serve). On CUDA with bf16
+    and no explicit dtype the weights are loaded in bf16 (fp32 sft/grpo checkpoints too): the
+    sampler's CUDA-graph fast path then applies (it does not run under autocast)."""
+    from model import Qwen
+    from tokenizer import Tokenizer
+    dt = {"": None, "bfloat16": torch.bfloat16, "float16": torch.float16, "float32": torch.float32}[dtype]
+    if dt is None and bf16 and torch.device(device).type == "cuda":
+        dt = torch.bfloat16
+    model, tok = Qwen.from_pretrained(path, device=device, dtype=dt), Tokenizer.from_pretrained(path)
+    check_vocab(model, tok, path)
+    return model, tok

@@ -28,8 +28,9 @@ import torch.distributed as dist
 from tqdm import tqdm
 
 import npr
-from cli import (append_lines, atomic_write, chat_prompt, init_distributed, instruction_for, load_for_sampling,
-                 parse_cli, print_config, read_jsonl, read_problems)
+from checkpoint import load_for_sampling
+from cli import (append_lines, atomic_write, chat_prompt, init_distributed, instruction_for, parse_cli, print_config,
+                 read_jsonl, read_problems)
 from sampler import Sampler, SamplingParams
 
 

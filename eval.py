@@ -36,7 +36,8 @@ from dataclasses import dataclass
 import torch
 
 import npr
-from cli import chat_prompt, instruction_for, load_for_sampling, parse_cli, print_config, read_problems
+from checkpoint import load_for_sampling
+from cli import chat_prompt, instruction_for, parse_cli, print_config, read_problems
 from sampler import Sampler, SamplingParams
 
 

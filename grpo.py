@@ -26,9 +26,9 @@ import torch
 from tqdm import tqdm
 
 import npr
+from checkpoint import save_final, save_resume_point
 from cli import (accumulating, all_gather, all_reduce, autocast, chat_prompt, instruction_for, parse_cli, read_problems,
-                 resume_training, rollout_model, save_final, save_resume_point, start_training, sync_rollout_model,
-                 wrap_distributed)
+                 resume_training, rollout_model, start_training, sync_rollout_model, wrap_distributed)
 from parallel_attention import Layout
 from sampler import Sampler, SamplingParams
 

@@ -91,7 +91,8 @@ from urllib.parse import urlsplit
 import torch
 
 import npr
-from cli import instruction_for, load_for_sampling, parse_cli, print_config
+from checkpoint import load_for_sampling
+from cli import instruction_for, parse_cli, print_config
 from sampler import Sampler, SamplingParams
 
 DEFAULT_MODELS = ("out/grpo", "out/sft", "out/base")  # the built-in default's stages, newest first

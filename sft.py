@@ -23,8 +23,9 @@ import torch
 from tqdm import tqdm
 
 import npr
+from checkpoint import save_final, save_resume_point
 from cli import (accumulating, all_reduce, autocast, instruction_for, parse_cli, read_problems, resume_training,
-                 save_final, save_resume_point, start_training, wrap_distributed)
+                 start_training, wrap_distributed)
 from model import add_tag_tokens
 from parallel_attention import Layout
 

@@ -50,7 +50,8 @@ import torch
 from tqdm import tqdm
 
 import npr
-from cli import INSTRUCTION_FILE, atomic_write, parse_cli, print_config
+from checkpoint import INSTRUCTION_FILE
+from cli import atomic_write, parse_cli, print_config
 from model import Qwen, QwenConfig
 from sampler import Sampler, SamplingParams
 from tokenizer import Tokenizer

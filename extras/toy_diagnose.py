@@ -17,7 +17,8 @@ sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__)))) 
 import torch
 
 import npr
-from cli import chat_prompt, instruction_for, load_for_sampling, parse_cli, read_problems
+from checkpoint import load_for_sampling
+from cli import chat_prompt, instruction_for, parse_cli, read_problems
 from sampler import Sampler, SamplingParams
 
 KINDS = ("right", "step", "copy", "add")
