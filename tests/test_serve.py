@@ -107,6 +107,16 @@ def call(url, path="/v1/chat/completions", body=None, raw=None, method=None, hea
         return e.code, json.load(e), e.headers
 
 
+def post_raw(url, body):
+    """POST a chat body on a bare socket (a client the test can drop mid-answer) -> the socket."""
+    u = urllib.parse.urlsplit(url)
+    data = json.dumps(body).encode()
+    sock = socket.create_connection((u.hostname, u.port), timeout=30)
+    sock.sendall(b"POST /v1/chat/completions HTTP/1.0\r\nContent-Type: application/json\r\n"
+                 b"Content-Length: %d\r\n\r\n" % len(data) + data)
+    return sock
+
+
 def stream(url, body):
     """POST with stream: true -> the decoded chunks, up to data: [DONE]."""
     u = urllib.parse.urlsplit(url)
@@ -237,10 +247,7 @@ def test_a_request_arriving_mid_decode_joins_the_running_rows(ck):
     until the long one ends)."""
     with serving(ck, steer=Shape(ck[1], end=False, delay=0.005), max_tokens_limit=2000) as (url, engine):
         u = urllib.parse.urlsplit(url)
-        body = json.dumps({"messages": USER, "stream": True, "max_tokens": 2000}).encode()
-        sock = socket.create_connection((u.hostname, u.port), timeout=30)       # the long one: ~1000 steps
-        sock.sendall(b"POST /v1/chat/completions HTTP/1.0\r\nContent-Type: application/json\r\n"
-                     b"Content-Length: %d\r\n\r\n" % len(body) + body)
+        sock = post_raw(url, {"messages": USER, "stream": True, "max_tokens": 2000})   # the long one: ~1000 steps
         t0 = time.time()
         while engine.counts["steps"] < 20:
             assert time.time() - t0 < 10, engine.health()
@@ -393,11 +400,7 @@ def test_full_queue_answers_503(ck):
 
 def test_disconnect_mid_stream_cancels_the_rows(ck):
     with serving(ck, steer=Shape(ck[1], end=False, delay=0.005), max_tokens_limit=2000) as (url, engine):
-        u = urllib.parse.urlsplit(url)
-        body = json.dumps({"messages": USER, "stream": True, "n": 2, "max_tokens": 2000}).encode()
-        sock = socket.create_connection((u.hostname, u.port), timeout=30)
-        sock.sendall(b"POST /v1/chat/completions HTTP/1.0\r\nContent-Type: application/json\r\n"
-                     b"Content-Length: %d\r\n\r\n" % len(body) + body)
+        sock = post_raw(url, {"messages": USER, "stream": True, "n": 2, "max_tokens": 2000})
         lines = sock.makefile("rb")
         t0, seen = time.time(), 0
         for line in lines:                   # leave after a few deltas (the whole answer: ~10 s)
@@ -564,10 +567,7 @@ def test_openai_sdk_joins_streamed_content_into_the_answer(server):
 def test_clients_that_leave_cost_one_log_line_and_their_rows(ck, capfd):
     with serving(ck, steer=Shape(ck[1], end=False, delay=0.005), max_tokens_limit=2000) as (url, engine):
         u = urllib.parse.urlsplit(url)
-        body = json.dumps({"messages": USER, "n": 2, "max_tokens": 2000}).encode()   # not streaming: ~10 s
-        with socket.create_connection((u.hostname, u.port), timeout=30) as sock:
-            sock.sendall(b"POST /v1/chat/completions HTTP/1.0\r\nContent-Type: application/json\r\n"
-                         b"Content-Length: %d\r\n\r\n" % len(body) + body)
+        with post_raw(url, {"messages": USER, "n": 2, "max_tokens": 2000}):   # not streaming: ~10 s
             t0 = time.time()
             while engine.counts["running_rows"] < 2:
                 assert time.time() - t0 < 10, engine.health()
