@@ -2,16 +2,18 @@
 Stage 2b (NPR-Beta): parallel SFT on the self-distilled trajectories, with branch isolation.
 
     python sft.py                                                     # the built-in default
+    python sft.py --layout serial --out-dir out/sft_serial            # the same data as one causal sequence (SR-Beta)
     torchrun --nproc-per-node 8 sft.py --model Qwen3-4B-Instruct-2507 --data distill.jsonl \\
-        --out-dir out/sft --lr 1e-6 --batch-size 8 --row-tokens 32768 --epochs 1 --fsdp
+        --out-dir out/sft --lr 1e-6 --batch-size 8 --row-tokens 32768 --rows-per-forward 1 --epochs 1 --fsdp
 
 The method and the paper's settings are in NPR.md section 4, stage 2b: the tags become tokens, each
 trajectory is put into the engine's exact bytes (npr.engine_pieces) with its block, branch and
 positions (npr.token_layout), documents are packed into rows blind to each other, and the loss is a
-token mean over the global batch. Malformed trajectories and ones longer than a row are dropped and
-counted. torchrun: DDP, or FSDP2 with --fsdp. The final checkpoint goes to --out-dir, resumable ones
-to --out-dir/last (rerunning resumes). The defaults are the built-in default's (a 0.4M-parameter
-model: higher lr, more epochs than the paper's).
+token mean over the global batch. --layout serial trains the same ids and loss with a plain causal
+mask and positions 0..n-1: the paper's sequential baseline. Malformed trajectories and ones longer
+than a row are dropped and counted. torchrun: DDP, or FSDP2 with --fsdp. The final checkpoint goes to
+--out-dir, resumable ones to --out-dir/last (rerunning resumes). The defaults are the built-in
+default's (a 0.4M-parameter model: higher lr, more epochs than the paper's).
 """
 import math
 import os
@@ -20,6 +22,7 @@ import time
 from dataclasses import dataclass
 
 import torch
+import torch.nn.functional as F
 from tqdm import tqdm
 
 import npr
@@ -35,10 +38,12 @@ class Config:
     model: str = "out/base"                   # the instruct / base model (HF layout)
     data: str = "out/distill/train.jsonl"     # distill.py output (prompt / question + trajectory)
     out_dir: str = "out/sft"
-    instruction: str = ""                     # to build prompts of rows that only have "question"
+    layout: str = "parallel"                  # parallel: branch mask and shared positions (NPR-Beta) | serial: plain causal, positions 0..n-1 (SR-Beta)
+    instruction_file: str = ""                # instruction of rows with only a "question" ("" = the checkpoint's own); travels with the output
     epochs: float = 8.0
     batch_size: int = 16                      # sequences per optimizer step (global, all ranks)
     row_tokens: int = 512                     # packed row length; the built-in default's documents are < 300 tokens (real runs: --row-tokens 32768)
+    rows_per_forward: int = 16                # packed rows stacked into one forward/backward (real runs: 1)
     lr: float = 2e-3
     min_lr_frac: float = 0.0                  # cosine decays to lr * this
     warmup_frac: float = 0.05
@@ -62,9 +67,10 @@ class Config:
 # -----------------------------------------------------------------------------
 # Data: trajectories -> (ids, positions, block, branch, loss mask) -> packed rows
 
-def encode_example(tok, row, instruction, max_branches):
+def encode_example(tok, row, instruction, max_branches, layout="parallel"):
     """-> (dict(ids, pos, block, branch, loss) for prompt + response in the engine's form, None),
-    or (None, reason)."""
+    or (None, reason). layout "serial": the same ids and loss as one causal sequence (no branch, no
+    block, positions 0..n-1), the paper's sequential SFT."""
     user = row.get("prompt") or npr.build_prompt(row["question"], instruction)
     prompt = tok.encode(tok.render_chat([{"role": "user", "content": user}], enable_thinking=False))
     pieces, why = npr.engine_pieces(row["trajectory"], max_branches)
@@ -74,9 +80,12 @@ def encode_example(tok, row, instruction, max_branches):
     lay = npr.token_layout([tok.decode_piece(t) for t in resp], start_pos=len(prompt), max_branches=max_branches)
     if lay.problems:
         return None, lay.problems[0]
-    P = len(prompt)
+    P, n = len(prompt), len(resp)
+    if layout == "serial":
+        return dict(ids=prompt + resp, pos=list(range(P + n)), block=[0] * (P + n), branch=[0] * (P + n),
+                    loss=[0] * P + [1] * n), None
     return dict(ids=prompt + resp, pos=list(range(P)) + lay.pos, block=[0] * P + lay.block,
-                branch=[0] * P + lay.branch, loss=[0] * P + [1] * len(resp)), None
+                branch=[0] * P + lay.branch, loss=[0] * P + [1] * n), None
 
 
 def pack(examples, row_tokens):
@@ -108,6 +117,16 @@ def to_row(docs):
                 layout=Layout(doc=doc, block=t32("block"), branch=t32("branch")))
 
 
+def stack(rows):
+    """Packed (1, T_i) rows -> one (B, max T_i) batch; the padding is doc -1 (seen by nothing) with no target."""
+    T = max(r["ids"].shape[1] for r in rows)
+    pad = lambda t, v: F.pad(t, (0, T - t.shape[1]), value=v)
+    cat = lambda get, v: torch.cat([pad(get(r), v) for r in rows])
+    return dict(ids=cat(lambda r: r["ids"], 0), targets=cat(lambda r: r["targets"], -100), pos=cat(lambda r: r["pos"], 0),
+                layout=Layout(doc=cat(lambda r: r["layout"].doc, -1), block=cat(lambda r: r["layout"].block, 0),
+                              branch=cat(lambda r: r["layout"].branch, 0)))
+
+
 def lr_at(step, total, cfg):
     warm = max(1, int(cfg.warmup_frac * total))
     if step < warm:
@@ -119,6 +138,8 @@ def lr_at(step, total, cfg):
 # -----------------------------------------------------------------------------
 
 def main(cfg: Config):
+    if cfg.layout not in ("parallel", "serial"):
+        raise ValueError(f"--layout must be parallel or serial, not {cfg.layout!r}")
     rank, world, dev, model, tok, resuming = start_training(cfg)
     log = print if rank == 0 else (lambda *a, **k: None)
     if not resuming:                          # a resume point has the tag tokens already
@@ -127,12 +148,12 @@ def main(cfg: Config):
     n_params = model.num_params()
 
     log("== data: layouts, drops, packing ==")
-    instruction = instruction_for(cfg.model, cfg.instruction)
+    instruction = instruction_for(cfg.model, cfg.instruction_file)
     examples, dropped = [], {}
     for r in read_problems(cfg.data, answer_field="answer"):
         if "trajectory" not in r:
             raise ValueError(f"{cfg.data}: rows need a 'trajectory' field (distill.py output)")
-        ex, why = encode_example(tok, r, instruction, cfg.max_branches)
+        ex, why = encode_example(tok, r, instruction, cfg.max_branches, cfg.layout)
         if ex is not None and len(ex["ids"]) > cfg.row_tokens:
             ex, why = None, f"longer than --row-tokens {cfg.row_tokens}"
         if ex is None:
@@ -165,15 +186,16 @@ def main(cfg: Config):
         t0 = time.perf_counter()
         batch = [examples[i] for i in order[step * cfg.batch_size:(step + 1) * cfg.batch_size]]
         rows = pack(batch[rank::world], cfg.row_tokens)
+        parts = [stack(rows[i:i + cfg.rows_per_forward]) for i in range(0, len(rows), cfg.rows_per_forward)]
         n_tok = torch.tensor(float(sum(sum(e["loss"]) for e in batch)), device=dev)   # global loss tokens
         for g in opt.param_groups:
             g["lr"] = lr_at(step, total_steps, cfg)
-        n_rows = int(all_reduce(torch.tensor(len(rows), device=dev), world, "max"))   # the same on every rank
+        n_parts = int(all_reduce(torch.tensor(len(parts), device=dev), world, "max"))   # the same on every rank
         loss_sum = 0.0
-        for i in range(n_rows):
+        for i in range(n_parts):
             # a rank with fewer rows runs an empty one (no loss tokens): the collectives stay in step
-            r = rows[i] if i < len(rows) else to_row([dict(ids=[0], loss=[0], pos=[0], block=[0], branch=[0])])
-            with accumulating(train_model, i == n_rows - 1), autocast(dev, cfg.bf16):
+            r = parts[i] if i < len(parts) else to_row([dict(ids=[0], loss=[0], pos=[0], block=[0], branch=[0])])
+            with accumulating(train_model, i == n_parts - 1), autocast(dev, cfg.bf16):
                 lp = train_model(r["ids"].to(dev), r["pos"].to(dev), r["layout"].to(dev), targets=r["targets"].to(dev))
                 # token mean over the global batch; DDP/FSDP average gradients over ranks, so x world
                 loss = -lp.sum() * world / n_tok

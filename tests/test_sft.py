@@ -33,6 +33,7 @@ def setup(tmp_path_factory):
     make_checkpoint(d / "base")
     data = d / "train.jsonl"
     data.write_text("".join(json.dumps(r) + "\n" for r in rows(8)))
+    (d / "ins.txt").write_text("Solve.\n")
     return d
 
 
@@ -67,13 +68,51 @@ def test_packed_documents_are_blind_to_each_other(setup):
         for d in sorted(exs, key=lambda e: -len(e["ids"])):      # pack() orders longest first
             alone = sft.to_row([d])
             lp1 = model(alone["ids"], alone["pos"], alone["layout"], targets=alone["targets"])
-            assert (lp[:, start:start + len(d["ids"])] - lp1).abs().max() <= 1e-5
+            assert (lp[:, start:start + len(d["ids"])] - lp1).abs().max() <= 5e-5    # fp32, |log-probs| up to ~30
             start += len(d["ids"])
+
+
+def test_serial_layout_is_a_plain_causal_forward(setup):
+    """--layout serial (SR-Beta): the same ids and loss mask as the parallel layout, and each packed
+    document's log-probs equal a plain causal forward of it alone (positions 0..n-1, no branch mask)."""
+    tok = Tokenizer.from_pretrained(str(setup / "base"))
+    model = Qwen.from_pretrained(str(setup / "base"))
+    par = [sft.encode_example(tok, r, "Solve.", 5)[0] for r in rows(3)]
+    ser = [sft.encode_example(tok, r, "Solve.", 5, layout="serial")[0] for r in rows(3)]
+    for p, s in zip(par, ser):
+        assert (s["ids"], s["loss"]) == (p["ids"], p["loss"]) and s["pos"] == list(range(len(s["ids"])))
+        assert set(s["branch"]) == {0} and set(p["branch"]) == {0, 1, 2}
+    r = sft.pack(ser, 10_000)[0]
+    with torch.no_grad():
+        lp = model(r["ids"], r["pos"], r["layout"], targets=r["targets"])
+        start = 0
+        for d in sorted(ser, key=lambda e: -len(e["ids"])):
+            alone = sft.to_row([d])
+            causal = model(alone["ids"], targets=alone["targets"])      # no positions, no layout: SDPA's causal
+            assert (lp[:, start:start + len(d["ids"])] - causal).abs().max() <= 5e-5
+            parallel = model(*(lambda x: (x["ids"], x["pos"], x["layout"]))(sft.to_row([par[ser.index(d)]])),
+                             targets=alone["targets"])
+            assert (parallel - causal).abs().max() > 1e-3               # the branch mask and positions do matter
+            start += len(d["ids"])
+
+
+def test_stacked_rows_equal_one_row_at_a_time(setup):
+    tok = Tokenizer.from_pretrained(str(setup / "base"))
+    model = Qwen.from_pretrained(str(setup / "base"))
+    rws = sft.pack([sft.encode_example(tok, r, "Solve.", 5)[0] for r in rows(5)], 200)
+    assert len(rws) >= 3 and len({r["ids"].shape[1] for r in rws}) > 1
+    b = sft.stack(rws)
+    with torch.no_grad():
+        lp = model(b["ids"], b["pos"], b["layout"], targets=b["targets"])
+        for i, r in enumerate(rws):
+            one = model(r["ids"], r["pos"], r["layout"], targets=r["targets"])[0]
+            T = one.shape[0]
+            assert (lp[i, :T] - one).abs().max() <= 5e-5 and (lp[i, T:] == 0).all()
 
 
 def run_sft(setup, out, **kw):
     cfg = sft.Config(model=str(setup / "base"), data=str(setup / "train.jsonl"), out_dir=str(out), epochs=6,
-                     batch_size=4, row_tokens=1024, lr=3e-3, instruction="Solve.", **kw)
+                     batch_size=4, row_tokens=1024, lr=3e-3, instruction_file=str(setup / "ins.txt"), **kw)
     return sft.main(cfg), [json.loads(x) for x in open(out / "metrics.jsonl")]
 
 
@@ -120,7 +159,7 @@ def test_two_gloo_processes_match_one(setup, tmp_path, fsdp):
     cmd = [sys.executable, "-m", "torch.distributed.run", "--nproc-per-node", "2", "--standalone",
            os.path.join(ROOT, "sft.py"), "--model", str(setup / "base"), "--data", str(setup / "train.jsonl"),
            "--out-dir", str(tmp_path / "two"), "--epochs", "6", "--batch-size", "4", "--row-tokens", "1024",
-           "--lr", "3e-3", "--instruction", "Solve.", "--threads", "1"] + (["--fsdp"] if fsdp else [])
+           "--lr", "3e-3", "--instruction-file", str(setup / "ins.txt"), "--threads", "1"] + (["--fsdp"] if fsdp else [])
     p = subprocess.run(cmd, capture_output=True, text=True, timeout=300, env={**os.environ, "OMP_NUM_THREADS": "1"})
     assert p.returncode == 0, p.stderr[-3000:]
     two = [json.loads(x) for x in open(tmp_path / "two" / "metrics.jsonl")]
@@ -160,6 +199,6 @@ def test_a_sequence_longer_than_a_row_is_dropped_and_counted(setup, tmp_path, ca
     cut = lens[-1] - 1                                   # the longest ones do not fit in a row
     assert lens[0] <= cut
     sft.main(sft.Config(model=str(setup / "base"), data=str(setup / "train.jsonl"), out_dir=str(tmp_path),
-                        epochs=0.25, batch_size=4, row_tokens=cut, instruction="Solve."))
+                        epochs=0.25, batch_size=4, row_tokens=cut, instruction_file=str(setup / "ins.txt")))
     n = sum(x > cut for x in lens)
     assert f"trajectories {8 - n} | dropped {n} {{'longer than --row-tokens {cut}': {n}}}" in capsys.readouterr().out
