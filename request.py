@@ -8,7 +8,7 @@ parallel mode: at a trunk's </guideline>, fork one branch per numbered plan (non
   max_branches: malformed), each opened with npr.STEP_HEADER, all at the same RoPE position. A branch
   ends at </step> (plus its own npr.SEPARATOR). When all have ended, npr.TAKEAWAY_HEADER is forced in
   the trunk at 1 + the largest branch position (npr.Positions). sft.py trains on the same forced texts.
-  Near the budget (less than fork_min_tokens left per branch) the block's steps stay serial in the trunk.
+  Near the budget (fewer than fork_min_tokens of it left) the block's steps stay serial in the trunk.
 Each stream draws from its own torch.Generator, so a sample does not depend on its batch.
 """
 import time
@@ -30,7 +30,7 @@ class SamplingParams:
                                      # "critical": the critical path (longest chain of dependent tokens)
     max_total_tokens: int = 0        # budget "critical": cap on all tokens (0 = max_branches x max_new_tokens)
     max_branches: int = 5            # more numbered plans than this ends the sample as malformed
-    fork_min_tokens: int = 8         # near the budget (less than this left per branch) do not fork
+    fork_min_tokens: int = 64        # fork only while at least this many tokens of the budget remain (official: 1024)
     repetition_penalty: float = 1.0  # inside branches only (official engine: 1.02)
     seed: int = 0
 
@@ -194,12 +194,12 @@ class Seq:
     def open_fork(self, numbers):
         """One branch per numbered plan, all at the position after the trunk's last token."""
         p = self.p
-        headers = [self.tok.encode(npr.STEP_HEADER.format(n=n)) for n in numbers]
-        longest = max(len(h) for h in headers)
-        need_total = sum(len(h) for h in headers) + len(numbers) * p.fork_min_tokens
-        if self.total + need_total > p.max_total_tokens or self.crit + longest + p.fork_min_tokens > p.max_new_tokens:
-            self.unforked = True                                    # too close to a budget: stay serial
+        # too close to a budget (fewer than fork_min_tokens left of it): the steps stay serial in the
+        # trunk, as the official engine does (it forks only while over 1,024 tokens of budget remain)
+        if min(p.max_total_tokens - self.total, p.max_new_tokens - self.crit) < p.fork_min_tokens:
+            self.unforked = True
             return
+        headers = [self.tok.encode(npr.STEP_HEADER.format(n=n)) for n in numbers]
         if not self.trunk.text[-1:].isspace():   # the separator before the first step is the trunk's,
             self.force(self.trunk, npr.SEPARATOR)  # as in training text ("</guideline>\n<step>")
         self.forks.append(len(numbers))

@@ -126,6 +126,19 @@ def test_no_fork_near_the_budget(ck):
     assert npr.is_parallel(s.text) and npr.sample_metrics([(s, "1")], 1.0)["trigger_rate"] == 0.0
 
 
+@pytest.mark.parametrize("budget", ["total", "critical"])
+def test_a_fork_needs_fork_min_tokens_of_the_budget_left(ck, budget):
+    """The official rule: fork while at least fork_min_tokens of the budget remain at </guideline>
+    (whatever the width), else write the steps serially; the edge is exact."""
+    model, tok = ck
+    trunk = ids_of(tok, "<guideline>\n<plan>1: a</plan>\n<plan>2: b</plan>\n<plan>3: c</plan>\n</guideline>")
+    kw = {} if budget == "total" else dict(budget="critical")
+    for left, forks in ((40, 1), (39, 0)):
+        p = SamplingParams(max_new_tokens=len(trunk) + left, fork_min_tokens=40, **kw)
+        s = Sampler(model, tok).generate([chat(tok)], params=p, steer=Script({0: trunk}))[0][0]
+        assert s.stats["forks"] == forks, (left, show(s, tok))
+
+
 def test_serial_mode_treats_tags_as_text(ck):
     model, tok = ck
     trunk = block_script(tok, ["1", "2"])
