@@ -125,6 +125,8 @@ def save_checkpoint(model, tok, out_dir, cfg=None, src_dir=None, state_dict=None
         for f in os.listdir(src_dir):
             if f.startswith(SIDE_FILES) and os.path.isfile(os.path.join(src_dir, f)):
                 shutil.copy(os.path.join(src_dir, f), tmp)
+    if getattr(cfg, "instruction_file", ""):   # the instruction the run prompted with travels with its output
+        shutil.copy(cfg.instruction_file, os.path.join(tmp, INSTRUCTION_FILE))
     model.save_pretrained(tmp, state_dict=state_dict, dtype=dtype)
     tok.save_pretrained(tmp)
     if cfg is not None:

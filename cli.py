@@ -116,15 +116,16 @@ def read_problems(path, question_field="question", answer_field="answer"):
     return out
 
 
-def instruction_for(model_dir, override=""):
-    """The NPR instruction to prompt with: an explicit override, else the checkpoint's own
-    (npr_instruction.txt, written by the built-in default), else npr.INSTRUCTION."""
+def instruction_for(model_dir, instruction_file=""):
+    """The NPR instruction to prompt with (stripped): the text of instruction_file when given (e.g. the
+    official release's prompt file), else the checkpoint's own (npr_instruction.txt: the instruction it
+    was trained with travels with it), else npr.INSTRUCTION."""
     import npr
-    if override:
-        return override
-    p = os.path.join(model_dir, INSTRUCTION_FILE)
-    if os.path.isfile(p):
-        with open(p) as f:
+    if instruction_file and not os.path.isfile(instruction_file):
+        raise FileNotFoundError(f"instruction file not found: {instruction_file}")
+    path = instruction_file or os.path.join(model_dir, INSTRUCTION_FILE)
+    if os.path.isfile(path):
+        with open(path, encoding="utf-8") as f:
             return f.read().strip()
     return npr.INSTRUCTION
 

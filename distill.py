@@ -48,10 +48,11 @@ class Config:
     top_p: float = 1.0
     max_new_tokens: int = 400               # paper: 30k on real models
     mode: str = "serial"                    # decoding used for sampling (paper: serial)
+    fork_min_tokens: int = 64               # --mode parallel: fork only while this many tokens of the budget remain (official: 1024)
     reject_sibling_results: bool = False    # also drop samples whose steps use an earlier step's result (not in the paper)
     batch_size: int = 512                   # rows decoded together (problems x tries_per_round)
     chunk: int = 256                        # problems per resumable unit (written when done)
-    instruction: str = ""                   # "" = the checkpoint's own, else npr.INSTRUCTION
+    instruction_file: str = ""             # the instruction prompts end with ("" = the checkpoint's own, else npr.INSTRUCTION)
     seed: int = 0
     device: str = ""                        # "" = cuda when available (under torchrun: the rank's GPU)
     bf16: bool = True                       # on CUDA: bf16 weights for decoding (fp32 checkpoints of sft/grpo too)
@@ -105,7 +106,7 @@ def distill_chunk(sampler, tok, items, cfg, instruction, seed):
     probs = dict(items)
     tries, reasons, kept = Counter(), {i: Counter() for i, _ in items}, {}
     params = SamplingParams(mode=cfg.mode, temperature=cfg.temperature, top_p=cfg.top_p,
-                            max_new_tokens=cfg.max_new_tokens)
+                            max_new_tokens=cfg.max_new_tokens, fork_min_tokens=cfg.fork_min_tokens)
     for rnd in itertools.count():
         todo = [i for i, _ in items if i not in kept and tries[i] < cfg.max_tries]
         if not todo:
@@ -163,7 +164,7 @@ def main(cfg: Config):
     problems = read_problems(cfg.data, cfg.question_field, cfg.answer_field)[:cfg.n_problems or None]
     model, tok = load_for_sampling(cfg.model, dev, cfg.dtype, cfg.bf16)
     sampler = Sampler(model, tok)
-    instruction = instruction_for(cfg.model, cfg.instruction)
+    instruction = instruction_for(cfg.model, cfg.instruction_file)
     os.makedirs(os.path.dirname(cfg.out) or ".", exist_ok=True)
     shard = cfg.out if world == 1 else f"{cfg.out}.rank{rank}"
     state_path = shard + ".state.jsonl"

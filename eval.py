@@ -56,10 +56,11 @@ class Config:
     budget: str = "total"               # total: all tokens of all branches (official) | critical: the critical path
     max_total_tokens: int = 0           # --budget critical: cap on all tokens (0 = max_branches x max_new_tokens)
     max_branches: int = 5
+    fork_min_tokens: int = 64           # parallel: fork only while this many tokens of the budget remain (official: 1024)
     repetition_penalty: float = 1.0     # parallel mode, inside branches only (official: 1.02)
     batch_size: int = 256               # rows (problems x k) decoded together
     latency_n: int = 50                 # problems answered alone (batch 1) for time-to-answer (0 = skip)
-    instruction: str = ""               # "" = the checkpoint's own, else npr.INSTRUCTION
+    instruction_file: str = ""             # the instruction prompts end with ("" = the checkpoint's own, else npr.INSTRUCTION)
     seed: int = 0
     device: str = ""                    # "" = cuda when available
     bf16: bool = True                   # on CUDA: bf16 weights for decoding (fp32 checkpoints of sft/grpo too)
@@ -101,7 +102,7 @@ def main(cfg: Config):
     dev = cfg.device or ("cuda" if torch.cuda.is_available() else "cpu")
     model, tok = load_for_sampling(cfg.model, dev, cfg.dtype, cfg.bf16)
     problems = read_problems(cfg.data, cfg.question_field, cfg.answer_field)[:cfg.n_problems or None]
-    instruction = instruction_for(cfg.model, cfg.instruction)
+    instruction = instruction_for(cfg.model, cfg.instruction_file)
     sampler = Sampler(model, tok)
     report = dict(model=cfg.model, data=cfg.data, k=cfg.k, problems=len(problems))
     modes = ["serial", "parallel"] if cfg.mode == "both" else [cfg.mode]
@@ -114,7 +115,7 @@ def main(cfg: Config):
         params = SamplingParams(mode=mode, temperature=cfg.temperature, top_p=cfg.top_p,
                                 max_new_tokens=cfg.max_new_tokens, budget=cfg.budget,
                                 max_total_tokens=cfg.max_total_tokens, max_branches=cfg.max_branches,
-                                repetition_penalty=rp, seed=cfg.seed)
+                                fork_min_tokens=cfg.fork_min_tokens, repetition_penalty=rp, seed=cfg.seed)
         prompts = [chat_prompt(tok, p["question"], instruction) for p in problems]
         got, wall = sampler.generate_many(prompts, cfg.k, params, cfg.batch_size, progress=True)
         report[mode] = npr.sample_metrics([(s, p["answer"]) for p, ss in zip(problems, got) for s in ss], wall)

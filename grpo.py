@@ -1,19 +1,21 @@
 """
-Stages 1 and 3: reinforcement learning with group rollouts, serial (NPR-Zero) or parallel (PAPO).
+Stages 1 and 3: reinforcement learning with group rollouts, decoded serially or in parallel.
 
     python grpo.py                                       # the built-in default: PAPO on out/sft
-    python grpo.py --mode serial --model out/base        # stage 1 (NPR-Zero) on the default
-    torchrun --nproc-per-node 8 grpo.py --model out/sft --data orz.json --lr 1e-7 --fsdp \\
-        --prompts-per-step 16 --group-size 16 --seqs-per-update 16 --max-new-tokens 30000
+    python grpo.py --mode serial --model out/sft_serial  # the same RL decoded serially (the paper's SR)
+    python grpo.py --mode serial --model out/base --adv-std group --loss-mean token --ratio importance \
+        --dynamic-sampling --overlong-buffer 10 --malformed grade     # stage 1 (NPR-Zero): DAPO's recipe
 
-The method, the official settings and where we differ (format reward flag, dual-clip, bounded
-dynamic sampling, dropped rollouts, unbiased stds, no box = wrong) are in NPR.md section 4; rewards,
-advantages and the loss are written out below (reward_of, advantages, policy_loss). Both modes
-train on the exact sampled ids with the sampler's layout; forced tokens get no loss unless
---train-forced. --ratio importance: the later mini-batches of a rollout batch use the true ratio
-exp(logp - logp_sampler) with the clip (exact where the sampler's log-probs are the trainer's: see
-cli.rollout_model); --ratio onpolicy (PAPO) sets it to 1. --repetition-penalty is off by default (NPR.md
-section 5): on the built-in task a branch must repeat its answer's digits.
+--mode picks only how rollouts decode; the recipe (advantage std, loss mean, ratio, dynamic sampling,
+overlong penalty, what is dropped) is its own flags, PAPO's by default, so "the same RL, only serial"
+is one flag. The method, the official settings of both stages and where we differ (format reward
+flag, dual-clip, bounded dynamic sampling, dropped rollouts, unbiased stds, no box = wrong) are in
+NPR.md section 4; rewards, advantages and the loss are written out below (reward_of, advantages,
+policy_loss). Both modes train on the exact sampled ids with the sampler's layout; forced tokens get
+no loss unless --train-forced. --ratio importance: the later mini-batches of a rollout batch use the
+true ratio exp(logp - logp_sampler) with the clip (exact where the sampler's log-probs are the
+trainer's: see cli.rollout_model); --ratio onpolicy (PAPO) sets it to 1. --repetition-penalty is off
+by default (NPR.md section 5): on the built-in task a branch must repeat its answer's digits.
 Logs one line per step, JSON lines in out_dir/metrics.jsonl, periodic eval, resumable checkpoints.
 """
 import math
@@ -35,35 +37,44 @@ from sampler import Sampler, SamplingParams
 
 @dataclass
 class Config:
-    mode: str = "parallel"                 # parallel (PAPO, stage 3) | serial (NPR-Zero, stage 1)
+    mode: str = "parallel"                 # how rollouts decode: parallel (PAPO, NPR) | serial (NPR-Zero, SR); the recipe is separate
     model: str = "out/sft"
     data: str = "out/data/train.jsonl"
     eval_data: str = "out/data/test.jsonl"
     out_dir: str = "out/grpo"
-    instruction: str = ""                  # "" = the checkpoint's own, else npr.INSTRUCTION
+    instruction_file: str = ""             # the instruction prompts end with ("" = the checkpoint's own, else npr.INSTRUCTION)
     steps: int = 60                        # rollout batches
     prompts_per_step: int = 16             # groups per rollout batch (global, all ranks)
     group_size: int = 8                    # rollouts per prompt (paper: 16)
     seqs_per_update: int = 32              # sequences per optimizer step (paper: 16)
     micro_batch: int = 8                   # sequences per forward/backward (gradient accumulation)
-    ratio: str = ""                        # onpolicy | importance ("" = onpolicy for parallel, importance for serial)
+    # the recipe, whatever the decoding (defaults: PAPO); stage 1's DAPO is the flag set
+    # --adv-std group --loss-mean token --ratio importance --dynamic-sampling --overlong-buffer 10 --malformed grade
+    adv_std: str = "batch"                 # advantage = (r - group mean) / std of: batch (PAPO) | group (GRPO, DAPO)
+    loss_mean: str = "seq"                 # seq: mean over sequences of each one's token mean (PAPO) | token: over all tokens (DAPO)
+    ratio: str = "onpolicy"                # onpolicy: exp(logp - stopgrad(logp)) (PAPO) | importance: clipped, against the sampler's
     clip_low: float = 0.2
     clip_high: float = 0.28                # clip-higher (DAPO)
     clip_c: float = 10.0                   # dual-clip (official 10): a token with A < 0 loses at most c x |A| (0 = off)
-    dynamic_sampling: bool = True          # serial mode: drop zero-variance groups, draw more prompts
-    max_sampling_rounds: int = 4
-    format_reward: bool = False            # serial mode: the paper's format term
+    dynamic_sampling: bool = False         # drop groups whose scores are all equal and draw more prompts (DAPO)
+    max_sampling_rounds: int = 4           # dynamic sampling: rounds of drawing per step at most (0 = until the batch is full)
+    format_reward: bool = False            # the paper's format term: not well formed -> -1 - format_penalty
     format_penalty: float = 0.5
-    overlong_buffer: int = -1              # serial mode: soft penalty in the last N tokens of the budget (-1 = budget/8)
-    malformed: str = "drop"                # parallel mode: drop malformed rollouts (paper) | penalize (reward -1)
+    overlong_buffer: int = 0               # DAPO's soft penalty over the last N tokens of the budget (0 = off; official stage 1: 10)
+    malformed: str = "drop"                # structurally invalid rollouts: drop (PAPO) | penalize (reward -1) | grade (stage 1)
+    budget_hit: str = "grade"              # rollouts that ran out of budget with their blocks closed: grade (official) | drop
     train_forced: bool = False             # put forced tokens (headers) into the loss
     lr: float = 5e-5                       # the built-in default (1e-4: faster, then unstable); paper: 1e-7 (PAPO on 4B), 1e-6 (NPR-Zero)
-    weight_decay: float = 0.0
+    lr_schedule: str = "constant"          # constant (PAPO) | cosine: linear warm-up, then cosine to lr x min_lr_ratio at --steps (stage 1)
+    warmup_steps: int = 0                  # rollout batches of linear warm-up (official stage 1: 10)
+    min_lr_ratio: float = 0.0              # cosine's floor, a fraction of lr (official: 1e-8)
+    weight_decay: float = 0.0              # AdamW's, on every weight (official: 0.1 in both stages)
     grad_clip: float = 1.0
     temperature: float = 1.0
     top_p: float = 1.0
-    max_new_tokens: int = 400              # token budget per rollout, counted as the sampler does (default: all branches)
+    max_new_tokens: int = 400              # token budget per rollout, all branches together
     max_branches: int = 5
+    fork_min_tokens: int = 64              # fork only while this many tokens of the budget remain (official: 1024)
     repetition_penalty: float = 1.0        # rollouts, inside branches (official engine: 1.02; see above)
     rollout_rows: int = 512                # rows decoded together
     eval_every: int = 20                   # steps between evaluations (0 = never)
@@ -81,26 +92,42 @@ class Config:
     threads: int = 0
 
 
+CHOICES = dict(mode=("parallel", "serial"), adv_std=("batch", "group"), loss_mean=("seq", "token"),
+               ratio=("onpolicy", "importance"), malformed=("drop", "penalize", "grade"), budget_hit=("grade", "drop"),
+               lr_schedule=("constant", "cosine"))
+
+
 # -----------------------------------------------------------------------------
 # Rewards, advantages and the loss: the algorithm in plain sight
 
+def structure_problem(sample, mode):
+    """Why a rollout is structurally invalid, or None: the parallel engine's malformed end; in serial
+    mode the same grammar read from the text; in both, a block left open at the end (a step open, or
+    no <takeaway> yet), which the official trainer cannot lay out and drops."""
+    if sample.finish_reason.startswith("malformed"):
+        return sample.finish_reason
+    if mode == "serial" and (problems := npr.parse(sample.text, complete=False).problems):
+        return "malformed: " + problems[0]
+    if npr.open_block(sample.text):
+        return "open block: the budget ran out inside a block" if sample.finish_reason == "budget" else \
+            "open block: the answer ended inside a block"
+    return None
+
+
 def reward_of(sample, answer, cfg):
     """-> (reward, score, dropped reason or None); score: the reward before the overlong penalty."""
-    if cfg.mode == "parallel":
-        if sample.finish_reason.startswith("malformed"):
-            if cfg.malformed == "penalize":                                  # our option: a bad format is a wrong answer
-                return -1.0, -1.0, None
-            return None, None, sample.finish_reason                          # the paper: dropped before scoring
-        if sample.finish_reason == "budget":
-            return None, None, "over budget"
-    # an empty response is 0; any other is graded on its last \boxed{}: none at all is a wrong answer
-    score = 0.0 if not sample.text.strip() else 1.0 if npr.grade(sample.text, answer) else -1.0
-    if cfg.mode == "parallel":
-        return score, score, None
+    why = structure_problem(sample, cfg.mode)
+    if why and cfg.malformed == "drop":
+        return None, None, why                                               # PAPO: dropped before scoring
+    if sample.finish_reason == "budget" and cfg.budget_hit == "drop":
+        return None, None, "budget hit"
+    if why and cfg.malformed == "penalize":                                  # a bad format is a wrong answer
+        score = -1.0
+    else:   # an empty response is 0; any other is graded on its last \boxed{}: none at all is a wrong answer
+        score = 0.0 if not sample.text.strip() else 1.0 if npr.grade(sample.text, answer) else -1.0
     if cfg.format_reward and (sample.finish_reason != "eos" or npr.format_score(sample.text)[0] != 0.0):
         score = -1.0 - cfg.format_penalty                                    # accuracy counts only when well formed
-    L, budget = sample.stats["critical_path_tokens"], cfg.max_new_tokens
-    buf = cfg.overlong_buffer if cfg.overlong_buffer >= 0 else budget // 8
+    L, budget, buf = sample.stats["total_tokens"], cfg.max_new_tokens, cfg.overlong_buffer
     penalty = max(-1.0, (budget - buf - L) / buf) if buf and L > budget - buf else 0.0   # DAPO soft overlong
     return score + penalty, score, None
 
@@ -110,18 +137,16 @@ def std(xs):   # unbiased (n - 1), as torch.std in the official trainer
     return math.sqrt(sum((x - m) ** 2 for x in xs) / max(len(xs) - 1, 1))
 
 
-def advantages(groups, mode, batch=None):
-    """groups: [[reward, ...] per prompt] -> same shape; (r - group mean) / (std + 1e-6), the std of the
-    group (serial) or of `batch`, every reward of the step on all ranks (parallel; default: groups)."""
-    if mode == "parallel":
-        s = std(batch or [r for g in groups for r in g])
-        return [[(r - sum(g) / len(g)) / (s + 1e-6) for r in g] for g in groups]
-    return [[(r - sum(g) / len(g)) / (std(g) + 1e-6) for r in g] for g in groups]
+def advantages(groups, std_over="batch", batch=None):
+    """groups: [[reward, ...] per prompt] -> same shape: (r - its group's mean) / (std + 1e-6), the std of
+    `batch` (every reward of the step on all ranks; default: all of groups) or of the group."""
+    s = std(batch or [r for g in groups for r in g])
+    return [[(r - sum(g) / len(g)) / ((s if std_over == "batch" else std(g)) + 1e-6) for r in g] for g in groups]
 
 
-def policy_loss(logp, old_logp, adv, mask, mode, ratio_kind, clip_low, clip_high, norm, clip_c=0.0):
+def policy_loss(logp, old_logp, adv, mask, ratio_kind, clip_low, clip_high, norm, clip_c=0.0, mean="seq"):
     """logp/old_logp/mask (B, T); adv (B,). norm: the global count the sum is divided by (tokens for
-    serial, sequences for parallel), so that gradient accumulation and ranks add up."""
+    mean "token", sequences for "seq"), so that gradient accumulation and ranks add up."""
     A = adv[:, None]
     if ratio_kind == "onpolicy":
         per_tok = -torch.exp(logp - logp.detach()) * A                      # ratio == 1, gradient of logp
@@ -131,10 +156,20 @@ def policy_loss(logp, old_logp, adv, mask, mode, ratio_kind, clip_low, clip_high
         if clip_c > 0:                                                       # dual-clip
             per_tok = torch.where(A < 0, torch.minimum(per_tok, -clip_c * A), per_tok)
     per_tok = per_tok * mask
-    if mode == "serial":                                                     # token mean (DAPO)
+    if mean == "token":                                                      # token mean (DAPO)
         return per_tok.sum() / norm
     seq_mean = per_tok.sum(1) / mask.sum(1).clamp(min=1)                     # sequence mean of token means
     return seq_mean.sum() / norm
+
+
+def lr_at(step, cfg):
+    """The learning rate of rollout batch `step`: constant, or linear warm-up then cosine to lr x min_lr_ratio."""
+    if cfg.lr_schedule == "constant":
+        return cfg.lr
+    if step < cfg.warmup_steps:
+        return cfg.lr * (step + 1) / cfg.warmup_steps
+    t = (step - cfg.warmup_steps) / max(1, cfg.steps - cfg.warmup_steps)
+    return cfg.lr * (cfg.min_lr_ratio + (1 - cfg.min_lr_ratio) * 0.5 * (1 + math.cos(math.pi * t)))
 
 
 # -----------------------------------------------------------------------------
@@ -177,8 +212,10 @@ def rollout(sampler, tok, problems, cfg, step, instruction, rank, world):
     need = per_rank
     params = SamplingParams(mode=cfg.mode, temperature=cfg.temperature, top_p=cfg.top_p,
                             max_new_tokens=cfg.max_new_tokens, max_branches=cfg.max_branches,
-                            repetition_penalty=cfg.repetition_penalty, seed=cfg.seed)
-    while need > 0 and rounds < (cfg.max_sampling_rounds if cfg.mode == "serial" and cfg.dynamic_sampling else 1):
+                            fork_min_tokens=cfg.fork_min_tokens, repetition_penalty=cfg.repetition_penalty,
+                            seed=cfg.seed)
+    max_rounds = (cfg.max_sampling_rounds or math.inf) if cfg.dynamic_sampling else 1
+    while need > 0 and rounds < max_rounds:
         # round 0: the same prompts on every rank, split by rank, each row's stream named by (step,
         # slot, sample): rollouts do not depend on the rank count. Later rounds draw per rank.
         rng = random.Random((cfg.seed * 1_000_003 + step) * 1009 + rounds * 7919 + (rank if rounds else 0))
@@ -202,7 +239,7 @@ def rollout(sampler, tok, problems, cfg, step, instruction, rank, world):
                     dropped[why.split(":")[0]] = dropped.get(why.split(":")[0], 0) + 1
             scores = {score for _, _, score in kept}          # dynamic sampling: on the score, before the overlong penalty
             why = "group too small" if len(kept) < 2 else \
-                "zero-variance group" if cfg.mode == "serial" and cfg.dynamic_sampling and len(scores) == 1 else None
+                "zero-variance group" if cfg.dynamic_sampling and len(scores) == 1 else None
             if why:                                              # no learning signal: dropped
                 dropped[why] = dropped.get(why, 0) + len(kept)
                 continue
@@ -219,7 +256,6 @@ def rollout(sampler, tok, problems, cfg, step, instruction, rank, world):
 def update(train_model, model, opt, items, cfg, world, dev):
     """Optimizer steps of seqs_per_update sequences (global) in micro-batches.
     -> (loss per step, grad norms, entropies, trained tokens)"""
-    ratio_kind = cfg.ratio or ("onpolicy" if cfg.mode == "parallel" else "importance")
     per_rank = max(1, cfg.seqs_per_update // world)
     n_updates = all_reduce(torch.tensor(math.ceil(len(items) / per_rank) if items else 0, device=dev), world, "max")
     losses, gnorms, ents, n_train_tok = [], [], [], 0
@@ -227,8 +263,8 @@ def update(train_model, model, opt, items, cfg, world, dev):
         mb = items[u * per_rank:(u + 1) * per_rank]
         n_tok = sum(sum(bool(x) or cfg.train_forced for x in s.sampled) for s, _ in mb)
         n_train_tok += n_tok
-        # the loss is a sum divided by a global count: tokens (serial, token mean) or sequences (parallel)
-        norm = all_reduce(torch.tensor(float(n_tok if cfg.mode == "serial" else len(mb)), device=dev), world)
+        # the loss is a sum divided by a global count: tokens (token mean) or sequences (sequence mean)
+        norm = all_reduce(torch.tensor(float(n_tok if cfg.loss_mean == "token" else len(mb)), device=dev), world)
         # every rank runs the same number of forward/backward passes, so DDP's all-reduces pair up
         n_micro = int(all_reduce(torch.tensor(max(1, math.ceil(len(mb) / cfg.micro_batch)), device=dev), world, "max"))
         loss_u = 0.0
@@ -240,8 +276,8 @@ def update(train_model, model, opt, items, cfg, world, dev):
                     mask = (targets >= 0).float()
                     logp, ent = train_model(ids, pos, layout, targets=targets, with_entropy=True)
                     old = torch.where(torch.isnan(old), logp.detach(), old)   # forced tokens: ratio 1
-                    loss = policy_loss(logp, old, A, mask, cfg.mode, ratio_kind, cfg.clip_low, cfg.clip_high,
-                                       norm.clamp(min=1), cfg.clip_c) * world   # DDP/FSDP average over ranks
+                    loss = policy_loss(logp, old, A, mask, cfg.ratio, cfg.clip_low, cfg.clip_high, norm.clamp(min=1),
+                                       cfg.clip_c, cfg.loss_mean) * world   # DDP/FSDP average over ranks
                     ents.append(float((ent * mask).sum() / mask.sum().clamp(min=1)))
                 else:   # nothing left on this rank: a zero-weight pass keeps DDP/FSDP collectives in step
                     z = torch.zeros(1, 1, dtype=torch.long, device=dev)
@@ -284,7 +320,7 @@ def log_step(step, seen, rewards, dropped, n_items, trained, roll_wall, t_train,
 def evaluate(sampler, tok, problems, instruction, cfg, dev, bf16_autocast):
     """Greedy decoding of the eval problems in the training mode -> eval.py's metrics."""
     params = SamplingParams(mode=cfg.mode, temperature=0.0, max_new_tokens=cfg.max_new_tokens,
-                            max_branches=cfg.max_branches)
+                            max_branches=cfg.max_branches, fork_min_tokens=cfg.fork_min_tokens)
     prompts = [chat_prompt(tok, p["question"], instruction) for p in problems]
     with autocast(dev, bf16_autocast):
         got, wall = sampler.generate_many(prompts, 1, params, cfg.rollout_rows)
@@ -294,14 +330,15 @@ def evaluate(sampler, tok, problems, instruction, cfg, dev, bf16_autocast):
 # -----------------------------------------------------------------------------
 
 def main(cfg: Config):
-    if cfg.mode not in ("serial", "parallel"):
-        raise ValueError(f"--mode must be serial or parallel, not {cfg.mode!r}")
+    for name, allowed in CHOICES.items():
+        if getattr(cfg, name) not in allowed:
+            raise ValueError(f"--{name.replace('_', '-')} must be one of {', '.join(allowed)}, not {getattr(cfg, name)!r}")
     rank, world, dev, model, tok, resuming = start_training(cfg)
     if cfg.prompts_per_step % world:
         raise ValueError(f"--prompts-per-step {cfg.prompts_per_step} must be divisible by the {world} ranks")
     roll_model, roll_autocast = rollout_model(model, cfg, dev, world)   # before FSDP2 shards the model
     sampler = Sampler(roll_model, tok)
-    instruction = instruction_for(cfg.model, cfg.instruction)
+    instruction = instruction_for(cfg.model, cfg.instruction_file)
     problems = read_problems(cfg.data)
     eval_problems = read_problems(cfg.eval_data)[:cfg.eval_problems] if cfg.eval_every else []
     train_model = wrap_distributed(model, world, cfg.fsdp)
@@ -328,13 +365,15 @@ def main(cfg: Config):
         sampler.release()                     # the fast path's KV cache and graphs: not kept through training
         rewards = [[r for _, r in g] for g in groups]
         batch = [r for g in rewards for r in g]
-        if cfg.mode == "parallel":            # the batch std spans every rank's rollouts
+        if cfg.adv_std == "batch":            # the batch std spans every rank's rollouts
             batch = [r for rank_batch in all_gather(batch, world) for r in rank_batch]
-        adv = advantages(rewards, cfg.mode, batch) if rewards else []
+        adv = advantages(rewards, cfg.adv_std, batch) if rewards else []
         items = [(s, a) for g, ag in zip(groups, adv) for (s, _), a in zip(g, ag)]
         random.Random(step).shuffle(items)
 
         # ---- updates: seqs_per_update sequences per optimizer step ----
+        for g in opt.param_groups:
+            g["lr"] = lr_at(step, cfg)
         model.train()
         t_train = time.perf_counter()
         trained = update(train_model, model, opt, items, cfg, world, dev)
@@ -343,7 +382,7 @@ def main(cfg: Config):
         step += 1
 
         rec = log_step(step, seen, rewards, dropped, len(items), trained, roll_wall, t_train, world, dev)
-        rec["step_s"] = time.perf_counter() - t0
+        rec.update(lr=opt.param_groups[0]["lr"], step_s=time.perf_counter() - t0)
         bar.update(1)
         if rank == 0:
             metrics.log(**rec)

@@ -34,16 +34,17 @@ STEP_HEADER = "<step>\n{n}:"       # opens branch n (n = its plan's number)
 TAKEAWAY_HEADER = "<takeaway>\n"   # opens the trunk after the join
 SEPARATOR = "\n"                   # after </guideline> and after each </step> (unless the token ended in whitespace)
 
-# The instruction the prompts open with (build_prompt), kept as the model reads it in its own file; a
-# checkpoint may carry its own file of the same name (cli.instruction_for).
+# The instruction the prompts end with (build_prompt), kept as the model reads it in its own file; a
+# checkpoint may carry its own file of the same name, and --instruction-file names another (cli.instruction_for).
 with open(os.path.join(os.path.dirname(os.path.abspath(__file__)), "npr_instruction.txt"), encoding="utf-8") as _f:
     INSTRUCTION = _f.read().strip()
 
 
 def build_prompt(question: str, instruction: str | None = None) -> str:
-    """The user message (no system message, as in the official setup): instruction + question.
-    `instruction` overrides INSTRUCTION (the built-in default's char-level model uses a short one)."""
-    return f"{INSTRUCTION if instruction is None else instruction}\n\nProblem:\n{question.strip()}"
+    """The user message, in the official order (no system message): the problem, a blank line, then
+    the instruction. `instruction` overrides INSTRUCTION (e.g. the official prompt file's text, or the
+    built-in default's short one)."""
+    return f"{question.strip()}\n\n{INSTRUCTION if instruction is None else instruction}"
 
 
 def new_tags(text: str, start: int) -> list[tuple[str, int]]:
@@ -195,6 +196,13 @@ def is_parallel(text_or_parsed) -> bool:
     """Parallel trigger: at least one block with >= 2 steps (a block that forked into >= 2 branches)."""
     p = parse(text_or_parsed) if isinstance(text_or_parsed, str) else text_or_parsed
     return any(len(b.steps) >= 2 for b in p.blocks)
+
+
+def open_block(text: str) -> bool:
+    """Whether the text ends inside a block before its <takeaway> (a guideline or a step still open, or
+    steps not yet joined): a layout a trainer cannot build, so RL drops such a rollout (NPR.md section 4)."""
+    blocks = parse(text, complete=False).blocks
+    return bool(blocks) and blocks[-1].take is None
 
 
 def engine_pieces(text: str, max_branches: int = 5) -> tuple[list[str] | None, str | None]:

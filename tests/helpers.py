@@ -55,7 +55,7 @@ class FakeSampler:
             raise KeyboardInterrupt("killed")
         out = []
         for p in prompts:
-            q = "".join(map(chr, p)).rsplit("Problem:\n", 1)[-1]      # FakeTok's prompt ends with the question
+            q = "".join(map(chr, p)).split("\n\n", 1)[0]      # FakeTok's prompt opens with the question
             k, tries = self.drawn.get(q, 0), self.script[q]
             self.drawn[q] = k + n
             out.append([])

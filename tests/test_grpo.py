@@ -11,20 +11,24 @@ import pytest
 import torch
 
 import grpo
-from helpers import GOOD, FakeSampler, FakeTok, sample, solution
+from helpers import GOOD, WRONG, FakeSampler, FakeTok, sample, solution
 from npr import grade
+
+# stage 1's recipe (DAPO), as the README's stage-1 command spells it (the budget here is 120: buffer 15)
+DAPO = dict(adv_std="group", loss_mean="token", ratio="importance", dynamic_sampling=True, overlong_buffer=15,
+            malformed="grade")
 
 
 def test_advantages_by_hand():
     # parallel: group mean, batch std, unbiased as torch.std. batch [1,-1,1,1]: mean .5, std 1
-    (a, b), (c, d) = grpo.advantages([[1, -1], [1, 1]], "parallel")
+    (a, b), (c, d) = grpo.advantages([[1, -1], [1, 1]], "batch")
     assert a == pytest.approx(1.0, rel=1e-5) and b == pytest.approx(-a) and c == d == 0
     assert grpo.std([1, -1, 1, 1]) == pytest.approx(torch.tensor([1., -1., 1., 1.]).std().item())
     # a batch from several ranks: the std is the global one
-    (a2, _), = grpo.advantages([[1, -1]], "parallel", batch=[1, -1, 1, 1])
+    (a2, _), = grpo.advantages([[1, -1]], "batch", batch=[1, -1, 1, 1])
     assert a2 == pytest.approx(a)
-    # serial: group mean and group std
-    (g,) = grpo.advantages([[1, -1, 1, 1]], "serial")
+    # group: group mean and group std
+    (g,) = grpo.advantages([[1, -1, 1, 1]], "group")
     assert g[1] == pytest.approx(-1.5, rel=1e-5) and g[0] == pytest.approx(0.5, rel=1e-5)
 
 
@@ -34,7 +38,7 @@ def test_onpolicy_gradient_is_minus_A_times_grad_of_mean_logprob():
     logp = torch.log_softmax(w, -1)                          # (B=2, T=5) stand-in log-probs
     mask = torch.tensor([[1., 1., 1., 0., 0.], [1., 1., 1., 1., 1.]])
     A = torch.tensor([0.7, -1.3])
-    loss = grpo.policy_loss(logp, logp.detach(), A, mask, "parallel", "onpolicy", 0.2, 0.28, norm=2.0)
+    loss = grpo.policy_loss(logp, logp.detach(), A, mask, "onpolicy", 0.2, 0.28, norm=2.0, mean="seq")
     g, = torch.autograd.grad(loss, w)
     logp = torch.log_softmax(w, -1)
     ref = -(A * (logp * mask).sum(1) / mask.sum(1)).mean()
@@ -49,13 +53,13 @@ def test_clip_higher_clips_where_it_should():
     for r, A, clipped in [(1.5, 1.0, True), (1.2, 1.0, False), (0.7, -1.0, True), (0.9, -1.0, False),
                           (1.5, -1.0, False), (0.7, 1.0, False)]:
         logp = torch.full((1, 4), math.log(r), requires_grad=True)
-        loss = grpo.policy_loss(logp, old, torch.tensor([A]), mask, "serial", "importance", 0.2, 0.28, norm=4.0)
+        loss = grpo.policy_loss(logp, old, torch.tensor([A]), mask, "importance", 0.2, 0.28, norm=4.0, mean="token")
         g, = torch.autograd.grad(loss, logp)
         assert (g.abs().sum() == 0) == clipped, (r, A)
     # clip-higher: 1.25 is inside [0.8, 1.28] although it is outside the symmetric 1.2
     logp = torch.full((1, 4), math.log(1.25), requires_grad=True)
-    g, = torch.autograd.grad(grpo.policy_loss(logp, old, torch.tensor([1.0]), mask, "serial", "importance",
-                                              0.2, 0.28, norm=4.0), logp)
+    g, = torch.autograd.grad(grpo.policy_loss(logp, old, torch.tensor([1.0]), mask, "importance",
+                                              0.2, 0.28, norm=4.0, mean="token"), logp)
     assert g.abs().sum() > 0
 
 
@@ -65,15 +69,15 @@ def test_dual_clip_caps_the_loss_of_a_huge_ratio_with_negative_advantage():
     assert c == 10.0                                          # the official clip_ratio_c
     for r, A, flat in [(20.0, -1.0, True), (5.0, -1.0, False), (20.0, 1.0, True)]:   # A > 0: the upper clip
         logp = torch.full((1, 4), math.log(r), requires_grad=True)
-        loss = grpo.policy_loss(logp, old, torch.tensor([A]), mask, "serial", "importance", 0.2, 0.28, norm=4.0,
-                                clip_c=c)
+        loss = grpo.policy_loss(logp, old, torch.tensor([A]), mask, "importance", 0.2, 0.28, norm=4.0,
+                                clip_c=c, mean="token")
         g, = torch.autograd.grad(loss, logp)
         assert (g.abs().sum() == 0) == flat, (r, A)
         if r == 20.0 and A < 0:
             assert loss.item() == pytest.approx(c)            # c x |A| per token, token mean
     logp = torch.full((1, 4), math.log(20.0), requires_grad=True)
-    g, = torch.autograd.grad(grpo.policy_loss(logp, old, torch.tensor([-1.0]), mask, "serial", "importance",
-                                              0.2, 0.28, norm=4.0, clip_c=0.0), logp)
+    g, = torch.autograd.grad(grpo.policy_loss(logp, old, torch.tensor([-1.0]), mask, "importance",
+                                              0.2, 0.28, norm=4.0, clip_c=0.0, mean="token"), logp)
     assert g.abs().sum() > 0                                  # off: the ratio keeps pushing
 
 
@@ -84,20 +88,86 @@ def test_rewards_and_drops():
     assert grpo.reward_of(sample("6+20=26."), "26", cfg)[0] == -1.0     # finished, no \boxed{}: no answer
     assert grpo.reward_of(sample(" \n"), "26", cfg)[0] == 0.0           # only an empty response scores 0
     assert grpo.reward_of(sample(GOOD, "malformed: guideline with 0 numbered plans"), "26", cfg)[0] is None
-    assert grpo.reward_of(sample(GOOD, "budget"), "26", cfg) == (None, None, "over budget")
     s = grpo.Config(mode="serial", format_reward=True, format_penalty=0.5, max_new_tokens=100, overlong_buffer=20)
     assert grpo.reward_of(sample("6+20=26 \\boxed{26}"), "26", s)[0] == -1.5      # right answer, no format
-    assert grpo.reward_of(sample(GOOD, crit=90), "26", s)[:2] == pytest.approx((1.0 - 10 / 20, 1.0))  # overlong ramp
-    assert grpo.reward_of(sample(GOOD, crit=40), "26", grpo.Config(mode="serial"))[0] == 1.0
+    assert grpo.reward_of(sample(GOOD, total=90), "26", s)[:2] == pytest.approx((1.0 - 10 / 20, 1.0))  # overlong ramp
+    assert grpo.reward_of(sample(GOOD, total=40), "26", grpo.Config(mode="serial"))[0] == 1.0
     assert grpo.reward_of(sample("6+20=26."), "26", grpo.Config(mode="serial"))[0] == -1.0
+
+
+# hand-made rollouts that ran out of budget: after their blocks closed (in the takeaway, in the final
+# text, a reply with no tags) and inside a block (in a step, in the guideline, between the steps)
+HEAD, TAKE = GOOD.split("<takeaway>")
+CLOSED = {"in the takeaway": HEAD + "<takeaway>\n6+20", "in the final text": GOOD.replace("\\boxed{26}", "so the sum"),
+          "no tags": "6+20=26 and then"}
+OPEN = {"in a step": HEAD.split("<step>\n2:")[0] + "<step>\n2: 4*5", "in the guideline": "<guideline>\n<plan>1: 2*3",
+        "between the steps": HEAD.rsplit("<step>", 1)[0]}
+
+
+@pytest.mark.parametrize("mode", ["parallel", "serial"])
+def test_a_budget_hit_is_graded_when_its_blocks_closed_and_dropped_when_one_is_open(mode):
+    """The official trainer keeps a rollout that ran out of budget with its blocks closed and grades it
+    (no box: -1), and drops one whose layout it cannot build (a block open at the end); the old rule,
+    every budget hit dropped, is --budget-hit drop."""
+    cfg = grpo.Config(mode=mode)
+    for name, text in CLOSED.items():
+        assert grpo.reward_of(sample(text, "budget", mode=mode), "26", cfg) == (-1.0, -1.0, None), name
+        assert grpo.reward_of(sample(text, "budget", mode=mode), "26", grpo.Config(mode=mode, budget_hit="drop")) \
+            == (None, None, "budget hit"), name
+    for name, text in OPEN.items():
+        r, _, why = grpo.reward_of(sample(text, "budget", mode=mode), "26", cfg)
+        assert r is None and why.startswith("open block"), name
+        assert grpo.reward_of(sample(text, "budget", mode=mode), "26", grpo.Config(mode=mode, malformed="penalize"))[0] == -1.0
+    # a right answer cut off after its box (the last tokens of the budget) counts as right
+    assert grpo.reward_of(sample(GOOD + " and", "budget", mode=mode), "26", cfg)[0] == 1.0
+
+
+def test_stage_one_recipe_grades_everything():
+    """--malformed grade (DAPO, stage 1): nothing is dropped for its structure; the format term decides."""
+    cfg = grpo.Config(mode="serial", **DAPO)
+    assert grpo.reward_of(sample(OPEN["in a step"] + " \\boxed{26}", "eos", mode="serial"), "26", cfg)[0] == 1.0
+    assert grpo.reward_of(sample(GOOD + "</step>", "eos", mode="serial"), "26", grpo.Config(mode="serial"))[2] \
+        .startswith("malformed: stray </step>")
+
+
+def test_the_recipe_does_not_depend_on_the_decoding_mode():
+    """The same samples and flags give the same rewards, advantages and loss whichever mode decoded
+    them: SR (serial) with PAPO's flags trains exactly as PAPO; and DAPO's flag set in parallel mode
+    trains as stage 1 does."""
+    torch.manual_seed(0)
+    texts = [GOOD, WRONG, GOOD.replace("\\boxed{26}", "26"), GOOD]
+    logp = torch.log_softmax(torch.randn(4, 6), -1).requires_grad_()
+    old, mask = logp.detach() + 0.1 * torch.randn(4, 6), (torch.rand(4, 6) > 0.3).float()
+    for recipe in ({}, DAPO):
+        got = []
+        for mode in ("serial", "parallel"):
+            cfg = grpo.Config(mode=mode, **recipe)
+            r = [grpo.reward_of(sample(t, mode=mode), "26", cfg)[0] for t in texts]
+            (adv,) = grpo.advantages([r], cfg.adv_std, batch=r + [1.0, -1.0])
+            n = mask.sum() if cfg.loss_mean == "token" else torch.tensor(4.0)
+            loss = grpo.policy_loss(logp, old, torch.tensor(adv), mask, cfg.ratio, cfg.clip_low, cfg.clip_high,
+                                    n, cfg.clip_c, cfg.loss_mean)
+            got.append((loss.item(), torch.autograd.grad(loss, logp)[0]))
+        assert got[0][0] == got[1][0] and torch.equal(got[0][1], got[1][1]) and got[0][1].abs().sum() > 0
+    papo, dapo = grpo.Config(), grpo.Config(**DAPO)
+    assert (papo.adv_std, papo.loss_mean, papo.ratio, papo.dynamic_sampling) == ("batch", "seq", "onpolicy", False)
+    assert (dapo.adv_std, dapo.loss_mean, dapo.ratio, dapo.dynamic_sampling) == ("group", "token", "importance", True)
+
+
+def test_learning_rate_schedules():
+    const = grpo.Config(lr=1e-3)
+    assert [grpo.lr_at(s, const) for s in (0, 5, 59)] == [1e-3] * 3
+    cos = grpo.Config(lr=1e-3, lr_schedule="cosine", warmup_steps=10, min_lr_ratio=0.0, steps=110)
+    assert grpo.lr_at(0, cos) == pytest.approx(1e-4) and grpo.lr_at(9, cos) == pytest.approx(1e-3)
+    assert grpo.lr_at(10, cos) == pytest.approx(1e-3) and grpo.lr_at(60, cos) == pytest.approx(5e-4)
+    assert grpo.lr_at(109, cos) < 1e-6
 
 
 def test_leaving_the_box_out_does_not_beat_a_wrong_boxed_answer():
     cfg = grpo.Config(mode="parallel")
     wrong = GOOD.replace("{26}", "{25}")
     texts = [GOOD, wrong, wrong, GOOD.replace("\\boxed{26}", "26")]
-    (right_a, wrong_a, _, nobox_a), = grpo.advantages([[grpo.reward_of(sample(t), "26", cfg)[0] for t in texts]],
-                                                       "parallel")
+    (right_a, wrong_a, _, nobox_a), = grpo.advantages([[grpo.reward_of(sample(t), "26", cfg)[0] for t in texts]])
     assert right_a > 0 and nobox_a <= wrong_a
 
 
@@ -105,7 +175,7 @@ def test_dynamic_sampling_drops_zero_variance_groups_and_malformed_never_reach_t
     problems = [{"question": "q", "answer": "26"}]
     allright = [(GOOD, "eos")] * 4
     mixed = [(GOOD, "eos"), (GOOD.replace("{26}", "{2}"), "eos"), (GOOD, "malformed: x"), (GOOD, "eos")]
-    cfg = grpo.Config(mode="serial", prompts_per_step=2, group_size=4, max_sampling_rounds=2)
+    cfg = grpo.Config(mode="serial", prompts_per_step=2, group_size=4, max_sampling_rounds=2, **DAPO)
     fake = FakeSampler({"q": allright * 2 + mixed + allright * 3})     # round 1: 2 groups, round 2: 4
     groups, seen, dropped, _ = grpo.rollout(fake, FakeTok(), problems, cfg, 0, "", 0, 1)
     assert len(groups) == 1 and dropped["zero-variance group"] == 4 * 5
@@ -124,7 +194,7 @@ def test_dynamic_sampling_looks_at_the_score_before_the_overlong_penalty():
     official filter_groups.metric=score): the group is dropped and the next round's kept."""
     problems = [{"question": "q", "answer": "26"}]
     cfg = grpo.Config(mode="serial", prompts_per_step=1, group_size=4, max_sampling_rounds=2, max_new_tokens=100,
-                      overlong_buffer=20)
+                      **dict(DAPO, overlong_buffer=20))
     one_long = [(GOOD, "eos", 10)] * 3 + [(GOOD, "eos", 95)]
     mixed = [(GOOD, "eos"), (GOOD.replace("{26}", "{2}"), "eos")] * 2
     fake = FakeSampler({"q": one_long + mixed * 2})
@@ -159,9 +229,10 @@ def sft_model(tmp_path_factory):
     rows = [dict(question=f"Compute {a}*{b} + {c}*{e}.", answer=str(a * b + c * e),
                  trajectory=solution(a, b, c, e)) for a, b, c, e in EASY]
     (d / "train.jsonl").write_text("".join(json.dumps(r) + "\n" for r in rows))
+    (d / "ins.txt").write_text("Solve.\n")
     make_checkpoint(d / "base")
     sft.main(sft.Config(model=str(d / "base"), data=str(d / "train.jsonl"), out_dir=str(d / "sft"), epochs=100,
-                        batch_size=4, row_tokens=2048, lr=3e-3, instruction="Solve.", warmup_frac=0.0))
+                        batch_size=4, row_tokens=2048, lr=3e-3, instruction_file=str(d / "ins.txt"), warmup_frac=0.0))
     return d, rows
 
 
@@ -196,7 +267,7 @@ def test_a_few_steps_raise_what_the_default_algorithm_optimizes(sft_model, tmp_p
     grpo.main(grpo.Config(mode=mode, model=str(d / "sft"), data=str(d / "train.jsonl"), out_dir=str(tmp_path / "rl"),
                           eval_data=str(d / "test.jsonl"), eval_every=steps // 2, save_every=0, steps=steps,
                           prompts_per_step=4, group_size=8, seqs_per_update=32, lr=1e-4, max_new_tokens=120,
-                          instruction="Solve.", seed=0))
+                          instruction_file=str(d / "ins.txt"), seed=0, **(DAPO if mode == "serial" else {})))
     after = accuracy(tmp_path / "rl", rows, mode)
     evals = [json.loads(x) for x in open(tmp_path / "rl" / "metrics.jsonl") if "eval_accuracy" in x]
     assert [e["step"] for e in evals] == [0, steps // 2, steps]
@@ -216,7 +287,7 @@ def test_two_gloo_processes_match_one(sft_model, tmp_path, fsdp):
     d, _ = sft_model
     args = dict(mode="parallel", model=str(d / "sft"), data=str(d / "train.jsonl"), eval_every=0, save_every=0,
                 steps=3, prompts_per_step=4, group_size=8, seqs_per_update=32, lr=1e-4, max_new_tokens=120,
-                instruction="Solve.")
+                instruction_file=str(d / "ins.txt"))
     grpo.main(grpo.Config(out_dir=str(tmp_path / "one"), **args))
     root = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
     flags = [x for k, v in args.items() for x in (f"--{k.replace('_', '-')}", str(v))]
@@ -241,7 +312,7 @@ def test_resume_after_a_kill(sft_model, tmp_path, monkeypatch):
     d, _ = sft_model
     cfg = grpo.Config(mode="parallel", model=str(d / "sft"), data=str(d / "train.jsonl"), out_dir=str(tmp_path / "rl"),
                       eval_every=0, save_every=2, steps=4, prompts_per_step=4, group_size=4, seqs_per_update=16,
-                      lr=1e-4, max_new_tokens=120, instruction="Solve.")
+                      lr=1e-4, max_new_tokens=120, instruction_file=str(d / "ins.txt"))
     real = grpo.rollout
 
     def dying(sampler, tok, problems, cfg, step, *a):

@@ -55,13 +55,13 @@ def test_forced_texts_read_as_the_grammar():
                                         "<takeaway>\n", "both</takeaway>"], None)
 
 
-def test_build_prompt_holds_instruction_and_question():
+def test_build_prompt_puts_the_problem_first_then_the_instruction():
     p = npr.build_prompt("  What is 2+2?  ")
-    assert p.startswith(npr.INSTRUCTION) and p.endswith("What is 2+2?")
+    assert p == "What is 2+2?\n\n" + npr.INSTRUCTION      # the official order: the problem, a blank line, the instruction
     for t in npr.TAGS:
         assert t in npr.INSTRUCTION
     assert "1:" in npr.INSTRUCTION and "\\boxed{}" in npr.INSTRUCTION
-    assert npr.build_prompt(" q ", instruction="Short.") == "Short.\n\nProblem:\nq"
+    assert npr.build_prompt(" q ", instruction="Short.") == "q\n\nShort."
 
 
 def test_instruction_is_the_file_beside_npr_py():
