@@ -17,7 +17,7 @@ Request (OpenAI's shape; other OpenAI fields such as stop or stream_options are 
                 (longest chain of dependent tokens; all branches together may write up to max_branches
                 times as many). Positions run along it, so prompt + max_tokens over the model's context
                 (max_position_embeddings) is a 400; without max_tokens: --default-max-tokens, cut to fit
-  temperature   0..2 (default 1; 0 = greedy)   top_p (0, 1] (default 1)   n 1..--max-n (default 1)
+  temperature   0..2 (default 1; 0, or below 1e-5, = greedy)   top_p (0, 1] (default 1)   n 1..--max-n (default 1)
   seed          int (default: drawn, and echoed as "seed"): choice i samples from the row seed
                 seed * 1000003 + i (its branches from their own generators), so an answer does not
                 depend on the requests it is batched with nor on when it starts (sampler.py)

@@ -54,6 +54,23 @@ def test_pick():
     assert pick(logits, 1.0, 1.0, 0, torch.tensor([0.999999])).item() == 3  # the last token with mass
 
 
+@pytest.mark.parametrize("temperature", [1e-45, 1e-39, 1e-30, 1e-7])
+def test_a_tiny_temperature_is_greedy(ck, temperature):
+    """logits / T overflows fp32 at T <= ~1e-38 (softmax NaN, the draw clamped to the last id): below
+    GREEDY_BELOW a temperature is argmax, in pick, in the decode step's draw and so in every caller."""
+    from decode_graph import in_step_draw
+    from request import GREEDY_BELOW, resolved
+    assert temperature < GREEDY_BELOW
+    logits = torch.tensor([[-50.0, 30.0, 29.9, 10.0, -3.0]])
+    assert all(pick(logits, temperature, 1.0, 0, u).item() == 1 for u in torch.rand(20, 1))
+    assert in_step_draw([resolved(SamplingParams(temperature=temperature))], None) == (0.0, 1.0, 0)
+    model, tok = ck
+    p = dict(mode="serial", max_new_tokens=20, seed=5)
+    greedy = Sampler(model, tok).generate([chat(tok)], n=2, params=SamplingParams(temperature=0, **p))[0]
+    tiny = Sampler(model, tok).generate([chat(tok)], n=2, params=SamplingParams(temperature=temperature, **p))[0]
+    assert [s.ids for s in tiny] == [s.ids for s in greedy]
+
+
 @pytest.mark.parametrize("V", [151936, 300, 97])
 def test_two_stage_argmax_and_logprob(V):
     """argmax_rows / logprob_of (the decode step's head) equal argmax (first maximal index on ties)
