@@ -8,6 +8,7 @@ import argparse
 import dataclasses
 import inspect
 import json
+import math
 import os
 import re
 import sys
@@ -70,10 +71,18 @@ def print_config(cfg):
 # -----------------------------------------------------------------------------
 # Problems: JSONL or JSON, our fields or the ORZ-math collection's layout
 
-def read_problems(path, question_field="question", answer_field="answer"):
-    """-> list of {"question", "answer"}. Accepts JSONL (one object per line), a JSON list, and
-    the ORZ layout: [{"from": "human", "value": Q}, {"from": "assistant", "ground_truth": {"value": A}}].
-    A malformed line raises ValueError naming the file and line."""
+class Problem(dict):
+    """One problem's fields (a dict), and `where` it is: "path:line" (a JSON list: "path: item n"),
+    for the errors that come later (a prompt too long for the model's context)."""
+    where = ""
+
+
+def read_problems(path, question_field="question", answer_field="answer", needs=(), may=()):
+    """-> list of Problem {"question", "answer", ...}. Accepts JSONL (one object per line), a JSON list,
+    and the ORZ layout: [{"from": "human", "value": Q}, {"from": "assistant", "ground_truth": {"value": A}}].
+    The question must be a non-empty string, the answer one or a number (str(None) would grade
+    \\boxed{None} as right); `needs` names more fields that must be strings, `may` fields that may
+    also be null. A malformed line raises ValueError naming the file and line."""
     if not os.path.isfile(path):
         raise FileNotFoundError(f"data file not found: {path}")
     try:
@@ -87,7 +96,7 @@ def read_problems(path, question_field="question", answer_field="answer"):
     items = None
     if text.lstrip().startswith("["):
         try:
-            items = [(i + 1, x) for i, x in enumerate(json.loads(text))]
+            items = [(f"{path}: item {i + 1}", x) for i, x in enumerate(json.loads(text))]
         except json.JSONDecodeError:
             items = None  # a JSONL file whose first line is itself a list (ORZ rows): parse by line
     if items is None:
@@ -96,24 +105,47 @@ def read_problems(path, question_field="question", answer_field="answer"):
             if not line.strip():
                 continue
             try:
-                items.append((n, json.loads(line)))
+                items.append((f"{path}:{n}", json.loads(line)))
             except json.JSONDecodeError as e:
                 raise ValueError(f"{path}:{n}: not valid JSON ({e.msg}): {line[:80]!r}") from None
+
     out = []
-    for n, x in items:
+    for where, x in items:
         if isinstance(x, list) and len(x) >= 2 and isinstance(x[0], dict) and x[0].get("from") == "human":
             try:
-                out.append({"question": x[0]["value"], "answer": str(x[1]["ground_truth"]["value"])})
+                q, a = x[0]["value"], x[1]["ground_truth"]["value"]
             except (KeyError, TypeError):
-                raise ValueError(f"{path}:{n}: ORZ row without human value / ground_truth.value") from None
+                raise ValueError(f"{where}: ORZ row without human value / ground_truth.value") from None
+            p = Problem(question=field_text(where, "'value' of the human turn", q),
+                        answer=field_text(where, "'ground_truth.value'", a, number=True))
         elif isinstance(x, dict) and question_field in x and answer_field in x:
-            out.append({**x, "question": x[question_field], "answer": str(x[answer_field])})
+            p = Problem(x, question=field_text(where, repr(question_field), x[question_field]),
+                        answer=field_text(where, repr(answer_field), x[answer_field], number=True))
+            for name in needs + may:
+                if name not in x and name in needs:
+                    raise ValueError(f"{where}: {name!r} is missing")
+                v = x.get(name)
+                if not isinstance(v, str) and not (v is None and name in may):
+                    raise ValueError(f"{where}: {name!r} must be a string{' (or null)' if name in may else ''}, "
+                                     f"got {json.dumps(v)[:80]}")
         else:
-            raise ValueError(f"{path}:{n}: expected an object with {question_field!r} and {answer_field!r} "
+            raise ValueError(f"{where}: expected an object with {question_field!r} and {answer_field!r} "
                              f"(see --question-field/--answer-field) or an ORZ row, got: {str(x)[:80]!r}")
+        p.where = where
+        out.append(p)
     if not out:
         raise ValueError(f"{path}: no problems found")
     return out
+
+
+def field_text(where, name, v, number=False):
+    """A question or answer field as text: a non-empty string, or (number) a finite int or float, as str."""
+    if isinstance(v, str) and v.strip():
+        return v
+    if number and isinstance(v, (int, float)) and not isinstance(v, bool) and math.isfinite(v):
+        return str(v)
+    raise ValueError(f"{where}: {name} must be a non-empty string{' or a number' if number else ''}, "
+                     f"got {json.dumps(v)[:80]}")
 
 
 def instruction_for(model_dir, override=""):

@@ -5,6 +5,7 @@ name the file and show as one line. (Checkpoints: test_checkpoint.py.)
 """
 import json
 import os
+import re
 
 import pytest
 
@@ -49,3 +50,62 @@ def test_an_input_error_is_one_line_and_debug_shows_the_traceback(tmp_path):
         f"error: checkpoint folder not found: {tmp_path / 'nonexistent'} (--debug or NPR_DEBUG=1 for the traceback)"]
     p = subprocess.run(cmd + ["--debug"], capture_output=True, text=True, timeout=120, env=env)
     assert p.returncode != 0 and "Traceback" in p.stderr and "FileNotFoundError" in p.stderr
+
+
+BAD_FIELDS = [  # (row, the words of the error): each was read without complaint or failed with a traceback
+    ({"question": "1+1?", "answer": None}, "'answer' must be a non-empty string or a number, got null"),
+    ({"question": "1+1?", "answer": [2, 3]}, "'answer' must be a non-empty string or a number, got [2, 3]"),
+    ({"question": "1+1?", "answer": {"value": 2}}, "'answer' must be"),
+    ({"question": "1+1?", "answer": ""}, "'answer' must be a non-empty string"),
+    ({"question": "1+1?", "answer": " "}, "'answer' must be a non-empty string"),
+    ({"question": "1+1?", "answer": True}, "'answer' must be a non-empty string or a number, got true"),
+    ({"question": "1+1?", "answer": float("nan")}, "'answer' must be a non-empty string or a number, got NaN"),
+    ({"question": 7, "answer": "2"}, "'question' must be a non-empty string, got 7"),
+    ({"question": None, "answer": "2"}, "'question' must be a non-empty string, got null"),
+    ({"question": ["1+1?"], "answer": "2"}, "'question' must be a non-empty string"),
+    ({"question": "", "answer": "2"}, "'question' must be a non-empty string"),
+    ([{"from": "human", "value": None}, {"from": "assistant", "ground_truth": {"value": 2}}],
+     "'value' of the human turn must be a non-empty string, got null"),
+    ([{"from": "human", "value": "1+1?"}, {"from": "assistant", "ground_truth": {"value": None}}],
+     "'ground_truth.value' must be a non-empty string or a number, got null"),
+]
+
+
+@pytest.mark.parametrize("row,words", BAD_FIELDS, ids=[f"{i}" for i in range(len(BAD_FIELDS))])
+def test_problem_fields_of_the_wrong_type_are_refused_with_their_line(tmp_path, row, words):
+    """str(None) once made the answer "None", which grades \\boxed{None} as correct."""
+    good = {"question": "2+2?", "answer": 4}
+    for name, text in (("p.jsonl", json.dumps(good) + "\n\n" + json.dumps(row) + "\n"),
+                       ("p.json", json.dumps([good, row]))):
+        path = tmp_path / name
+        path.write_text(text)
+        where = f"{path}:3" if name == "p.jsonl" else f"{path}: item 2"
+        with pytest.raises(ValueError, match=re.escape(f"{where}: {words}")):
+            cli.read_problems(str(path))
+
+
+def test_problems_keep_numbers_as_answers_and_remember_where_they_are(tmp_path):
+    path = tmp_path / "p.jsonl"
+    path.write_text('{"question": "2+2?", "answer": 4}\n\n{"question": "1/2?", "answer": 0.5, "id": 9}\n')
+    probs = cli.read_problems(str(path))
+    assert probs == [{"question": "2+2?", "answer": "4"}, {"question": "1/2?", "answer": "0.5", "id": 9}]
+    assert [p.where for p in probs] == [f"{path}:1", f"{path}:3"]
+    assert [p.where for p in probs[1:]] == [f"{path}:3"]                 # kept through a slice
+
+
+@pytest.mark.parametrize("field,value,words", [
+    ("trajectory", None, "'trajectory' must be a string, got null"),
+    ("trajectory", 5, "'trajectory' must be a string, got 5"),
+    ("trajectory", ["a"], "'trajectory' must be a string"),
+    ("prompt", 5, "'prompt' must be a string (or null), got 5"),
+    ("prompt", {"a": 1}, "'prompt' must be a string (or null)"),
+])
+def test_sft_rows_with_fields_of_the_wrong_type_are_refused_with_their_line(tmp_path, field, value, words):
+    row = {"question": "2+2?", "answer": "4", "trajectory": "x", "prompt": None}
+    path = tmp_path / "d.jsonl"
+    path.write_text(json.dumps(row) + "\n" + json.dumps({**row, field: value}) + "\n")
+    with pytest.raises(ValueError, match=re.escape(f"{path}:2: {words}")):
+        cli.read_problems(str(path), needs=("trajectory",), may=("prompt",))
+    path.write_text(json.dumps({k: v for k, v in row.items() if k != "trajectory"}) + "\n")
+    with pytest.raises(ValueError, match=re.escape(f"{path}:1: 'trajectory' is missing")):
+        cli.read_problems(str(path), needs=("trajectory",), may=("prompt",))
