@@ -22,7 +22,10 @@ def read_config(path):
         raise FileNotFoundError(f"checkpoint folder not found: {path}")
     if not os.path.isfile(cfg_path := os.path.join(path, "config.json")):
         raise FileNotFoundError(f"no config.json in checkpoint folder {path}")
-    return read_json(cfg_path)
+    d = read_json(cfg_path)
+    if not isinstance(d, dict):
+        raise ValueError(f"{cfg_path}: expected a JSON object, got a {type(d).__name__}")
+    return d
 
 
 def read_json(path):
