@@ -8,6 +8,7 @@ outputs as they read Qwen's; every error names the file and what is wrong with i
 import dataclasses
 import json
 import os
+import pickle
 import shutil
 
 import torch
@@ -170,7 +171,7 @@ def save_resume_point(model, tok, opt, last_dir, cfg, src_dir, step, rank, world
     each rank's optimizer state, then train_state.pt, all in a new folder `last_dir`.<step>.partial;
     synced to disk, renamed to `last_dir`.<step>, and only then the symlink `last_dir` is switched to
     it (an atomic rename) and the older saves removed. A kill at any moment leaves `last_dir`
-    pointing at the last complete save (os.path.isfile(last_dir/train_state.pt) tells one exists)."""
+    pointing at the last complete save (resume_point tells whether one exists)."""
     import torch.distributed as dist
     state = full_state_dict(model)
     new = f"{last_dir}.{step}"
@@ -202,13 +203,54 @@ def save_resume_point(model, tok, opt, last_dir, cfg, src_dir, step, rank, world
                 shutil.rmtree(p, ignore_errors=True)
 
 
+def resume_point(last_dir):
+    """Whether a resume point `last_dir` exists (False: none, a fresh start). One that exists but
+    cannot be used (a link to nothing, a plain file, a missing or torn train_state.pt) raises: a fresh
+    start would overwrite the run's saves and metrics.jsonl."""
+    if not os.path.lexists(last_dir):
+        return False
+    if not os.path.isdir(last_dir):
+        what = f"a link to {os.readlink(last_dir)!r}, which does not exist" if os.path.islink(last_dir) else \
+            "not a folder"
+        raise ValueError(f"{last_dir}: the resume point is {what}; {start_over(last_dir)}")
+    train_state(last_dir)
+    return True
+
+
+def start_over(last_dir):
+    return (f"to start over, move or delete {last_dir} and {last_dir}.* (or pass --no-resume, which overwrites "
+            "them and the records past step 0)")
+
+
+def load_resume_file(path, last_dir, **kw):
+    """torch.load of a resume point's file; a missing, truncated or empty one is a ValueError naming it."""
+    try:
+        return torch.load(path, weights_only=False, **kw)
+    except torch.OutOfMemoryError:
+        raise
+    except FileNotFoundError:
+        raise ValueError(f"{path}: missing from the resume point; {start_over(last_dir)}") from None
+    except (RuntimeError, EOFError, pickle.UnpicklingError, ValueError) as e:
+        why = str(e).split(". ")[0].splitlines()[0] if str(e) else type(e).__name__
+        raise ValueError(f"{path}: not a complete resume file ({why}); {start_over(last_dir)}") from None
+
+
+def train_state(last_dir):
+    """The resume point's {"step", "world"} (train_state.pt, written last: its presence marks a complete save)."""
+    path = os.path.join(last_dir, "train_state.pt")
+    state = load_resume_file(path, last_dir)
+    if not (isinstance(state, dict) and isinstance(state.get("step"), int) and isinstance(state.get("world"), int)):
+        raise ValueError(f"{path}: not a train state (step, world); {start_over(last_dir)}")
+    return state
+
+
 def load_resume_point(opt, last_dir, rank, world, device):
     """Restore this rank's optimizer state from save_resume_point; -> the step to continue from."""
-    state = torch.load(os.path.join(last_dir, "train_state.pt"), weights_only=False)
+    state = train_state(last_dir)
     if state["world"] != world:
         raise ValueError(f"{last_dir} was written by {state['world']} ranks; resume with the same number")
-    opt.load_state_dict(torch.load(os.path.join(last_dir, f"optimizer.rank{rank}.pt"), map_location=device,
-                                   weights_only=False))
+    opt.load_state_dict(load_resume_file(os.path.join(last_dir, f"optimizer.rank{rank}.pt"), last_dir,
+                                         map_location=device))
     skipped = [p for p in resume_folders(last_dir) if p.endswith(".partial")]
     print(f"resumed from {os.path.realpath(last_dir)} at step {state['step']}"
           + (f" (ignoring the unfinished save {', '.join(skipped)})" if skipped else ""), flush=True)
@@ -222,7 +264,8 @@ def save_final(model, tok, out_dir, cfg, src_dir, rank, world):
     state = full_state_dict(model)
     if rank == 0:
         save_checkpoint(model, tok, out_dir, cfg, src_dir, state_dict=state, dtype=save_dtype(cfg, src_dir))
-        for p in resume_folders(os.path.join(out_dir, "last")):
+        # the link first: a kill in the middle of this leaves no link to a removed folder (a refused resume)
+        for p in sorted(resume_folders(os.path.join(out_dir, "last")), key=lambda p: not os.path.islink(p)):
             if os.path.islink(p):
                 os.remove(p)
             else:

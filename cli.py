@@ -15,7 +15,7 @@ import sys
 
 import torch
 
-from checkpoint import INSTRUCTION_FILE, check_vocab, load_resume_point
+from checkpoint import INSTRUCTION_FILE, check_vocab, load_resume_point, resume_point
 
 
 # -----------------------------------------------------------------------------
@@ -257,7 +257,7 @@ def start_training(cfg):
     if rank == 0:
         print_config(cfg)
     last_dir = os.path.join(cfg.out_dir, "last")
-    resuming = cfg.resume and os.path.isfile(os.path.join(last_dir, "train_state.pt"))
+    resuming = cfg.resume and resume_point(last_dir)     # one that exists but cannot be used: refused
     src = last_dir if resuming else cfg.model
     model, tok = Qwen.from_pretrained(src, device=dev, dtype=DTYPES[cfg.dtype]), Tokenizer.from_pretrained(src)
     check_vocab(model, tok, src)

@@ -122,3 +122,68 @@ def test_tokenizer_with_more_ids_than_embedding_rows_is_refused_at_load(tmp_path
     make_model(tmp_path / "bad", V - 4)
     with pytest.raises(ValueError, match=rf"bad: the tokenizer has {V} ids but the model only {V - 4} embedding rows"):
         checkpoint.load_for_sampling(str(tmp_path / "bad"), "cpu")
+
+
+@pytest.fixture(scope="module")
+def killed_sft(tmp_path_factory):
+    """An sft run killed after its resumable saves at steps 1 and 2: (data, base model, the run's folder)."""
+    import sft
+    from helpers import solution
+    d = tmp_path_factory.mktemp("killed")
+    make_checkpoint(d / "base")
+    (d / "train.jsonl").write_text("".join(json.dumps(dict(question=f"Compute {a}*3 + 4*5.", answer=str(3 * a + 20),
+                                                           trajectory=solution(a, 3, 4, 5))) + "\n" for a in range(2, 10)))
+    real = sft.lr_at
+
+    def dying(step, total, cfg):
+        if step == 2:
+            raise KeyboardInterrupt
+        return real(step, total, cfg)
+    sft.lr_at = dying
+    try:
+        with pytest.raises(KeyboardInterrupt):
+            sft.main(sft_config(d, d / "run"))
+    finally:
+        sft.lr_at = real
+    assert os.readlink(d / "run" / "last") == "last.2"
+    return d
+
+
+def sft_config(d, out):
+    import sft
+    return sft.Config(model=str(d / "base"), data=str(d / "train.jsonl"), out_dir=str(out), epochs=2, batch_size=4,
+                      row_tokens=1024, instruction="Solve.", save_every=1)
+
+
+def cut(path, keep):
+    data = open(path, "rb").read()
+    open(path, "wb").write(data[:int(len(data) * keep)])
+
+
+CORRUPT = {  # what a careless user or a failing disk leaves -> the file the error names
+    "truncated train_state": (lambda run: cut(run / "last.2" / "train_state.pt", 0.5), "last/train_state.pt"),
+    "empty train_state": (lambda run: cut(run / "last.2" / "train_state.pt", 0), "last/train_state.pt"),
+    "no train_state": (lambda run: os.remove(run / "last.2" / "train_state.pt"), "last/train_state.pt"),
+    "truncated optimizer": (lambda run: cut(run / "last.2" / "optimizer.rank0.pt", 0.5), "last/optimizer.rank0.pt"),
+    "empty optimizer": (lambda run: cut(run / "last.2" / "optimizer.rank0.pt", 0), "last/optimizer.rank0.pt"),
+    "dangling last": (lambda run: shutil.rmtree(run / "last.2"), "last"),
+    "last a plain file": (lambda run: (os.remove(run / "last"), (run / "last").write_text("x")), "last"),
+}
+
+
+@pytest.mark.parametrize("case", CORRUPT)
+def test_a_resume_point_that_cannot_be_used_is_refused_naming_the_file(killed_sft, tmp_path, case):
+    """Not a traceback naming no file, nor a silent fresh start that truncates metrics.jsonl: one
+    error naming the file and how to start over; the run's records stay as they were."""
+    import sft
+    run = tmp_path / "run"
+    shutil.copytree(killed_sft / "run", run, symlinks=True)
+    corrupt, name = CORRUPT[case]
+    corrupt(run)
+    metrics = (run / "metrics.jsonl").read_text()
+    assert [json.loads(x)["step"] for x in metrics.splitlines()] == [1, 2]
+    with pytest.raises(ValueError) as e:
+        sft.main(sft_config(killed_sft, run))
+    msg = str(e.value)
+    assert msg.startswith(f"{run / name}") and "to start over" in msg and "--no-resume" in msg, msg
+    assert "\n" not in msg and (run / "metrics.jsonl").read_text() == metrics
