@@ -5,10 +5,13 @@ outputs as they read Qwen's; every error names the file and what is wrong with i
 - A stage's checkpoints: its output (the input's dtype and every tokenizer / generation file of the
   input carried along), resumable points that survive a kill at any moment, loading for decoding.
 """
+import contextlib
 import dataclasses
+import errno
 import json
 import os
 import pickle
+import re
 import shutil
 
 import torch
@@ -76,12 +79,72 @@ def write_safetensors(state, path, max_shard_bytes=4 << 30):
     names = ["model.safetensors"] if len(shards) == 1 else \
         [f"model-{i + 1:05d}-of-{len(shards):05d}.safetensors" for i in range(len(shards))]
     for name, shard in zip(names, shards):
-        save_file(shard, os.path.join(path, name), metadata={"format": "pt"})
+        with writing(os.path.join(path, name)):
+            save_file(shard, os.path.join(path, name), metadata={"format": "pt"})
     if len(shards) > 1:
         index = {"metadata": {"total_size": sum(v.numel() * v.element_size() for v in state.values())},
                  "weight_map": {k: name for name, shard in zip(names, shards) for k in shard}}
         with open(os.path.join(path, "model.safetensors.index.json"), "w") as f:
             json.dump(index, f, indent=2)
+
+
+def write_error(path, code):
+    """A failed write as one OSError naming what was being written; a full disk (or a file-size or
+    quota limit: the same to the writer) says so."""
+    if code in (errno.ENOSPC, errno.EFBIG, errno.EDQUOT):
+        e = OSError(f"no space left to write {path} ({os.strerror(code)}): free some space there or choose "
+                    "another output folder; what was saved before is kept")
+    else:
+        e = OSError(f"cannot write {path}: {os.strerror(code)}")
+    e.errno, e.path = code, path      # (path: an inner `writing` named the file already)
+    return e
+
+
+@contextlib.contextmanager
+def writing(path):
+    """Errors of writing `path` (a file, or a folder being filled) as write_error: Python's own name no
+    file, and safetensors and tokenizers (Rust) report the OS error inside their message."""
+    try:
+        yield
+    except OSError as e:
+        if e.filename is not None or not e.errno or hasattr(e, "path"):
+            raise
+        raise write_error(path, e.errno) from None
+    except Exception as e:
+        code = re.search(r"\(os error (\d+)\)", str(e))
+        if code is None:
+            raise
+        raise write_error(path, int(code.group(1))) from None
+
+
+class _Writes:
+    """A file object for torch.save that keeps the error of a failed write: torch reports only
+    "unexpected pos", the OS error (a full disk) is lost."""
+
+    def __init__(self, f):
+        self.f, self.error = f, None
+
+    def write(self, b):
+        try:
+            return self.f.write(b)
+        except OSError as e:
+            self.error = e
+            raise
+
+    def flush(self):
+        return self.f.flush()
+
+
+def save_torch(obj, path):
+    """torch.save into path; a failed write is write_error naming the file."""
+    with writing(path), open(path, "wb") as f:
+        out = _Writes(f)
+        try:
+            torch.save(obj, out)
+        except RuntimeError:
+            if out.error is None:
+                raise
+            raise out.error from None
 
 
 def check_vocab(model, tokenizer, where=""):
@@ -125,15 +188,16 @@ def save_checkpoint(model, tok, out_dir, cfg=None, src_dir=None, state_dict=None
     tmp = out_dir.rstrip("/") + ".tmp"
     shutil.rmtree(tmp, ignore_errors=True)
     os.makedirs(tmp)
-    if src_dir and os.path.isdir(src_dir):
-        for f in os.listdir(src_dir):
-            if f.startswith(SIDE_FILES) and os.path.isfile(os.path.join(src_dir, f)):
-                shutil.copy(os.path.join(src_dir, f), tmp)
-    model.save_pretrained(tmp, state_dict=state_dict, dtype=dtype)
-    tok.save_pretrained(tmp)
-    if cfg is not None:
-        with open(os.path.join(tmp, "run_config.json"), "w") as f:
-            json.dump(dataclasses.asdict(cfg), f, indent=2)
+    with writing(tmp):
+        if src_dir and os.path.isdir(src_dir):
+            for f in os.listdir(src_dir):
+                if f.startswith(SIDE_FILES) and os.path.isfile(os.path.join(src_dir, f)):
+                    shutil.copy(os.path.join(src_dir, f), tmp)
+        model.save_pretrained(tmp, state_dict=state_dict, dtype=dtype)
+        tok.save_pretrained(tmp)
+        if cfg is not None:
+            with open(os.path.join(tmp, "run_config.json"), "w") as f:
+                json.dump(dataclasses.asdict(cfg), f, indent=2)
     os.makedirs(out_dir, exist_ok=True)
     for f in os.listdir(out_dir):  # stale weights from an earlier save would shadow the new ones
         if f.startswith("model") and (f.endswith(".safetensors") or f.endswith(".index.json")):
@@ -181,11 +245,11 @@ def save_resume_point(model, tok, opt, last_dir, cfg, src_dir, step, rank, world
         save_checkpoint(model, tok, part, cfg, src_dir, state_dict=state)
     if world > 1:
         dist.barrier()
-    torch.save(opt.state_dict(), os.path.join(part, f"optimizer.rank{rank}.pt"))
+    save_torch(opt.state_dict(), os.path.join(part, f"optimizer.rank{rank}.pt"))
     if world > 1:
         dist.barrier()
     if rank == 0:
-        torch.save({"step": step, "world": world}, os.path.join(part, "train_state.pt"))
+        save_torch({"step": step, "world": world}, os.path.join(part, "train_state.pt"))
         fsync_tree(part)
         shutil.rmtree(new, ignore_errors=True)
         os.replace(part, new)

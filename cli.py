@@ -15,7 +15,7 @@ import sys
 
 import torch
 
-from checkpoint import INSTRUCTION_FILE, check_vocab, load_resume_point, resume_point
+from checkpoint import INSTRUCTION_FILE, check_vocab, load_resume_point, resume_point, writing
 
 
 # -----------------------------------------------------------------------------
@@ -177,7 +177,7 @@ def atomic_write(path, text):
     same folder, flushed and fsynced, then os.replace."""
     tmp = f"{path}.tmp{os.getpid()}"
     try:
-        with open(tmp, "w", encoding="utf-8") as f:
+        with writing(path), open(tmp, "w", encoding="utf-8") as f:
             f.write(text if isinstance(text, str) else "".join(text))
             f.flush()
             os.fsync(f.fileno())
@@ -195,7 +195,7 @@ def append_lines(path, lines):
             data = f.read()
             if not data.endswith(b"\n"):
                 f.truncate(data.rfind(b"\n") + 1)
-    with open(path, "a") as f:
+    with writing(path), open(path, "a") as f:
         f.write("".join(line + "\n" for line in lines))
 
 

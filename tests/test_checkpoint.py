@@ -6,6 +6,7 @@ weights is refused at load. (The HF files themselves against transformers: test_
 """
 import json
 import os
+import re
 import shutil
 from dataclasses import dataclass
 
@@ -91,16 +92,16 @@ def test_a_kill_during_a_resume_save_keeps_the_previous_one(tmp_path, monkeypatc
     with torch.no_grad():
         for p in model.parameters():
             p.add_(1.0)
-    real_save = torch.save
+    real_save = checkpoint.save_torch
 
-    def dying_save(obj, path, *a, **k):       # the weights are written, the optimizer state is not
+    def dying_save(obj, path):                # the weights are written, the optimizer state is not
         if "optimizer" in str(path):
             raise OSError("No space left on device")
-        return real_save(obj, path, *a, **k)
-    monkeypatch.setattr(torch, "save", dying_save)
+        return real_save(obj, path)
+    monkeypatch.setattr(checkpoint, "save_torch", dying_save)
     with pytest.raises(OSError):
         checkpoint.save_resume_point(model, tok, opt, last, Cfg(), str(tmp_path / "base"), 2, 0, 1)
-    monkeypatch.setattr(torch, "save", real_save)
+    monkeypatch.setattr(checkpoint, "save_torch", real_save)
     assert os.path.isfile(os.path.join(last, "train_state.pt"))   # the check sft.py / grpo.py resume on
     assert checkpoint.load_resume_point(opt, last, 0, 1, "cpu") == 1
     said = capsys.readouterr().out
@@ -187,3 +188,39 @@ def test_a_resume_point_that_cannot_be_used_is_refused_naming_the_file(killed_sf
     msg = str(e.value)
     assert msg.startswith(f"{run / name}") and "to start over" in msg and "--no-resume" in msg, msg
     assert "\n" not in msg and (run / "metrics.jsonl").read_text() == metrics
+
+
+def test_a_full_disk_during_a_resume_save_is_one_line_naming_the_file(killed_sft, tmp_path):
+    """A real sft.py resumes at step 2 under a file-size limit that lets the weights through but not the
+    optimizer state (RLIMIT_FSIZE: the write fails as on a full disk), so its save at step 3 fails:
+    one line naming the file, not torch's "unexpected pos" traceback; `last` stays at step 2, and the
+    rerun resumes there and finishes."""
+    import resource
+    import signal
+    import subprocess
+    import sys
+    import sft
+    run = tmp_path / "run"
+    shutil.copytree(killed_sft / "run", run, symlinks=True)
+    limit = int(1.5 * os.path.getsize(run / "last.2" / "model.safetensors"))
+    assert os.path.getsize(run / "last.2" / "optimizer.rank0.pt") > limit
+
+    def small_disk():                         # in the child: writes past `limit` bytes fail with EFBIG
+        signal.signal(signal.SIGXFSZ, signal.SIG_IGN)
+        resource.setrlimit(resource.RLIMIT_FSIZE, (limit, limit))
+    c = sft_config(killed_sft, run)
+    root = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+    cmd = [sys.executable, os.path.join(root, "sft.py"), "--model", c.model, "--data", c.data, "--out-dir", str(run),
+           "--epochs", "2", "--batch-size", "4", "--row-tokens", "1024", "--instruction", "Solve.", "--save-every", "1"]
+    env = {**os.environ, "OMP_NUM_THREADS": "1"}
+    env.pop("NPR_DEBUG", None)
+    p = subprocess.run(cmd, capture_output=True, text=True, timeout=300, env=env, preexec_fn=small_disk)
+    errors = re.findall(r"error: [^\r\n]*", p.stderr)            # (the line may follow tqdm's bar)
+    assert p.returncode == 1 and "Traceback" not in p.stderr and len(errors) == 1, p.stderr[-3000:]
+    assert errors[0].startswith(f"error: no space left to write {run / 'last.3.partial' / 'optimizer.rank0.pt'} "
+                                "(File too large)"), errors
+    assert os.readlink(run / "last") == "last.2"
+    assert [json.loads(x)["step"] for x in open(run / "metrics.jsonl")] == [1, 2, 3]
+    sft.main(c)
+    assert [json.loads(x)["step"] for x in open(run / "metrics.jsonl")] == [1, 2, 3, 4]
+    assert not os.path.lexists(run / "last") and os.path.isfile(run / "model.safetensors")
