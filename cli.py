@@ -243,14 +243,50 @@ class JsonlLog:
         atomic_write(self.path, keep)
 
 
+_LOCKS = {}   # the lock files this process holds (real path -> open file), until it ends
+
+
+def lock_output(lock_path, rank=0, world=1):
+    """Hold lock_path (an --out-dir's .lock, distill's <out>.lock) for the rest of this process, so
+    that a second run on the same output is refused, naming the holder, instead of both truncating
+    each other's metrics.jsonl and removing each other's saves. flock: the kernel drops the lock when
+    its process ends, kill -9 included; this process may take it again (a second main() in one
+    process). Under torchrun rank 0 holds it and every rank learns whether it got it."""
+    import fcntl
+    import socket
+    busy = None
+    real = os.path.realpath(lock_path)
+    if rank == 0 and real not in _LOCKS:
+        os.makedirs(os.path.dirname(real), exist_ok=True)
+        f = open(real, "a+")
+        try:
+            fcntl.flock(f, fcntl.LOCK_EX | fcntl.LOCK_NB)
+            f.truncate(0)
+            f.write(f"pid {os.getpid()} on {socket.gethostname()}: {' '.join(sys.argv)}\n")
+            f.flush()
+            _LOCKS[real] = f
+        except BlockingIOError:
+            f.seek(0)
+            holder = f.read().strip() or "another process"   # (one that has not yet written its name)
+            f.close()
+            busy = (f"{os.path.dirname(lock_path) or '.'} is in use by {holder} (it holds {lock_path}): wait "
+                    "for that run to end, or choose another output")
+    if world > 1:
+        busy = all_gather(busy, world)[0]
+    if busy:
+        raise OSError(busy)
+
+
 def start_training(cfg):
-    """What a training stage (sft, grpo) does first: torch.distributed (under torchrun), CPU threads,
+    """What a training stage (sft, grpo) does first: torch.distributed (under torchrun), the out-dir's
+    lock, CPU threads,
     the seed, the resolved config printed (rank 0), then the model and tokenizer, from the resume point
     cfg.out_dir/last when one exists (and cfg.resume), else from cfg.model; weights in cfg.dtype.
     -> (rank, world, device, model, tokenizer, resuming)"""
     from model import DTYPES, Qwen
     from tokenizer import Tokenizer
     rank, world, _, dev = init_distributed()
+    lock_output(os.path.join(cfg.out_dir, ".lock"), rank, world)   # before anything in it is read or written
     if cfg.threads:
         torch.set_num_threads(cfg.threads)
     torch.manual_seed(cfg.seed)

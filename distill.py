@@ -29,8 +29,8 @@ from tqdm import tqdm
 
 import npr
 from checkpoint import load_for_sampling
-from cli import (append_lines, atomic_write, chat_prompt, init_distributed, instruction_for, parse_cli, print_config,
-                 read_jsonl, read_problems)
+from cli import (append_lines, atomic_write, chat_prompt, init_distributed, instruction_for, lock_output, parse_cli,
+                 print_config, read_jsonl, read_problems)
 from sampler import Sampler, SamplingParams
 
 
@@ -157,6 +157,7 @@ def summarize(done, out_path, wall_s):
 
 def main(cfg: Config):
     rank, world, _, dev = init_distributed()
+    lock_output(cfg.out + ".lock", rank, world)       # a second run on the same output is refused
     dev = torch.device(cfg.device) if cfg.device else dev
     if rank == 0:
         print_config(cfg)

@@ -109,3 +109,38 @@ def test_sft_rows_with_fields_of_the_wrong_type_are_refused_with_their_line(tmp_
     path.write_text(json.dumps({k: v for k, v in row.items() if k != "trajectory"}) + "\n")
     with pytest.raises(ValueError, match=re.escape(f"{path}:1: 'trajectory' is missing")):
         cli.read_problems(str(path), needs=("trajectory",), may=("prompt",))
+
+
+def test_a_second_run_on_an_output_in_use_is_refused_naming_the_holder(tmp_path):
+    """Two runs on one --out-dir once truncated each other's metrics.jsonl and removed each other's
+    saves. Another process holds the lock: each stage refuses before it touches anything, naming it;
+    killed with -9, it leaves no lock behind."""
+    import signal
+    import socket
+    import subprocess
+    import sys
+    import distill
+    import sft
+    import toy
+    root = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+    run, out = tmp_path / "run", tmp_path / "d" / "train.jsonl"
+    code = "import sys, time, cli; [cli.lock_output(p) for p in sys.argv[1:]]; print('held', flush=True); time.sleep(300)"
+    holder = subprocess.Popen([sys.executable, "-c", code, str(run / ".lock"), f"{out}.lock"], cwd=root,
+                              stdout=subprocess.PIPE, env={**os.environ, "OMP_NUM_THREADS": "1"})
+    try:
+        assert holder.stdout.readline() == b"held\n"
+        os.makedirs(run / "last.2")
+        (run / "metrics.jsonl").write_text('{"step": 1}\n{"step": 2}\n')
+        held_by = re.escape(f"in use by pid {holder.pid} on {socket.gethostname()}: -c {run / '.lock'} ")   # its argv
+        for main in (lambda: sft.main(sft.Config(model=str(tmp_path / "none"), out_dir=str(run))),
+                     lambda: toy.main(toy.Config(out_dir=str(run), data_dir=str(tmp_path / "data"))),
+                     lambda: distill.main(distill.Config(model=str(tmp_path / "none"), out=str(out)))):
+            with pytest.raises(OSError, match=held_by):
+                main()
+        assert (run / "metrics.jsonl").read_text() == '{"step": 1}\n{"step": 2}\n'
+        assert sorted(os.listdir(run)) == [".lock", "last.2", "metrics.jsonl"] and not (tmp_path / "data").exists()
+    finally:
+        holder.send_signal(signal.SIGKILL)
+        holder.wait()
+    cli.lock_output(str(run / ".lock"))                # the kernel dropped the dead holder's lock
+    cli.lock_output(str(run / ".lock"))                # and this process may take it again (a second main())
