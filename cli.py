@@ -168,6 +168,40 @@ def chat_prompt(tok, question, instruction):
                                       enable_thinking=False))
 
 
+def check_context(problems, tok, instruction, max_new_tokens, model):
+    """Refuse problems whose prompt + max_new_tokens does not fit the model's context (config.json
+    max_position_embeddings; none given: no check): positions past it were never trained (serve.py
+    answers such a request 400). The error names their lines; they are refused, not skipped, so that
+    eval's denominator and distill's problem indices (its resume state) never depend on the budget."""
+    ctx = model.config.raw.get("max_position_embeddings")
+    if not ctx:
+        return
+    over = {}                                          # where -> tokens (grpo's eval problems are often the same)
+    for p in problems:
+        n, exact = prompt_length(tok, p["question"], instruction, ctx - max_new_tokens)
+        if n + max_new_tokens > ctx:
+            over.setdefault(getattr(p, "where", "a problem"), (n, exact))
+    if over:
+        (where, (n, exact)), more = next(iter(over.items())), list(over)[1:]
+        also = f"; so do {len(more)} more ({', '.join(more[:5])}{', ...' if len(more) > 5 else ''})" if more else ""
+        raise ValueError(f"{where}: the prompt has {'' if exact else 'at least '}{n} tokens; with --max-new-tokens "
+                         f"{max_new_tokens} that is {n + max_new_tokens} positions, more than the model's context "
+                         f"{ctx} (max_position_embeddings){also}: shorten or remove them, or lower --max-new-tokens")
+
+
+def prompt_length(tok, question, instruction, limit, piece=1 << 16):
+    """-> (len(chat_prompt(...)), True); or, for a question of megabytes that clearly holds more than
+    `limit` tokens, (a lower bound past it, False), found early (tokenizing 20 MB whole takes ~20 s and
+    5 GB): its pieces are counted one by one, less 16 tokens per piece for what a cut can add."""
+    if len(question) > piece:
+        n = 0
+        for i in range(0, len(question), piece):
+            n += max(0, len(tok.encode(question[i:i + piece])) - 16)
+            if n > limit:
+                return n, False
+    return len(chat_prompt(tok, question, instruction)), True
+
+
 # -----------------------------------------------------------------------------
 # Logs
 

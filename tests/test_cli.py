@@ -6,6 +6,7 @@ name the file and show as one line. (Checkpoints: test_checkpoint.py.)
 import json
 import os
 import re
+import time
 
 import pytest
 
@@ -144,3 +145,42 @@ def test_a_second_run_on_an_output_in_use_is_refused_naming_the_holder(tmp_path)
         holder.wait()
     cli.lock_output(str(run / ".lock"))                # the kernel dropped the dead holder's lock
     cli.lock_output(str(run / ".lock"))                # and this process may take it again (a second main())
+
+
+def test_a_prompt_that_cannot_fit_the_context_is_refused_by_every_stage_naming_its_line(tmp_path):
+    """distill, eval and grpo once decoded past max_position_embeddings (untrained positions: garbage)
+    with rc 0 and no word. The problems are checked when read: one whose prompt + --max-new-tokens does
+    not fit is refused, naming its line (not skipped: eval's denominator and distill's indices stay)."""
+    import distill
+    import eval as ev
+    import grpo
+    from helpers import make_checkpoint
+    ck = tmp_path / "ck"
+    _, tok = make_checkpoint(ck)
+    short, budget = "Compute 2*3 + 4*5.", 8
+    P = len(cli.chat_prompt(tok, short, "Solve."))
+    ctx = P + budget + 4                                        # the short problem fits, the long one does not
+    json.dump({**json.load(open(ck / "config.json")), "max_position_embeddings": ctx}, open(ck / "config.json", "w"))
+    long_ = short * 3
+    L = len(cli.chat_prompt(tok, long_, "Solve."))
+    data = tmp_path / "p.jsonl"
+    data.write_text("".join(json.dumps({"question": q, "answer": "26"}) + "\n" for q in (short, short, long_, long_)))
+    words = re.escape(f"{data}:3: the prompt has {L} tokens; with --max-new-tokens {budget} that is {L + budget} "
+                      f"positions, more than the model's context {ctx} (max_position_embeddings); so do 1 more "
+                      f"({data}:4)")
+    common = dict(model=str(ck), data=str(data), max_new_tokens=budget, instruction="Solve.")
+    stages = {"distill": lambda: distill.main(distill.Config(out=str(tmp_path / "d.jsonl"), max_tries=1, **common)),
+              "eval": lambda: ev.main(ev.Config(k=1, latency_n=0, out=str(tmp_path / "e.json"), **common)),
+              "grpo": lambda: grpo.main(grpo.Config(out_dir=str(tmp_path / "g"), eval_data=str(data), steps=1,
+                                                    prompts_per_step=2, group_size=2, **common))}
+    for name, run in stages.items():
+        with pytest.raises(ValueError, match=words):
+            run()
+    # a question of megabytes (once: 45 s and 8 GB of decoding) is refused in a moment, not tokenized whole
+    data.write_text("".join(json.dumps({"question": q, "answer": "26"}) + "\n" for q in (short, short * 200_000)))
+    t0 = time.perf_counter()
+    with pytest.raises(ValueError, match=re.escape(f"{data}:2: the prompt has at least ")):
+        stages["eval"]()
+    assert time.perf_counter() - t0 < 10
+    data.write_text("".join(json.dumps({"question": q, "answer": "26"}) + "\n" for q in (short, short)))
+    ev.main(ev.Config(k=1, latency_n=0, mode="serial", out=str(tmp_path / "e.json"), **common))   # those that fit run
