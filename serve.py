@@ -696,9 +696,10 @@ class Handler(BaseHTTPRequestHandler):
 class Server(ThreadingHTTPServer):
     def __init__(self, engine, host, port):
         self.engine, self.loopback = engine, is_loopback(host)
-        # the listen backlog holds connections not yet accepted: sized so that a burst of every
-        # request the server may hold (waiting + running) gets answers, 503s included, not resets
-        self.request_queue_size = engine.cfg.max_queue + engine.cfg.max_batch_rows
+        # the listen backlog holds connections not yet accepted: a burst beyond it is reset, and a burst
+        # far beyond what the server holds (waiting + running) must still get its 503s, so it is sized for
+        # bursts, not for the queue (the kernel caps it at net.core.somaxconn, 4096 by default)
+        self.request_queue_size = max(1024, engine.cfg.max_queue + engine.cfg.max_batch_rows)
         super().__init__((host, port), Handler)
 
 
