@@ -13,10 +13,11 @@ Endpoints: POST /v1/chat/completions, GET /v1/models, GET /health, GET / (the pa
 
 Request (OpenAI's shape; other OpenAI fields such as stop or stream_options are accepted and ignored):
   messages      [{"role": "system" | "user" | "assistant", "content": str}], not empty
-  max_tokens    1..--max-tokens-limit, also as max_completion_tokens: the budget on the CRITICAL PATH
-                (longest chain of dependent tokens; all branches together may write up to max_branches
-                times as many). Positions run along it, so prompt + max_tokens over the model's context
-                (max_position_embeddings) is a 400; without max_tokens: --default-max-tokens, cut to fit
+  max_tokens    1..--max-tokens-limit, also as max_completion_tokens: the budget on all tokens of all branches
+                together (as OpenAI's: usage.completion_tokens counts them). Positions run along the
+                critical path (longest chain of dependent tokens), at most that long, so prompt +
+                max_tokens over the model's context (max_position_embeddings) is a 400; without
+                max_tokens: --default-max-tokens, cut to fit
   temperature   0..2 (default 1; 0, or below 1e-5, = greedy)   top_p (0, 1] (default 1)   n 1..--max-n (default 1)
   seed          int (default: drawn, and echoed as "seed"): choice i samples from the row seed
                 seed * 1000003 + i (its branches from their own generators), so an answer does not
@@ -67,9 +68,10 @@ web page's DNS-rebinding name). POSTs must be Content-Type application/json (415
 pages cannot send that without a CORS preflight, never granted). With --api-key or $NPR_API_KEY,
 /v1 needs "Authorization: Bearer <key>" (401; the page and /health stay open, as in vLLM); a
 non-loopback --host without a key refuses to start unless --allow-no-key-on-network.
-Errors: {"error": {"message", "type", "param"}} with 400 (bad request), 401, 404, 405 (with Allow),
-411, 413 (body over --max-body-bytes), 415, 421, 501 (unknown method), 503 (queue full), 500 (the
-sampler failed, or anything unexpected; the server keeps serving). Every request gets an answer.
+Errors: {"error": {"message", "type", "param"}} with 400 (bad request, conflicting Content-Lengths), 401,
+404, 405 (with Allow), 408 (a body that stops arriving), 411, 413 (body over --max-body-bytes), 415, 421,
+501 (unknown method), 503 (queue full), 505 (HTTP/0.9, HTTP/2), 500 (the sampler failed, or anything
+unexpected; the server keeps serving). Every request gets an answer, with a status line.
 """
 import dataclasses
 import ipaddress
@@ -453,6 +455,9 @@ def is_loopback(host):
 class Handler(BaseHTTPRequestHandler):
     server_version = "npr-serve/1"
     timeout = 60                     # socket timeout: a client that stops sending or reading is dropped
+    # what a request line is taken as until its version is read: the standard library's HTTP/0.9
+    # answers a refused version (HTTP/2.0, HTTP/1.x) with a body and no status line
+    default_request_version = "HTTP/1.0"
     GET_PATHS = ("/", "/health", "/v1/models")
     POST_PATHS = ("/v1/chat/completions",)
 
@@ -463,7 +468,7 @@ class Handler(BaseHTTPRequestHandler):
     def handle_one_request(self):
         """Every request gets an answer: a client that left is one log line, anything unexpected a
         500 with a JSON body and its traceback in the log; the connection's thread never dies silently."""
-        self.replied = False
+        self.replied, self.body_gone = False, False
         try:
             super().handle_one_request()
         except ConnectionError as e:                      # BrokenPipe, ConnectionReset: the client left
@@ -518,6 +523,10 @@ class Handler(BaseHTTPRequestHandler):
     def parse_request(self):
         """The standard library's parsing, then who may ask: a False return sends nothing more."""
         if not super().parse_request():
+            return False
+        if self.request_version == "HTTP/0.9":           # its answers have no status line: not spoken here
+            self.request_version = "HTTP/1.0"
+            self.send_error(505, "HTTP/0.9 is not supported: use HTTP/1.0 or HTTP/1.1")
             return False
         host, key = self.headers.get("Host"), self.engine.cfg.api_key
         # DNS rebinding: a web page can point a name of its own at 127.0.0.1 and read the answers as
@@ -577,23 +586,35 @@ class Handler(BaseHTTPRequestHandler):
 
     def refuse(self, e: ApiError):
         """Answer e without using the body, but read (a bounded amount of) it first: closing with unread
-        data resets the connection, and the client would see the reset instead of the answer."""
-        size = self.headers.get("Content-Length", "")
-        left = min(int(size), 16 * self.engine.cfg.max_body_bytes) if size.isascii() and size.isdigit() else 0
+        data resets the connection, and the client would see the reset instead of the answer. Of
+        conflicting Content-Lengths the smallest is read; a body that timed out is not waited for again."""
+        sizes = [int(v) for v in self.headers.get_all("Content-Length") or [] if v.isascii() and v.isdigit()]
+        left = 0 if self.body_gone or not sizes else min(sizes + [16 * self.engine.cfg.max_body_bytes])
         while left > 0 and (chunk := self.rfile.read(min(left, 1 << 16))):
             left -= len(chunk)
         self.send_error_json(e)
 
     def read_body(self):
-        size = self.headers.get("Content-Length")
-        if size is None:
+        sizes = self.headers.get_all("Content-Length") or []
+        if not sizes:
             raise ApiError(411, "Content-Length is required (chunked bodies are not supported)")
+        if len(set(sizes)) > 1:                                      # RFC 9112 6.3: framing unknown, a 400
+            raise ApiError(400, f"conflicting Content-Length headers: {', '.join(sizes)}")
+        size = sizes[0]
         if not (size.isascii() and size.isdigit()):                  # "²".isdigit() is True
             raise ApiError(400, f"bad Content-Length: {size!r}")
         size, limit = int(size), self.engine.cfg.max_body_bytes
         if size > limit:
             raise ApiError(413, f"the body has {size} bytes, more than the limit {limit}")
-        return self.rfile.read(size)
+        try:
+            body = self.rfile.read(size)
+        except TimeoutError:
+            self.body_gone = True
+            raise ApiError(408, f"the body ({size} bytes, Content-Length) did not arrive within {self.timeout:g} s") \
+                from None
+        if len(body) < size:                                         # the client closed its side early
+            raise ApiError(400, f"the body ended after {len(body)} of its {size} bytes (Content-Length)")
+        return body
 
     def do_POST(self):
         body = None

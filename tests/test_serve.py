@@ -602,6 +602,51 @@ def test_head_options_and_unknown_methods_get_proper_answers(server):
     assert status == 501 and headers["Content-Type"] == "application/json" and "BREW" in json.loads(body)["error"]["message"]
 
 
+def test_bad_http_versions_get_an_answer_with_a_status_line(server):
+    """The standard library answers a version it refuses as HTTP/0.9 would: a body with no status line."""
+    url, _ = server
+    for request, status in ((b"GET /health HTTP/2.0", 505), (b"PRI * HTTP/2.0\r\n\r\nSM", 505),
+                            (b"GET /health HTTP/0.9", 505), (b"GET /health HTTP/1.x", 400),
+                            (b"GET /health HTTP/1.0 extra", 400)):
+        u = urllib.parse.urlsplit(url)
+        with socket.create_connection((u.hostname, u.port), timeout=30) as sock:
+            sock.sendall(request + b"\r\n\r\n")
+            answer = sock.makefile("rb").read()
+        head, _, body = answer.partition(b"\r\n\r\n")
+        assert head.startswith(b"HTTP/1.0 %d " % status) and b"Content-Type: application/json" in head, (request, answer)
+        assert "HTTP" in json.loads(body)["error"]["message"] or b"version" in body, (request, answer)
+
+
+def test_conflicting_content_lengths_and_a_body_that_never_arrives_get_answers(server, monkeypatch):
+    """RFC 9112 6.3: differing Content-Length headers are a 400 (the first one used to win); a declared
+    body that stops arriving is a 408 after the socket timeout (it used to be closed without a word)."""
+    import serve
+    url, _ = server
+    body = json.dumps({"messages": USER, "max_tokens": 5}).encode()
+    head = b"POST /v1/chat/completions HTTP/1.0\r\nContent-Type: application/json\r\n"
+    n = b"%d" % len(body)
+    status, _, answer = raw(url, head + b"Content-Length: " + n + b"\r\nContent-Length: 2", body)
+    assert status == 400 and "Content-Length" in json.loads(answer)["error"]["message"], answer
+    assert raw(url, head + b"Content-Length: " + n + b"\r\nContent-Length: " + n, body)[0] == 200   # the same twice
+    monkeypatch.setattr(serve.Handler, "timeout", 1.0)
+    t0 = time.time()
+    status, _, answer = raw(url, head + b"Content-Length: " + n, body[:10])          # and then nothing
+    assert status == 408 and time.time() - t0 < 10, answer
+    assert "did not arrive" in json.loads(answer)["error"]["message"]
+
+
+def test_max_tokens_bounds_all_tokens_as_the_docs_say(ck):
+    """serve.py's docstring once said max_tokens bounds the critical path; the code bounds all tokens."""
+    import serve
+    doc = serve.__doc__.split("  max_tokens", 1)[1].split("  temperature", 1)[0]
+    assert "all tokens of all branches" in doc and "CRITICAL PATH" not in doc, doc
+    with serving(ck, steer=Shape(ck[1], end=False)) as (url, _):
+        status, r, _ = call(url, body={"messages": USER, "max_tokens": 100})
+    st = r["choices"][0]["npr"]["stats"]
+    assert status == 200 and r["choices"][0]["finish_reason"] == "length" and st["forks"] == 1
+    assert r["usage"]["completion_tokens"] == st["total_tokens"] == 100 > st["critical_path_tokens"]
+
+
 def test_thinking_mode_is_explicit(server, monkeypatch):
     url, engine = server
     seen, render = [], engine.tok.render_chat
