@@ -303,8 +303,9 @@ def lock_output(lock_path, rank=0, world=1):
             f.seek(0)
             holder = f.read().strip() or "another process"   # (one that has not yet written its name)
             f.close()
-            busy = (f"{os.path.dirname(lock_path) or '.'} is in use by {holder} (it holds {lock_path}): wait "
-                    "for that run to end, or choose another output")
+            output = lock_path[:-len(".lock")].rstrip("/") or "."
+            busy = f"{output} is in use by {holder} (it holds {lock_path}): wait for that run to end, or choose " \
+                   "another output"
     if world > 1:
         busy = all_gather(busy, world)[0]
     if busy:
@@ -313,9 +314,9 @@ def lock_output(lock_path, rank=0, world=1):
 
 def start_training(cfg):
     """What a training stage (sft, grpo) does first: torch.distributed (under torchrun), the out-dir's
-    lock, CPU threads,
-    the seed, the resolved config printed (rank 0), then the model and tokenizer, from the resume point
-    cfg.out_dir/last when one exists (and cfg.resume), else from cfg.model; weights in cfg.dtype.
+    lock, CPU threads, the seed, the resolved config printed (rank 0), then the model and tokenizer,
+    from the resume point cfg.out_dir/last when one exists (and cfg.resume; one that cannot be used is
+    refused), else from cfg.model; weights in cfg.dtype.
     -> (rank, world, device, model, tokenizer, resuming)"""
     from model import DTYPES, Qwen
     from tokenizer import Tokenizer
