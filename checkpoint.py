@@ -5,9 +5,13 @@ outputs as they read Qwen's; every error names the file and what is wrong with i
 - A stage's checkpoints: its output (the input's dtype and every tokenizer / generation file of the
   input carried along), resumable points that survive a kill at any moment, loading for decoding.
 """
+import contextlib
 import dataclasses
+import errno
 import json
 import os
+import pickle
+import re
 import shutil
 
 import torch
@@ -22,7 +26,10 @@ def read_config(path):
         raise FileNotFoundError(f"checkpoint folder not found: {path}")
     if not os.path.isfile(cfg_path := os.path.join(path, "config.json")):
         raise FileNotFoundError(f"no config.json in checkpoint folder {path}")
-    return read_json(cfg_path)
+    d = read_json(cfg_path)
+    if not isinstance(d, dict):
+        raise ValueError(f"{cfg_path}: expected a JSON object, got a {type(d).__name__}")
+    return d
 
 
 def read_json(path):
@@ -72,12 +79,72 @@ def write_safetensors(state, path, max_shard_bytes=4 << 30):
     names = ["model.safetensors"] if len(shards) == 1 else \
         [f"model-{i + 1:05d}-of-{len(shards):05d}.safetensors" for i in range(len(shards))]
     for name, shard in zip(names, shards):
-        save_file(shard, os.path.join(path, name), metadata={"format": "pt"})
+        with writing(os.path.join(path, name)):
+            save_file(shard, os.path.join(path, name), metadata={"format": "pt"})
     if len(shards) > 1:
         index = {"metadata": {"total_size": sum(v.numel() * v.element_size() for v in state.values())},
                  "weight_map": {k: name for name, shard in zip(names, shards) for k in shard}}
         with open(os.path.join(path, "model.safetensors.index.json"), "w") as f:
             json.dump(index, f, indent=2)
+
+
+def write_error(path, code):
+    """A failed write as one OSError naming what was being written; a full disk (or a file-size or
+    quota limit: the same to the writer) says so."""
+    if code in (errno.ENOSPC, errno.EFBIG, errno.EDQUOT):
+        e = OSError(f"no space left to write {path} ({os.strerror(code)}): free some space there or choose "
+                    "another output folder; what was saved before is kept")
+    else:
+        e = OSError(f"cannot write {path}: {os.strerror(code)}")
+    e.errno, e.path = code, path      # (path: an inner `writing` named the file already)
+    return e
+
+
+@contextlib.contextmanager
+def writing(path):
+    """Errors of writing `path` (a file, or a folder being filled) as write_error: Python's own name no
+    file, and safetensors and tokenizers (Rust) report the OS error inside their message."""
+    try:
+        yield
+    except OSError as e:
+        if e.filename is not None or not e.errno or hasattr(e, "path"):
+            raise
+        raise write_error(path, e.errno) from None
+    except Exception as e:
+        code = re.search(r"\(os error (\d+)\)", str(e))
+        if code is None:
+            raise
+        raise write_error(path, int(code.group(1))) from None
+
+
+class _Writes:
+    """A file object for torch.save that keeps the error of a failed write: torch reports only
+    "unexpected pos", the OS error (a full disk) is lost."""
+
+    def __init__(self, f):
+        self.f, self.error = f, None
+
+    def write(self, b):
+        try:
+            return self.f.write(b)
+        except OSError as e:
+            self.error = e
+            raise
+
+    def flush(self):
+        return self.f.flush()
+
+
+def save_torch(obj, path):
+    """torch.save into path; a failed write is write_error naming the file."""
+    with writing(path), open(path, "wb") as f:
+        out = _Writes(f)
+        try:
+            torch.save(obj, out)
+        except RuntimeError:
+            if out.error is None:
+                raise
+            raise out.error from None
 
 
 def check_vocab(model, tokenizer, where=""):
@@ -121,17 +188,18 @@ def save_checkpoint(model, tok, out_dir, cfg=None, src_dir=None, state_dict=None
     tmp = out_dir.rstrip("/") + ".tmp"
     shutil.rmtree(tmp, ignore_errors=True)
     os.makedirs(tmp)
-    if src_dir and os.path.isdir(src_dir):
-        for f in os.listdir(src_dir):
-            if f.startswith(SIDE_FILES) and os.path.isfile(os.path.join(src_dir, f)):
-                shutil.copy(os.path.join(src_dir, f), tmp)
-    if getattr(cfg, "instruction_file", ""):   # the instruction the run prompted with travels with its output
-        shutil.copy(cfg.instruction_file, os.path.join(tmp, INSTRUCTION_FILE))
-    model.save_pretrained(tmp, state_dict=state_dict, dtype=dtype)
-    tok.save_pretrained(tmp)
-    if cfg is not None:
-        with open(os.path.join(tmp, "run_config.json"), "w") as f:
-            json.dump(dataclasses.asdict(cfg), f, indent=2)
+    with writing(tmp):
+        if src_dir and os.path.isdir(src_dir):
+            for f in os.listdir(src_dir):
+                if f.startswith(SIDE_FILES) and os.path.isfile(os.path.join(src_dir, f)):
+                    shutil.copy(os.path.join(src_dir, f), tmp)
+        if getattr(cfg, "instruction_file", ""):   # the instruction the run prompted with travels with its output
+            shutil.copy(cfg.instruction_file, os.path.join(tmp, INSTRUCTION_FILE))
+        model.save_pretrained(tmp, state_dict=state_dict, dtype=dtype)
+        tok.save_pretrained(tmp)
+        if cfg is not None:
+            with open(os.path.join(tmp, "run_config.json"), "w") as f:
+                json.dump(dataclasses.asdict(cfg), f, indent=2)
     os.makedirs(out_dir, exist_ok=True)
     for f in os.listdir(out_dir):  # stale weights from an earlier save would shadow the new ones
         if f.startswith("model") and (f.endswith(".safetensors") or f.endswith(".index.json")):
@@ -169,7 +237,7 @@ def save_resume_point(model, tok, opt, last_dir, cfg, src_dir, step, rank, world
     each rank's optimizer state, then train_state.pt, all in a new folder `last_dir`.<step>.partial;
     synced to disk, renamed to `last_dir`.<step>, and only then the symlink `last_dir` is switched to
     it (an atomic rename) and the older saves removed. A kill at any moment leaves `last_dir`
-    pointing at the last complete save (os.path.isfile(last_dir/train_state.pt) tells one exists)."""
+    pointing at the last complete save (resume_point tells whether one exists)."""
     import torch.distributed as dist
     state = full_state_dict(model)
     new = f"{last_dir}.{step}"
@@ -179,11 +247,11 @@ def save_resume_point(model, tok, opt, last_dir, cfg, src_dir, step, rank, world
         save_checkpoint(model, tok, part, cfg, src_dir, state_dict=state)
     if world > 1:
         dist.barrier()
-    torch.save(opt.state_dict(), os.path.join(part, f"optimizer.rank{rank}.pt"))
+    save_torch(opt.state_dict(), os.path.join(part, f"optimizer.rank{rank}.pt"))
     if world > 1:
         dist.barrier()
     if rank == 0:
-        torch.save({"step": step, "world": world}, os.path.join(part, "train_state.pt"))
+        save_torch({"step": step, "world": world}, os.path.join(part, "train_state.pt"))
         fsync_tree(part)
         shutil.rmtree(new, ignore_errors=True)
         os.replace(part, new)
@@ -201,13 +269,54 @@ def save_resume_point(model, tok, opt, last_dir, cfg, src_dir, step, rank, world
                 shutil.rmtree(p, ignore_errors=True)
 
 
+def resume_point(last_dir):
+    """Whether a resume point `last_dir` exists (False: none, a fresh start). One that exists but
+    cannot be used (a link to nothing, a plain file, a missing or torn train_state.pt) raises: a fresh
+    start would overwrite the run's saves and metrics.jsonl."""
+    if not os.path.lexists(last_dir):
+        return False
+    if not os.path.isdir(last_dir):
+        what = f"a link to {os.readlink(last_dir)!r}, which does not exist" if os.path.islink(last_dir) else \
+            "not a folder"
+        raise ValueError(f"{last_dir}: the resume point is {what}; {start_over(last_dir)}")
+    train_state(last_dir)
+    return True
+
+
+def start_over(last_dir):
+    return (f"to start over, move or delete {last_dir} and {last_dir}.* (or pass --no-resume, which overwrites "
+            "them and the records past step 0)")
+
+
+def load_resume_file(path, last_dir, **kw):
+    """torch.load of a resume point's file; a missing, truncated or empty one is a ValueError naming it."""
+    try:
+        return torch.load(path, weights_only=False, **kw)
+    except torch.OutOfMemoryError:
+        raise
+    except FileNotFoundError:
+        raise ValueError(f"{path}: missing from the resume point; {start_over(last_dir)}") from None
+    except (RuntimeError, EOFError, pickle.UnpicklingError, ValueError) as e:
+        why = str(e).split(". ")[0].splitlines()[0] if str(e) else type(e).__name__
+        raise ValueError(f"{path}: not a complete resume file ({why}); {start_over(last_dir)}") from None
+
+
+def train_state(last_dir):
+    """The resume point's {"step", "world"} (train_state.pt, written last: its presence marks a complete save)."""
+    path = os.path.join(last_dir, "train_state.pt")
+    state = load_resume_file(path, last_dir)
+    if not (isinstance(state, dict) and isinstance(state.get("step"), int) and isinstance(state.get("world"), int)):
+        raise ValueError(f"{path}: not a train state (step, world); {start_over(last_dir)}")
+    return state
+
+
 def load_resume_point(opt, last_dir, rank, world, device):
     """Restore this rank's optimizer state from save_resume_point; -> the step to continue from."""
-    state = torch.load(os.path.join(last_dir, "train_state.pt"), weights_only=False)
+    state = train_state(last_dir)
     if state["world"] != world:
         raise ValueError(f"{last_dir} was written by {state['world']} ranks; resume with the same number")
-    opt.load_state_dict(torch.load(os.path.join(last_dir, f"optimizer.rank{rank}.pt"), map_location=device,
-                                   weights_only=False))
+    opt.load_state_dict(load_resume_file(os.path.join(last_dir, f"optimizer.rank{rank}.pt"), last_dir,
+                                         map_location=device))
     skipped = [p for p in resume_folders(last_dir) if p.endswith(".partial")]
     print(f"resumed from {os.path.realpath(last_dir)} at step {state['step']}"
           + (f" (ignoring the unfinished save {', '.join(skipped)})" if skipped else ""), flush=True)
@@ -221,7 +330,8 @@ def save_final(model, tok, out_dir, cfg, src_dir, rank, world):
     state = full_state_dict(model)
     if rank == 0:
         save_checkpoint(model, tok, out_dir, cfg, src_dir, state_dict=state, dtype=save_dtype(cfg, src_dir))
-        for p in resume_folders(os.path.join(out_dir, "last")):
+        # the link first: a kill in the middle of this leaves no link to a removed folder (a refused resume)
+        for p in sorted(resume_folders(os.path.join(out_dir, "last")), key=lambda p: not os.path.islink(p)):
             if os.path.islink(p):
                 os.remove(p)
             else:

@@ -8,13 +8,14 @@ import argparse
 import dataclasses
 import inspect
 import json
+import math
 import os
 import re
 import sys
 
 import torch
 
-from checkpoint import INSTRUCTION_FILE, check_vocab, load_resume_point
+from checkpoint import INSTRUCTION_FILE, check_vocab, load_resume_point, resume_point, writing
 
 
 # -----------------------------------------------------------------------------
@@ -70,10 +71,18 @@ def print_config(cfg):
 # -----------------------------------------------------------------------------
 # Problems: JSONL or JSON, our fields or the ORZ-math collection's layout
 
-def read_problems(path, question_field="question", answer_field="answer"):
-    """-> list of {"question", "answer"}. Accepts JSONL (one object per line), a JSON list, and
-    the ORZ layout: [{"from": "human", "value": Q}, {"from": "assistant", "ground_truth": {"value": A}}].
-    A malformed line raises ValueError naming the file and line."""
+class Problem(dict):
+    """One problem's fields (a dict), and `where` it is: "path:line" (a JSON list: "path: item n"),
+    for the errors that come later (a prompt too long for the model's context)."""
+    where = ""
+
+
+def read_problems(path, question_field="question", answer_field="answer", needs=(), may=()):
+    """-> list of Problem {"question", "answer", ...}. Accepts JSONL (one object per line), a JSON list,
+    and the ORZ layout: [{"from": "human", "value": Q}, {"from": "assistant", "ground_truth": {"value": A}}].
+    The question must be a non-empty string, the answer one or a number (str(None) would grade
+    \\boxed{None} as right); `needs` names more fields that must be strings, `may` fields that may
+    also be null. A malformed line raises ValueError naming the file and line."""
     if not os.path.isfile(path):
         raise FileNotFoundError(f"data file not found: {path}")
     try:
@@ -87,7 +96,7 @@ def read_problems(path, question_field="question", answer_field="answer"):
     items = None
     if text.lstrip().startswith("["):
         try:
-            items = [(i + 1, x) for i, x in enumerate(json.loads(text))]
+            items = [(f"{path}: item {i + 1}", x) for i, x in enumerate(json.loads(text))]
         except json.JSONDecodeError:
             items = None  # a JSONL file whose first line is itself a list (ORZ rows): parse by line
     if items is None:
@@ -96,24 +105,47 @@ def read_problems(path, question_field="question", answer_field="answer"):
             if not line.strip():
                 continue
             try:
-                items.append((n, json.loads(line)))
+                items.append((f"{path}:{n}", json.loads(line)))
             except json.JSONDecodeError as e:
                 raise ValueError(f"{path}:{n}: not valid JSON ({e.msg}): {line[:80]!r}") from None
+
     out = []
-    for n, x in items:
+    for where, x in items:
         if isinstance(x, list) and len(x) >= 2 and isinstance(x[0], dict) and x[0].get("from") == "human":
             try:
-                out.append({"question": x[0]["value"], "answer": str(x[1]["ground_truth"]["value"])})
+                q, a = x[0]["value"], x[1]["ground_truth"]["value"]
             except (KeyError, TypeError):
-                raise ValueError(f"{path}:{n}: ORZ row without human value / ground_truth.value") from None
+                raise ValueError(f"{where}: ORZ row without human value / ground_truth.value") from None
+            p = Problem(question=field_text(where, "'value' of the human turn", q),
+                        answer=field_text(where, "'ground_truth.value'", a, number=True))
         elif isinstance(x, dict) and question_field in x and answer_field in x:
-            out.append({**x, "question": x[question_field], "answer": str(x[answer_field])})
+            p = Problem(x, question=field_text(where, repr(question_field), x[question_field]),
+                        answer=field_text(where, repr(answer_field), x[answer_field], number=True))
+            for name in needs + may:
+                if name not in x and name in needs:
+                    raise ValueError(f"{where}: {name!r} is missing")
+                v = x.get(name)
+                if not isinstance(v, str) and not (v is None and name in may):
+                    raise ValueError(f"{where}: {name!r} must be a string{' (or null)' if name in may else ''}, "
+                                     f"got {json.dumps(v)[:80]}")
         else:
-            raise ValueError(f"{path}:{n}: expected an object with {question_field!r} and {answer_field!r} "
+            raise ValueError(f"{where}: expected an object with {question_field!r} and {answer_field!r} "
                              f"(see --question-field/--answer-field) or an ORZ row, got: {str(x)[:80]!r}")
+        p.where = where
+        out.append(p)
     if not out:
         raise ValueError(f"{path}: no problems found")
     return out
+
+
+def field_text(where, name, v, number=False):
+    """A question or answer field as text: a non-empty string, or (number) a finite int or float, as str."""
+    if isinstance(v, str) and v.strip():
+        return v
+    if number and isinstance(v, (int, float)) and not isinstance(v, bool) and math.isfinite(v):
+        return str(v)
+    raise ValueError(f"{where}: {name} must be a non-empty string{' or a number' if number else ''}, "
+                     f"got {json.dumps(v)[:80]}")
 
 
 def instruction_for(model_dir, instruction_file=""):
@@ -137,6 +169,40 @@ def chat_prompt(tok, question, instruction):
                                       enable_thinking=False))
 
 
+def check_context(problems, tok, instruction, max_new_tokens, model):
+    """Refuse problems whose prompt + max_new_tokens does not fit the model's context (config.json
+    max_position_embeddings; none given: no check): positions past it were never trained (serve.py
+    answers such a request 400). The error names their lines; they are refused, not skipped, so that
+    eval's denominator and distill's problem indices (its resume state) never depend on the budget."""
+    ctx = model.config.raw.get("max_position_embeddings")
+    if not ctx:
+        return
+    over = {}                                          # where -> tokens (grpo's eval problems are often the same)
+    for p in problems:
+        n, exact = prompt_length(tok, p["question"], instruction, ctx - max_new_tokens)
+        if n + max_new_tokens > ctx:
+            over.setdefault(getattr(p, "where", "a problem"), (n, exact))
+    if over:
+        (where, (n, exact)), more = next(iter(over.items())), list(over)[1:]
+        also = f"; so do {len(more)} more ({', '.join(more[:5])}{', ...' if len(more) > 5 else ''})" if more else ""
+        raise ValueError(f"{where}: the prompt has {'' if exact else 'at least '}{n} tokens; with --max-new-tokens "
+                         f"{max_new_tokens} that is {n + max_new_tokens} positions, more than the model's context "
+                         f"{ctx} (max_position_embeddings){also}: shorten or remove them, or lower --max-new-tokens")
+
+
+def prompt_length(tok, question, instruction, limit, piece=1 << 16):
+    """-> (len(chat_prompt(...)), True); or, for a question of megabytes that clearly holds more than
+    `limit` tokens, (a lower bound past it, False), found early (tokenizing 20 MB whole takes ~20 s and
+    5 GB): its pieces are counted one by one, less 16 tokens per piece for what a cut can add."""
+    if len(question) > piece:
+        n = 0
+        for i in range(0, len(question), piece):
+            n += max(0, len(tok.encode(question[i:i + piece])) - 16)
+            if n > limit:
+                return n, False
+    return len(chat_prompt(tok, question, instruction)), True
+
+
 # -----------------------------------------------------------------------------
 # Logs
 
@@ -146,7 +212,7 @@ def atomic_write(path, text):
     same folder, flushed and fsynced, then os.replace."""
     tmp = f"{path}.tmp{os.getpid()}"
     try:
-        with open(tmp, "w", encoding="utf-8") as f:
+        with writing(path), open(tmp, "w", encoding="utf-8") as f:
             f.write(text if isinstance(text, str) else "".join(text))
             f.flush()
             os.fsync(f.fileno())
@@ -164,7 +230,7 @@ def append_lines(path, lines):
             data = f.read()
             if not data.endswith(b"\n"):
                 f.truncate(data.rfind(b"\n") + 1)
-    with open(path, "a") as f:
+    with writing(path), open(path, "a") as f:
         f.write("".join(line + "\n" for line in lines))
 
 
@@ -212,21 +278,58 @@ class JsonlLog:
         atomic_write(self.path, keep)
 
 
+_LOCKS = {}   # the lock files this process holds (real path -> open file), until it ends
+
+
+def lock_output(lock_path, rank=0, world=1):
+    """Hold lock_path (an --out-dir's .lock, distill's <out>.lock) for the rest of this process, so
+    that a second run on the same output is refused, naming the holder, instead of both truncating
+    each other's metrics.jsonl and removing each other's saves. flock: the kernel drops the lock when
+    its process ends, kill -9 included; this process may take it again (a second main() in one
+    process). Under torchrun rank 0 holds it and every rank learns whether it got it."""
+    import fcntl
+    import socket
+    busy = None
+    real = os.path.realpath(lock_path)
+    if rank == 0 and real not in _LOCKS:
+        os.makedirs(os.path.dirname(real), exist_ok=True)
+        f = open(real, "a+")
+        try:
+            fcntl.flock(f, fcntl.LOCK_EX | fcntl.LOCK_NB)
+            f.truncate(0)
+            f.write(f"pid {os.getpid()} on {socket.gethostname()}: {' '.join(sys.argv)}\n")
+            f.flush()
+            _LOCKS[real] = f
+        except BlockingIOError:
+            f.seek(0)
+            holder = f.read().strip() or "another process"   # (one that has not yet written its name)
+            f.close()
+            output = lock_path[:-len(".lock")].rstrip("/") or "."
+            busy = f"{output} is in use by {holder} (it holds {lock_path}): wait for that run to end, or choose " \
+                   "another output"
+    if world > 1:
+        busy = all_gather(busy, world)[0]
+    if busy:
+        raise OSError(busy)
+
+
 def start_training(cfg):
-    """What a training stage (sft, grpo) does first: torch.distributed (under torchrun), CPU threads,
-    the seed, the resolved config printed (rank 0), then the model and tokenizer, from the resume point
-    cfg.out_dir/last when one exists (and cfg.resume), else from cfg.model; weights in cfg.dtype.
+    """What a training stage (sft, grpo) does first: torch.distributed (under torchrun), the out-dir's
+    lock, CPU threads, the seed, the resolved config printed (rank 0), then the model and tokenizer,
+    from the resume point cfg.out_dir/last when one exists (and cfg.resume; one that cannot be used is
+    refused), else from cfg.model; weights in cfg.dtype.
     -> (rank, world, device, model, tokenizer, resuming)"""
     from model import DTYPES, Qwen
     from tokenizer import Tokenizer
     rank, world, _, dev = init_distributed()
+    lock_output(os.path.join(cfg.out_dir, ".lock"), rank, world)   # before anything in it is read or written
     if cfg.threads:
         torch.set_num_threads(cfg.threads)
     torch.manual_seed(cfg.seed)
     if rank == 0:
         print_config(cfg)
     last_dir = os.path.join(cfg.out_dir, "last")
-    resuming = cfg.resume and os.path.isfile(os.path.join(last_dir, "train_state.pt"))
+    resuming = cfg.resume and resume_point(last_dir)     # one that exists but cannot be used: refused
     src = last_dir if resuming else cfg.model
     model, tok = Qwen.from_pretrained(src, device=dev, dtype=DTYPES[cfg.dtype]), Tokenizer.from_pretrained(src)
     check_vocab(model, tok, src)

@@ -29,8 +29,8 @@ from tqdm import tqdm
 
 import npr
 from checkpoint import load_for_sampling
-from cli import (append_lines, atomic_write, chat_prompt, init_distributed, instruction_for, parse_cli, print_config,
-                 read_jsonl, read_problems)
+from cli import (append_lines, atomic_write, chat_prompt, check_context, init_distributed, instruction_for, lock_output,
+                 parse_cli, print_config, read_jsonl, read_problems)
 from sampler import Sampler, SamplingParams
 
 
@@ -158,6 +158,7 @@ def summarize(done, out_path, wall_s):
 
 def main(cfg: Config):
     rank, world, _, dev = init_distributed()
+    lock_output(cfg.out + ".lock", rank, world)       # a second run on the same output is refused
     dev = torch.device(cfg.device) if cfg.device else dev
     if rank == 0:
         print_config(cfg)
@@ -165,6 +166,7 @@ def main(cfg: Config):
     model, tok = load_for_sampling(cfg.model, dev, cfg.dtype, cfg.bf16)
     sampler = Sampler(model, tok)
     instruction = instruction_for(cfg.model, cfg.instruction_file)
+    check_context(problems, tok, instruction, cfg.max_new_tokens, model)
     os.makedirs(os.path.dirname(cfg.out) or ".", exist_ok=True)
     shard = cfg.out if world == 1 else f"{cfg.out}.rank{rank}"
     state_path = shard + ".state.jsonl"

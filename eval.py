@@ -37,7 +37,7 @@ import torch
 
 import npr
 from checkpoint import load_for_sampling
-from cli import chat_prompt, instruction_for, parse_cli, print_config, read_problems
+from cli import chat_prompt, check_context, instruction_for, parse_cli, print_config, read_problems
 from sampler import Sampler, SamplingParams
 
 
@@ -103,6 +103,7 @@ def main(cfg: Config):
     model, tok = load_for_sampling(cfg.model, dev, cfg.dtype, cfg.bf16)
     problems = read_problems(cfg.data, cfg.question_field, cfg.answer_field)[:cfg.n_problems or None]
     instruction = instruction_for(cfg.model, cfg.instruction_file)
+    check_context(problems, tok, instruction, cfg.max_new_tokens, model)
     sampler = Sampler(model, tok)
     report = dict(model=cfg.model, data=cfg.data, k=cfg.k, problems=len(problems))
     modes = ["serial", "parallel"] if cfg.mode == "both" else [cfg.mode]

@@ -29,8 +29,8 @@ from tqdm import tqdm
 
 import npr
 from checkpoint import save_final, save_resume_point
-from cli import (accumulating, all_gather, all_reduce, autocast, chat_prompt, instruction_for, parse_cli, read_problems,
-                 resume_training, rollout_model, start_training, sync_rollout_model, wrap_distributed)
+from cli import (accumulating, all_gather, all_reduce, autocast, chat_prompt, check_context, instruction_for, parse_cli,
+                 read_problems, resume_training, rollout_model, start_training, sync_rollout_model, wrap_distributed)
 from parallel_attention import Layout
 from sampler import Sampler, SamplingParams
 
@@ -341,6 +341,7 @@ def main(cfg: Config):
     instruction = instruction_for(cfg.model, cfg.instruction_file)
     problems = read_problems(cfg.data)
     eval_problems = read_problems(cfg.eval_data)[:cfg.eval_problems] if cfg.eval_every else []
+    check_context(problems + eval_problems, tok, instruction, cfg.max_new_tokens, model)
     train_model = wrap_distributed(model, world, cfg.fsdp)
     opt = torch.optim.AdamW(model.parameters(), lr=cfg.lr, betas=(0.9, 0.999), weight_decay=cfg.weight_decay)
     step, metrics = resume_training(opt, cfg, resuming, rank, world, dev)

@@ -19,10 +19,15 @@ import torch
 import npr
 
 
+# A temperature below this is greedy: logits / T overflows fp32 near T = 1e-38 (the softmax turns NaN),
+# and long before that the draw is an argmax anyway (vLLM uses the same cut-off).
+GREEDY_BELOW = 1e-5
+
+
 @dataclass
 class SamplingParams:
     mode: str = "parallel"           # "serial" | "parallel"
-    temperature: float = 1.0         # 0 = greedy
+    temperature: float = 1.0         # 0 (or below GREEDY_BELOW) = greedy
     top_p: float = 1.0
     top_k: int = 0                   # 0 = off
     max_new_tokens: int = 512        # the token budget, counted as `budget` says
@@ -37,7 +42,8 @@ class SamplingParams:
 
 def resolved(p):
     """Checked params with the all-branch cap filled in: max_new_tokens under budget "total";
-    under "critical" max_total_tokens, 0 = max_branches x max_new_tokens."""
+    under "critical" max_total_tokens, 0 = max_branches x max_new_tokens; a temperature below
+    GREEDY_BELOW is 0 (greedy)."""
     if p.mode not in ("serial", "parallel"):
         raise ValueError(f"mode must be 'serial' or 'parallel', not {p.mode!r}")
     if p.budget not in ("total", "critical"):
@@ -46,7 +52,8 @@ def resolved(p):
         total = p.max_new_tokens
     else:
         total = p.max_total_tokens or p.max_new_tokens * (p.max_branches if p.mode == "parallel" else 1)
-    return SamplingParams(**{**p.__dict__, "max_total_tokens": total})
+    temperature = p.temperature if p.temperature >= GREEDY_BELOW else 0.0
+    return SamplingParams(**{**p.__dict__, "max_total_tokens": total, "temperature": temperature})
 
 
 @dataclass

@@ -22,7 +22,7 @@ from tqdm import tqdm
 from decode_graph import StaticStep, in_step_draw
 from model import Qwen
 from parallel_attention import Layout
-from request import SamplingParams, Seq, resolved
+from request import GREEDY_BELOW, SamplingParams, Seq, resolved
 from tokenizer import Tokenizer
 
 
@@ -327,8 +327,8 @@ class Sampler:
 
 def pick(logits, temperature, top_p, top_k, u):
     """(N, V) float logits, (N,) uniforms in [0, 1) -> (N,) token ids, by inverse CDF (one uniform
-    per row, so rows never share a random stream). temperature 0 = argmax."""
-    if temperature <= 0:
+    per row, so rows never share a random stream). temperature 0 (or below GREEDY_BELOW) = argmax."""
+    if temperature < GREEDY_BELOW:
         return argmax_rows(logits)
     logits = logits / temperature
     if top_k and top_k < logits.shape[-1]:

@@ -13,11 +13,12 @@ Endpoints: POST /v1/chat/completions, GET /v1/models, GET /health, GET / (the pa
 
 Request (OpenAI's shape; other OpenAI fields such as stop or stream_options are accepted and ignored):
   messages      [{"role": "system" | "user" | "assistant", "content": str}], not empty
-  max_tokens    1..--max-tokens-limit, also as max_completion_tokens: the budget on the CRITICAL PATH
-                (longest chain of dependent tokens; all branches together may write up to max_branches
-                times as many). Positions run along it, so prompt + max_tokens over the model's context
-                (max_position_embeddings) is a 400; without max_tokens: --default-max-tokens, cut to fit
-  temperature   0..2 (default 1; 0 = greedy)   top_p (0, 1] (default 1)   n 1..--max-n (default 1)
+  max_tokens    1..--max-tokens-limit, also as max_completion_tokens: the budget on all tokens of all branches
+                together (as OpenAI's: usage.completion_tokens counts them). Positions run along the
+                critical path (longest chain of dependent tokens), at most that long, so prompt +
+                max_tokens over the model's context (max_position_embeddings) is a 400; without
+                max_tokens: --default-max-tokens, cut to fit
+  temperature   0..2 (default 1; 0, or below 1e-5, = greedy)   top_p (0, 1] (default 1)   n 1..--max-n (default 1)
   seed          int (default: drawn, and echoed as "seed"): choice i samples from the row seed
                 seed * 1000003 + i (its branches from their own generators), so an answer does not
                 depend on the requests it is batched with nor on when it starts (sampler.py)
@@ -67,9 +68,10 @@ web page's DNS-rebinding name). POSTs must be Content-Type application/json (415
 pages cannot send that without a CORS preflight, never granted). With --api-key or $NPR_API_KEY,
 /v1 needs "Authorization: Bearer <key>" (401; the page and /health stay open, as in vLLM); a
 non-loopback --host without a key refuses to start unless --allow-no-key-on-network.
-Errors: {"error": {"message", "type", "param"}} with 400 (bad request), 401, 404, 405 (with Allow),
-411, 413 (body over --max-body-bytes), 415, 421, 501 (unknown method), 503 (queue full), 500 (the
-sampler failed, or anything unexpected; the server keeps serving). Every request gets an answer.
+Errors: {"error": {"message", "type", "param"}} with 400 (bad request, conflicting Content-Lengths), 401,
+404, 405 (with Allow), 408 (a body that stops arriving), 411, 413 (body over --max-body-bytes), 415, 421,
+501 (unknown method), 503 (queue full), 505 (HTTP/0.9, HTTP/2), 500 (the sampler failed, or anything
+unexpected; the server keeps serving). Every request gets an answer, with a status line.
 """
 import dataclasses
 import ipaddress
@@ -108,7 +110,7 @@ class Config:
     device: str = ""                 # "" = cuda when available
     bf16: bool = True                # on CUDA: bf16 weights (the sampler's CUDA-graph fast path)
     compile_step: bool = False       # on CUDA: torch.compile the graph step (2x faster; ~1 min per new step shape)
-    instruction: str = ""            # NPR instruction; "" = the checkpoint's own, else npr.INSTRUCTION
+    instruction_file: str = ""       # the NPR instruction ("" = the checkpoint's own, else npr.INSTRUCTION)
     name: str = ""                   # the model id the API reports; "" = the checkpoint folder's name
     max_batch_rows: int = 32         # rows (requests x n) decoded together
     max_queue: int = 64              # requests waiting for the worker; one more is answered 503
@@ -117,6 +119,7 @@ class Config:
     default_max_tokens: int = 512    # max_tokens when a request gives none
     max_prompt_tokens: int = 8192    # longer rendered prompts get 400
     max_branches: int = 5            # more numbered plans in one guideline ends the answer as malformed
+    fork_min_tokens: int = 64        # fork only while this many tokens of the budget remain (official: 1024)
     max_body_bytes: int = 1 << 20    # larger request bodies get 413
     keepalive_s: float = 15.0        # streams send an SSE comment when idle this long (finds gone clients)
     api_key: str = ""                # /v1 needs "Authorization: Bearer <key>"; "" = $NPR_API_KEY, else no key
@@ -334,7 +337,8 @@ class Engine:
             raise ApiError(400, f"the prompt has {P} tokens and max_tokens is {budget}: {P + budget} positions, "
                                 f"more than the model's context {ctx} (max_position_embeddings)", "max_tokens")
         params = SamplingParams(mode=req["mode"], temperature=req["temperature"], top_p=req["top_p"],
-                                max_new_tokens=budget, max_branches=self.cfg.max_branches)
+                                max_new_tokens=budget, max_branches=self.cfg.max_branches,
+                                fork_min_tokens=self.cfg.fork_min_tokens)
         seed = req["seed"] if req["seed"] is not None else secrets.randbits(31)
         job = Job(prompt, req["n"], params, seed, req["stream"])
         job.choices = [ChoiceStream(self.tok) for _ in range(job.n)] if job.stream else []
@@ -453,6 +457,9 @@ def is_loopback(host):
 class Handler(BaseHTTPRequestHandler):
     server_version = "npr-serve/1"
     timeout = 60                     # socket timeout: a client that stops sending or reading is dropped
+    # what a request line is taken as until its version is read: the standard library's HTTP/0.9
+    # answers a refused version (HTTP/2.0, HTTP/1.x) with a body and no status line
+    default_request_version = "HTTP/1.0"
     GET_PATHS = ("/", "/health", "/v1/models")
     POST_PATHS = ("/v1/chat/completions",)
 
@@ -463,7 +470,7 @@ class Handler(BaseHTTPRequestHandler):
     def handle_one_request(self):
         """Every request gets an answer: a client that left is one log line, anything unexpected a
         500 with a JSON body and its traceback in the log; the connection's thread never dies silently."""
-        self.replied = False
+        self.replied, self.body_gone = False, False
         try:
             super().handle_one_request()
         except ConnectionError as e:                      # BrokenPipe, ConnectionReset: the client left
@@ -518,6 +525,10 @@ class Handler(BaseHTTPRequestHandler):
     def parse_request(self):
         """The standard library's parsing, then who may ask: a False return sends nothing more."""
         if not super().parse_request():
+            return False
+        if self.request_version == "HTTP/0.9":           # its answers have no status line: not spoken here
+            self.request_version = "HTTP/1.0"
+            self.send_error(505, "HTTP/0.9 is not supported: use HTTP/1.0 or HTTP/1.1")
             return False
         host, key = self.headers.get("Host"), self.engine.cfg.api_key
         # DNS rebinding: a web page can point a name of its own at 127.0.0.1 and read the answers as
@@ -577,23 +588,35 @@ class Handler(BaseHTTPRequestHandler):
 
     def refuse(self, e: ApiError):
         """Answer e without using the body, but read (a bounded amount of) it first: closing with unread
-        data resets the connection, and the client would see the reset instead of the answer."""
-        size = self.headers.get("Content-Length", "")
-        left = min(int(size), 16 * self.engine.cfg.max_body_bytes) if size.isascii() and size.isdigit() else 0
+        data resets the connection, and the client would see the reset instead of the answer. Of
+        conflicting Content-Lengths the smallest is read; a body that timed out is not waited for again."""
+        sizes = [int(v) for v in self.headers.get_all("Content-Length") or [] if v.isascii() and v.isdigit()]
+        left = 0 if self.body_gone or not sizes else min(sizes + [16 * self.engine.cfg.max_body_bytes])
         while left > 0 and (chunk := self.rfile.read(min(left, 1 << 16))):
             left -= len(chunk)
         self.send_error_json(e)
 
     def read_body(self):
-        size = self.headers.get("Content-Length")
-        if size is None:
+        sizes = self.headers.get_all("Content-Length") or []
+        if not sizes:
             raise ApiError(411, "Content-Length is required (chunked bodies are not supported)")
+        if len(set(sizes)) > 1:                                      # RFC 9112 6.3: framing unknown, a 400
+            raise ApiError(400, f"conflicting Content-Length headers: {', '.join(sizes)}")
+        size = sizes[0]
         if not (size.isascii() and size.isdigit()):                  # "²".isdigit() is True
             raise ApiError(400, f"bad Content-Length: {size!r}")
         size, limit = int(size), self.engine.cfg.max_body_bytes
         if size > limit:
             raise ApiError(413, f"the body has {size} bytes, more than the limit {limit}")
-        return self.rfile.read(size)
+        try:
+            body = self.rfile.read(size)
+        except TimeoutError:
+            self.body_gone = True
+            raise ApiError(408, f"the body ({size} bytes, Content-Length) did not arrive within {self.timeout:g} s") \
+                from None
+        if len(body) < size:                                         # the client closed its side early
+            raise ApiError(400, f"the body ended after {len(body)} of its {size} bytes (Content-Length)")
+        return body
 
     def do_POST(self):
         body = None
@@ -696,9 +719,10 @@ class Handler(BaseHTTPRequestHandler):
 class Server(ThreadingHTTPServer):
     def __init__(self, engine, host, port):
         self.engine, self.loopback = engine, is_loopback(host)
-        # the listen backlog holds connections not yet accepted: sized so that a burst of every
-        # request the server may hold (waiting + running) gets answers, 503s included, not resets
-        self.request_queue_size = engine.cfg.max_queue + engine.cfg.max_batch_rows
+        # the listen backlog holds connections not yet accepted: a burst beyond it is reset, and a burst
+        # far beyond what the server holds (waiting + running) must still get its 503s, so it is sized for
+        # bursts, not for the queue (the kernel caps it at net.core.somaxconn, 4096 by default)
+        self.request_queue_size = max(1024, engine.cfg.max_queue + engine.cfg.max_batch_rows)
         super().__init__((host, port), Handler)
 
 
@@ -734,7 +758,7 @@ def main(cfg: Config):
     dev = cfg.device or ("cuda" if torch.cuda.is_available() else "cpu")
     print(f"== loading {path} on {dev} ==", flush=True)
     model, tok = load_for_sampling(path, dev, bf16=cfg.bf16)
-    engine = Engine(model, tok, cfg, instruction=instruction_for(path, cfg.instruction),
+    engine = Engine(model, tok, cfg, instruction=instruction_for(path, cfg.instruction_file),
                     name=cfg.name or os.path.basename(os.path.abspath(path)))
     if cfg.compile_step and model.output_weight.is_cuda:
         model.attn_impl = "sdpa"                  # traceable attention (the Triton kernels are not)

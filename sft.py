@@ -150,9 +150,7 @@ def main(cfg: Config):
     log("== data: layouts, drops, packing ==")
     instruction = instruction_for(cfg.model, cfg.instruction_file)
     examples, dropped = [], {}
-    for r in read_problems(cfg.data, answer_field="answer"):
-        if "trajectory" not in r:
-            raise ValueError(f"{cfg.data}: rows need a 'trajectory' field (distill.py output)")
+    for r in read_problems(cfg.data, answer_field="answer", needs=("trajectory",), may=("prompt",)):
         ex, why = encode_example(tok, r, instruction, cfg.max_branches, cfg.layout)
         if ex is not None and len(ex["ids"]) > cfg.row_tokens:
             ex, why = None, f"longer than --row-tokens {cfg.row_tokens}"

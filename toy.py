@@ -51,7 +51,7 @@ from tqdm import tqdm
 
 import npr
 from checkpoint import INSTRUCTION_FILE
-from cli import atomic_write, parse_cli, print_config
+from cli import atomic_write, lock_output, parse_cli, print_config
 from model import Qwen, QwenConfig
 from sampler import Sampler, SamplingParams
 from tokenizer import Tokenizer
@@ -298,6 +298,7 @@ def evaluate(model, tok, problems, mode, cfg):
 # -----------------------------------------------------------------------------
 
 def main(cfg: Config):
+    lock_output(os.path.join(cfg.out_dir, ".lock"))   # a second run on the same out_dir is refused
     print_config(cfg)
     torch.set_num_threads(cfg.threads)
     torch.manual_seed(cfg.seed)

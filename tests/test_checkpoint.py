@@ -6,6 +6,7 @@ weights is refused at load. (The HF files themselves against transformers: test_
 """
 import json
 import os
+import re
 import shutil
 from dataclasses import dataclass
 
@@ -91,16 +92,16 @@ def test_a_kill_during_a_resume_save_keeps_the_previous_one(tmp_path, monkeypatc
     with torch.no_grad():
         for p in model.parameters():
             p.add_(1.0)
-    real_save = torch.save
+    real_save = checkpoint.save_torch
 
-    def dying_save(obj, path, *a, **k):       # the weights are written, the optimizer state is not
+    def dying_save(obj, path):                # the weights are written, the optimizer state is not
         if "optimizer" in str(path):
             raise OSError("No space left on device")
-        return real_save(obj, path, *a, **k)
-    monkeypatch.setattr(torch, "save", dying_save)
+        return real_save(obj, path)
+    monkeypatch.setattr(checkpoint, "save_torch", dying_save)
     with pytest.raises(OSError):
         checkpoint.save_resume_point(model, tok, opt, last, Cfg(), str(tmp_path / "base"), 2, 0, 1)
-    monkeypatch.setattr(torch, "save", real_save)
+    monkeypatch.setattr(checkpoint, "save_torch", real_save)
     assert os.path.isfile(os.path.join(last, "train_state.pt"))   # the check sft.py / grpo.py resume on
     assert checkpoint.load_resume_point(opt, last, 0, 1, "cpu") == 1
     said = capsys.readouterr().out
@@ -122,3 +123,105 @@ def test_tokenizer_with_more_ids_than_embedding_rows_is_refused_at_load(tmp_path
     make_model(tmp_path / "bad", V - 4)
     with pytest.raises(ValueError, match=rf"bad: the tokenizer has {V} ids but the model only {V - 4} embedding rows"):
         checkpoint.load_for_sampling(str(tmp_path / "bad"), "cpu")
+
+
+@pytest.fixture(scope="module")
+def killed_sft(tmp_path_factory):
+    """An sft run killed after its resumable saves at steps 1 and 2: (data, base model, the run's folder)."""
+    import sft
+    from helpers import solution
+    d = tmp_path_factory.mktemp("killed")
+    make_checkpoint(d / "base")
+    (d / "base" / "npr_instruction.txt").write_text("Solve.\n")     # the base's own, short instruction
+    (d / "train.jsonl").write_text("".join(json.dumps(dict(question=f"Compute {a}*3 + 4*5.", answer=str(3 * a + 20),
+                                                           trajectory=solution(a, 3, 4, 5))) + "\n" for a in range(2, 10)))
+    real = sft.lr_at
+
+    def dying(step, total, cfg):
+        if step == 2:
+            raise KeyboardInterrupt
+        return real(step, total, cfg)
+    sft.lr_at = dying
+    try:
+        with pytest.raises(KeyboardInterrupt):
+            sft.main(sft_config(d, d / "run"))
+    finally:
+        sft.lr_at = real
+    assert os.readlink(d / "run" / "last") == "last.2"
+    return d
+
+
+def sft_config(d, out):
+    import sft
+    return sft.Config(model=str(d / "base"), data=str(d / "train.jsonl"), out_dir=str(out), epochs=2, batch_size=4,
+                      row_tokens=1024, save_every=1)
+
+
+def cut(path, keep):
+    data = open(path, "rb").read()
+    open(path, "wb").write(data[:int(len(data) * keep)])
+
+
+CORRUPT = {  # what a careless user or a failing disk leaves -> the file the error names
+    "truncated train_state": (lambda run: cut(run / "last.2" / "train_state.pt", 0.5), "last/train_state.pt"),
+    "empty train_state": (lambda run: cut(run / "last.2" / "train_state.pt", 0), "last/train_state.pt"),
+    "no train_state": (lambda run: os.remove(run / "last.2" / "train_state.pt"), "last/train_state.pt"),
+    "truncated optimizer": (lambda run: cut(run / "last.2" / "optimizer.rank0.pt", 0.5), "last/optimizer.rank0.pt"),
+    "empty optimizer": (lambda run: cut(run / "last.2" / "optimizer.rank0.pt", 0), "last/optimizer.rank0.pt"),
+    "dangling last": (lambda run: shutil.rmtree(run / "last.2"), "last"),
+    "last a plain file": (lambda run: (os.remove(run / "last"), (run / "last").write_text("x")), "last"),
+}
+
+
+@pytest.mark.parametrize("case", CORRUPT)
+def test_a_resume_point_that_cannot_be_used_is_refused_naming_the_file(killed_sft, tmp_path, case):
+    """Not a traceback naming no file, nor a silent fresh start that truncates metrics.jsonl: one
+    error naming the file and how to start over; the run's records stay as they were."""
+    import sft
+    run = tmp_path / "run"
+    shutil.copytree(killed_sft / "run", run, symlinks=True)
+    corrupt, name = CORRUPT[case]
+    corrupt(run)
+    metrics = (run / "metrics.jsonl").read_text()
+    assert [json.loads(x)["step"] for x in metrics.splitlines()] == [1, 2]
+    with pytest.raises(ValueError) as e:
+        sft.main(sft_config(killed_sft, run))
+    msg = str(e.value)
+    assert msg.startswith(f"{run / name}") and "to start over" in msg and "--no-resume" in msg, msg
+    assert "\n" not in msg and (run / "metrics.jsonl").read_text() == metrics
+
+
+def test_a_full_disk_during_a_resume_save_is_one_line_naming_the_file(killed_sft, tmp_path):
+    """A real sft.py resumes at step 2 under a file-size limit that lets the weights through but not the
+    optimizer state (RLIMIT_FSIZE: the write fails as on a full disk), so its save at step 3 fails:
+    one line naming the file, not torch's "unexpected pos" traceback; `last` stays at step 2, and the
+    rerun resumes there and finishes."""
+    import resource
+    import signal
+    import subprocess
+    import sys
+    import sft
+    run = tmp_path / "run"
+    shutil.copytree(killed_sft / "run", run, symlinks=True)
+    limit = int(1.5 * os.path.getsize(run / "last.2" / "model.safetensors"))
+    assert os.path.getsize(run / "last.2" / "optimizer.rank0.pt") > limit
+
+    def small_disk():                         # in the child: writes past `limit` bytes fail with EFBIG
+        signal.signal(signal.SIGXFSZ, signal.SIG_IGN)
+        resource.setrlimit(resource.RLIMIT_FSIZE, (limit, limit))
+    c = sft_config(killed_sft, run)
+    root = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+    cmd = [sys.executable, os.path.join(root, "sft.py"), "--model", c.model, "--data", c.data, "--out-dir", str(run),
+           "--epochs", "2", "--batch-size", "4", "--row-tokens", "1024", "--save-every", "1"]
+    env = {**os.environ, "OMP_NUM_THREADS": "1"}
+    env.pop("NPR_DEBUG", None)
+    p = subprocess.run(cmd, capture_output=True, text=True, timeout=300, env=env, preexec_fn=small_disk)
+    errors = re.findall(r"error: [^\r\n]*", p.stderr)            # (the line may follow tqdm's bar)
+    assert p.returncode == 1 and "Traceback" not in p.stderr and len(errors) == 1, p.stderr[-3000:]
+    assert errors[0].startswith(f"error: no space left to write {run / 'last.3.partial' / 'optimizer.rank0.pt'} "
+                                "(File too large)"), errors
+    assert os.readlink(run / "last") == "last.2"
+    assert [json.loads(x)["step"] for x in open(run / "metrics.jsonl")] == [1, 2, 3]
+    sft.main(c)
+    assert [json.loads(x)["step"] for x in open(run / "metrics.jsonl")] == [1, 2, 3, 4]
+    assert not os.path.lexists(run / "last") and os.path.isfile(run / "model.safetensors")

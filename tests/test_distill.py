@@ -90,6 +90,7 @@ def test_resume_after_a_kill_loses_nothing(tmp_path, monkeypatch):
     scripts = {q: [(GOOD,)] if i % 2 == 0 else [(WRONG,)] for i, q in enumerate(qs)}
     monkeypatch.setattr(distill, "load_for_sampling", lambda *a, **k: (None, tok))
     monkeypatch.setattr(distill, "instruction_for", lambda *a: "I")
+    monkeypatch.setattr(distill, "check_context", lambda *a: None)     # no model, no context to check
     fakes = []
 
     def make(model, t, fail_after=None):

@@ -13,6 +13,7 @@ Invariants held here:
 """
 import json
 import os
+import re
 
 import pytest
 import torch
@@ -146,6 +147,41 @@ def test_clear_errors(tmp_path):
     json.dump({k: v for k, v in cfg.items() if k != "hidden_size"}, open(tmp_path / "config.json", "w"))
     with pytest.raises(ValueError, match=r"config.json: required field 'hidden_size' is missing"):
         Qwen.from_pretrained(str(tmp_path))
+
+
+BAD_CONFIGS = [  # (change to a valid config.json, the words of the error): each was a traceback or named no file
+    (dict(num_hidden_layers="2"), 'num_hidden_layers must be a positive integer, got "2"'),
+    (dict(num_hidden_layers=True), "num_hidden_layers must be a positive integer, got true"),
+    (dict(hidden_size=-80), "hidden_size must be a positive integer, got -80"),
+    (dict(vocab_size=97.5), "vocab_size must be a positive integer, got 97.5"),
+    (dict(num_key_value_heads=3), "num_attention_heads (4) must be a multiple of num_key_value_heads (3)"),
+    (dict(head_dim=23), "head_dim must be even (RoPE rotates halves), got 23"),
+    (dict(rope_theta="fast"), 'rope_theta must be a positive number, got "fast"'),
+    (dict(rms_norm_eps="x"), 'rms_norm_eps must be a positive number, got "x"'),
+    (dict(rope_parameters={"rope_theta": -1.0}), "rope_parameters.rope_theta must be a positive number, got -1.0"),
+    (dict(rope_parameters="default"), 'rope_parameters must be an object, got "default"'),
+    (dict(max_position_embeddings="4096"), 'max_position_embeddings must be a positive integer, got "4096"'),
+    (dict(tie_word_embeddings="yes"), 'tie_word_embeddings must be true or false, got "yes"'),
+    (dict(torch_dtype=["bfloat16"]), 'torch_dtype must be a string, got ["bfloat16"]'),
+]
+
+
+@pytest.mark.parametrize("change,words", BAD_CONFIGS, ids=[next(iter(c)) + str(i) for i, (c, _) in enumerate(BAD_CONFIGS)])
+def test_config_fields_of_the_wrong_type_or_sign_are_refused_naming_the_field(tmp_path, change, words):
+    write(hf_qwen3(), tmp_path)
+    cfg = json.load(open(tmp_path / "config.json"))
+    json.dump({**cfg, **change}, open(tmp_path / "config.json", "w"))
+    with pytest.raises(ValueError, match=re.escape(f"{tmp_path / 'config.json'}: {words}")):
+        Qwen.from_pretrained(str(tmp_path))
+
+
+def test_a_config_that_is_not_a_json_object_is_refused(tmp_path):
+    import checkpoint
+    write(hf_qwen3(), tmp_path)
+    json.dump([json.load(open(tmp_path / "config.json"))], open(tmp_path / "config.json", "w"))
+    for load in (Qwen.from_pretrained, lambda p: checkpoint.save_dtype(None, p)):
+        with pytest.raises(ValueError, match=re.escape(f"{tmp_path / 'config.json'}: expected a JSON object, got a list")):
+            load(str(tmp_path))
 
 
 @pytest.fixture(scope="module")

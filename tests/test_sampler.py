@@ -54,6 +54,23 @@ def test_pick():
     assert pick(logits, 1.0, 1.0, 0, torch.tensor([0.999999])).item() == 3  # the last token with mass
 
 
+@pytest.mark.parametrize("temperature", [1e-45, 1e-39, 1e-30, 1e-7])
+def test_a_tiny_temperature_is_greedy(ck, temperature):
+    """logits / T overflows fp32 at T <= ~1e-38 (softmax NaN, the draw clamped to the last id): below
+    GREEDY_BELOW a temperature is argmax, in pick, in the decode step's draw and so in every caller."""
+    from decode_graph import in_step_draw
+    from request import GREEDY_BELOW, resolved
+    assert temperature < GREEDY_BELOW
+    logits = torch.tensor([[-50.0, 30.0, 29.9, 10.0, -3.0]])
+    assert all(pick(logits, temperature, 1.0, 0, u).item() == 1 for u in torch.rand(20, 1))
+    assert in_step_draw([resolved(SamplingParams(temperature=temperature))], None) == (0.0, 1.0, 0)
+    model, tok = ck
+    p = dict(mode="serial", max_new_tokens=20, seed=5)
+    greedy = Sampler(model, tok).generate([chat(tok)], n=2, params=SamplingParams(temperature=0, **p))[0]
+    tiny = Sampler(model, tok).generate([chat(tok)], n=2, params=SamplingParams(temperature=temperature, **p))[0]
+    assert [s.ids for s in tiny] == [s.ids for s in greedy]
+
+
 @pytest.mark.parametrize("V", [151936, 300, 97])
 def test_two_stage_argmax_and_logprob(V):
     """argmax_rows / logprob_of (the decode step's head) equal argmax (first maximal index on ties)
@@ -119,7 +136,7 @@ def test_branches_sample_the_same_whatever_their_schedule(ck):
     cuts the fork, which can fall a token apart)."""
     model, tok = ck
     assert len(tok.encode("<step>\n9:")) != len(tok.encode("<step>\n10:"))
-    p = SamplingParams(temperature=100.0, max_new_tokens=60)          # flat: the branches really sample
+    p = SamplingParams(temperature=100.0, max_new_tokens=60, fork_min_tokens=1)   # flat: the branches really sample
     trunk = tok.encode("<guideline>\n<plan>9: a</plan>\n<plan>10: b</plan>\n</guideline>")
     sampler = Sampler(model, tok)
     sampler.stop_ids = set()

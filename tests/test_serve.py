@@ -39,8 +39,9 @@ USER = [{"role": "user", "content": "Compute 2*3 + 4*5."}]
 
 class Shape:
     """A steer: every row writes a guideline with `plans` plans, steps of `free` model tokens each,
-    a takeaway and \\boxed{} of `free` model tokens, then stops (end=False: after the takeaway header
-    the model writes on until the budget). delay / gate slow down or hold the worker at every step."""
+    a takeaway and \\boxed{} of `free` model tokens (drawn from logits / 10), then stops (end=False:
+    after the takeaway header the model writes on until the budget). delay / gate slow down or hold
+    the worker at every step."""
 
     def __init__(self, tok, plans=2, free=3, end=True, delay=0.0, gate=None):
         ids = lambda *parts: [t for p in parts for t in tok.encode(p)]
@@ -65,7 +66,8 @@ class Shape:
             if done < len(script) and script[done] is not None:
                 logits[i] = float("-inf")
                 logits[i, script[done]] = 0.0
-            else:
+            else:   # free tokens: a flatter draw (the random model is peaked: rows would draw alike)
+                logits[i] = logits[i] * 0.1
                 logits[i, self.ban] = float("-inf")
         return logits
 
@@ -463,11 +465,13 @@ def test_inputs_that_killed_the_handler_get_answers(ck, monkeypatch, capfd):
     assert capfd.readouterr().err.count("Traceback") == 1                    # the 500's, for whoever debugs it
 
 
-def test_burst_of_50_clients_gets_200s_and_503s_not_resets(ck):
+def test_burst_of_200_clients_gets_200s_and_503s_not_resets(ck):
+    """200 clients at once on a server that holds 16 (8 rows, 8 waiting): a listen queue of
+    queue + rows reset 95-139 of them; each must get its answer, 200 or 503."""
     gate = threading.Event()
-    with serving(ck, steer=Shape(ck[1], gate=gate), max_queue=40, max_batch_rows=10) as (url, engine):
+    with serving(ck, steer=Shape(ck[1], gate=gate), max_queue=8, max_batch_rows=8) as (url, engine):
         body = json.dumps({"messages": USER, "max_tokens": 30}).encode()
-        got, start = [], threading.Barrier(50)
+        got, start = [], threading.Barrier(200)
 
         def client():
             start.wait()
@@ -475,21 +479,22 @@ def test_burst_of_50_clients_gets_200s_and_503s_not_resets(ck):
                 got.append(post(url, body)[0])
             except OSError as e:                     # a reset, or a connection the server never took
                 got.append(type(e).__name__)
-        threads = [threading.Thread(target=client, daemon=True) for _ in range(50)]
+        threads = [threading.Thread(target=client, daemon=True) for _ in range(200)]
         for t in threads:
             t.start()
         # the worker holds its first batch at the gate: every client is soon answered 503 or has its place
-        # (~0.1 s; connections left outside a full backlog retry for seconds, or time out)
+        # (connections left outside a full backlog retry for seconds, or time out)
         t0 = time.time()
         try:
-            while (placed := len(got) + engine.health()["waiting"] + engine.counts["running_rows"]) < 50:
-                assert time.time() - t0 < 5, f"after 5 s {placed} of 50 clients are answered or queued: {got}"
+            while (placed := len(got) + engine.health()["waiting"] + engine.counts["running_rows"]) < 200:
+                assert time.time() - t0 < 10, f"after 10 s {placed} of 200 clients are answered or queued: {got}"
                 time.sleep(0.02)
         finally:
             gate.set()
         for t in threads:
             t.join(60)
-        assert len(got) == 50 and set(got) == {200, 503}, sorted(map(str, got))
+        assert len(got) == 200 and set(got) == {200, 503}, sorted(map(str, got))
+        assert got.count(200) > 8                   # the queue's 8, and the rows the worker had taken
 
 
 def test_api_key_guards_the_api(ck):
@@ -597,6 +602,51 @@ def test_head_options_and_unknown_methods_get_proper_answers(server):
     assert raw(url, b"OPTIONS /nope HTTP/1.0")[0] == 404
     status, headers, body = raw(url, b"BREW / HTTP/1.0")
     assert status == 501 and headers["Content-Type"] == "application/json" and "BREW" in json.loads(body)["error"]["message"]
+
+
+def test_bad_http_versions_get_an_answer_with_a_status_line(server):
+    """The standard library answers a version it refuses as HTTP/0.9 would: a body with no status line."""
+    url, _ = server
+    for request, status in ((b"GET /health HTTP/2.0", 505), (b"PRI * HTTP/2.0\r\n\r\nSM", 505),
+                            (b"GET /health HTTP/0.9", 505), (b"GET /health HTTP/1.x", 400),
+                            (b"GET /health HTTP/1.0 extra", 400)):
+        u = urllib.parse.urlsplit(url)
+        with socket.create_connection((u.hostname, u.port), timeout=30) as sock:
+            sock.sendall(request + b"\r\n\r\n")
+            answer = sock.makefile("rb").read()
+        head, _, body = answer.partition(b"\r\n\r\n")
+        assert head.startswith(b"HTTP/1.0 %d " % status) and b"Content-Type: application/json" in head, (request, answer)
+        assert "HTTP" in json.loads(body)["error"]["message"] or b"version" in body, (request, answer)
+
+
+def test_conflicting_content_lengths_and_a_body_that_never_arrives_get_answers(server, monkeypatch):
+    """RFC 9112 6.3: differing Content-Length headers are a 400 (the first one used to win); a declared
+    body that stops arriving is a 408 after the socket timeout (it used to be closed without a word)."""
+    import serve
+    url, _ = server
+    body = json.dumps({"messages": USER, "max_tokens": 5}).encode()
+    head = b"POST /v1/chat/completions HTTP/1.0\r\nContent-Type: application/json\r\n"
+    n = b"%d" % len(body)
+    status, _, answer = raw(url, head + b"Content-Length: " + n + b"\r\nContent-Length: 2", body)
+    assert status == 400 and "Content-Length" in json.loads(answer)["error"]["message"], answer
+    assert raw(url, head + b"Content-Length: " + n + b"\r\nContent-Length: " + n, body)[0] == 200   # the same twice
+    monkeypatch.setattr(serve.Handler, "timeout", 1.0)
+    t0 = time.time()
+    status, _, answer = raw(url, head + b"Content-Length: " + n, body[:10])          # and then nothing
+    assert status == 408 and time.time() - t0 < 10, answer
+    assert "did not arrive" in json.loads(answer)["error"]["message"]
+
+
+def test_max_tokens_bounds_all_tokens_as_the_docs_say(ck):
+    """serve.py's docstring once said max_tokens bounds the critical path; the code bounds all tokens."""
+    import serve
+    doc = serve.__doc__.split("  max_tokens", 1)[1].split("  temperature", 1)[0]
+    assert "all tokens of all branches" in doc and "CRITICAL PATH" not in doc, doc
+    with serving(ck, steer=Shape(ck[1], end=False)) as (url, _):
+        status, r, _ = call(url, body={"messages": USER, "max_tokens": 100})
+    st = r["choices"][0]["npr"]["stats"]
+    assert status == 200 and r["choices"][0]["finish_reason"] == "length" and st["forks"] == 1
+    assert r["usage"]["completion_tokens"] == st["total_tokens"] == 100 > st["critical_path_tokens"]
 
 
 def test_thinking_mode_is_explicit(server, monkeypatch):

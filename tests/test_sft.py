@@ -202,3 +202,12 @@ def test_a_sequence_longer_than_a_row_is_dropped_and_counted(setup, tmp_path, ca
                         epochs=0.25, batch_size=4, row_tokens=cut, instruction_file=str(setup / "ins.txt")))
     n = sum(x > cut for x in lens)
     assert f"trajectories {8 - n} | dropped {n} {{'longer than --row-tokens {cut}': {n}}}" in capsys.readouterr().out
+
+
+@pytest.mark.parametrize("field,value", [("trajectory", None), ("trajectory", 5), ("trajectory", ["x"]), ("prompt", 5)])
+def test_a_row_with_a_field_of_the_wrong_type_is_refused_with_its_line(setup, tmp_path, field, value):
+    data = tmp_path / "d.jsonl"
+    data.write_text("".join(json.dumps(r) + "\n" for r in rows(2)[:1] + [{**rows(2)[1], field: value}]))
+    with pytest.raises(ValueError, match=f"d.jsonl:2: '{field}' must be a string"):
+        sft.main(sft.Config(model=str(setup / "base"), data=str(data), out_dir=str(tmp_path / "o"), epochs=1,
+                            batch_size=2, row_tokens=1024))
