@@ -14,6 +14,7 @@ EVAL_K=${EVAL_K:-4}
 EVAL_N=${EVAL_N:-500}
 LATENCY_N=${LATENCY_N:-30}   # problems answered one at a time for the one-request time-to-answer
 EVAL_MODES=${EVAL_MODES:-trained}   # trained: base and zero serially, sft and grpo in parallel | both
+FORK_MIN=${FORK_MIN:-64}   # fork only while this many tokens of the budget remain (the official engine's: 1024)
 mkdir -p "$OUT"
 touch "$OUT/times.txt"
 done_() {  # a finished checkpoint folder (single-file or sharded weights)
@@ -30,18 +31,19 @@ stage() {  # stage NAME command...: run it and record its wall time
 done_ "$OUT/base" || stage base $PY toy.py --out-dir "$OUT/base" --data-dir "$OUT/data" ${TOY_ARGS:-}
 if [ "${STAGE1:-0}" = 1 ] && ! done_ "$OUT/zero"; then
   stage stage1 $PY grpo.py --mode serial --model "$OUT/base" --out-dir "$OUT/zero" \
-    --data "$OUT/data/train.jsonl" --eval-data "$OUT/data/test.jsonl" --format-reward
+    --data "$OUT/data/train.jsonl" --eval-data "$OUT/data/test.jsonl" --format-reward \
+    --adv-std group --loss-mean token --ratio importance --dynamic-sampling --overlong-buffer 50 --malformed grade
 fi
 SRC="$OUT/base"; DIST="$OUT/distill"   # distil from the stage-1 model when there is one (the paper);
 if [ "${STAGE1:-0}" = 1 ]; then SRC="$OUT/zero"; DIST="$OUT/distill_zero"; fi   # its own file: distill resumes
 stage distill $PY distill.py --model "$SRC" --data "$OUT/data/train.jsonl" --out "$DIST/train.jsonl" ${DISTILL_ARGS:-}
 done_ "$OUT/sft" || stage sft $PY sft.py --model "$OUT/base" --data "$DIST/train.jsonl" --out-dir "$OUT/sft" ${SFT_ARGS:-}
 done_ "$OUT/grpo" || stage grpo $PY grpo.py --model "$OUT/sft" --out-dir "$OUT/grpo" \
-  --data "$OUT/data/train.jsonl" --eval-data "$OUT/data/test.jsonl"
+  --data "$OUT/data/train.jsonl" --eval-data "$OUT/data/test.jsonl" --fork-min-tokens "$FORK_MIN"
 for s in base zero sft grpo; do
   [ -d "$OUT/$s" ] || continue
   mode=$EVAL_MODES
   [ "$mode" = trained ] && case $s in base|zero) mode=serial ;; *) mode=parallel ;; esac
-  $RUN $PY eval.py --model "$OUT/$s" --data "$OUT/data/test.jsonl" --n-problems "$EVAL_N" --mode "$mode" -k "$EVAL_K" --latency-n "$LATENCY_N" --out "$OUT/$s/eval.json"
+  $RUN $PY eval.py --model "$OUT/$s" --data "$OUT/data/test.jsonl" --n-problems "$EVAL_N" --mode "$mode" -k "$EVAL_K" --latency-n "$LATENCY_N" --fork-min-tokens "$FORK_MIN" --out "$OUT/$s/eval.json"
 done
 $RUN $PY extras/report.py "$OUT"
