@@ -5,7 +5,8 @@ Evaluate a checkpoint with the metrics of NPR.md section 6, in serial and/or par
     python eval.py --model DIR --data FILE --mode parallel -k 8 --max-new-tokens 30000
 
 Metrics (per mode):
-- avg@k: mean correctness over k samples per problem (last brace-matched \\boxed{}, npr.is_equiv);
+- avg@k: mean correctness over k samples per problem (last brace-matched \\boxed{}, npr.is_equiv), and
+  its standard error over problems (sd of the per-problem means / sqrt(N));
 - format validity: share of samples that finished with EOS and score 0 under npr.format_score;
 - parallel trigger rate: share of samples in which at least one guideline actually forked into
   >= 2 branches (steps written serially near the budget do not count; serial mode: share whose text
@@ -69,7 +70,7 @@ class Config:
 
 
 def table(report):
-    cols = ["accuracy", "format_valid", "trigger_rate", "branches_per_fork", "tokens_per_s",
+    cols = ["accuracy", "accuracy_se", "format_valid", "trigger_rate", "branches_per_fork", "tokens_per_s",
             "time_to_answer_1_s", "time_to_answer_s", "total_over_critical", "mean_tokens"]
     lines = ["| mode | " + " | ".join(cols) + " |", "|" + "---|" * (len(cols) + 1)]
     for mode in ("serial", "parallel"):
@@ -80,6 +81,16 @@ def table(report):
         lines.append("| parallel / serial | " + " | ".join(
             f"{report['speedup'][c]:.3g}" if c in report["speedup"] else "" for c in cols) + " |")
     return "\n".join(lines)
+
+
+def standard_error(problems, got):
+    """The evaluation's own standard error of avg@k: the problems are the sample (their k samples are
+    not independent of each other), so SE = sd over problems of each one's mean correctness / sqrt(N).
+    -> {accuracy_se, per_problem: [mean correctness of each problem]} (the table's pooled errors use them)."""
+    per = [sum(npr.grade(s.text, p["answer"]) for s in ss) / max(len(ss), 1) for p, ss in zip(problems, got)]
+    n, m = len(per), sum(per) / max(len(per), 1)
+    sd = (sum((x - m) ** 2 for x in per) / (n - 1)) ** 0.5 if n > 1 else 0.0
+    return dict(accuracy_se=sd / max(n, 1) ** 0.5, per_problem=per)
 
 
 def one_request_latency(sampler, prompts, params, k):
@@ -120,6 +131,7 @@ def main(cfg: Config):
         prompts = [chat_prompt(tok, p["question"], instruction) for p in problems]
         got, wall = sampler.generate_many(prompts, cfg.k, params, cfg.batch_size, progress=True)
         report[mode] = npr.sample_metrics([(s, p["answer"]) for p, ss in zip(problems, got) for s in ss], wall)
+        report[mode].update(standard_error(problems, got))
         report[mode].update(settings)
         if cfg.latency_n:
             report[mode].update(one_request_latency(sampler, prompts[:cfg.latency_n], params, cfg.k))

@@ -3,7 +3,8 @@ Optional reading: one markdown table over the stages of a speedrun.sh run.
 
     python extras/report.py out          # reads out/<stage>/eval.json and out/times.txt, writes out/report.md
 
-Per stage (base, zero, sft, grpo): accuracy in each mode, format validity, trigger rate, branches
+Per stage (base, zero, sft, grpo): accuracy in each mode with the evaluation's standard error (over
+problems; one run, one seed: the seed-to-seed spread is table.py's), format validity, trigger rate, branches
 per fork, tokens/s, time-to-answer (one request and in the batch), total/critical tokens, stage
 wall time; then NPR's comparison: the last stage decoding in parallel against the base serially.
 """
@@ -19,7 +20,7 @@ def pipeline_report(root, stages=("base", "zero", "sft", "grpo")):
         for line in open(os.path.join(root, "times.txt")):
             name, sec = line.split()
             times[name] = float(sec)
-    head = ("| stage | acc serial | acc parallel | format valid (par) | trigger rate (par) | branches/fork | "
+    head = ("| stage | acc serial (± SE) | acc parallel (± SE) | format valid (par) | trigger rate (par) | branches/fork | "
             "tok/s serial | tok/s parallel | time-to-answer s, 1 request (ser / par) | time-to-answer s, in batch "
             "(ser / par) | total/critical (par) | stage wall s |")
     lines = [head, "|" + "---|" * (head.count("|") - 1)]
@@ -30,8 +31,9 @@ def pipeline_report(root, stages=("base", "zero", "sft", "grpo")):
         r = json.load(open(f))
         s, p = r.get("serial", {}), r.get("parallel", {})
         g = lambda d, k, fmt="{:.3f}": fmt.format(d[k]) if k in d else "-"
+        acc = lambda d: g(d, "accuracy") + (f" ± {d['accuracy_se']:.3f}" if "accuracy_se" in d else "")
         wall = times.get(st, times.get({"base": "base", "zero": "stage1"}.get(st, st)))
-        lines.append(f"| {st} | {g(s, 'accuracy')} | {g(p, 'accuracy')} | {g(p, 'format_valid')} | "
+        lines.append(f"| {st} | {acc(s)} | {acc(p)} | {g(p, 'format_valid')} | "
                      f"{g(p, 'trigger_rate')} | {g(p, 'branches_per_fork', '{:.2f}')} | {g(s, 'tokens_per_s', '{:.0f}')} | "
                      f"{g(p, 'tokens_per_s', '{:.0f}')} | {g(s, 'time_to_answer_1_s', '{:.2f}')} / "
                      f"{g(p, 'time_to_answer_1_s', '{:.2f}')} | {g(s, 'time_to_answer_s', '{:.2f}')} / "
