@@ -11,7 +11,8 @@ Writes out/data/{train,test}.jsonl and out/base (config.json, model.safetensors,
 npr_instruction.txt, train_config.json, metrics.jsonl): an HF-layout checkpoint that distill.py,
 sft.py, grpo.py and eval.py take like any Qwen folder.
 
-The task: "Compute 23*4 + 17*6 + 48*9." -> 626 (by default 3 terms, a of 2 digits, b in 2..9).
+The task: "Compute 23*4 + 17*6 + 48*9." -> 626 (by default 2 to 5 terms, a of 2 digits, b in 2..9;
+the number of terms is the width of the fork, so the plan's width is the model's to write).
   serial: 23*4=20*4+3*4=80+12=92. 17*6=10*6+7*6=60+42=102. 48*9=40*9+8*9=360+72=432. 92+102=194+432=626. \\boxed{626}
   tagged: the same work, one <plan> and one <step> per product, the additions in the <takeaway>:
       <guideline>
@@ -25,17 +26,20 @@ The task: "Compute 23*4 + 17*6 + 48*9." -> 626 (by default 3 terms, a of 2 digit
       </takeaway>
       \\boxed{626}
 Training mix: prompts with the short INSTRUCTION get tagged solutions, plain prompts serial ones.
-A share of the tagged solutions is in the serial-writer variant: step i >= 2 also adds its product
+Every step needs only its own term, so nothing in the data makes a branch depend on a sibling it
+cannot see. --serial-writer-share plants such a dependency (the ablation knob, off by default): a
+share of the tagged solutions in the serial-writer variant, where step i >= 2 also adds its product
 to the running sum ("2: 17*6=...=102 #2:102. 92+102=194"), as a model writing the steps in turn
-does. Decoded in parallel a step cannot see the one before it, so the base model is poor in parallel
-mode; self-distillation and parallel SFT repair that (`distill.py --reject-sibling-results` keeps no
-serial-writer sample).
+does; decoded in parallel such a step must guess what it cannot see.
 
 Deliberate deviations from a real instruct model:
 - Tokenizer: one token per character (printable ASCII and "\\n"; encode drops any other character),
   ChatML specials, and `\\boxed{` and the 8 NPR tags as ONE ordinary token each: sequences short
   enough for a CPU (sft.py finds the tags present and leaves their trained embedding rows alone).
-- The instruction is a few words, not npr.INSTRUCTION (per character that is a 1.5k-token prompt).
+- The instruction is two words, not npr.INSTRUCTION (per character that is a 1.5k-token prompt). It
+  follows the problem (the official order), so every extra character of it stands between the
+  question and the answer, which a 2-layer character model reads poorly: with "Solve it with parallel
+  steps." the base answered 0.27 of the 3-term task right (greedy), with "In parallel." 0.87.
 - Training length is a step count, not a time budget: the same training on any machine.
 """
 import json
@@ -65,15 +69,15 @@ class Config:
     n_train: int = 20000             # problems in train.jsonl (later stages draw from it)
     n_test: int = 1000               # problems in test.jsonl (never trained on, by exact question)
     # the task (the first factor's digit count is the main difficulty knob)
-    min_terms: int = 3               # 3 terms, every a of 2 digits: steps long enough to run side by side
-    max_terms: int = 3
+    min_terms: int = 2               # terms per problem, uniform in [min_terms, max_terms]: the fork's width
+    max_terms: int = 5
     min_adigits: int = 2             # digits of the first factor a: 1 -> 2..9, 2 -> 10..99
     max_adigits: int = 2
     min_b: int = 2                   # second factor b in [min_b, max_b]
     max_b: int = 9
     # training mix
     tagged_share: float = 0.7        # share of training prompts with INSTRUCTION and a tagged solution
-    serial_writer_share: float = 0.4  # share of the tagged solutions in the serial-writer variant
+    serial_writer_share: float = 0.0  # share of the tagged solutions whose steps read a sibling (the planted-dependency ablation)
     label_share: float = 1.0         # share of the tagged solutions whose steps name their results (" #1:92")
     # model (0.40M parameters)
     hidden_size: int = 128
@@ -98,13 +102,13 @@ class Config:
     # quick evaluation at the end (greedy, first eval_n test problems, INSTRUCTION prompt)
     eval_n: int = 200
     eval_batch: int = 100
-    eval_max_new_tokens: int = 256
+    eval_max_new_tokens: int = 400
 
 
 # -----------------------------------------------------------------------------
 # The task
 
-INSTRUCTION = "Solve it with parallel steps."
+INSTRUCTION = "In parallel."
 CHAT_TEMPLATE = ("{% for m in messages %}{{'<|im_start|>' + m['role'] + '\\n' + m['content'] + '<|im_end|>' + '\\n'}}"
                  "{% endfor %}{% if add_generation_prompt %}{{'<|im_start|>assistant\\n'}}{% endif %}")
 SPECIAL_TOKENS = ("<|endoftext|>", "<|im_start|>", "<|im_end|>")

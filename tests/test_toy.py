@@ -170,9 +170,12 @@ def test_collate_masks_prompt_and_padding(tok):
         assert tgt[r, n_prompt - 1:len(x) - 1].tolist() == x[n_prompt:]
         assert x[-1] == tok.im_end_id
         assert tok.decode(x[:n_prompt]).endswith("<|im_start|>assistant\n")
-    # both prompt kinds and both tagged variants occur in the mix
+    # both prompt kinds occur in the mix; by default no step reads a sibling, with the knob some do
     texts = [tok.decode(x[n:]) for x, n in (toy.sample_example(rng, tok, cfg) for _ in range(200))]
     assert any(t.startswith("<guideline>") for t in texts) and any(not t.startswith("<guideline>") for t in texts)
+    assert not any(toy.serial_writer_step(s) for t in texts for b in npr.parse(t).blocks for s in b.steps)
+    planted = toy.Config(serial_writer_share=0.4)
+    texts = [tok.decode(x[n:]) for x, n in (toy.sample_example(rng, tok, planted) for _ in range(200))]
     assert any(toy.serial_writer_step(s) for t in texts for b in npr.parse(t).blocks for s in b.steps)
 
 
