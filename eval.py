@@ -38,7 +38,7 @@ import torch
 
 import npr
 from checkpoint import load_for_sampling
-from cli import chat_prompt, check_context, instruction_for, parse_cli, print_config, read_problems
+from cli import atomic_write, chat_prompt, check_context, instruction_for, parse_cli, print_config, read_problems
 from sampler import Sampler, SamplingParams
 
 
@@ -141,8 +141,8 @@ def main(cfg: Config):
                              if c in p and c in s}
     print(table(report))
     out = cfg.out or os.path.join(cfg.model, "eval.json")
-    with open(out, "w") as f:
-        json.dump(report, f, indent=2)
+    os.makedirs(os.path.dirname(out) or ".", exist_ok=True)
+    atomic_write(out, json.dumps(report, indent=2))
     print(f"report: {out}")
     return report
 
