@@ -9,7 +9,7 @@ branches of a parallel answer as they decode side by side.
     curl -s localhost:8000/v1/chat/completions -H 'Content-Type: application/json' \
          -d '{"messages": [{"role": "user", "content": "Compute 23*4 + 17*6."}]}'
 
-Here: the engine (a queue of requests, one worker thread stepping the sampler), the
+Here: the engine (one worker thread steps the sampler; its queue is the server's only queue), the
 two views of each choice (the live pieces of every branch as they decode, and the same text in the
 canonical order a stock client joins into message.content: ChoiceStream), and one POST handler,
 plain or server-sent events, behind the loopback/key check. The API (fields, streaming, errors):
@@ -22,7 +22,6 @@ import threading
 import time
 import traceback
 import uuid
-from collections import deque
 from dataclasses import dataclass
 from queue import Queue
 
@@ -50,7 +49,7 @@ class Config:
     instruction_file: str = ""       # the NPR instruction ("" = the checkpoint's own, else npr.INSTRUCTION)
     name: str = ""                   # the model id the API reports; "" = the checkpoint folder's name
     max_batch_rows: int = 32         # rows (requests x n) decoded together
-    max_queue: int = 64              # requests waiting for the worker; one more is answered 503
+    max_queue: int = 64              # requests waiting for a row (in the sampler's queue); one more gets 503
     max_n: int = 8                   # the largest n a request may ask for
     max_tokens_limit: int = 4096     # the largest max_tokens (all tokens of all branches) a request may ask for
     default_max_tokens: int = 512    # max_tokens when a request gives none
@@ -134,15 +133,19 @@ class Job:
         # ("delta", i, content, npr pieces) | ("finish", i, why) | ("done", samples) | ("error", msg)
         self.events = Queue()
         self.choices = []                        # streaming: a ChoiceStream per choice
-        self.seqs = []                           # its requests in the sampler, one per choice
+        self.seqs = []                           # its rows in the sampler (request.Seq), one per choice
         self.sent = []                           # streaming: per choice, the tokens reported per segment
         self.cancelled = False                   # set by the HTTP thread when its client is gone
 
 
 class Engine:
-    """Requests in, one worker thread that drives the sampler's engine step by step (continuous
-    batching: a request joins the running rows as soon as a row is free), per-request events out.
-    `steer` goes to the sampler (tests force an NPR structure on a random model with it)."""
+    """Requests in, per-request events out, one worker thread driving the sampler step by step.
+    One queue, the sampler's: submit() adds a request's rows to it (Sampler.add), and each step admits
+    the oldest waiting rows into free KV-cache rows (Sampler.schedule: continuous batching, a request
+    joins the running rows as soon as a row is free, a row that ends is refilled at the next step).
+    At most --max-queue requests wait; one more is a 503. A gone client's rows are cancelled
+    (Sampler.cancel) before the next step. `steer` goes to the sampler (tests force an NPR structure
+    on a random model with it)."""
 
     def __init__(self, model, tok, cfg=None, instruction=None, name="npr", steer=None):
         self.cfg = cfg or Config()
@@ -153,12 +156,22 @@ class Engine:
         # rows sized once for the largest request the limits let in: an arriving one never waits for a new cache
         largest = min(self.context or float("inf"), self.cfg.max_prompt_tokens + self.cfg.max_tokens_limit)
         self.sampler.min_slots = largest + 16 * (self.cfg.max_branches + 2) + 1
-        self.waiting, self.jobs = deque(), []    # jobs not yet in the sampler / in it
-        self.cond = threading.Condition()
-        self.counts = dict(requests=0, steps=0, rows=0, running_rows=0, cancelled_rows=0, errors=0)
+        self.jobs = []                           # requests not done: their rows wait or run in the sampler
+        # on the sampler's queue lock: HTTP threads add while the worker steps (it holds it between steps, never in one)
+        self.cond = threading.Condition(self.sampler.lock)
+        self.totals = dict(requests=0, rows=0, steps=0, cancelled_rows=0, errors=0)
         self.closed = False
         self.worker = threading.Thread(target=self.loop, name="npr-engine", daemon=True)
         self.worker.start()
+
+    @property
+    def counts(self):
+        """The totals, and read live (the worker may be inside a long step): the requests with a row still in
+        the sampler's queue (waiting), and the rows that hold a KV-cache row (running_rows)."""
+        with self.cond:
+            rows = [job.seqs for job in self.jobs]
+            return dict(self.totals, waiting=sum(any(s.row is None and not s.finish for s in r) for r in rows),
+                        running_rows=sum(s.row is not None for r in rows for s in r))
 
     def make_job(self, req):
         """Validated request fields -> a Job (rendered prompt, SamplingParams, seed)."""
@@ -181,56 +194,48 @@ class Engine:
 
     def submit(self, job):
         with self.cond:
-            if len(self.waiting) >= self.cfg.max_queue:
-                raise ApiError(503, f"the server is busy: {len(self.waiting)} requests are waiting; retry later",
+            if (waiting := self.counts["waiting"]) >= self.cfg.max_queue:
+                raise ApiError(503, f"the server is busy: {waiting} requests are waiting; retry later",
                                kind="server_overloaded")
-            self.waiting.append(job)
-            self.counts["requests"] += 1
+            # a request's rows queue one after another, oldest request first; each row samples from its own
+            # seed, so an answer does not depend on which of its rows start at which step
+            job.seqs = [self.sampler.add(job.prompt, job.params, job.seed * 1000003 + i, i) for i in range(job.n)]
+            job.sent = [[] for _ in range(job.n)]
+            self.jobs.append(job)
+            self.totals["requests"] += 1
+            self.totals["rows"] += job.n
             self.cond.notify()
 
-    def admit(self):
-        """Hand waiting jobs to the sampler, oldest first, while it has free rows for all their choices."""
-        s = self.sampler
-        with self.cond:
-            while not (self.waiting or self.jobs or self.closed):
-                self.cond.wait()
-            while self.waiting and not self.closed:
-                job = self.waiting[0]
-                rows = len(s.free) if s.cache is not None else self.cfg.max_batch_rows
-                if not job.cancelled and self.jobs and job.n > rows - len(s.waiting):
-                    break                                # wait for rows (nothing runs: it goes in anyway)
-                self.waiting.popleft()
-                if job.cancelled:
-                    continue
-                job.seqs = [s.add(job.prompt, job.params, job.seed * 1000003 + i) for i in range(job.n)]
-                job.sent = [[] for _ in range(job.n)]
-                self.jobs.append(job)
-                self.counts["rows"] += job.n
-            self.counts["running_rows"] = len(s.running) + len(s.waiting)
-            return not self.closed
-
     def loop(self):
-        while self.admit():
-            for job in self.jobs:
-                if job.cancelled:                    # its client is gone: its rows end at this step
-                    for seq in job.seqs:
-                        self.sampler.cancel(seq)
+        s = self.sampler
+        while True:
+            with self.cond:
+                while not (self.jobs or self.closed):
+                    self.cond.wait()
+                if self.closed:
+                    return
+                for job in self.jobs:
+                    if job.cancelled:                # its client is gone: its rows end at this step
+                        for seq in job.seqs:
+                            s.cancel(seq)
             try:
-                ended = self.sampler.step()
+                ended = s.step()                     # admit waiting rows, decode one token per live stream
             except Exception as e:                   # one bad step must not stop the server
                 traceback.print_exc()
-                self.counts["errors"] += 1
-                for job in self.jobs:
-                    job.events.put(("error", f"generation failed: {type(e).__name__}: {e}"))
-                self.jobs, self.sampler.running, self.sampler.waiting = [], [], deque()
-                self.sampler.release()
+                with self.cond:
+                    self.totals["errors"] += 1
+                    for job in self.jobs:
+                        job.events.put(("error", f"generation failed: {type(e).__name__}: {e}"))
+                    self.jobs, s.running, s.gone = [], [], []
+                    s.waiting.clear()
+                    s.release()
                 continue
-            self.counts["steps"] += 1
-            self.counts["cancelled_rows"] += sum(seq.finish == "cancelled" for seq in ended)
-            self.counts["running_rows"] = len(self.sampler.running) + len(self.sampler.waiting)
-            for job in self.jobs:
-                self.report(job)
-            self.jobs = [job for job in self.jobs if not all(seq.finish for seq in job.seqs)]
+            with self.cond:
+                self.totals["steps"] += 1
+                self.totals["cancelled_rows"] += sum(seq.finish == "cancelled" for seq in ended)
+                for job in self.jobs:
+                    self.report(job)
+                self.jobs = [job for job in self.jobs if not all(seq.finish for seq in job.seqs)]
 
     def report(self, job):
         """Events of one step: per streamed choice its new tokens (per segment) and its end; the job's samples at its end."""
@@ -260,8 +265,7 @@ class Engine:
             self.worker.join()
 
     def health(self):
-        with self.cond:
-            return dict(status="ok", model=self.name, waiting=len(self.waiting), **self.counts)
+        return dict(status="ok", model=self.name, **self.counts)
 
 
 def structure(sample):
