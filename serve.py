@@ -139,13 +139,11 @@ class Job:
 
 
 class Engine:
-    """Requests in, per-request events out, one worker thread driving the sampler step by step.
-    One queue, the sampler's: submit() adds a request's rows to it (Sampler.add), and each step admits
-    the oldest waiting rows into free KV-cache rows (Sampler.schedule: continuous batching, a request
-    joins the running rows as soon as a row is free, a row that ends is refilled at the next step).
-    At most --max-queue requests wait; one more is a 503. A gone client's rows are cancelled
-    (Sampler.cancel) before the next step. `steer` goes to the sampler (tests force an NPR structure
-    on a random model with it)."""
+    """Requests in, per-request events out, one worker thread driving the sampler step by step. One queue,
+    the sampler's: submit() adds a request's rows to it (Sampler.add); each step admits the oldest waiting
+    rows into free KV-cache rows (Sampler.schedule: continuous batching). At most --max-queue requests
+    wait (one more: 503); a gone client's rows are cancelled (Sampler.cancel) before the next step.
+    `steer` goes to the sampler (tests force an NPR structure on a random model with it)."""
 
     def __init__(self, model, tok, cfg=None, instruction=None, name="npr", steer=None):
         self.cfg = cfg or Config()
