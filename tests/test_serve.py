@@ -1,7 +1,7 @@
 """serve.py: the OpenAI-shaped API over real HTTP (a server on port 0 in a thread), streaming that
 reassembles to the plain answer, batching that changes no answer, every bad input answered 4xx,
 a full queue answered 503, a client that leaves mid-stream freeing its rows, and the live page in
-headless chromium (skipped when chromium is not installed).
+headless chromium (test.sh installs it; skipped when it is not on PATH).
 
 A random model does not write guidelines, so a steer (the sampler's logits hook) forces an NPR
 block on every row and leaves a few tokens inside each step, the takeaway and the answer to the
@@ -790,8 +790,10 @@ class DevTools:
         for fd in (to_r, from_w):
             os.close(fd)
         launch = f"import os, sys; os.dup2({a}, 3); os.dup2({b}, 4); os.execv(sys.argv[1], sys.argv[1:])"
+        # the background-networking flags: this machine's network is closed (the browser's own calls home are refused)
         cmd = [sys.executable, "-c", launch, CHROMIUM, "--headless", "--no-sandbox", "--disable-gpu",
-               "--disable-dev-shm-usage", "--no-first-run", "--remote-debugging-pipe",
+               "--disable-dev-shm-usage", "--disable-quic", "--no-first-run", "--disable-background-networking",
+               "--disable-component-update", "--disable-sync", "--remote-debugging-pipe",
                f"--user-data-dir={profile}", "--window-size=1280,1000", url]
         self.proc = subprocess.Popen(cmd, pass_fds=(a, b), stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
         os.close(a)
@@ -831,7 +833,7 @@ class DevTools:
         os.close(self.from_r)
 
 
-@pytest.mark.skipif(CHROMIUM is None, reason="no chromium on PATH (Debian: apt-get install -y chromium)")
+@pytest.mark.skipif(CHROMIUM is None, reason="no chromium on PATH (test.sh installs Debian's chromium when run as root)")
 def test_page_draws_branch_columns_in_headless_chromium(ck, tmp_path):
     with serving(ck, steer=Shape(ck[1], plans=3, free=6, delay=0.03)) as (url, engine):
         q = urllib.parse.urlencode(dict(prompt="Compute 2*3 + 4*5 + 6*7.", temperature=0, seed=5, max_tokens=120, autorun=1))
