@@ -12,6 +12,7 @@ A request owns one cache row; branch tokens go into it interleaved, masked by pe
 (parallel_attention.py). Output (request.Sample) is in the trainer's layout, with the model's
 log-prob of every token.
 """
+import threading
 import time
 from collections import deque
 
@@ -88,6 +89,7 @@ class Sampler:
         self.steer = None           # steer(requests, logits) -> logits: edits what tokens are drawn from (tests)
         self.cache = self.fast = None   # the KV cache and the StaticStep on it, kept for the next call
         self.waiting, self.running, self.free, self.gone = deque(), [], [], []   # gone: cancelled while waiting
+        self.lock = threading.RLock()   # guards `waiting`: add() may come from other threads while step() runs (serve.py)
         self.counters = dict(steps=0, row_steps=0, busy_row_steps=0)   # slot utilization = busy / row steps
 
     def release(self):
@@ -100,15 +102,17 @@ class Sampler:
     def add(self, prompt, params, seed=0, index=0):
         """Queue a request (prompt token ids) -> its Seq; it is admitted at the next step with a free row."""
         seq = Seq(prompt, params, seed, index, self.tok)
-        self.waiting.append(seq)
+        with self.lock:
+            self.waiting.append(seq)
         return seq
 
     def cancel(self, seq):
         """End a request at the next step (its row is freed then)."""
         seq.end("cancelled")
-        if seq in self.waiting:
-            self.waiting.remove(seq)
-            self.gone.append(seq)
+        with self.lock:
+            if seq in self.waiting:
+                self.waiting.remove(seq)
+                self.gone.append(seq)
 
     @torch.no_grad()
     def step(self):
@@ -130,8 +134,10 @@ class Sampler:
         """Admit waiting requests, oldest first, while a row is free and has room for the oldest's worst
         case (else it waits for an idle engine and a new cache); prefill them. -> those cancelled while waiting."""
         gone, self.gone = self.gone, []
-        if self.waiting and not self.running:
-            self.plan(max(seq.slots() for seq in self.waiting))
+        with self.lock:
+            slots = max((seq.slots() for seq in self.waiting), default=0) if not self.running else 0
+        if slots:
+            self.plan(slots)
         new = []
         if self.running and self.counters["steps"] % self.admit_every:
             return gone

@@ -1,6 +1,7 @@
 """sampler.py, the engine: cached == the no-cache oracle (greedy and sampled), a sample does not depend
 on its batch nor on when its branches are scheduled, continuous batching == one request at a time,
-the head's log-probs == the trainer's, step()/cancel(), params per prompt, a kept cache changes nothing.
+the head's log-probs == the trainer's, step()/cancel(), add() from another thread, params per prompt, a kept
+cache changes nothing.
 The fork/join rules are tested in test_request.py.
 Run: OMP_NUM_THREADS=1 .venv/bin/python -m pytest tests/test_sampler.py (~30 s)."""
 import pytest
@@ -271,6 +272,31 @@ def test_engine_steps_stream_samples_and_cancel_frees_the_row(ck):
         mode="serial", temperature=0, max_new_tokens=5)], on_sample=lambda i, j, s: order.append((i, j, s)))
     assert [(i, j) for i, j, _ in order] == [(1, 0), (0, 0)] and order[0][2] is out[1][0]
 
+
+
+def test_add_from_another_thread_while_the_engine_looks_at_its_queue(ck, monkeypatch):
+    """serve.py's HTTP threads add() while its worker steps: the queue's lock keeps schedule's look at the
+    waiting requests whole (an add in the middle of it raised "deque mutated during iteration")."""
+    import threading
+    from request import Seq
+    model, tok = ck
+    sampler, p = Sampler(model, tok), SamplingParams(mode="serial", temperature=0, max_new_tokens=5)
+    sampler.add(chat(tok, "a"), p, 1)
+    added, slots = [], Seq.slots
+
+    def slots_while_another_thread_adds(seq):         # the first look at the queue: another thread adds
+        if not added:
+            added.append(threading.Thread(target=lambda: added.append(sampler.add(chat(tok, "b"), p, 2))))
+            added[0].start()
+            added[0].join(0.2)                          # it waits for the lock (without one: it adds now)
+        return slots(seq)
+    monkeypatch.setattr(Seq, "slots", slots_while_another_thread_adds)
+    done = sampler.step()
+    added[0].join(10)
+    monkeypatch.undo()
+    while sampler.waiting or sampler.running:
+        done += sampler.step()
+    assert len(added) == 2 and sorted(seq.seed for seq in done) == [1, 2] and all(s.finish for s in done)
 
 def test_params_per_prompt_batch_like_alone(ck):
     """One generate() over prompts with different settings (mode, temperature, top-p/k, budget)

@@ -1,7 +1,7 @@
 """serve.py: the OpenAI-shaped API over real HTTP (a server on port 0 in a thread), streaming that
 reassembles to the plain answer, batching that changes no answer, every bad input answered 4xx,
 a full queue answered 503, a client that leaves mid-stream freeing its rows, and the live page in
-headless chromium (skipped when chromium is not installed).
+headless chromium (test.sh installs it; skipped when it is not on PATH).
 
 A random model does not write guidelines, so a steer (the sampler's logits hook) forces an NPR
 block on every row and leaves a few tokens inside each step, the takeaway and the answer to the
@@ -33,7 +33,8 @@ from helpers import chat, make_checkpoint
 from request import SamplingParams, Token
 from serve import ChoiceStream, Config, Engine, Job, api_key, default_model, make_server
 
-ARTIFACTS = os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))), "test-artifacts")
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+ARTIFACTS = os.path.join(ROOT, "test-artifacts")
 USER = [{"role": "user", "content": "Compute 2*3 + 4*5."}]
 
 
@@ -638,9 +639,10 @@ def test_conflicting_content_lengths_and_a_body_that_never_arrives_get_answers(s
 
 
 def test_max_tokens_bounds_all_tokens_as_the_docs_say(ck):
-    """serve.py's docstring once said max_tokens bounds the critical path; the code bounds all tokens."""
-    import serve
-    doc = serve.__doc__.split("  max_tokens", 1)[1].split("  temperature", 1)[0]
+    """The API reference (SERVE.md) says max_tokens bounds all tokens of all branches (not the critical
+    path), as the code does."""
+    with open(os.path.join(ROOT, "SERVE.md")) as f:
+        doc = f.read().split("  max_tokens", 1)[1].split("  temperature", 1)[0]
     assert "all tokens of all branches" in doc and "CRITICAL PATH" not in doc, doc
     with serving(ck, steer=Shape(ck[1], end=False)) as (url, _):
         status, r, _ = call(url, body={"messages": USER, "max_tokens": 100})
@@ -788,8 +790,10 @@ class DevTools:
         for fd in (to_r, from_w):
             os.close(fd)
         launch = f"import os, sys; os.dup2({a}, 3); os.dup2({b}, 4); os.execv(sys.argv[1], sys.argv[1:])"
+        # the background-networking flags: this machine's network is closed (the browser's own calls home are refused)
         cmd = [sys.executable, "-c", launch, CHROMIUM, "--headless", "--no-sandbox", "--disable-gpu",
-               "--disable-dev-shm-usage", "--no-first-run", "--remote-debugging-pipe",
+               "--disable-dev-shm-usage", "--disable-quic", "--no-first-run", "--disable-background-networking",
+               "--disable-component-update", "--disable-sync", "--remote-debugging-pipe",
                f"--user-data-dir={profile}", "--window-size=1280,1000", url]
         self.proc = subprocess.Popen(cmd, pass_fds=(a, b), stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
         os.close(a)
@@ -829,7 +833,7 @@ class DevTools:
         os.close(self.from_r)
 
 
-@pytest.mark.skipif(CHROMIUM is None, reason="no chromium on PATH (Debian: apt-get install -y chromium)")
+@pytest.mark.skipif(CHROMIUM is None, reason="no chromium on PATH (test.sh installs Debian's chromium when run as root)")
 def test_page_draws_branch_columns_in_headless_chromium(ck, tmp_path):
     with serving(ck, steer=Shape(ck[1], plans=3, free=6, delay=0.03)) as (url, engine):
         q = urllib.parse.urlencode(dict(prompt="Compute 2*3 + 4*5 + 6*7.", temperature=0, seed=5, max_tokens=120, autorun=1))
