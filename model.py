@@ -1,6 +1,6 @@
 """
 Qwen2 / Qwen2.5 / Qwen3 dense decoder, loaded from (and saved to) a Hugging Face checkpoint folder
-(its files are read and written by checkpoint.py).
+(its files are read and written by hf_files.py).
 
     model = Qwen.from_pretrained("Qwen3-0.6B", device="cuda", dtype=torch.bfloat16)
     logits = model(input_ids, positions, layout, kv_cache)          # (B, T, vocab)
@@ -21,7 +21,7 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
-from checkpoint import load_safetensors, read_config, write_safetensors
+from hf_files import load_safetensors, read_config, write_safetensors
 from parallel_attention import attention
 
 SUPPORTED = {"Qwen2ForCausalLM": "qwen2", "Qwen3ForCausalLM": "qwen3"}

@@ -117,12 +117,12 @@ def test_tokenizer_with_more_ids_than_embedding_rows_is_refused_at_load(tmp_path
     from helpers import make_tokenizer
     V = make_tokenizer(tmp_path / "ok")
     make_model(tmp_path / "ok", V + 10)                 # spare rows, like Qwen's 151936 for 151669 ids
-    model, tok = checkpoint.load_for_sampling(str(tmp_path / "ok"), "cpu")
+    model, tok = checkpoint.load_checkpoint(str(tmp_path / "ok"), "cpu")
     assert model.config.vocab_size == V + 10 and len(tok) == V
     make_tokenizer(tmp_path / "bad")
     make_model(tmp_path / "bad", V - 4)
     with pytest.raises(ValueError, match=rf"bad: the tokenizer has {V} ids but the model only {V - 4} embedding rows"):
-        checkpoint.load_for_sampling(str(tmp_path / "bad"), "cpu")
+        checkpoint.load_checkpoint(str(tmp_path / "bad"), "cpu")
 
 
 @pytest.fixture(scope="module")
