@@ -60,8 +60,8 @@ def test_stage_output_keeps_the_inputs_tokenizer_and_generation_files(tmp_path):
     shutil.copytree(out, slow, ignore=shutil.ignore_patterns("tokenizer.json", "model*"))
     hf = transformers.AutoTokenizer.from_pretrained(slow, use_fast=False)
     text = "<guideline>\n<plan>1: add</plan>\n</guideline>\n<step>\n1: 2+3=5\n</step>"
-    assert hf.encode(text, add_tag_tokens=False) == Tokenizer.from_pretrained(out).encode(text)
-    assert hf.decode(hf.encode(text, add_tag_tokens=False), skip_special_tokens=True) == text
+    assert hf.encode(text, add_special_tokens=False) == Tokenizer.from_pretrained(out).encode(text)
+    assert hf.decode(hf.encode(text, add_special_tokens=False), skip_special_tokens=True) == text
 
 
 def test_final_checkpoint_in_the_inputs_dtype_resume_point_in_the_training_dtype(tmp_path):
