@@ -1,121 +1,49 @@
 """
-Checkpoints on disk, in the Hugging Face layout, so that transformers, vLLM and SGLang read our
-outputs as they read Qwen's; every error names the file and what is wrong with it.
-- The folder's files, for model.py: config.json, model.safetensors or its shards with their index.
-- A stage's checkpoints: its output (the input's dtype and every tokenizer / generation file of the
-  input carried along), resumable points that survive a kill at any moment, loading for decoding.
+A stage's checkpoints, in the Hugging Face layout (config.json and safetensors: hf_files.py, for
+model.py) with the tokenizer: the one loader every stage starts from, its output (the input's dtype
+and every tokenizer / generation file of the input carried along), and resumable points that survive
+a kill at any moment; every error names the file and what is wrong with it.
 """
-import contextlib
 import dataclasses
-import errno
 import json
 import os
 import pickle
-import re
 import shutil
 
 import torch
-from safetensors import SafetensorError, safe_open
-from safetensors.torch import save_file
+
+from hf_files import read_config, writing
+from model import DTYPES, Qwen
+from tokenizer import Tokenizer
 
 INSTRUCTION_FILE = "npr_instruction.txt"  # a checkpoint's own instruction (the built-in default has one)
 
 
-def read_config(path):
-    if not os.path.isdir(path):
-        raise FileNotFoundError(f"checkpoint folder not found: {path}")
-    if not os.path.isfile(cfg_path := os.path.join(path, "config.json")):
-        raise FileNotFoundError(f"no config.json in checkpoint folder {path}")
-    d = read_json(cfg_path)
-    if not isinstance(d, dict):
-        raise ValueError(f"{cfg_path}: expected a JSON object, got a {type(d).__name__}")
-    return d
+def load_checkpoint(path, device, dtype="", bf16=False):
+    """-> (model, tokenizer) of the checkpoint folder `path`, the weights on `device` in `dtype` (a
+    model.DTYPES name; "": the file's, or bf16 on CUDA with `bf16`: the decoding scripts ask for that,
+    since the sampler's CUDA-graph fast path does not run under autocast, fp32 sft/grpo outputs too).
+    A tokenizer with more ids than the model has embedding rows is refused."""
+    if dtype and dtype not in DTYPES:
+        raise ValueError(f"unknown dtype {dtype!r}: one of {', '.join(DTYPES)}")
+    dt = DTYPES[dtype] if dtype else torch.bfloat16 if bf16 and torch.device(device).type == "cuda" else None
+    model, tok = Qwen.from_pretrained(path, device=device, dtype=dt), Tokenizer.from_pretrained(path)
+    check_vocab(model, tok, path)
+    return model, tok
 
 
-def read_json(path):
-    try:
-        with open(path, encoding="utf-8") as f:
-            return json.load(f)
-    except ValueError as e:  # JSONDecodeError (with its line and column), UnicodeDecodeError
-        raise ValueError(f"{path}: not valid JSON ({e})") from None
+def check_vocab(model, tokenizer, where=""):
+    """Every token id needs an embedding row (a tokenizer from another checkpoint would index past the
+    matrix mid-run). More rows than ids is normal: Qwen's files have 151936 rows for 151669 ids."""
+    n_ids = tokenizer.max_id + 1
+    if n_ids > model.config.vocab_size:
+        raise ValueError(f"{where + ': ' if where else ''}the tokenizer has {n_ids} ids but the model only "
+                         f"{model.config.vocab_size} embedding rows (config.json vocab_size): tokenizer and "
+                         "weights from different checkpoints?")
 
 
-def load_safetensors(path, dtype, device):
-    """All tensors of a single-file or sharded checkpoint, each cast to dtype on device as it is read."""
-    index = os.path.join(path, "model.safetensors.index.json")
-    if os.path.isfile(index):
-        files = sorted(set(read_json(index)["weight_map"].values()))
-    elif os.path.isfile(os.path.join(path, "model.safetensors")):
-        files = ["model.safetensors"]
-    else:
-        found = sorted(f for f in os.listdir(path) if f.endswith((".bin", ".pt", ".safetensors")))
-        raise FileNotFoundError(f"no model.safetensors or model.safetensors.index.json in {path}"
-                                + (f" (found {found}: only safetensors are supported)" if found else ""))
-    state = {}
-    for name in files:
-        fp = os.path.join(path, name)
-        if not os.path.isfile(fp):
-            raise FileNotFoundError(f"shard {name} listed in the index is missing from {path}")
-        try:
-            with safe_open(fp, framework="pt", device=str(device)) as f:
-                state.update({k: f.get_tensor(k).to(dtype) for k in f.keys()})
-        except SafetensorError as e:
-            raise ValueError(f"{fp}: not a complete safetensors file ({e}): an interrupted download or save?") from None
-    return state
-
-
-def write_safetensors(state, path, max_shard_bytes=4 << 30):
-    """state (name -> CPU tensor) into path: model.safetensors, or shards of at most max_shard_bytes
-    and model.safetensors.index.json (HF's names); earlier weight files there are removed first."""
-    shards, size = [{}], 0
-    for k, v in state.items():
-        nbytes = v.numel() * v.element_size()
-        if shards[-1] and size + nbytes > max_shard_bytes:
-            shards, size = shards + [{}], 0
-        shards[-1][k], size = v, size + nbytes
-    for old in os.listdir(path):  # stale weights from an earlier save would shadow the new ones
-        if old.startswith("model") and old.endswith((".safetensors", ".index.json")):
-            os.remove(os.path.join(path, old))
-    names = ["model.safetensors"] if len(shards) == 1 else \
-        [f"model-{i + 1:05d}-of-{len(shards):05d}.safetensors" for i in range(len(shards))]
-    for name, shard in zip(names, shards):
-        with writing(os.path.join(path, name)):
-            save_file(shard, os.path.join(path, name), metadata={"format": "pt"})
-    if len(shards) > 1:
-        index = {"metadata": {"total_size": sum(v.numel() * v.element_size() for v in state.values())},
-                 "weight_map": {k: name for name, shard in zip(names, shards) for k in shard}}
-        with open(os.path.join(path, "model.safetensors.index.json"), "w") as f:
-            json.dump(index, f, indent=2)
-
-
-def write_error(path, code):
-    """A failed write as one OSError naming what was being written; a full disk (or a file-size or
-    quota limit: the same to the writer) says so."""
-    if code in (errno.ENOSPC, errno.EFBIG, errno.EDQUOT):
-        e = OSError(f"no space left to write {path} ({os.strerror(code)}): free some space there or choose "
-                    "another output folder; what was saved before is kept")
-    else:
-        e = OSError(f"cannot write {path}: {os.strerror(code)}")
-    e.errno, e.path = code, path      # (path: an inner `writing` named the file already)
-    return e
-
-
-@contextlib.contextmanager
-def writing(path):
-    """Errors of writing `path` (a file, or a folder being filled) as write_error: Python's own name no
-    file, and safetensors and tokenizers (Rust) report the OS error inside their message."""
-    try:
-        yield
-    except OSError as e:
-        if e.filename is not None or not e.errno or hasattr(e, "path"):
-            raise
-        raise write_error(path, e.errno) from None
-    except Exception as e:
-        code = re.search(r"\(os error (\d+)\)", str(e))
-        if code is None:
-            raise
-        raise write_error(path, int(code.group(1))) from None
-
+# -----------------------------------------------------------------------------
+# Saving: a stage's output and its resume points
 
 class _Writes:
     """A file object for torch.save that keeps the error of a failed write: torch reports only
@@ -147,19 +75,6 @@ def save_torch(obj, path):
             raise out.error from None
 
 
-def check_vocab(model, tokenizer, where=""):
-    """Every token id needs an embedding row (a tokenizer from another checkpoint would index past the
-    matrix mid-run). More rows than ids is normal: Qwen's files have 151936 rows for 151669 ids."""
-    n_ids = max(tokenizer._tk.get_vocab(with_added_tokens=True).values()) + 1
-    if n_ids > model.config.vocab_size:
-        raise ValueError(f"{where + ': ' if where else ''}the tokenizer has {n_ids} ids but the model only "
-                         f"{model.config.vocab_size} embedding rows (config.json vocab_size): tokenizer and "
-                         "weights from different checkpoints?")
-
-
-# -----------------------------------------------------------------------------
-# A stage's checkpoints
-
 # Files a checkpoint carries besides config.json and the weights (name prefixes): tokenizer and
 # generation settings that transformers, vLLM & co. read (generation_config.json holds the eos ids
 # generate() stops at and the sampling defaults; vocab.json + merges.txt the slow tokenizer).
@@ -170,7 +85,6 @@ SIDE_FILES = ("tokenizer", "vocab", "merges", "special_tokens_map", "added_token
 def save_dtype(cfg, src_dir):
     """The dtype a final checkpoint is written in: cfg.save_dtype when set, else the input's
     (config.json dtype / torch_dtype): training keeps fp32 master weights, a bf16 model stays bf16."""
-    from model import DTYPES
     name = getattr(cfg, "save_dtype", "")
     if not name and src_dir and os.path.isfile(os.path.join(src_dir, "config.json")):
         d = read_config(src_dir)
@@ -346,16 +260,3 @@ def full_state_dict(model):
     """The unsharded state dict (a collective under FSDP2: every rank must call it)."""
     return {k: v.full_tensor() if hasattr(v, "full_tensor") else v for k, v in model.state_dict().items()}
 
-
-def load_for_sampling(path, device, dtype="", bf16=True):
-    """-> (model, tokenizer) for the scripts that only decode (distill, eval, serve). On CUDA with bf16
-    and no explicit dtype the weights are loaded in bf16 (fp32 sft/grpo checkpoints too): the
-    sampler's CUDA-graph fast path then applies (it does not run under autocast)."""
-    from model import Qwen
-    from tokenizer import Tokenizer
-    dt = {"": None, "bfloat16": torch.bfloat16, "float16": torch.float16, "float32": torch.float32}[dtype]
-    if dt is None and bf16 and torch.device(device).type == "cuda":
-        dt = torch.bfloat16
-    model, tok = Qwen.from_pretrained(path, device=device, dtype=dt), Tokenizer.from_pretrained(path)
-    check_vocab(model, tok, path)
-    return model, tok

@@ -15,7 +15,8 @@ import sys
 
 import torch
 
-from checkpoint import INSTRUCTION_FILE, check_vocab, load_resume_point, resume_point, writing
+from checkpoint import INSTRUCTION_FILE, load_checkpoint, load_resume_point, resume_point
+from hf_files import writing
 
 
 # -----------------------------------------------------------------------------
@@ -319,8 +320,6 @@ def start_training(cfg):
     from the resume point cfg.out_dir/last when one exists (and cfg.resume; one that cannot be used is
     refused), else from cfg.model; weights in cfg.dtype.
     -> (rank, world, device, model, tokenizer, resuming)"""
-    from model import DTYPES, Qwen
-    from tokenizer import Tokenizer
     rank, world, _, dev = init_distributed()
     lock_output(os.path.join(cfg.out_dir, ".lock"), rank, world)   # before anything in it is read or written
     if cfg.threads:
@@ -331,8 +330,7 @@ def start_training(cfg):
     last_dir = os.path.join(cfg.out_dir, "last")
     resuming = cfg.resume and resume_point(last_dir)     # one that exists but cannot be used: refused
     src = last_dir if resuming else cfg.model
-    model, tok = Qwen.from_pretrained(src, device=dev, dtype=DTYPES[cfg.dtype]), Tokenizer.from_pretrained(src)
-    check_vocab(model, tok, src)
+    model, tok = load_checkpoint(src, dev, cfg.dtype)
     model.attn_impl, model.gradient_checkpointing = cfg.attn_impl, cfg.grad_checkpointing
     return rank, world, dev, model, tok, resuming
 

@@ -21,7 +21,8 @@ Cells whose logits would not fit `HEAD_CELLS_BYTES` of fp32 return hidden states
 
 fuse=True: q/k/v and gate/up concatenated (fused_projections): two GEMMs where there were five (84
 fewer kernels per step for Qwen3-0.6B), at the memory of those weights once more; the copies are
-refreshed in place (graphs stay valid) when the weights changed since (an RL update).
+refreshed in place (graphs stay valid) when the weights changed since (an RL update). The step is then
+fused_hidden_states, built here from each layer's own modules (model.py knows nothing of the copies).
 graphs=False runs the very same padded step eagerly: on CPU that is how the suite checks the padding.
 compiled=True passes the step through torch.compile (fullgraph, static shapes: one compile per graph
 key) before capture: norms, RoPE and SwiGLU fuse into a few kernels; it needs model.attn_impl = "sdpa"
@@ -31,6 +32,7 @@ the sampler uses the eager step there.
 import torch
 import torch.nn.functional as F
 
+from model import rope_cos_sin
 from parallel_attention import Layout
 
 W_BUCKETS = (1, 2, 4, 8, 16, 32, 64)
@@ -50,6 +52,24 @@ def fused_projections(model):
         out.append(((torch.cat([a.q_proj.weight, a.k_proj.weight, a.v_proj.weight]), bias),
                     torch.cat([m.gate_proj.weight, m.up_proj.weight])))
     return out
+
+
+def fused_hidden_states(model, fused, input_ids, positions, layout=None, kv_cache=None):
+    """model.hidden_states(input_ids, positions, layout, kv_cache) with each layer's q/k/v and gate/up
+    projections one GEMM each (`fused`: fused_projections(model)); the rest is the layer's own modules
+    in the same order (tests/test_decode_graph.py holds the two equal)."""
+    if kv_cache is not None:
+        kv_cache.write_layout(layout)           # and sets kv_cache.k_layout, the keys' layout
+    x = model.model.embed_tokens(input_ids)
+    cos, sin = rope_cos_sin(positions, model.config.head_dim, model.config.rope_theta, x.dtype)
+    for layer, ((qkv_w, qkv_b), gate_up) in zip(model.model.layers, fused):
+        a = layer.self_attn
+        sizes = [a.n_head * a.head_dim] + [a.n_kv * a.head_dim] * 2
+        q, k, v = F.linear(layer.input_layernorm(x), qkv_w, qkv_b).split(sizes, -1)     # (B, T, H * D) each
+        x = x + a.attend(q, k, v, cos, sin, layout, kv_cache, model.attn_impl)
+        g, u = F.linear(layer.post_attention_layernorm(x), gate_up).chunk(2, -1)
+        x = x + layer.mlp.down_proj(F.silu(g) * u)
+    return model.model.norm(x)
 
 
 def weights_version(model):
@@ -118,7 +138,8 @@ class StaticStep:
         ids, pos, meta = g[..., 0], g[..., 1], g[..., 2:].int()
         layout = Layout(meta[..., 0], meta[..., 1], meta[..., 2], meta[..., 3])
         self.cache.limit = Sb
-        h = self.model.hidden_states(ids, pos, layout, self.cache, self.fused)
+        h = self.model.hidden_states(ids, pos, layout, self.cache) if self.fused is None else \
+            fused_hidden_states(self.model, self.fused, ids, pos, layout, self.cache)
         if draw is None:
             return h
         logits = F.linear(h.flatten(0, 1), self.model.output_weight).float()     # (R*W, V)

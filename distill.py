@@ -28,7 +28,7 @@ import torch.distributed as dist
 from tqdm import tqdm
 
 import npr
-from checkpoint import load_for_sampling
+from checkpoint import load_checkpoint
 from cli import (append_lines, atomic_write, chat_prompt, check_context, init_distributed, instruction_for, lock_output,
                  parse_cli, print_config, read_jsonl, read_problems)
 from sampler import Sampler, SamplingParams
@@ -163,7 +163,7 @@ def main(cfg: Config):
     if rank == 0:
         print_config(cfg)
     problems = read_problems(cfg.data, cfg.question_field, cfg.answer_field)[:cfg.n_problems or None]
-    model, tok = load_for_sampling(cfg.model, dev, cfg.dtype, cfg.bf16)
+    model, tok = load_checkpoint(cfg.model, dev, cfg.dtype, cfg.bf16)
     sampler = Sampler(model, tok)
     instruction = instruction_for(cfg.model, cfg.instruction_file)
     check_context(problems, tok, instruction, cfg.max_new_tokens, model)

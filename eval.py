@@ -37,7 +37,7 @@ from dataclasses import dataclass
 import torch
 
 import npr
-from checkpoint import load_for_sampling
+from checkpoint import load_checkpoint
 from cli import atomic_write, chat_prompt, check_context, instruction_for, parse_cli, print_config, read_problems
 from sampler import Sampler, SamplingParams
 
@@ -111,7 +111,7 @@ def one_request_latency(sampler, prompts, params, k):
 def main(cfg: Config):
     print_config(cfg)
     dev = cfg.device or ("cuda" if torch.cuda.is_available() else "cpu")
-    model, tok = load_for_sampling(cfg.model, dev, cfg.dtype, cfg.bf16)
+    model, tok = load_checkpoint(cfg.model, dev, cfg.dtype, cfg.bf16)
     problems = read_problems(cfg.data, cfg.question_field, cfg.answer_field)[:cfg.n_problems or None]
     instruction = instruction_for(cfg.model, cfg.instruction_file)
     check_context(problems, tok, instruction, cfg.max_new_tokens, model)

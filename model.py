@@ -1,6 +1,6 @@
 """
 Qwen2 / Qwen2.5 / Qwen3 dense decoder, loaded from (and saved to) a Hugging Face checkpoint folder
-(its files are read and written by checkpoint.py).
+(its files are read and written by hf_files.py).
 
     model = Qwen.from_pretrained("Qwen3-0.6B", device="cuda", dtype=torch.bfloat16)
     logits = model(input_ids, positions, layout, kv_cache)          # (B, T, vocab)
@@ -21,7 +21,7 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
-from checkpoint import load_safetensors, read_config, write_safetensors
+from hf_files import load_safetensors, read_config, write_safetensors
 from parallel_attention import attention
 
 SUPPORTED = {"Qwen2ForCausalLM": "qwen2", "Qwen3ForCausalLM": "qwen3"}
@@ -167,13 +167,13 @@ class Attention(nn.Module):
             self.q_norm = RMSNorm(self.head_dim, cfg.rms_norm_eps)
             self.k_norm = RMSNorm(self.head_dim, cfg.rms_norm_eps)
 
-    def forward(self, x, cos, sin, layout, kv_cache, attn_impl, qkv=None):
-        """qkv: optional (weight, bias) of q|k|v concatenated (decode_graph.fused_projections): one GEMM."""
-        B, T, _ = x.shape
-        if qkv is None:
-            q, k, v = self.q_proj(x), self.k_proj(x), self.v_proj(x)
-        else:
-            q, k, v = F.linear(x, *qkv).split([self.n_head * self.head_dim] + [self.n_kv * self.head_dim] * 2, -1)
+    def forward(self, x, cos, sin, layout, kv_cache, attn_impl):
+        return self.attend(self.q_proj(x), self.k_proj(x), self.v_proj(x), cos, sin, layout, kv_cache, attn_impl)
+
+    def attend(self, q, k, v, cos, sin, layout, kv_cache, attn_impl):
+        """The layer after its q/k/v projections (B, T, H * D): norms, RoPE, the cache, attention and
+        the output projection (a method of its own: decode_graph.py projects with one fused GEMM)."""
+        B, T, _ = q.shape
         q, k, v = (t.view(B, T, -1, self.head_dim) for t in (q, k, v))   # (B, T, H, D)
         if self.qk_norm:  # Qwen3: RMSNorm over head_dim, before RoPE
             q, k = self.q_norm(q), self.k_norm(k)
@@ -196,9 +196,8 @@ class MLP(nn.Module):
         self.up_proj = nn.Linear(cfg.hidden_size, cfg.intermediate_size, bias=False)
         self.down_proj = nn.Linear(cfg.intermediate_size, cfg.hidden_size, bias=False)
 
-    def forward(self, x, gate_up=None):  # gate_up: gate|up concatenated (decode_graph.fused_projections)
-        g, u = (self.gate_proj(x), self.up_proj(x)) if gate_up is None else F.linear(x, gate_up).chunk(2, -1)
-        return self.down_proj(F.silu(g) * u)
+    def forward(self, x):
+        return self.down_proj(F.silu(self.gate_proj(x)) * self.up_proj(x))
 
 
 class DecoderLayer(nn.Module):
@@ -209,10 +208,9 @@ class DecoderLayer(nn.Module):
         self.input_layernorm = RMSNorm(cfg.hidden_size, cfg.rms_norm_eps)
         self.post_attention_layernorm = RMSNorm(cfg.hidden_size, cfg.rms_norm_eps)
 
-    def forward(self, x, cos, sin, layout, kv_cache, attn_impl, fused=None):
-        qkv, gate_up = fused or (None, None)
-        x = x + self.self_attn(self.input_layernorm(x), cos, sin, layout, kv_cache, attn_impl, qkv)
-        return x + self.mlp(self.post_attention_layernorm(x), gate_up)
+    def forward(self, x, cos, sin, layout, kv_cache, attn_impl):
+        x = x + self.self_attn(self.input_layernorm(x), cos, sin, layout, kv_cache, attn_impl)
+        return x + self.mlp(self.post_attention_layernorm(x))
 
 
 class Qwen(nn.Module):
@@ -232,9 +230,9 @@ class Qwen(nn.Module):
     def output_weight(self):
         return self.model.embed_tokens.weight if self.config.tie_word_embeddings else self.lm_head.weight
 
-    def hidden_states(self, input_ids, positions=None, layout=None, kv_cache=None, fused=None):
+    def hidden_states(self, input_ids, positions=None, layout=None, kv_cache=None):
         """(B, T) ids -> (B, T, hidden) after the final norm. layout None: plain causal; kv_cache: the
-        new tokens go to the slots layout.slot; fused: decode_graph.fused_projections(self) (decoding)."""
+        new tokens go to the slots layout.slot."""
         B, T = input_ids.shape
         if kv_cache is not None:
             if positions is None or layout is None or layout.slot is None:
@@ -245,12 +243,12 @@ class Qwen(nn.Module):
             positions = torch.arange(T, device=input_ids.device).expand(B, T)
         x = self.model.embed_tokens(input_ids)
         cos, sin = rope_cos_sin(positions, self.config.head_dim, self.config.rope_theta, x.dtype)
-        for i, layer in enumerate(self.model.layers):
+        for layer in self.model.layers:
             if self.gradient_checkpointing and self.training and torch.is_grad_enabled():
                 x = torch.utils.checkpoint.checkpoint(layer, x, cos, sin, layout, kv_cache, self.attn_impl,
                                                       use_reentrant=False)
             else:
-                x = layer(x, cos, sin, layout, kv_cache, self.attn_impl, fused[i] if fused else None)
+                x = layer(x, cos, sin, layout, kv_cache, self.attn_impl)
         return self.model.norm(x)
 
     def forward(self, input_ids, positions=None, layout=None, kv_cache=None, targets=None, chunk_size=2048,

@@ -6,7 +6,8 @@ Every token carries metadata: `doc` (which packed sequence; < 0 = padding / empt
 its block) and `slot` (its index in the key sequence, i.e. its KV-cache slot). RoPE positions are
 NOT part of the mask: they are baked into q and k before this function is called.
 
-Query q may attend key k iff (`visible`, the one place an ablation of the rule changes)
+Query q may attend key k iff (`visible`, the one place an ablation of the rule changes; the Triton
+kernels' own copy is checked against it before they run, see `kernels_hold_rule`)
     k.doc >= 0  and  q.doc == k.doc  and  k.slot <= q.slot
     and NOT (q.block == k.block and q.branch > 0 and k.branch > 0 and q.branch != k.branch)
 
@@ -32,6 +33,7 @@ Contents: Layout -> visible (the rule) -> visible_mask / attention_ref (the spec
 The Triton kernels (the GPU fast path, optional reading) are in triton_attention.py, imported only
 when chosen; their benchmark is bench_attention.py.
 """
+import warnings
 from dataclasses import dataclass
 from functools import cache
 
@@ -69,8 +71,9 @@ class Layout:
 
 def visible(q_doc, q_block, q_branch, q_slot, k_doc, k_block, k_branch, k_slot):
     """THE visibility rule, elementwise on broadcastable tensors: may query q attend key k?
-    Everything else (the reference, SDPA, the tests) calls this; the Triton kernels carry a copy
-    (triton_attention._visible) that tests/test_triton_attention.py checks against it."""
+    Everything else (the reference, SDPA, the Triton tile lists, the tests) calls this; the Triton
+    kernels' element mask is a copy (triton_attention._visible on token_info's rows), compared with
+    this function on a small random layout at their first use under each version of it."""
     sibling = (q_block == k_block) & (q_branch > 0) & (k_branch > 0) & (q_branch != k_branch)
     return (k_doc >= 0) & (q_doc == k_doc) & (k_slot <= q_slot) & ~sibling
 
@@ -101,30 +104,31 @@ def attention_ref(q, k, v, q_layout, k_layout=None, scale=None):
 # -----------------------------------------------------------------------------
 # SDPA with a dense mask (the CPU path, and the traceable one for torch.compile)
 
-def _memo(q_layout, k_layout, tag, compute):
+def memo(q_layout, k_layout, tag, compute):
     """compute(), memoised on the q_layout object: all layers of one forward share it. The key holds
     each tensor's address, shape, strides and in-place version counter (the entry keeps the tensors
     alive, so an address cannot be reused); no caching under inference_mode; an entry made during a
     CUDA-graph capture serves only that capture (its tensors live in the graph's memory pool).
     While torch.compile traces, the entry is keyed by the tag alone (the layout is the trace's own
-    object): Inductor does not merge the layers' identical mask computations by itself."""
+    object): Inductor does not merge the layers' identical mask computations by itself.
+    Public: the Triton path memoises its token rows and tile lists here too."""
     if torch.compiler.is_compiling():
-        memo = getattr(q_layout, "_traced", None)    # (dynamo cannot trace __dict__.setdefault)
-        if memo is None:
-            memo = q_layout._traced = {}
-        if tag not in memo:
-            memo[tag] = compute()
-        return memo[tag]
+        entries = getattr(q_layout, "_traced", None)    # (dynamo cannot trace __dict__.setdefault)
+        if entries is None:
+            entries = q_layout._traced = {}
+        if tag not in entries:
+            entries[tag] = compute()
+        return entries[tag]
     ts = [t for L in (q_layout, k_layout) if L is not None for t in (L.doc, L.block, L.branch, L.slot)
           if t is not None]
     if torch.is_inference_mode_enabled() or any(t.is_inference() for t in ts):
         return compute()
     capturing = ts[0].is_cuda and torch.cuda.is_current_stream_capturing()   # never reuse across a capture edge
     key = (k_layout is None, capturing) + tuple((t.data_ptr(), t.shape, t.stride(), t._version) for t in ts)
-    memo = q_layout.__dict__.setdefault("_memo", {})
-    hit = memo.get(tag)
+    entries = q_layout.__dict__.setdefault("_memo", {})
+    hit = entries.get(tag)
     if hit is None or hit[0] != key:
-        hit = memo[tag] = (key, ts, compute())
+        hit = entries[tag] = (key, ts, compute())
     return hit[2]
 
 
@@ -145,10 +149,10 @@ def attention_sdpa(q, k, v, q_layout, k_layout=None, scale=None):
         def folded():   # an additive mask in q's dtype, made once per step (SDPA would convert a bool one per layer)
             mask, empty = (m.expand(B, G, Tq, m.shape[-1]).reshape(B, 1, G * Tq, -1) for m in _sdpa_mask(q_layout, k_layout))
             return torch.zeros(mask.shape, dtype=q.dtype, device=q.device).masked_fill(~mask, float("-inf")), empty
-        mask, empty = _memo(q_layout, k_layout, f"sdpa-g{G}-{q.dtype}", folded)
+        mask, empty = memo(q_layout, k_layout, f"sdpa-g{G}-{q.dtype}", folded)
         out = F.scaled_dot_product_attention(q.reshape(B, -1, G * Tq, D), k, v, attn_mask=mask, scale=scale)
         return out.masked_fill(empty, 0.0).view(B, Hq, Tq, D)
-    mask, empty = _memo(q_layout, k_layout, "sdpa", lambda: _sdpa_mask(q_layout, k_layout))
+    mask, empty = memo(q_layout, k_layout, "sdpa", lambda: _sdpa_mask(q_layout, k_layout))
     out = F.scaled_dot_product_attention(q, k, v, attn_mask=mask, scale=scale, enable_gqa=G > 1)
     return out.masked_fill(empty, 0.0)
 
@@ -166,15 +170,34 @@ def has_triton():
         return False
 
 
+_WARNED = set()   # the mismatch messages "auto" has already printed
+
+
+def kernels_hold_rule(device):
+    """Whether the Triton kernels' element mask (their own copy of the rule) equals `visible`, checked
+    once per version of `visible` on a small random layout (triton_attention.rule_mismatch). When it
+    does not (an ablation edited `visible` only), impl="auto" runs SDPA instead and says so once:
+    the edited rule then holds on every device, eval/distill/serve (which have no attention flag)
+    keep running, and the warning names the slower path. An explicit impl="triton" refuses instead
+    (attention_triton raises): a kernel test or benchmark must not time SDPA under the kernels' name."""
+    from triton_attention import rule_mismatch   # the GPU fast path (optional reading)
+    why = rule_mismatch(device)
+    if why is not None and why not in _WARNED:
+        _WARNED.add(why)
+        warnings.warn(f"{why}; impl='auto' runs SDPA with the dense mask instead (slower)", RuntimeWarning,
+                      stacklevel=3)
+    return why is None
+
+
 def attention(q, k, v, q_layout, k_layout=None, scale=None, impl="auto"):
-    """Branch-isolated attention. impl: "auto" (Triton on CUDA, SDPA + dense mask elsewhere),
-    "triton", "sdpa" or "ref" (the readable spec)."""
+    """Branch-isolated attention. impl: "auto" (Triton on CUDA when its kernels hold the rule, SDPA +
+    dense mask elsewhere), "triton", "sdpa" or "ref" (the readable spec)."""
     dev = q.device.type
     if torch.is_autocast_enabled(dev):   # like SDPA under autocast: one low-precision dtype for q, k, v
         dt = torch.get_autocast_dtype(dev)
         q, k, v = q.to(dt), k.to(dt), v.to(dt)
     if impl == "auto":
-        impl = "triton" if q.is_cuda and has_triton() else "sdpa"
+        impl = "triton" if q.is_cuda and has_triton() and kernels_hold_rule(q.device) else "sdpa"
     if impl == "ref":
         return attention_ref(q, k, v, q_layout, k_layout, scale)
     if impl == "sdpa":
@@ -183,5 +206,5 @@ def attention(q, k, v, q_layout, k_layout=None, scale=None, impl="auto"):
         if not has_triton():
             raise RuntimeError("impl='triton' but triton_attention.py cannot import triton")
         from triton_attention import attention_triton   # the GPU fast path (optional reading)
-        return attention_triton(q, k, v, q_layout, k_layout, scale)
+        return attention_triton(q, k, v, q_layout, k_layout, scale)   # refuses if its mask differs from `visible`
     raise ValueError(f"unknown attention impl {impl!r}: use auto, triton, sdpa or ref")

@@ -133,6 +133,11 @@ class Tokenizer:
     def __len__(self):
         return self.vocab_size
 
+    @property
+    def max_id(self):
+        # the largest token id, added tokens included: a model needs max_id + 1 embedding rows
+        return max(self._tk.get_vocab(with_added_tokens=True).values())
+
     def add_tokens(self, tokens):
         """Registers `tokens` (the NPR tags) as added tokens: one id each, also inside running text,
         but NOT special, like Qwen's own <think>: readers that decode with skip_special_tokens=True

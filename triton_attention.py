@@ -8,7 +8,11 @@ The rule (parallel_attention.visible) is applied at two granularities:
   (every pair visible: no mask arithmetic) or PARTIAL (the mask is evaluated per element), as
   FlexAttention's block mask does. The kernels loop only over the listed tiles (`tile_lists`).
   Their BLOCK_M / BLOCK_N divide TILE, so one set of lists serves every tuned configuration.
-- per element, inside the kernels (`_visible`), on partial tiles only.
+- per element, inside the kernels (`_visible`), on partial tiles only. That is the kernels' own copy
+  of the rule, on token_info's encoding: `rule_mismatch` compares it with the rule on a small random
+  layout before the kernels first run (once per version of the rule) and attention_triton refuses
+  to run when they differ, so an ablation that edits only `visible` cannot get new tile lists with
+  the old element mask.
 
   One document, TILE = 4 tokens: trunk t, block of 2 steps a, b, takeaway w (F full, P partial, . empty)
 
@@ -25,7 +29,8 @@ attention tutorial: exp2 with the softmax scale folded in, fp32 accumulators):
     _attn_bwd_dkdv             dk, dv of a key tile over its listed query tiles, summed over a GQA group
     _attn_bwd_dq               dq of a query tile over the forward's key tiles
     _attn_decode               few queries per row vs a long KV cache (flash-decoding splits)
--> the autotune sets -> launchers, the autograd Function and `attention_triton`.
+    _mask                      the element mask alone (the rule check's probe)
+-> the autotune sets -> launchers, the autograd Function -> the rule check -> `attention_triton`.
 
 On CUDA the autotuner times a few (BLOCK_M, BLOCK_N, warps, stages) per head dim, GQA group, dtype
 and length (rounded up to a power of two) on first use: a few seconds per new key, then cached.
@@ -38,7 +43,7 @@ import torch.nn.functional as F
 import triton
 import triton.language as tl
 
-from parallel_attention import _memo, visible
+import parallel_attention as pa   # pa.visible read at each call: the rule as it is now, not at import
 
 INTERPRET = os.environ.get("TRITON_INTERPRET") == "1"  # read when the kernels are defined
 # Tokens per tile of the tile lists. Under the interpreter 16, so that tiny test shapes span several
@@ -94,7 +99,7 @@ def tile_classes(q_layout, k_layout=None, tile=None):
     out = []
     for i in range(0, nQ, step):
         rows = slice(i * tile, (i + step) * tile)
-        vis = visible(qd[:, rows], qb[:, rows], qr[:, rows], qs[:, rows], kd, kb, kr, ks)
+        vis = pa.visible(qd[:, rows], qb[:, rows], qr[:, rows], qs[:, rows], kd, kb, kr, ks)
         vis = vis.view(B, -1, tile, nK, tile)
         out.append(torch.where(vis.all(4).all(2), 2, vis.any(4).any(2).to(torch.int8)))
     return torch.cat(out, 1).to(torch.int8)
@@ -121,7 +126,7 @@ def _visible(q_doc, q_grp, q_br, q_slot, k_doc, k_grp, k_br, k_idx):
     # The kernels' copy of parallel_attention.visible, on token_info's rows (operands shaped to
     # broadcast): same live doc (dead queries -2, dead keys -1), causal by slot, and not two different
     # branches of one block (equal groups = two branch tokens of one block).
-    # tests/test_triton_attention.py checks that it agrees with the Python rule.
+    # rule_mismatch checks that it agrees with the Python rule before the kernels first run.
     return (q_doc == k_doc) & (k_idx <= q_slot) & ((q_grp != k_grp) | (q_br == k_br))
 
 
@@ -394,6 +399,26 @@ def _attn_decode(Q, K, V, O, LSE, QI, KI, qk_scale,
     tl.store(O + row[:, None] * D + offs_d[None, :], acc / l_i[:, None], mask=in_q[:, None])
 
 
+@triton.jit
+def _mask(QI, KI, OUT, Tq, Tk, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr):
+    # grid (B,): one row's (Tq, Tk) mask as the kernels apply it, the same loads and `_visible` (bit 0),
+    # and whether each key lies in its query's range [lo, hi), outside which the decode kernel reads
+    # nothing (bit 1)
+    b = tl.program_id(0)
+    offs_m, offs_n = tl.arange(0, BLOCK_M), tl.arange(0, BLOCK_N)
+    in_q, in_k = offs_m < Tq, offs_n < Tk
+    QI += b * 6 * Tq
+    q_doc, q_grp, q_br, q_slot = _query_rows(QI, Tq, offs_m, in_q)
+    lo = tl.load(QI + 4 * Tq + offs_m, mask=in_q, other=Tk)
+    hi = tl.load(QI + 5 * Tq + offs_m, mask=in_q, other=0)
+    k_doc, k_grp, k_br = _key_rows(KI + b * 3 * Tk, Tk, offs_n, in_k)
+    vis = _visible(q_doc[:, None], q_grp[:, None], q_br[:, None], q_slot[:, None],
+                   k_doc[None, :], k_grp[None, :], k_br[None, :], offs_n[None, :])
+    in_range = (offs_n[None, :] >= lo[:, None]) & (offs_n[None, :] < hi[:, None])
+    out = OUT + b * Tq * Tk + offs_m[:, None] * Tk + offs_n[None, :]
+    tl.store(out, vis.to(tl.int8) + 2 * in_range.to(tl.int8), mask=in_q[:, None] & in_k[None, :])
+
+
 # -----------------------------------------------------------------------------
 # Autotune sets: (BLOCK_M, BLOCK_N, num_warps, num_stages), keyed on head dim, GQA group, dtype and
 # the length rounded up to a power of two; for bf16, D = 128 on sm_90 each spills little or nothing
@@ -525,22 +550,84 @@ def _decode(q, k, v, q_info, k_info, scale, splits=None):
     return o[0].to(q.dtype)
 
 
+# -----------------------------------------------------------------------------
+# The kernels' copy of the rule, checked against the rule (parallel_attention.visible)
+
+def kernel_mask(q_layout, k_layout=None):
+    """-> (visible, in_range), (B, Tq, Tk) bool each: the element mask as the kernels apply it
+    (`_visible` on token_info's rows) and each query's key range [lo, hi) (the decode kernel's)."""
+    q_info, k_info = token_info(q_layout, k_layout)
+    (B, _, Tq), Tk = q_info.shape, k_info.shape[2]
+    out = torch.zeros(B, Tq, Tk, dtype=torch.int8, device=q_info.device)
+    _mask[(B,)](q_info, k_info, out, Tq, Tk, BLOCK_M=triton.next_power_of_2(max(Tq, 16)),
+                BLOCK_N=triton.next_power_of_2(max(Tk, 16)))
+    return (out & 1).bool(), (out & 2).bool()
+
+
+def rule_check_layouts(device):
+    """A small random (queries, keys) pair on device. Every field is drawn per token, so each case of
+    the rule occurs many times among its 2,304 pairs (live / dead / other doc, same / other block,
+    trunk / same / sibling branch, earlier / later slot); row 0's keys have sorted docs, so that
+    token_info's key ranges follow documents there, row 1's do not."""
+    g = torch.Generator().manual_seed(0)
+    B, Tq, Tk = 2, 24, 48
+    draw = lambda lo, hi, n: torch.randint(lo, hi + 1, (B, n), generator=g, dtype=torch.int32)
+    k_doc = draw(-1, 2, Tk)
+    k_doc[0] = k_doc[0].sort().values
+    keys = pa.Layout(k_doc, draw(0, 2, Tk), draw(0, 3, Tk))
+    queries = pa.Layout(draw(-1, 2, Tq), draw(0, 2, Tq), draw(0, 3, Tq), draw(0, Tk - 1, Tq))
+    return queries.to(device), keys.to(device)
+
+
+RULE_CHECKS = {}   # (parallel_attention.visible, its code) -> None (the kernels agree) or what differs
+
+
+def rule_mismatch(device):
+    """None when the kernels apply the rule as parallel_attention.visible states it now, else a
+    message naming one pair where they differ. Checked once per version of the rule in a process
+    (the function object and its code: an edited file is a new process, a reload or a monkeypatch a
+    new object), on rule_check_layouts: one tiny kernel launch and one read-back on `device`."""
+    key = (pa.visible, pa.visible.__code__)
+    if key not in RULE_CHECKS:
+        q_l, k_l = rule_check_layouts(device)
+        want = pa.visible_mask(q_l, k_l)
+        got, in_range = kernel_mask(q_l, k_l)
+        bad = (got != want) | (want & ~in_range)
+        why = None
+        if bad.any():
+            b, i, j = bad.nonzero()[0].tolist()
+            token = lambda L, t, slot: (f"(doc {int(L.doc[b, t])}, block {int(L.block[b, t])}, "
+                                        f"branch {int(L.branch[b, t])}, slot {slot})")
+            says = lambda v: "sees" if v else "does not see"
+            kern = f"the kernels' mask {says(got[b, i, j])} it" if got[b, i, j] != want[b, i, j] else \
+                "it lies outside the decode kernel's key range (token_info's lo, hi)"
+            why = (f"triton_attention.py applies another rule than parallel_attention.visible: query "
+                   f"{token(q_l, i, int(q_l.slot[b, i]))} {says(want[b, i, j])} key {token(k_l, j, j)} by the "
+                   f"rule, but {kern}. Bring _visible and token_info in line with the edited rule, or run "
+                   "attention on SDPA (impl='sdpa', --attn-impl sdpa)")
+        RULE_CHECKS[key] = why
+    return RULE_CHECKS[key]
+
+
 def attention_triton(q, k, v, q_layout, k_layout=None, scale=None):
     """The Triton path: the decode kernel for a few queries per row when no gradient is needed,
     else the forward kernel inside an autograd.Function with its backward kernels."""
     B, Hq, Tq, D = q.shape
     Hkv = k.shape[1]
     assert Hq % Hkv == 0, f"{Hq} q heads do not share {Hkv} kv heads evenly"
+    why = rule_mismatch(q.device)
+    if why is not None:   # refuse: the tile lists would follow the new rule, the element mask the old one
+        raise RuntimeError(why)
     scale = D ** -0.5 if scale is None else scale
     if D < 16 or D & (D - 1):  # other head dims (tiny test models): zero-pad, no dot product changes
         pad = lambda t: F.pad(t, (0, max(16, triton.next_power_of_2(D)) - D))
         return attention_triton(pad(q), pad(k), pad(v), q_layout, k_layout, scale)[..., :D]
     assert q.dtype == k.dtype == v.dtype, f"q, k, v dtypes differ: {q.dtype} {k.dtype} {v.dtype}"
     q, k, v = (t if t.stride(-1) == 1 else t.contiguous() for t in (q, k, v))  # any (b, h, t) strides
-    q_info, k_info = _memo(q_layout, k_layout, "info", lambda: token_info(q_layout, k_layout))
+    q_info, k_info = pa.memo(q_layout, k_layout, "info", lambda: token_info(q_layout, k_layout))
     grad = torch.is_grad_enabled() and (q.requires_grad or k.requires_grad or v.requires_grad)
     if not grad and Tq <= 16 and Hq // Hkv * Tq <= 128:
         return _decode(q, k, v, q_info, k_info, scale)
     tile = TILE
-    tiles = _memo(q_layout, k_layout, ("tiles", tile), lambda: (*tile_lists(q_layout, k_layout, tile), tile))
+    tiles = pa.memo(q_layout, k_layout, ("tiles", tile), lambda: (*tile_lists(q_layout, k_layout, tile), tile))
     return _Attention.apply(q, k, v, q_info, k_info, tiles, scale)

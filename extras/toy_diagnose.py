@@ -17,7 +17,7 @@ sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__)))) 
 import torch
 
 import npr
-from checkpoint import load_for_sampling
+from checkpoint import load_checkpoint
 from cli import chat_prompt, instruction_for, parse_cli, read_problems
 from sampler import Sampler, SamplingParams
 
@@ -58,7 +58,7 @@ def answer_error(text, terms):
 
 
 def main(cfg: Config):
-    model, tok = load_for_sampling(cfg.model, "cuda" if torch.cuda.is_available() else "cpu", "", True)
+    model, tok = load_checkpoint(cfg.model, "cuda" if torch.cuda.is_available() else "cpu", "", True)
     probs, ins = read_problems(cfg.data)[:cfg.n], instruction_for(cfg.model, "")
     params = SamplingParams(mode="parallel", temperature=1.0, top_p=0.7, max_new_tokens=cfg.max_new_tokens)
     prompts = [chat_prompt(tok, q["question"], ins) for q in probs]          # as eval.py prompts

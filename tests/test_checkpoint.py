@@ -60,8 +60,8 @@ def test_stage_output_keeps_the_inputs_tokenizer_and_generation_files(tmp_path):
     shutil.copytree(out, slow, ignore=shutil.ignore_patterns("tokenizer.json", "model*"))
     hf = transformers.AutoTokenizer.from_pretrained(slow, use_fast=False)
     text = "<guideline>\n<plan>1: add</plan>\n</guideline>\n<step>\n1: 2+3=5\n</step>"
-    assert hf.encode(text, add_tag_tokens=False) == Tokenizer.from_pretrained(out).encode(text)
-    assert hf.decode(hf.encode(text, add_tag_tokens=False), skip_special_tokens=True) == text
+    assert hf.encode(text, add_special_tokens=False) == Tokenizer.from_pretrained(out).encode(text)
+    assert hf.decode(hf.encode(text, add_special_tokens=False), skip_special_tokens=True) == text
 
 
 def test_final_checkpoint_in_the_inputs_dtype_resume_point_in_the_training_dtype(tmp_path):
@@ -114,15 +114,32 @@ def test_a_kill_during_a_resume_save_keeps_the_previous_one(tmp_path, monkeypatc
 
 
 def test_tokenizer_with_more_ids_than_embedding_rows_is_refused_at_load(tmp_path):
+    """By the one loader, for the decoding scripts and for a training start alike."""
+    import cli
+    import sft
     from helpers import make_tokenizer
     V = make_tokenizer(tmp_path / "ok")
     make_model(tmp_path / "ok", V + 10)                 # spare rows, like Qwen's 151936 for 151669 ids
-    model, tok = checkpoint.load_for_sampling(str(tmp_path / "ok"), "cpu")
+    model, tok = checkpoint.load_checkpoint(str(tmp_path / "ok"), "cpu")
     assert model.config.vocab_size == V + 10 and len(tok) == V
     make_tokenizer(tmp_path / "bad")
     make_model(tmp_path / "bad", V - 4)
-    with pytest.raises(ValueError, match=rf"bad: the tokenizer has {V} ids but the model only {V - 4} embedding rows"):
-        checkpoint.load_for_sampling(str(tmp_path / "bad"), "cpu")
+    refused = rf"bad: the tokenizer has {V} ids but the model only {V - 4} embedding rows"
+    with pytest.raises(ValueError, match=refused):
+        checkpoint.load_checkpoint(str(tmp_path / "bad"), "cpu")
+    with pytest.raises(ValueError, match=refused):
+        cli.start_training(sft.Config(model=str(tmp_path / "bad"), out_dir=str(tmp_path / "run"), threads=0))
+
+
+def test_the_loader_dtypes(tmp_path):
+    """One dtype table (model.DTYPES): "" keeps the file's dtype (fp32 here), bf16=True asks for bf16
+    on CUDA only (the decoding scripts' default), a name is that dtype, an unknown name one error."""
+    make_checkpoint(tmp_path / "ck")
+    load = lambda *a, **k: checkpoint.load_checkpoint(str(tmp_path / "ck"), "cpu", *a, **k)[0].output_weight.dtype
+    assert load() == load("", bf16=True) == load("float32") == torch.float32
+    assert load("bfloat16") == torch.bfloat16 and load("float16") == torch.float16
+    with pytest.raises(ValueError, match=r"unknown dtype 'fp16': one of float32, float16, bfloat16"):
+        load("fp16")
 
 
 @pytest.fixture(scope="module")

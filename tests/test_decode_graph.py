@@ -222,9 +222,9 @@ def test_rows_bounded_by_the_kv_budget(ck, mode):
 
 @pytest.mark.parametrize("arch", ["qwen2", "qwen3"])
 def test_fused_projections_equal_separate(arch):
-    """q|k|v and gate|up concatenated (the decode fast path's weights) give the same hidden states,
-    biases included (Qwen2); an in-place update shows in weights_version."""
-    from decode_graph import fused_projections, weights_version
+    """q|k|v and gate|up concatenated (the decode fast path's weights, its own per-layer step) give the
+    same hidden states as the model, biases included (Qwen2); an in-place update shows in weights_version."""
+    from decode_graph import fused_hidden_states, fused_projections, weights_version
     from model import Qwen, QwenConfig
     d = dict(architectures=[arch.capitalize() + "ForCausalLM"], model_type=arch, vocab_size=64, hidden_size=32,
              intermediate_size=48, num_hidden_layers=2, num_attention_heads=4, num_key_value_heads=2, head_dim=8,
@@ -236,10 +236,10 @@ def test_fused_projections_equal_separate(arch):
             if n.endswith("bias"):
                 p.normal_()
     assert (model.model.layers[0].self_attn.q_proj.bias is not None) == (arch == "qwen2")
-    ids = torch.randint(0, 64, (2, 9))
+    ids, pos = torch.randint(0, 64, (2, 9)), torch.arange(9).expand(2, 9)
     fused = fused_projections(model)
     with torch.no_grad():
-        a, b = model.hidden_states(ids), model.hidden_states(ids, fused=fused)
+        a, b = model.hidden_states(ids), fused_hidden_states(model, fused, ids, pos)
     torch.testing.assert_close(a, b, atol=1e-5, rtol=1e-5)
     v = weights_version(model)
     with torch.no_grad():

@@ -88,7 +88,7 @@ def test_resume_after_a_kill_loses_nothing(tmp_path, monkeypatch):
     data.write_text("".join(json.dumps({"question": q, "answer": "26"}) + "\n" for q in qs))
     tok = FakeTok()
     scripts = {q: [(GOOD,)] if i % 2 == 0 else [(WRONG,)] for i, q in enumerate(qs)}
-    monkeypatch.setattr(distill, "load_for_sampling", lambda *a, **k: (None, tok))
+    monkeypatch.setattr(distill, "load_checkpoint", lambda *a, **k: (None, tok))
     monkeypatch.setattr(distill, "instruction_for", lambda *a: "I")
     monkeypatch.setattr(distill, "check_context", lambda *a: None)     # no model, no context to check
     fakes = []
@@ -121,7 +121,7 @@ def test_device_flag_picks_the_device(tmp_path, monkeypatch):
     def load(path, dev, *a):
         seen.append(str(dev))
         raise KeyboardInterrupt                                   # stop before any decoding
-    monkeypatch.setattr(distill, "load_for_sampling", load)
+    monkeypatch.setattr(distill, "load_checkpoint", load)
     for device in ("cuda:1", ""):
         with pytest.raises(KeyboardInterrupt):
             distill.main(distill.Config(data=str(data), out=str(tmp_path / "d.jsonl"), device=device))

@@ -188,5 +188,5 @@ def test_sdpa_mask_memo_follows_in_place_layout_edits():
     after = attention_sdpa(q, k, v, L)
     assert after[0, :, 20:].abs().max() == 0 and before[0, :, 20:].abs().max() > 0
     torch.testing.assert_close(after, attention_ref(q, k, v, L), atol=1e-5, rtol=1e-5)
-    hit = pa._memo(L, None, "sdpa", lambda: None)
+    hit = pa.memo(L, None, "sdpa", lambda: None)
     assert hit is not None and torch.equal(hit[0][0, 0], visible_mask(L)[0] | hit[1][0, 0])

@@ -4,7 +4,9 @@ Invariants held here, run by Triton's interpreter on CPU (tests/conftest.py sets
 tiles and blocks are 16 tokens there, so tiny shapes span several tiles):
 - the kernels' copy of the rule (`_visible` on `token_info`'s rows) == parallel_attention.visible
   on random packed layouts (docs, a shared prefix, blocks of 2-4 branches, serial runs, padding,
-  interleaved branches, queries against a cache): an ablation of the rule must change both;
+  interleaved branches, queries against a cache), and every visible key lies in decode's key range;
+- an edit of parallel_attention.visible alone (an ablation) is refused by the Triton path, which
+  checks its copy once per version of the rule, and "auto" falls back to SDPA saying so;
 - the tile classes (empty / partial / full per query tile x key tile) == a brute-force mask, and
   the tile lists hold exactly those tiles; empty tiles are never loaded, full tiles skip the mask;
 - kernel == reference: forward, backward (dq, dk, dv) and decode, fp32 here, bf16 on CUDA
@@ -12,14 +14,14 @@ tiles and blocks are 16 tokens there, so tiny shapes span several tiles):
 
     OMP_NUM_THREADS=1 .venv/bin/python -m pytest tests/test_triton_attention.py -q
 """
+import warnings
+
 import pytest
 import torch
 import torch.nn.functional as F
 
 pytest.importorskip("triton")
-import triton  # noqa: E402
-import triton.language as tl  # noqa: E402
-
+import parallel_attention as pa  # noqa: E402
 import triton_attention as ta  # noqa: E402
 from parallel_attention import Layout, attention, attention_ref, visible_mask  # noqa: E402
 from helpers import grads, qkv  # noqa: E402
@@ -60,36 +62,22 @@ def cache_queries(L, first, n):
 
 
 # -----------------------------------------------------------------------------
-# The kernels' copy of the rule == the Python rule
+# The kernels' copy of the rule == the Python rule, and the check that holds it on every device
 
-@triton.jit
-def _mask_kernel(QI, KI, OUT, Tq, Tk, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr):
-    # one program per row: the (Tq, Tk) mask as the attention kernels compute it, loads included
-    b = tl.program_id(0)
-    offs_m, offs_n = tl.arange(0, BLOCK_M), tl.arange(0, BLOCK_N)
-    in_q, in_k = offs_m < Tq, offs_n < Tk
-    q_doc, q_grp, q_br, q_slot = ta._query_rows(QI + b * 6 * Tq, Tq, offs_m, in_q)
-    k_doc, k_grp, k_br = ta._key_rows(KI + b * 3 * Tk, Tk, offs_n, in_k)
-    vis = ta._visible(q_doc[:, None], q_grp[:, None], q_br[:, None], q_slot[:, None],
-                      k_doc[None, :], k_grp[None, :], k_br[None, :], offs_n[None, :])
-    out = OUT + b * Tq * Tk + offs_m[:, None] * Tk + offs_n[None, :]
-    tl.store(out, vis.to(tl.int8), mask=in_q[:, None] & in_k[None, :])
+RULE, KERNEL_MASK = pa.visible, ta.kernel_mask    # as imported, whatever a test patches
 
 
-def kernel_mask(q_layout, k_layout=None):
-    q_info, k_info = ta.token_info(q_layout, k_layout)
-    (B, _, Tq), Tk = q_info.shape, k_info.shape[2]
-    out = torch.zeros(B, Tq, Tk, dtype=torch.int8)
-    _mask_kernel[(B,)](q_info, k_info, out, Tq, Tk, BLOCK_M=triton.next_power_of_2(max(Tq, 16)),
-                       BLOCK_N=triton.next_power_of_2(max(Tk, 16)))
-    return out.bool()
+def assert_kernels_apply_rule(q_layout, k_layout=None):
+    got, in_range = ta.kernel_mask(q_layout, k_layout)
+    want = visible_mask(q_layout, k_layout)
+    assert torch.equal(got, want) and not (want & ~in_range).any()   # decode's key range holds every visible key
 
 
 @pytest.mark.parametrize("seed", range(5))
 def test_kernel_rule_agrees_with_python_rule(seed):
     L = random_layout(3, 40, seed)
     assert (L.branch > 0).any() and ((L.branch == 0) & (L.doc >= 0)).any()
-    assert torch.equal(kernel_mask(L), visible_mask(L))
+    assert_kernels_apply_rule(L)
     # queries with slots against a cache with empty slots (prefill chunk / decode)
     L.doc[:, 36:] = -1
     idx = torch.randperm(36, generator=torch.Generator().manual_seed(seed))[:7].sort().values
@@ -97,7 +85,58 @@ def test_kernel_rule_agrees_with_python_rule(seed):
     Q = Layout(L.doc[:, idx], L.block[:, idx], L.branch[:, idx], sl)
     want = visible_mask(Q, L)
     assert want.any() and not want.all()
-    assert torch.equal(kernel_mask(Q, L), want)
+    assert_kernels_apply_rule(Q, L)
+
+
+def siblings_see_each_other(q_doc, q_block, q_branch, q_slot, k_doc, k_block, k_branch, k_slot):
+    """An ablation: no branch isolation, the steps of a block see each other."""
+    return (k_doc >= 0) & (q_doc == k_doc) & (k_slot <= q_slot)
+
+
+def trunk_blind_to_steps(q_doc, q_block, q_branch, q_slot, k_doc, k_block, k_branch, k_slot):
+    """An ablation that hides more: a block's trunk (plans, takeaway) does not see its steps."""
+    hidden = (q_block == k_block) & (q_branch == 0) & (k_branch > 0)
+    return RULE(q_doc, q_block, q_branch, q_slot, k_doc, k_block, k_branch, k_slot) & ~hidden
+
+
+def test_the_rule_check_passes_the_rule_once(monkeypatch):
+    """The kernels pass the check under the rule as it is; it runs once per version of the rule
+    (a new function object, e.g. a reloaded module, is checked again), not once per call."""
+    assert ta.rule_mismatch(torch.device("cpu")) is None
+    calls = []
+    monkeypatch.setattr(ta, "kernel_mask", lambda *a: calls.append(1) or KERNEL_MASK(*a))
+    monkeypatch.setattr(pa, "visible", lambda *a: RULE(*a))    # the same rule, a new version
+    L = random_layout(1, 30, seed=3)
+    q, k, v = qkv(1, 2, 1, 30, 30, grad=False)
+    for _ in range(2):
+        out = attention(q, k, v, L, impl="triton")
+        torch.testing.assert_close(out, attention_ref(q, k, v, L), atol=1e-4, rtol=1e-4)
+    assert len(calls) == 1 and pa.kernels_hold_rule(q.device) and len(calls) == 1
+
+
+@pytest.mark.parametrize("ablation", [siblings_see_each_other, trunk_blind_to_steps])
+def test_an_ablation_of_the_rule_is_refused_by_the_kernels_and_auto_falls_back(monkeypatch, ablation):
+    """Edit parallel_attention.visible alone: the Triton path (tile lists from the new rule, element
+    mask from its old copy) refuses loudly instead of mixing them; "auto", which picks Triton on CUDA,
+    runs SDPA instead and warns once (kernels_hold_rule decides it there); SDPA and the reference follow
+    the new rule. The rule restored, the kernels run again."""
+    L = random_layout(2, 40, seed=4)
+    q, k, v = qkv(2, 2, 1, 40, 40, grad=False)
+    before = visible_mask(L)
+    monkeypatch.setattr(pa, "_WARNED", set())
+    monkeypatch.setattr(pa, "visible", ablation)
+    assert not torch.equal(visible_mask(L), before)           # the ablation matters on this layout
+    with pytest.raises(RuntimeError, match=r"applies another rule than parallel_attention\.visible.*impl='sdpa'"):
+        attention(q, k, v, L, impl="triton")
+    with pytest.warns(RuntimeWarning, match="impl='auto' runs SDPA"):
+        assert not pa.kernels_hold_rule(q.device)
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")       # said once, not on every layer of every step
+        assert not pa.kernels_hold_rule(q.device)
+    torch.testing.assert_close(attention(q, k, v, L, impl="sdpa"), attention_ref(q, k, v, L), atol=1e-5, rtol=1e-5)
+    monkeypatch.setattr(pa, "visible", RULE)
+    assert pa.kernels_hold_rule(q.device)
+    torch.testing.assert_close(attention(q, k, v, L, impl="triton"), attention_ref(q, k, v, L), atol=1e-4, rtol=1e-4)
 
 
 # -----------------------------------------------------------------------------

@@ -1,0 +1,111 @@
+"""
+The files of a Hugging Face checkpoint folder, for model.py: config.json, and model.safetensors or
+its shards with their index (HF's names), so that transformers, vLLM and SGLang read our outputs as
+they read Qwen's. Every error names the file and what is wrong with it; a failed write (a full disk)
+is one OSError naming what was being written (`writing`, used for the stages' other files too).
+"""
+import contextlib
+import errno
+import json
+import os
+import re
+
+from safetensors import SafetensorError, safe_open
+from safetensors.torch import save_file
+
+
+def read_config(path):
+    """config.json of the checkpoint folder `path`, as a dict."""
+    if not os.path.isdir(path):
+        raise FileNotFoundError(f"checkpoint folder not found: {path}")
+    if not os.path.isfile(cfg_path := os.path.join(path, "config.json")):
+        raise FileNotFoundError(f"no config.json in checkpoint folder {path}")
+    d = read_json(cfg_path)
+    if not isinstance(d, dict):
+        raise ValueError(f"{cfg_path}: expected a JSON object, got a {type(d).__name__}")
+    return d
+
+
+def read_json(path):
+    try:
+        with open(path, encoding="utf-8") as f:
+            return json.load(f)
+    except ValueError as e:  # JSONDecodeError (with its line and column), UnicodeDecodeError
+        raise ValueError(f"{path}: not valid JSON ({e})") from None
+
+
+def load_safetensors(path, dtype, device):
+    """All tensors of a single-file or sharded checkpoint, each cast to dtype on device as it is read."""
+    index = os.path.join(path, "model.safetensors.index.json")
+    if os.path.isfile(index):
+        files = sorted(set(read_json(index)["weight_map"].values()))
+    elif os.path.isfile(os.path.join(path, "model.safetensors")):
+        files = ["model.safetensors"]
+    else:
+        found = sorted(f for f in os.listdir(path) if f.endswith((".bin", ".pt", ".safetensors")))
+        raise FileNotFoundError(f"no model.safetensors or model.safetensors.index.json in {path}"
+                                + (f" (found {found}: only safetensors are supported)" if found else ""))
+    state = {}
+    for name in files:
+        fp = os.path.join(path, name)
+        if not os.path.isfile(fp):
+            raise FileNotFoundError(f"shard {name} listed in the index is missing from {path}")
+        try:
+            with safe_open(fp, framework="pt", device=str(device)) as f:
+                state.update({k: f.get_tensor(k).to(dtype) for k in f.keys()})
+        except SafetensorError as e:
+            raise ValueError(f"{fp}: not a complete safetensors file ({e}): an interrupted download or save?") from None
+    return state
+
+
+def write_safetensors(state, path, max_shard_bytes=4 << 30):
+    """state (name -> CPU tensor) into path: model.safetensors, or shards of at most max_shard_bytes
+    and model.safetensors.index.json (HF's names); earlier weight files there are removed first."""
+    shards, size = [{}], 0
+    for k, v in state.items():
+        nbytes = v.numel() * v.element_size()
+        if shards[-1] and size + nbytes > max_shard_bytes:
+            shards, size = shards + [{}], 0
+        shards[-1][k], size = v, size + nbytes
+    for old in os.listdir(path):  # stale weights from an earlier save would shadow the new ones
+        if old.startswith("model") and old.endswith((".safetensors", ".index.json")):
+            os.remove(os.path.join(path, old))
+    names = ["model.safetensors"] if len(shards) == 1 else \
+        [f"model-{i + 1:05d}-of-{len(shards):05d}.safetensors" for i in range(len(shards))]
+    for name, shard in zip(names, shards):
+        with writing(os.path.join(path, name)):
+            save_file(shard, os.path.join(path, name), metadata={"format": "pt"})
+    if len(shards) > 1:
+        index = {"metadata": {"total_size": sum(v.numel() * v.element_size() for v in state.values())},
+                 "weight_map": {k: name for name, shard in zip(names, shards) for k in shard}}
+        with open(os.path.join(path, "model.safetensors.index.json"), "w") as f:
+            json.dump(index, f, indent=2)
+
+
+def write_error(path, code):
+    """A failed write as one OSError naming what was being written; a full disk (or a file-size or
+    quota limit: the same to the writer) says so."""
+    if code in (errno.ENOSPC, errno.EFBIG, errno.EDQUOT):
+        e = OSError(f"no space left to write {path} ({os.strerror(code)}): free some space there or choose "
+                    "another output folder; what was saved before is kept")
+    else:
+        e = OSError(f"cannot write {path}: {os.strerror(code)}")
+    e.errno, e.path = code, path      # (path: an inner `writing` named the file already)
+    return e
+
+
+@contextlib.contextmanager
+def writing(path):
+    """Errors of writing `path` (a file, or a folder being filled) as write_error: Python's own name no
+    file, and safetensors and tokenizers (Rust) report the OS error inside their message."""
+    try:
+        yield
+    except OSError as e:
+        if e.filename is not None or not e.errno or hasattr(e, "path"):
+            raise
+        raise write_error(path, e.errno) from None
+    except Exception as e:
+        code = re.search(r"\(os error (\d+)\)", str(e))
+        if code is None:
+            raise
+        raise write_error(path, int(code.group(1))) from None
