@@ -14,7 +14,7 @@ a difference; the paper's speedup TPS(NPR) / TPS(SR).
 
     python table.py                                   # the whole table (~50 min on a 2-core CPU); rerun = resume
     python table.py --seeds 0 --eval-n 200            # a quick look
-    python table.py --out-dir out/abl_std --base-dir out/table --arms npr_beta,npr --grpo-args="--adv-std group"
+    python table.py --out-dir out/abl_std --base-dir out/table --arms npr --grpo-args="--adv-std group"
 
 Jobs that do not depend on each other run side by side (--lanes), one thread each; the base model and
 the distillation run alone with every thread. Accuracy comes from evaluating the whole test split in
@@ -38,9 +38,10 @@ from dataclasses import dataclass, field
 from cli import atomic_write, parse_cli, print_config
 
 ROOT = os.path.dirname(os.path.abspath(__file__))
-ARMS = {  # name: (label, decoding, what it trains from)
+ARMS = {  # name: (label, decoding, what it trains from; "=" + arm: that arm's model itself, only decoded otherwise)
     "sr_beta": ("SR-Beta", "serial", "base"), "npr_beta": ("NPR-Beta", "parallel", "base"),
-    "sr": ("SR", "serial", "sr_beta"), "npr": ("NPR", "parallel", "npr_beta")}
+    "sr": ("SR", "serial", "sr_beta"), "npr": ("NPR", "parallel", "npr_beta"),
+    "nomask": ("SR-Beta in parallel", "parallel", "=sr_beta")}   # an ablation: SFT without the branch mask
 
 
 @dataclass
@@ -91,12 +92,13 @@ def jobs_of(cfg):
                                           "--out", dist, extra=cfg.distill_args), ("base",), alone=True, out=dist))
     base_deps = () if cfg.base_dir else ("distill",)
     test = ["--data", f"{data}/test.jsonl", "--n-problems", str(cfg.eval_n), "-k", str(cfg.eval_k)]
-    models = {}    # model folder -> (label, decoding, seed)
+    models = []    # what the table reads: dict(name, path, label, mode, seed) per evaluated model
     if not cfg.base_dir:
         jobs.append(Job("eval_base", script("eval.py", "--model", f"{B}/base", "--mode", "serial", *test,
                                             "--latency-n", "0", "--out", f"{D}/eval/base.json", extra=cfg.eval_args),
                         base_deps, out=f"{D}/eval/base.json"))
-    models[f"{B}/base"] = ("base", "serial", None)
+    models.append(dict(name="base", path=f"{B}/base", label="base", mode="serial", seed=None,
+                       eval=os.path.join(B, "eval", "base.json")))
     arms = [a.strip() for a in cfg.arms.split(",") if a.strip()]
     for a in arms:
         if a not in ARMS:
@@ -105,6 +107,15 @@ def jobs_of(cfg):
         for a in arms:
             label, mode, src = ARMS[a]
             out, name = f"{D}/{a}_{s}", f"{a}_{s}"
+            if src.startswith("="):       # another arm's model, decoded in this arm's mode: evaluation only
+                other = src[1:]
+                out = f"{D}/{other}_{s}" if other in arms else f"{B}/{other}_{s}"
+                ev = f"{D}/eval/{name}.json"
+                jobs.append(Job(f"eval_{name}", script("eval.py", "--model", out, "--mode", mode, *test, "--latency-n",
+                                                       "0", "--seed", str(s), "--out", ev, extra=cfg.eval_args),
+                                (f"{other}_{s}",) if other in arms else base_deps, out=ev))
+                models.append(dict(name=name, path=out, label=label, mode=mode, seed=s, eval=ev))
+                continue
             if src == "base":
                 cmd = script("sft.py", "--model", f"{B}/base", "--data", dist, "--out-dir", out, "--seed", str(s),
                              "--layout", mode, "--threads", "1", extra=cfg.sft_args)
@@ -118,15 +129,15 @@ def jobs_of(cfg):
             ev = f"{D}/eval/{name}.json"
             jobs.append(Job(f"eval_{name}", script("eval.py", "--model", out, "--mode", mode, *test, "--latency-n", "0",
                                                    "--seed", str(s), "--out", ev, extra=cfg.eval_args), (name,), out=ev))
-            models[out] = (label, mode, s)
+            models.append(dict(name=name, path=out, label=label, mode=mode, seed=s, eval=ev))
     # speed, alone, after everything else: the same workload for every model
     after = tuple(j.name for j in jobs)
-    for path, (label, mode, s) in models.items():
-        name = "speed_" + (os.path.basename(path) if s is not None else "base")
-        jobs.append(Job(name, script("eval.py", "--model", path, "--mode", mode, "--data", f"{data}/test.jsonl",
-                                     "--n-problems", str(cfg.speed_n), "-k", str(cfg.eval_k), "--latency-n",
-                                     str(cfg.latency_n), "--seed", str(s or 0), "--out", f"{D}/speed/{name}.json",
-                                     extra=cfg.eval_args), after, alone=True, out=f"{D}/speed/{name}.json"))
+    for m in models:
+        m["speed"] = f"{D}/speed/speed_{m['name']}.json"
+        jobs.append(Job(f"speed_{m['name']}", script(
+            "eval.py", "--model", m["path"], "--mode", m["mode"], "--data", f"{data}/test.jsonl", "--n-problems",
+            str(cfg.speed_n), "-k", str(cfg.eval_k), "--latency-n", str(cfg.latency_n), "--seed", str(m["seed"] or 0),
+            "--out", m["speed"], extra=cfg.eval_args), after, alone=True, out=m["speed"]))
     return jobs, models
 
 
@@ -190,17 +201,13 @@ def read(path):
 
 def arm_stats(cfg, models):
     """Per arm: the per-seed figures, their mean, sd and standard errors."""
-    D = cfg.out_dir
     rows = {}
-    for path, (label, mode, s) in models.items():
-        name = os.path.basename(path) if s is not None else "base"
-        ev_path = f"{D}/eval/{name}.json" if s is not None else \
-            os.path.join(cfg.base_dir or D, "eval", "base.json")
-        if not os.path.isfile(ev_path):
+    for m in models:
+        if not os.path.isfile(m["eval"]):     # the base of another run (--base-dir) evaluated there, or not
             continue
-        ev, sp = read(ev_path)[mode], read(f"{D}/speed/speed_{name}.json")[mode]
-        rows.setdefault(label, dict(label=label, mode=mode, seeds=[]))["seeds"].append(dict(
-            seed=s, accuracy=ev["accuracy"], se=ev["accuracy_se"], format_valid=ev["format_valid"],
+        ev, sp = read(m["eval"])[m["mode"]], read(m["speed"])[m["mode"]]
+        rows.setdefault(m["label"], dict(label=m["label"], mode=m["mode"], seeds=[]))["seeds"].append(dict(
+            seed=m["seed"], accuracy=ev["accuracy"], se=ev["accuracy_se"], format_valid=ev["format_valid"],
             trigger_rate=ev["trigger_rate"], total_over_critical=ev["total_over_critical"],
             tokens_per_s=sp["tokens_per_s"], time_to_answer_1_s=sp["time_to_answer_1_s"]))
     for r in rows.values():
@@ -227,7 +234,7 @@ def compare(a, b):
 
 def write_table(cfg, models, wall):
     rows = arm_stats(cfg, models)
-    order = [r for k in ("base", "SR-Beta", "NPR-Beta", "SR", "NPR") if (r := rows.get(k))]
+    order = [r for k in ["base"] + [v[0] for v in ARMS.values()] if (r := rows.get(k))]
     f3 = lambda r, k: f"{r[k]:.3f}" + (f" ± {r[k + '_sd']:.3f}" if r["n"] > 1 else "")
     lines = ["| arm | decoded | seeds | accuracy (mean ± sd) | standard error | format valid | trigger rate | "
              "tokens/s | time-to-answer, 1 request, s | total / critical-path tokens |", "|" + "---|" * 10]
@@ -243,6 +250,7 @@ def write_table(cfg, models, wall):
     ask("Does parallel SFT match sequential SFT on the same data?", "NPR-Beta", "SR-Beta")
     ask("Does parallel RL match or beat sequential RL trained the same way?", "NPR", "SR")
     ask("Does parallel RL beat the base?", "NPR", "base")
+    ask("Does parallel decoding need SFT with the branch mask? (ablation)", "NPR-Beta", "SR-Beta in parallel")
     lines += ["", "| question | arms | difference | 2 pooled SE | answer |", "|---|---|---|---|---|"]
     for q, a, b, c in questions:
         lines.append(f"| {q} | {a} - {b} | {c['diff']:+.3f} | {2 * c['pooled_se']:.3f} | {a} {c['verdict']}"
@@ -306,13 +314,15 @@ def plot(cfg, order, models):
     ax[1].bar(x, [r["time_to_answer_1_s"] for r in order], yerr=[r["time_to_answer_1_s_sd"] for r in order],
               capsize=4, color="#a1d99b")
     ax[1].set(xticks=list(x), xticklabels=names, ylabel="seconds", title="time-to-answer, one request (mean ± sd)")
-    for path, (label, mode, s) in models.items():
-        log = os.path.join(path, "metrics.jsonl")
+    for m in models:
+        log, label, s = os.path.join(m["path"], "metrics.jsonl"), m["label"], m["seed"]
         if label in ("SR", "NPR") and os.path.isfile(log):
             recs = [json.loads(line) for line in open(log) if '"accuracy"' in line]
-            ax[2].plot([r["step"] for r in recs], [r["accuracy"] for r in recs], "-" if label == "NPR" else "--",
+            acc = [r["accuracy"] for r in recs]      # a step's 16 prompts vary: the mean of the last 10 steps
+            smooth = [statistics.mean(acc[max(0, i - 9):i + 1]) for i in range(len(acc))]
+            ax[2].plot([r["step"] for r in recs], smooth, "-" if label == "NPR" else "--",
                        color="C0" if label == "NPR" else "C1", alpha=0.8, label=f"{label} seed {s}")
-    ax[2].set(xlabel="RL step", ylabel="rollout accuracy", title="RL: accuracy of the rollouts per step")
+    ax[2].set(xlabel="RL step", ylabel="rollout accuracy (last 10 steps)", title="RL: accuracy of the rollouts")
     ax[2].legend(fontsize=7)
     fig.tight_layout()
     path = os.path.join(cfg.out_dir, "table.png")

@@ -44,6 +44,11 @@ def test_the_job_graph():
     speed = [j for j in jobs if j.name.startswith("speed_")]
     assert len(speed) == 1 + 4 * 2 and all(j.alone for j in speed)
     assert set(speed[0].deps) == {j.name for j in jobs if not j.name.startswith("speed_")}
+    # the ablation "SFT without the branch mask, decoded in parallel": SR-Beta's models, evaluated in parallel
+    jobs, models = table.jobs_of(table.Config(out_dir="o", base_dir="b", seeds="0", arms="nomask"))
+    assert [j.name for j in jobs] == ["eval_nomask_0", "speed_base", "speed_nomask_0"]
+    ev = jobs[0].cmd
+    assert ev[ev.index("--model") + 1] == "b/sr_beta_0" and ev[ev.index("--mode") + 1] == "parallel"
     with pytest.raises(ValueError, match="unknown arm"):
         table.jobs_of(table.Config(arms="npr,nope"))
 
@@ -95,5 +100,5 @@ def test_killed_in_the_middle_a_rerun_runs_no_finished_job_again(base_dir, tmp_p
         assert sum(line.startswith("$ ") for line in log.splitlines()) == 1, name
         assert f"start {name}" not in r.stdout
     res = json.loads((out / "table.json").read_text())
-    assert set(res["arms"]) == {"base", "SR-Beta", "NPR-Beta", "SR", "NPR"}
+    assert set(res["arms"]) == {"SR-Beta", "NPR-Beta", "SR", "NPR"}       # (the base is evaluated where it was made)
     assert "The paper's speedup" in (out / "table.md").read_text()
