@@ -116,7 +116,7 @@ def distill_chunk(sampler, tok, items, cfg, instruction, seed):
         per_call = max(1, cfg.batch_size // n)
         seeds = [(seed * 1000 + rnd * 100 + c) * 1000003 + j for c in range(0, len(todo), per_call)
                  for j in range(len(todo[c:c + per_call]) * n)]
-        out, _ = sampler.generate_many([prompts[i] for i in todo], n, params, cfg.batch_size, seeds=seeds)
+        out, _ = sampler.generate_many([prompts[i] for i in todo], n, params, seeds=seeds, batch_rows=cfg.batch_size)
         for i, samples in zip(todo, out):
             for s in samples:
                 if i in kept or tries[i] >= cfg.max_tries:

@@ -129,7 +129,7 @@ def main(cfg: Config):
                                 max_total_tokens=cfg.max_total_tokens, max_branches=cfg.max_branches,
                                 fork_min_tokens=cfg.fork_min_tokens, repetition_penalty=rp, seed=cfg.seed)
         prompts = [chat_prompt(tok, p["question"], instruction) for p in problems]
-        got, wall = sampler.generate_many(prompts, cfg.k, params, cfg.batch_size, progress=True)
+        got, wall = sampler.generate_many(prompts, cfg.k, params, progress=True, batch_rows=cfg.batch_size)
         report[mode] = npr.sample_metrics([(s, p["answer"]) for p, ss in zip(problems, got) for s in ss], wall)
         report[mode].update(standard_error(problems, got))
         report[mode].update(settings)

@@ -226,7 +226,7 @@ def rollout(sampler, tok, problems, cfg, step, instruction, rank, world):
         seeds = [(((cfg.seed * 1_000_003 + step) * 1009 + rounds) * 100_003 + (g if rounds == 0 else rank * n_draw + g))
                  * 1024 + j for g in slots for j in range(cfg.group_size)]
         prompts = [chat_prompt(tok, problems[i]["question"], instruction) for i in picks]
-        out, w = sampler.generate_many(prompts, cfg.group_size, params, cfg.rollout_rows, seeds=seeds)
+        out, w = sampler.generate_many(prompts, cfg.group_size, params, seeds=seeds, batch_rows=cfg.rollout_rows)
         wall += w
         for i, samples in zip(picks, out):
             kept = []
@@ -323,7 +323,7 @@ def evaluate(sampler, tok, problems, instruction, cfg, dev, bf16_autocast):
                             max_branches=cfg.max_branches, fork_min_tokens=cfg.fork_min_tokens)
     prompts = [chat_prompt(tok, p["question"], instruction) for p in problems]
     with autocast(dev, bf16_autocast):
-        got, wall = sampler.generate_many(prompts, 1, params, cfg.rollout_rows)
+        got, wall = sampler.generate_many(prompts, 1, params, batch_rows=cfg.rollout_rows)
     return npr.sample_metrics([(ss[0], p["answer"]) for p, ss in zip(problems, got)], wall)
 
 

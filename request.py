@@ -103,8 +103,9 @@ class Stream:
 
 
 class Seq:
-    """One request (one sample): its prompt, params and seed, its streams, and the rules that turn each
-    drawn token into forks, joins and an end. tok (the Tokenizer) is what the rules read tags with."""
+    """One request (one prompt decoded into one Sample): its prompt, params and seed, its streams, and
+    the rules that turn each drawn token into forks, joins and an end. tok (the Tokenizer) is what the
+    rules read tags with."""
 
     def __init__(self, prompt, params, seed, index=0, tok=None):
         if not prompt:
@@ -126,8 +127,8 @@ class Seq:
         self.unforked = False           # the open block's steps are written serially (budget)
         self.t_start = self.t_end = None
 
-    def slots(self):
-        """KV-cache slots its worst case needs: prompt, all-token budget, forced tokens, scratch slot."""
+    def room(self):
+        """KV-cache slots its worst case needs (a count): prompt, all-token budget, forced tokens, scratch slot."""
         return len(self.prompt) + self.p.max_total_tokens + 16 * (self.p.max_branches + 2) + 1
 
     def to_feed(self):

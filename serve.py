@@ -153,7 +153,7 @@ class Engine:
         self.sampler.steer, self.sampler.max_rows = steer, self.cfg.max_batch_rows
         # rows sized once for the largest request the limits let in: an arriving one never waits for a new cache
         largest = min(self.context or float("inf"), self.cfg.max_prompt_tokens + self.cfg.max_tokens_limit)
-        self.sampler.min_slots = largest + 16 * (self.cfg.max_branches + 2) + 1
+        self.sampler.min_capacity = largest + 16 * (self.cfg.max_branches + 2) + 1
         self.jobs = []                           # requests not done: their rows wait or run in the sampler
         # on the sampler's queue lock: HTTP threads add while the worker steps (it holds it between steps, never in one)
         self.cond = threading.Condition(self.sampler.lock)

@@ -286,7 +286,7 @@ def evaluate(model, tok, problems, mode, cfg):
     t0 = time.perf_counter()
     params = SamplingParams(mode=mode, temperature=0.0, max_new_tokens=cfg.eval_max_new_tokens)
     prompts = [prompt_ids(tok, p["question"]) for p in problems]
-    got = [s for (s,) in Sampler(model, tok).generate_many(prompts, 1, params, cfg.eval_batch)[0]]
+    got = [s for (s,) in Sampler(model, tok).generate_many(prompts, 1, params, batch_rows=cfg.eval_batch)[0]]
     texts = [tok.decode([t for t in s.ids if t not in tok.stop_ids]) for s in got]
     n = max(1, len(problems))
     return dict(mode=mode, tagged=True, n=len(problems),

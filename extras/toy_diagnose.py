@@ -62,7 +62,7 @@ def main(cfg: Config):
     probs, ins = read_problems(cfg.data)[:cfg.n], instruction_for(cfg.model, "")
     params = SamplingParams(mode="parallel", temperature=1.0, top_p=0.7, max_new_tokens=cfg.max_new_tokens)
     prompts = [chat_prompt(tok, q["question"], ins) for q in probs]          # as eval.py prompts
-    got, _ = Sampler(model, tok).generate_many(prompts, cfg.k, params, 256, progress=True)
+    got, _ = Sampler(model, tok).generate_many(prompts, cfg.k, params, progress=True, batch_rows=256)
     kinds = [answer_error(s.text, parse_terms(q["question"])) for q, ss in zip(probs, got) for s in ss]
     out = {k: kinds.count(k) for k in KINDS}
     print(f"{cfg.model}: {len(kinds)} parallel answers: "

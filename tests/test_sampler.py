@@ -9,7 +9,7 @@ import torch
 
 from helpers import (Script, block_script, chat, full_layout, generate_naive, ids_of, make_checkpoint, step_script,
                      teacher_forced)
-from sampler import Sampler, SamplingParams, pick
+from sampler import Sampler, SamplingParams, draw_tokens
 
 
 def test_serial_cached_equals_naive(ck):
@@ -40,31 +40,31 @@ def test_seeded_runs_repeat_and_batch_rows_differ(ck):
     assert len({tuple(s.ids) for s in a}) > 1
 
 
-def test_pick():
+def test_draw_tokens():
     logits = torch.tensor([[0.0, 3.0, 1.0, 2.9]])
     us = [torch.rand(1) for _ in range(200)]
-    assert pick(logits, 0, 1.0, 0, us[0]).item() == 1
-    assert all(pick(logits, 1.0, 1.0, 1, u).item() == 1 for u in us)             # top-k 1
-    assert all(pick(logits, 1.0, 1e-3, 0, u).item() == 1 for u in us)            # tiny top-p
-    assert {pick(logits, 1.0, 1.0, 2, u).item() for u in us} == {1, 3}           # top-k 2
+    assert draw_tokens(logits, 0, 1.0, 0, us[0]).item() == 1
+    assert all(draw_tokens(logits, 1.0, 1.0, 1, u).item() == 1 for u in us)             # top-k 1
+    assert all(draw_tokens(logits, 1.0, 1e-3, 0, u).item() == 1 for u in us)            # tiny top-p
+    assert {draw_tokens(logits, 1.0, 1.0, 2, u).item() for u in us} == {1, 3}           # top-k 2
     # inverse CDF: frequencies follow the softmax
     p = torch.softmax(logits, -1)[0]
-    draws = pick(logits.expand(20000, 4), 1.0, 1.0, 0, torch.rand(20000))
+    draws = draw_tokens(logits.expand(20000, 4), 1.0, 1.0, 0, torch.rand(20000))
     freq = torch.bincount(draws, minlength=4) / 20000
     assert (freq - p).abs().max() < 0.015
-    assert pick(logits, 1.0, 1.0, 0, torch.tensor([0.999999])).item() == 3  # the last token with mass
+    assert draw_tokens(logits, 1.0, 1.0, 0, torch.tensor([0.999999])).item() == 3  # the last token with mass
 
 
 @pytest.mark.parametrize("temperature", [1e-45, 1e-39, 1e-30, 1e-7])
 def test_a_tiny_temperature_is_greedy(ck, temperature):
     """logits / T overflows fp32 at T <= ~1e-38 (softmax NaN, the draw clamped to the last id): below
-    GREEDY_BELOW a temperature is argmax, in pick, in the decode step's draw and so in every caller."""
-    from decode_graph import in_step_draw
+    GREEDY_BELOW a temperature is argmax, in draw_tokens, in the decode step's draw and so in every caller."""
+    from decode_graph import in_step_settings
     from request import GREEDY_BELOW, resolved
     assert temperature < GREEDY_BELOW
     logits = torch.tensor([[-50.0, 30.0, 29.9, 10.0, -3.0]])
-    assert all(pick(logits, temperature, 1.0, 0, u).item() == 1 for u in torch.rand(20, 1))
-    assert in_step_draw([resolved(SamplingParams(temperature=temperature))], None) == (0.0, 1.0, 0)
+    assert all(draw_tokens(logits, temperature, 1.0, 0, u).item() == 1 for u in torch.rand(20, 1))
+    assert in_step_settings([resolved(SamplingParams(temperature=temperature))], None) == (0.0, 1.0, 0)
     model, tok = ck
     p = dict(mode="serial", max_new_tokens=20, seed=5)
     greedy = Sampler(model, tok).generate([chat(tok)], n=2, params=SamplingParams(temperature=0, **p))[0]
@@ -91,7 +91,7 @@ def test_two_stage_argmax_and_logprob(V):
 
 def test_head_logprobs_match_the_trainer_on_a_real_vocabulary():
     """From the same hidden states, over Qwen's 151936-row vocabulary with logits peaked like a
-    trained model's (largest 14-40), the sampler's recorded log-probs (Sampler.sample; the decode
+    trained model's (largest 14-40), the sampler's recorded log-probs (Sampler.draw; the decode
     step's logprob_of) are within 2 fp32 ULPs of the largest logit of the trainer's chunked
     logsumexp (~1e-5; torch's CPU log_softmax is 3x past it). What goes beyond that between a
     sampler and a training forward comes from the hidden states (decode vs prefill attention,
@@ -112,7 +112,7 @@ def test_head_logprobs_match_the_trainer_on_a_real_vocabulary():
     got = {}
     sampler.steer = None
     seqs = [Seq([0], resolved(SamplingParams()), i, i) for i in range(N)]
-    got["toks"], got["lps"] = sampler.sample([(q, q.trunk) for q in seqs], logits)
+    got["toks"], got["lps"] = sampler.draw([(q, q.trunk) for q in seqs], logits)
     tok = torch.tensor(got["toks"])
     ref = chunked_logprobs(h[None], W, tok[None])[0]
     assert (torch.tensor(got["lps"]) - ref).abs().max() <= bound
@@ -282,15 +282,15 @@ def test_add_from_another_thread_while_the_engine_looks_at_its_queue(ck, monkeyp
     model, tok = ck
     sampler, p = Sampler(model, tok), SamplingParams(mode="serial", temperature=0, max_new_tokens=5)
     sampler.add(chat(tok, "a"), p, 1)
-    added, slots = [], Seq.slots
+    added, room = [], Seq.room
 
-    def slots_while_another_thread_adds(seq):         # the first look at the queue: another thread adds
+    def room_while_another_thread_adds(seq):         # the first look at the queue: another thread adds
         if not added:
             added.append(threading.Thread(target=lambda: added.append(sampler.add(chat(tok, "b"), p, 2))))
             added[0].start()
             added[0].join(0.2)                          # it waits for the lock (without one: it adds now)
-        return slots(seq)
-    monkeypatch.setattr(Seq, "slots", slots_while_another_thread_adds)
+        return room(seq)
+    monkeypatch.setattr(Seq, "room", room_while_another_thread_adds)
     done = sampler.step()
     added[0].join(10)
     monkeypatch.undo()
