@@ -130,20 +130,31 @@ def test_a_row_samples_the_same_in_any_batch(ck):
     assert alone.ids == batched.ids and len(set(alone.ids)) > 3
 
 
-def test_branches_sample_the_same_whatever_their_schedule(ck):
-    """Plans 9 and 10: step headers of different token lengths. Batched with another row, a fork's
-    headers go in one token per step, so the two branches start drawing at other steps than alone;
-    each branch draws from its own generator, so its tokens are the same (up to where the budget
-    cuts the fork, which can fall a token apart)."""
+def test_branches_sample_the_same_whatever_their_schedule(ck, monkeypatch):
+    """Each branch draws from its own generator, so its tokens do not depend on the steps at which it
+    and its siblings draw. Once alone on the engine's own schedule; once batched with another row and
+    with branch 2 held back for its first 5 steps (another schedule: branch 1 draws alone meanwhile,
+    then the two draw side by side at other steps than alone). Each branch's tokens are the same, up to
+    where the budget cuts the fork (the hold moves the cut). Branches sharing the row's generator fail it."""
+    from request import Seq
     model, tok = ck
-    assert len(tok.encode("<step>\n9:")) != len(tok.encode("<step>\n10:"))
     p = SamplingParams(temperature=100.0, max_new_tokens=60, fork_min_tokens=1)   # flat: the branches really sample
-    trunk = tok.encode("<guideline>\n<plan>9: a</plan>\n<plan>10: b</plan>\n</guideline>")
+    trunk = tok.encode("<guideline>\n<plan>1: a</plan>\n<plan>2: b</plan>\n</guideline>")
     sampler = Sampler(model, tok)
     sampler.stop_ids = set()
     alone = sampler.generate([chat(tok)], params=p, seeds=[5], steer=Script({0: trunk}))[0][0]
+    held, to_feed = [], Seq.to_feed
+
+    def hold_branch_2(seq):                            # the engine asks each step what a request writes
+        feed = to_feed(seq)
+        if seq.index == 1 and any(st.branch == 2 for _, st in feed) and len(held) < 5:
+            held.append(feed[-1][0].pos)
+            feed = [(t, st) for t, st in feed if st.branch != 2]
+        return feed
+    monkeypatch.setattr(Seq, "to_feed", hold_branch_2)
     batched = sampler.generate([chat(tok, "x"), chat(tok)], params=p, seeds=[6, 5],
                                steer=Script({0: trunk, 1: trunk}))[1][0]
+    assert len(set(held)) == 1 and len(held) == 5      # its first token waited 5 steps
     for s in (alone, batched):
         assert s.stats["forks"] == 1 and s.stats["branches_per_fork"] == [2]
     for b in (1, 2):
@@ -151,6 +162,7 @@ def test_branches_sample_the_same_whatever_their_schedule(ck):
         y = [t for t, br in zip(batched.ids, batched.branch) if br == b]
         n = min(len(x), len(y))
         assert n >= 8 and x[:n] == y[:n], (b, x, y)
+    assert alone.branch.count(1) < batched.branch.count(1)    # branch 1 drew more before the cut: it ran ahead
 
 
 @pytest.mark.cuda
