@@ -76,7 +76,7 @@ class Sample:
     pos: list = field(default_factory=list)       # RoPE positions (the prompt holds 0..P-1)
     sampled: list = field(default_factory=list)   # True: drawn from the model; False: forced by the engine
     logprobs: list = field(default_factory=list)  # log p(token) under the model (0.0 for forced tokens)
-    finish_reason: str = ""                       # "eos" | "budget" | "malformed: <why>" | "cancelled"
+    finish_reason: str = ""                       # "eos" | "budget" | "malformed: <why>" | "cancelled"; "" running
     text: str = ""                                # the response text, without the final stop token
     stats: dict = field(default_factory=dict)
 
@@ -252,14 +252,16 @@ class Seq:
         self.total, self.crit = total, crit + longest
 
     def to_sample(self):
+        """Its Sample: at its end, or a snapshot while it runs (finish_reason "", time so far)."""
         toks = [t for st in self.streams for t in st.tokens]
         col = lambda name: [getattr(t, name) for t in toks]
         s = Sample(prompt_ids=self.prompt, ids=col("id"), sampled=col("sampled"), logprobs=col("logprob"),
-                   block=col("block"), branch=col("branch"), pos=col("pos"), finish_reason=self.finish)
+                   block=col("block"), branch=col("branch"), pos=col("pos"), finish_reason=self.finish or "")
         s.text = self.tok.decode(s.ids[:-1] if self.finish == "eos" else s.ids)   # without the stop token
+        end = self.t_end if self.t_end is not None else time.perf_counter()     # running: the time so far
         s.stats = dict(mode=self.p.mode, total_tokens=len(toks), critical_path_tokens=self.crit, forks=len(self.forks),
                        branches_per_fork=list(self.forks),
-                       time_s=(self.t_end - self.t_start) if self.t_start is not None else 0.0)
+                       time_s=(end - self.t_start) if self.t_start is not None else 0.0)
         return s
 
 
