@@ -119,6 +119,7 @@ class Seq:
         self.fork = []                  # the branches of the open fork
         self.forks = []                 # branches per fork
         self.row = None                 # its KV-cache row while running
+        self.too_big_since = None       # the engine step it first needed more room than the cache had (waiting)
         self.next_slot = len(self.prompt)
         self.finish = None              # why it ended, once it has
         self.total = self.crit = 0      # tokens so far: all of them / on the critical path

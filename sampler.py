@@ -3,8 +3,9 @@ The sampling engine: many requests decoded together with continuous batching. Wh
 token means (NPR's fork/join rules, the streams of a request) is request.py's.
 
 Sampler.step() is the engine, in three parts (as nano-vllm's step):
-  schedule     admit waiting requests into free cache rows with room for their worst case (nothing
-               grows, copies or is preempted); prefill their prompts
+  schedule     admit waiting requests into free cache rows with room for their worst case (a running
+               request never grows, copies or is preempted; a smaller request may pass a bigger one
+               that waits for a bigger cache, for a while); prefill their prompts
   run          build_grid: the next token of every live stream of every running request; one forward
                over that (R, W) grid, eager or decode_graph.StaticStep (CUDA graphs); the draws
   postprocess  each drawn token goes to its request (Seq.on_token: tags, fork, join, end); generate() loops
@@ -100,6 +101,9 @@ class Sampler:
         self.max_rows = 256         # rows decoded together, at most (fewer when the budget says so)
         self.min_capacity = 0       # slots per row at least (a server: its largest request)
         self.admit_every = 1        # admit at every Nth step only (a prefill is an eager, launch-bound forward)
+        # steps a request too big for the cache lets smaller ones pass it before admission stops until it fits
+        # (None = the cache's capacity: no running request needs more steps, so its wait at most doubles)
+        self.overtake_steps = None
         self.steer = None           # steer(drawing, logits) -> logits: edits what tokens are drawn from (tests)
         self.cache = self.fast = None   # the KV cache and the StaticStep on it, kept for the next call
         self.waiting, self.running, self.free, self.gone = deque(), [], [], []   # gone: cancelled while waiting
@@ -145,21 +149,32 @@ class Sampler:
         return done
 
     def schedule(self):
-        """Admit waiting requests, oldest first, while a row is free and has room for the oldest's worst
-        case (else it waits for an idle engine and a new cache); prefill them. -> those cancelled while waiting."""
+        """Admit waiting requests, oldest first, into free rows; prefill them. -> those cancelled while waiting.
+        An idle engine first sizes the cache for the largest waiting request. One that needs more room than
+        the cache has waits for the running requests to drain (they keep their rows) and lets smaller ones
+        behind it pass for overtake_steps steps; then nothing is admitted until the cache is sized for it."""
         gone, self.gone = self.gone, []
         with self.lock:
             room = max((seq.room() for seq in self.waiting), default=0) if not self.running else 0
         if room:
             self.size_cache(room)
-        new = []
-        if self.running and self.counters["steps"] % self.admit_every:
+        if not self.waiting or self.running and self.counters["steps"] % self.admit_every:
             return gone
-        while self.waiting and self.free and self.waiting[0].room() <= self.cache.capacity:
-            seq = self.waiting.popleft()
-            seq.row, seq.t_start = self.free.pop(0), time.perf_counter()
-            self.cache.clear(seq.row)
-            new.append(seq)
+        new, now, i = [], self.counters["steps"], 0
+        overtake = self.cache.capacity if self.overtake_steps is None else self.overtake_steps
+        with self.lock:
+            while self.free and i < len(self.waiting):
+                seq = self.waiting[i]
+                if seq.room() > self.cache.capacity:            # it waits for a bigger cache
+                    seq.too_big_since = now if seq.too_big_since is None else seq.too_big_since
+                    if now - seq.too_big_since >= overtake:     # passed long enough: the rows drain for it
+                        break
+                    i += 1
+                    continue
+                del self.waiting[i]
+                seq.row, seq.t_start = self.free.pop(0), time.perf_counter()
+                self.cache.clear(seq.row)
+                new.append(seq)
         if new:
             self.prefill(new)
             self.running += new

@@ -1,7 +1,7 @@
 """sampler.py, the engine: cached == the no-cache oracle (greedy and sampled), a sample does not depend
 on its batch nor on when its branches are scheduled, continuous batching == one request at a time,
-the head's log-probs == the trainer's, step()/cancel(), add() from another thread, params per prompt, a kept
-cache changes nothing.
+the head's log-probs == the trainer's, step()/cancel(), a request too big for the cache is passed for a while,
+add() from another thread, params per prompt, a kept cache changes nothing.
 The fork/join rules are tested in test_request.py.
 Run: OMP_NUM_THREADS=1 .venv/bin/python -m pytest tests/test_sampler.py (~30 s)."""
 import pytest
@@ -284,6 +284,39 @@ def test_engine_steps_stream_samples_and_cancel_frees_the_row(ck):
         mode="serial", temperature=0, max_new_tokens=5)], on_sample=lambda i, j, s: order.append((i, j, s)))
     assert [(i, j) for i, j, _ in order] == [(1, 0), (0, 0)] and order[0][2] is out[1][0]
 
+
+
+def test_a_request_too_big_for_the_cache_lets_smaller_ones_pass_for_a_while(ck):
+    """A request that needs more room than the running cache has waits for the rows to drain (a running
+    request keeps its row); meanwhile smaller ones behind it go into the free rows, for overtake_steps
+    steps; then nothing new is admitted, the rows drain, the cache is sized for it and it runs first.
+    Every sample is the one it gets alone."""
+    model, tok = ck
+    sampler = Sampler(model, tok)
+    sampler.stop_ids, sampler.max_rows, sampler.overtake_steps = set(), 3, 4
+    small = lambda n: SamplingParams(mode="serial", temperature=0, max_new_tokens=n)
+    a = sampler.add(chat(tok, "a"), small(30), 1)
+    done = sampler.step()
+    assert sampler.cache.capacity == 256 and a.row is not None
+    big = sampler.add(chat(tok, "big"), small(200), 2)
+    c, d = sampler.add(chat(tok, "c"), small(6), 3), sampler.add(chat(tok, "d"), small(6), 4)
+    done += sampler.step()
+    assert big.room() > 256 and big.row is None and c.row is not None and d.row is not None   # they pass it
+    while not (c.finish and d.finish):
+        done += sampler.step()
+    e = sampler.add(chat(tok, "e"), small(6), 5)
+    for _ in range(3):
+        done += sampler.step()
+    assert e.row is None and big.row is None and len(sampler.free) == 2 and not a.finish   # 4 steps on: a drains
+    while big.row is None:
+        done += sampler.step()
+    assert a.finish and sampler.cache.capacity == 512 and sampler.running == [big, e]
+    while sampler.running:
+        done += sampler.step()
+    assert done == [c, d, a, e, big]
+    for seq, n in zip((a, big, c, d, e), (30, 200, 6, 6, 6)):
+        alone = Sampler(model, tok).generate([seq.prompt], params=small(n), seeds=[seq.seed])[0][0]
+        assert seq.to_sample().ids == alone.ids
 
 
 def test_add_from_another_thread_while_the_engine_looks_at_its_queue(ck, monkeypatch):
