@@ -29,7 +29,7 @@ import torch
 
 import npr
 from checkpoint import load_checkpoint
-from cli import instruction_for, parse_cli, print_config
+from cli import parse_cli, print_config
 from http_guard import ApiError, GuardedHandler, GuardedServer, check_budget, check_request, is_loopback, is_loopback_host
 from sampler import Sampler, SamplingParams
 
@@ -420,7 +420,7 @@ def main(cfg: Config):
     dev = cfg.device or ("cuda" if torch.cuda.is_available() else "cpu")
     print(f"== loading {path} on {dev} ==", flush=True)
     model, tok = load_checkpoint(path, dev, bf16=cfg.bf16)
-    engine = Engine(model, tok, cfg, instruction=instruction_for(path, cfg.instruction_file),
+    engine = Engine(model, tok, cfg, instruction=npr.instruction_for(path, cfg.instruction_file),
                     name=cfg.name or os.path.basename(os.path.abspath(path)))
     if cfg.compile_step and model.output_weight.is_cuda:
         model.attn_impl = "sdpa"                  # traceable attention (the Triton kernels are not)

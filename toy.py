@@ -54,9 +54,8 @@ import torch
 from tqdm import tqdm
 
 import npr
-from checkpoint import INSTRUCTION_FILE
-from cli import atomic_write, lock_output, parse_cli, print_config
 from model import Qwen, QwenConfig
+from cli import atomic_write, lock_output, parse_cli, print_config
 from sampler import Sampler, SamplingParams
 from tokenizer import Tokenizer
 
@@ -360,7 +359,7 @@ def main(cfg: Config):
     model.eval()
     model.save_pretrained(cfg.out_dir)
     tok.save_pretrained(cfg.out_dir)
-    atomic_write(os.path.join(cfg.out_dir, INSTRUCTION_FILE), INSTRUCTION + "\n")   # later stages prompt with it
+    atomic_write(os.path.join(cfg.out_dir, npr.INSTRUCTION_FILE), INSTRUCTION + "\n")   # later stages prompt with it
     atomic_write(os.path.join(cfg.out_dir, "train_config.json"), json.dumps(asdict(cfg), indent=2))
     metrics_path = os.path.join(cfg.out_dir, "metrics.jsonl")
     atomic_write(metrics_path, (json.dumps(m) + "\n" for m in metrics))

@@ -1,5 +1,6 @@
-"""cli.py, the plumbing every stage shares: a log rewrite survives a fault at any moment, input errors
-name the file and show as one line. (Checkpoints: test_checkpoint.py.)
+"""cli.py, what every script's run shares: a log rewrite survives a fault at any moment, problem files
+in every layout and input errors that name the file and line and show as one line, the lock on an output,
+a prompt too long for the model's context refused by every stage. (Checkpoints: test_checkpoint.py.)
 
     OMP_NUM_THREADS=1 .venv/bin/python -m pytest tests/test_cli.py -x -q
 """
@@ -10,6 +11,7 @@ import time
 
 import pytest
 
+import npr
 import cli
 from helpers import full_disk_open
 
@@ -112,6 +114,27 @@ def test_sft_rows_with_fields_of_the_wrong_type_are_refused_with_their_line(tmp_
         cli.read_problems(str(path), needs=("trajectory",), may=("prompt",))
 
 
+def test_read_problems_layouts_and_errors(tmp_path):
+    orz = tmp_path / "orz.json"
+    orz.write_text(json.dumps([[{"from": "human", "value": "1+1?"}, {"from": "assistant", "ground_truth": {"value": 2}}]]))
+    assert cli.read_problems(str(orz)) == [{"question": "1+1?", "answer": "2"}]
+    custom = tmp_path / "c.jsonl"
+    custom.write_text(json.dumps({"problem": "x", "solution": "3"}) + "\n")
+    assert cli.read_problems(str(custom), "problem", "solution")[0]["answer"] == "3"
+    bad = tmp_path / "bad.jsonl"
+    bad.write_text(json.dumps({"question": "a", "answer": "1"}) + "\n{not json\n")
+    with pytest.raises(ValueError, match=r"bad.jsonl:2: not valid JSON"):
+        cli.read_problems(str(bad))
+    with pytest.raises(ValueError, match=r"c.jsonl:1: expected an object with 'question'"):
+        cli.read_problems(str(custom))
+    with pytest.raises(FileNotFoundError):
+        cli.read_problems(str(tmp_path / "none.jsonl"))
+    binary = tmp_path / "data.parquet"                            # e.g. a parquet file passed as --data
+    binary.write_bytes(b'{"question": "a", "answer": "1"}\nPAR1\x15\x04\x15\xff\xfe\x00')
+    with pytest.raises(ValueError, match=r"data.parquet:2: not UTF-8 text"):
+        cli.read_problems(str(binary))
+
+
 def test_a_second_run_on_an_output_in_use_is_refused_naming_the_holder(tmp_path):
     """Two runs on one --out-dir once truncated each other's metrics.jsonl and removed each other's
     saves. Another process holds the lock: each stage refuses before it touches anything, naming it;
@@ -158,11 +181,11 @@ def test_a_prompt_that_cannot_fit_the_context_is_refused_by_every_stage_naming_i
     ck = tmp_path / "ck"
     _, tok = make_checkpoint(ck)
     short, budget = "Compute 2*3 + 4*5.", 8
-    P = len(cli.chat_prompt(tok, short, "Solve."))
+    P = len(npr.chat_prompt(tok, short, "Solve."))
     ctx = P + budget + 4                                        # the short problem fits, the long one does not
     json.dump({**json.load(open(ck / "config.json")), "max_position_embeddings": ctx}, open(ck / "config.json", "w"))
     long_ = short * 3
-    L = len(cli.chat_prompt(tok, long_, "Solve."))
+    L = len(npr.chat_prompt(tok, long_, "Solve."))
     data = tmp_path / "p.jsonl"
     data.write_text("".join(json.dumps({"question": q, "answer": "26"}) + "\n" for q in (short, short, long_, long_)))
     words = re.escape(f"{data}:3: the prompt has {L} tokens; with --max-new-tokens {budget} that is {L + budget} "

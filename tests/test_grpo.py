@@ -239,7 +239,7 @@ def sft_model(tmp_path_factory):
 def accuracy(path, rows, mode):
     """-> (accuracy, accuracy among the samples that finish with end-of-turn) over 4 x 64 samples at
     T=1, the same random streams for every checkpoint."""
-    from cli import chat_prompt
+    from npr import chat_prompt
     from model import Qwen
     from tokenizer import Tokenizer
     from sampler import Sampler, SamplingParams
