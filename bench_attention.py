@@ -171,7 +171,7 @@ def part_sft(res, dev, dry, steps=5):
     import model as model_module
     from bench import SHAPES
     from model import Qwen, QwenConfig
-    from cli import autocast
+    from runs import autocast
     from torch.nn.attention.flex_attention import flex_attention
     shape = SHAPES["qwen3-0.6b" if not dry else "tiny"]
     T = 8192 if not dry else 96

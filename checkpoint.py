@@ -16,7 +16,7 @@ import torch
 from hf_files import read_config, writing
 from model import DTYPES, Qwen
 from npr import INSTRUCTION_FILE   # a checkpoint's own instruction (the built-in default has one)
-from cli import JsonlLog, init_distributed, lock_output, print_config
+from runs import JsonlLog, init_distributed, lock_output, print_config
 from tokenizer import Tokenizer
 
 

@@ -30,7 +30,7 @@ from tqdm import tqdm
 import npr
 from checkpoint import load_checkpoint
 from hf_files import writing
-from cli import atomic_write, check_context, init_distributed, lock_output, parse_cli, print_config, read_problems
+from runs import atomic_write, check_context, init_distributed, lock_output, parse_cli, print_config, read_problems
 from sampler import Sampler, SamplingParams
 
 

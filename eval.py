@@ -38,7 +38,7 @@ import torch
 
 import npr
 from checkpoint import load_checkpoint
-from cli import atomic_write, check_context, parse_cli, print_config, read_problems
+from runs import atomic_write, check_context, parse_cli, print_config, read_problems
 from sampler import Sampler, SamplingParams
 
 

@@ -30,7 +30,7 @@ from tqdm import tqdm
 
 import npr
 from checkpoint import resume_training, save_final, save_resume_point, start_training
-from cli import (accumulating, all_gather, all_reduce, autocast, check_context, parse_cli, read_problems,
+from runs import (accumulating, all_gather, all_reduce, autocast, check_context, parse_cli, read_problems,
                   wrap_distributed)
 from parallel_attention import Layout
 from sampler import Sampler, SamplingParams

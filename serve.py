@@ -29,7 +29,7 @@ import torch
 
 import npr
 from checkpoint import load_checkpoint
-from cli import parse_cli, print_config
+from runs import parse_cli, print_config
 from http_guard import ApiError, GuardedHandler, GuardedServer, check_budget, check_request, is_loopback, is_loopback_host
 from sampler import Sampler, SamplingParams
 

@@ -27,7 +27,7 @@ from tqdm import tqdm
 
 import npr
 from checkpoint import resume_training, save_final, save_resume_point, start_training
-from cli import accumulating, all_reduce, autocast, parse_cli, read_problems, wrap_distributed
+from runs import accumulating, all_reduce, autocast, parse_cli, read_problems, wrap_distributed
 from model import add_tag_tokens
 from parallel_attention import Layout
 

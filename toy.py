@@ -55,7 +55,7 @@ from tqdm import tqdm
 
 import npr
 from model import Qwen, QwenConfig
-from cli import atomic_write, lock_output, parse_cli, print_config
+from runs import atomic_write, lock_output, parse_cli, print_config
 from sampler import Sampler, SamplingParams
 from tokenizer import Tokenizer
 

@@ -18,7 +18,7 @@ import torch
 
 import npr
 from checkpoint import load_checkpoint
-from cli import parse_cli, read_problems
+from runs import parse_cli, read_problems
 from sampler import Sampler, SamplingParams
 
 KINDS = ("right", "step", "copy", "add")

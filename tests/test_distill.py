@@ -11,7 +11,7 @@ import pytest
 
 import distill
 import npr
-import cli
+import runs
 from helpers import GOOD, WRONG, FakeSampler, FakeTok, sample
 
 BAD_FORMAT = "2*3=6. 4*5=20. 6+20=26. \\boxed{26}"          # correct, but no blocks
@@ -125,7 +125,7 @@ def test_device_flag_picks_the_device(tmp_path, monkeypatch):
     for device in ("cuda:1", ""):
         with pytest.raises(KeyboardInterrupt):
             distill.main(distill.Config(data=str(data), out=str(tmp_path / "d.jsonl"), device=device))
-    assert seen == ["cuda:1", str(cli.init_distributed()[3])]
+    assert seen == ["cuda:1", str(runs.init_distributed()[3])]
 
 
 def test_a_torn_last_line_is_cut_before_appending(tmp_path):
@@ -142,7 +142,7 @@ def test_the_end_of_run_rewrite_never_loses_the_trajectories(tmp_path, monkeypat
     out.write_text('{"index": 0}\n{"index": 1}\n{"index": 0}\n')     # a chunk repeated after a kill
     before = out.read_text()
     done = {i: {"index": i, "accepted": True, "tries": 1, "reasons": {}} for i in (0, 1)}
-    monkeypatch.setattr(cli, "open", full_disk_open(), raising=False)  # the disk fills mid-write
+    monkeypatch.setattr(runs, "open", full_disk_open(), raising=False)  # the disk fills mid-write
     monkeypatch.setattr(distill, "open", full_disk_open(), raising=False)
     with pytest.raises(OSError):
         distill.summarize(done, str(out), 1.0)

@@ -212,7 +212,7 @@ def test_repetition_penalty_reaches_the_rollouts():
 
 
 def test_save_dtype_is_a_flag():
-    from cli import parse_cli
+    from runs import parse_cli
     assert grpo.Config().save_dtype == ""
     assert parse_cli(grpo.Config, ["--save-dtype", "bfloat16"]).save_dtype == "bfloat16"
 

@@ -14,7 +14,7 @@ import npr
 import toy
 from extras import toy_diagnose
 from model import Qwen
-from cli import read_problems
+from runs import read_problems
 from sampler import Sampler, SamplingParams
 from tokenizer import Tokenizer
 
