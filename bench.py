@@ -210,8 +210,8 @@ class Forced:
     def __init__(self, trunk, branch):
         self.trunk, self.branch = trunk, branch
 
-    def __call__(self, requests, logits):
-        for i, (seq, st) in enumerate(requests):
+    def __call__(self, drawing, logits):
+        for i, (seq, st) in enumerate(drawing):
             if st.branch:
                 script, done = self.branch(st.block, st.branch), len(st.tokens)
             else:
@@ -274,8 +274,8 @@ class Ragged:
         self.guide = tok.encode("<guideline>\n<plan>1: a</plan>\n<plan>2: b</plan>\n</guideline>") if mode == "parallel" else []
         self.close = tok.encode("</step>")
 
-    def __call__(self, requests, logits):
-        for i, (seq, st) in enumerate(requests):
+    def __call__(self, drawing, logits):
+        for i, (seq, st) in enumerate(drawing):
             L = self.lengths[seq.index]
             done = len(st.tokens) if st.branch else sum(len(s.tokens) for s in seq.streams if s.branch == 0)
             if st.branch:
@@ -316,7 +316,7 @@ def bench_ragged(shapes, modes, n, rows, dtype, admit_every=1):
                             got += sampler.step()
                     got = [seq.to_sample() for seq in got]
                 else:
-                    got = [o[0] for o in sampler.generate_many([prompt] * n, 1, p, rows, steer=steer)[0]]
+                    got = [o[0] for o in sampler.generate_many([prompt] * n, 1, p, steer=steer, batch_rows=rows)[0]]
                 wall = time.perf_counter() - t0
                 c = sampler.counters
                 toks = sum(s.stats["total_tokens"] for s in got)

@@ -170,8 +170,8 @@ def part_sft(res, dev, dry, steps=5):
     """One sft.py optimizer step per row: forward with chunked log-probs, backward, clip, AdamW."""
     import model as model_module
     from bench import SHAPES
-    from cli import autocast
     from model import Qwen, QwenConfig
+    from runs import autocast
     from torch.nn.attention.flex_attention import flex_attention
     shape = SHAPES["qwen3-0.6b" if not dry else "tiny"]
     T = 8192 if not dry else 96

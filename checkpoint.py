@@ -1,8 +1,9 @@
 """
 A stage's checkpoints, in the Hugging Face layout (config.json and safetensors: hf_files.py, for
 model.py) with the tokenizer: the one loader every stage starts from, its output (the input's dtype
-and every tokenizer / generation file of the input carried along), and resumable points that survive
-a kill at any moment; every error names the file and what is wrong with it.
+and every tokenizer / generation file of the input carried along), resumable points that survive
+a kill at any moment, and the start of a training stage from its input or its resume point; every
+error names the file and what is wrong with it.
 """
 import dataclasses
 import json
@@ -14,9 +15,9 @@ import torch
 
 from hf_files import read_config, writing
 from model import DTYPES, Qwen
+from npr import INSTRUCTION_FILE   # a checkpoint's own instruction (the built-in default has one)
+from runs import JsonlLog, init_distributed, lock_output, print_config
 from tokenizer import Tokenizer
-
-INSTRUCTION_FILE = "npr_instruction.txt"  # a checkpoint's own instruction (the built-in default has one)
 
 
 def load_checkpoint(path, device, dtype="", bf16=False):
@@ -260,3 +261,37 @@ def full_state_dict(model):
     """The unsharded state dict (a collective under FSDP2: every rank must call it)."""
     return {k: v.full_tensor() if hasattr(v, "full_tensor") else v for k, v in model.state_dict().items()}
 
+
+# -----------------------------------------------------------------------------
+# Starting a training stage (sft, grpo): from its input, or from its resume point
+
+def start_training(cfg):
+    """What a training stage (sft, grpo) does first: torch.distributed (under torchrun), the out-dir's
+    lock, CPU threads, the seed, the resolved config printed (rank 0), then the model and tokenizer,
+    from the resume point cfg.out_dir/last when one exists (and cfg.resume; one that cannot be used is
+    refused), else from cfg.model; weights in cfg.dtype.
+    -> (rank, world, device, model, tokenizer, resuming)"""
+    rank, world, _, dev = init_distributed()
+    lock_output(os.path.join(cfg.out_dir, ".lock"), rank, world)   # before anything in it is read or written
+    if cfg.threads:
+        torch.set_num_threads(cfg.threads)
+    torch.manual_seed(cfg.seed)
+    if rank == 0:
+        print_config(cfg)
+    last_dir = os.path.join(cfg.out_dir, "last")
+    resuming = cfg.resume and resume_point(last_dir)     # one that exists but cannot be used: refused
+    src = last_dir if resuming else cfg.model
+    model, tok = load_checkpoint(src, dev, cfg.dtype)
+    model.attn_impl, model.gradient_checkpointing = cfg.attn_impl, cfg.grad_checkpointing
+    return rank, world, dev, model, tok, resuming
+
+
+def resume_training(opt, cfg, resuming, rank, world, device):
+    """-> (the step to continue from, the run's JsonlLog out_dir/metrics.jsonl). Resuming: this rank's
+    optimizer state restored from out_dir/last; either way the records past that step are dropped
+    (they are about to be redone)."""
+    step = load_resume_point(opt, os.path.join(cfg.out_dir, "last"), rank, world, device) if resuming else 0
+    metrics = JsonlLog(os.path.join(cfg.out_dir, "metrics.jsonl"))
+    if rank == 0:
+        metrics.truncate_after(step)
+    return step, metrics

@@ -11,10 +11,10 @@ only for fixed shapes and fixed addresses. So the step is made static:
   the scratch slot; it goes to the device in one copy, the mask metadata is derived from it there;
 - attention runs over the first Sb cache slots, Sb = the filled length rounded up to a power of
   two (>= 256, <= S); the unfilled slots are empty (doc -1) and masked like any other.
-One graph per (W bucket, Sb, draw) is captured lazily the first time that shape occurs (all share one
+One graph per (W bucket, Sb, settings) is captured lazily the first time that shape occurs (all share one
 memory pool), then every step is: copy the grid in, replay, read the output.
 
-With `draw` (the sampling settings every running request shares: no steering, no repetition penalty)
+With `settings` (the sampling settings every running request shares: no steering, no repetition penalty)
 the step also ends with the head: logits of every cell, the token drawn with the cell's uniform (a
 second (R, W) buffer: the CPU generators' draws) and its log-prob, read back as one (2, R*W) tensor.
 Cells whose logits would not fit `HEAD_CELLS_BYTES` of fp32 return hidden states instead.
@@ -77,7 +77,7 @@ def weights_version(model):
     return tuple((id(p), p.data_ptr(), p._version) for p in model.parameters())
 
 
-def in_step_draw(plist, steer):
+def in_step_settings(plist, steer):
     """(temperature, top_p, top_k) when every row samples alike and nothing edits the logits (no
     steering, no repetition penalty): the step may then draw inside itself; else None."""
     if steer is not None or any(p.repetition_penalty != 1.0 for p in plist):
@@ -90,15 +90,15 @@ def in_step_draw(plist, steer):
 class StaticStep:
     """hidden_states of one decode step on a fixed (R, S) KV cache, padded to static shapes."""
 
-    def __init__(self, model, cache, graphs=True, compiled=False, pick=None, fuse=False, logprob=None):
+    def __init__(self, model, cache, graphs=True, compiled=False, draw_tokens=None, fuse=False, logprob=None):
         self.model, self.cache = model, cache
         self.compiled = compiled
         # fuse: True, or the fused weights of the StaticStep this one replaces (a grown cache)
         self.fused = (fuse if isinstance(fuse, list) else fused_projections(model)) if fuse else None
         self.version = weights_version(model) if fuse else None
-        self.pick = pick    # pick(logits, temperature, top_p, top_k, u) -> tokens: the sampler's rule
+        self.draw_tokens = draw_tokens   # (logits, temperature, top_p, top_k, u) -> tokens: the sampler's rule
         self.logprob = logprob or (lambda logits, tok: logits.log_softmax(-1).gather(1, tok[:, None]).squeeze(1))
-        if compiled:        # one compile per graph key: (W bucket, span, draw) keys outnumber dynamo's default 8
+        if compiled:        # one compile per graph key: (W bucket, span, settings) keys outnumber dynamo's default 8
             cfg = torch._dynamo.config
             name = "recompile_limit" if hasattr(cfg, "recompile_limit") else "cache_size_limit"
             setattr(cfg, name, max(getattr(cfg, name), 256))
@@ -112,8 +112,8 @@ class StaticStep:
         self.copied = torch.cuda.Event() if self.dev.type == "cuda" else None   # the last step's copies are done
         self.copying = False
         self.draws = 0      # steps that drew their tokens in the step
-        self.out = {}       # (W, Sb, draw) -> output tensor of the captured graph
-        self.graph = {}     # (W, Sb, draw) -> torch.cuda.CUDAGraph
+        self.out = {}       # (W, Sb, settings) -> output tensor of the captured graph
+        self.graph = {}     # (W, Sb, settings) -> torch.cuda.CUDAGraph
         self.pool = torch.cuda.graph_pool_handle() if self.graphs else None
 
     def width(self, W):
@@ -129,10 +129,10 @@ class StaticStep:
 
     def can_draw(self, W):
         """Whether a step of width W may end with the head (its logits fit HEAD_CELLS_BYTES)."""
-        return self.pick is not None and self.R * W * self.model.config.vocab_size * 4 <= HEAD_CELLS_BYTES
+        return self.draw_tokens is not None and self.R * W * self.model.config.vocab_size * 4 <= HEAD_CELLS_BYTES
 
-    def forward(self, g, Sb, u=None, draw=None):
-        """The step itself: g (R, W, 6) on the device -> (R, W, hidden); with draw = (temperature,
+    def forward(self, g, Sb, u=None, settings=None):
+        """The step itself: g (R, W, 6) on the device -> (R, W, hidden); with settings = (temperature,
         top_p, top_k) and u (R, W): -> (2, R*W) float64, each cell's drawn token and its log-prob
         under the model (temperature 1, the sampler's rule). Captured as is."""
         ids, pos, meta = g[..., 0], g[..., 1], g[..., 2:].int()
@@ -140,21 +140,21 @@ class StaticStep:
         self.cache.limit = Sb
         h = self.model.hidden_states(ids, pos, layout, self.cache) if self.fused is None else \
             fused_hidden_states(self.model, self.fused, ids, pos, layout, self.cache)
-        if draw is None:
+        if settings is None:
             return h
         logits = F.linear(h.flatten(0, 1), self.model.output_weight).float()     # (R*W, V)
-        tok = self.pick(logits, *draw, u.flatten())
+        tok = self.draw_tokens(logits, *settings, u.flatten())
         return torch.stack((tok.double(), self.logprob(logits, tok).double()))
 
     @torch.no_grad()
-    def __call__(self, grid, limit, u=None, draw=None):
+    def __call__(self, grid, limit, u=None, settings=None):
         """grid: (R, W, 6) long CPU tensor with W = width(...); limit: slots filled after this step;
-        u: (R, W) float CPU tensor with draw (see forward; None: greedy, no uniforms needed).
-        -> (R, W, hidden), or (2, R*W) with draw;
+        u: (R, W) float CPU tensor with settings (see forward; None: greedy, no uniforms needed).
+        -> (R, W, hidden), or (2, R*W) with settings;
         valid until the next call."""
         W = grid.shape[1]
         Sb = self.span(limit)
-        self.draws += draw is not None
+        self.draws += settings is not None
         if W not in self.buf:
             self.buf[W] = torch.zeros(self.R, W, 6, dtype=torch.long, device=self.dev)
             self.ubuf[W] = torch.zeros(self.R, W, dtype=torch.float32, device=self.dev)
@@ -178,24 +178,24 @@ class StaticStep:
             if u is not None:
                 ub.copy_(u)
         if not self.graphs:
-            return self.step(g, Sb, ub, draw)
-        key = (W, Sb, draw)
+            return self.step(g, Sb, ub, settings)
+        key = (W, Sb, settings)
         if key not in self.graph:
             self.capture(key, g, ub)
         self.cache.limit = Sb
         self.graph[key].replay()
         return self.out[key]
 
-    def draw(self, grid, limit, requests, cells, draw):
-        """The step with the draw inside it: each (row, stream) request's token at its (row, column)
-        cell, drawn with a uniform from the stream's own generator (greedy needs none).
-        -> (tokens, log-probs), as Sampler.sample returns them."""
+    def draw(self, grid, limit, drawing, cells, settings):
+        """The step with the draw inside it: each (request, stream) pair of drawing gets its token at its
+        (row, column) cell, drawn with a uniform from the stream's own generator (greedy needs none).
+        -> (tokens, log-probs), as Sampler.draw returns them."""
         u = None
-        if draw[0] > 0:
+        if settings[0] > 0:
             u = torch.zeros(grid.shape[:2])
-            for (seq, st), (r, j) in zip(requests, cells):
+            for (seq, st), (r, j) in zip(drawing, cells):
                 u[r, j] = torch.rand(1, generator=st.gen).item()
-        toks, lps = self(grid, limit, u, draw).tolist()              # one copy back
+        toks, lps = self(grid, limit, u, settings).tolist()          # one copy back
         at = [r * grid.shape[1] + j for r, j in cells]
         return [int(toks[c]) for c in at], [lps[c] for c in at]
 

@@ -29,8 +29,8 @@ from tqdm import tqdm
 
 import npr
 from checkpoint import load_checkpoint
-from cli import (append_lines, atomic_write, chat_prompt, check_context, init_distributed, instruction_for, lock_output,
-                 parse_cli, print_config, read_jsonl, read_problems)
+from hf_files import writing
+from runs import atomic_write, check_context, init_distributed, lock_output, parse_cli, print_config, read_problems
 from sampler import Sampler, SamplingParams
 
 
@@ -95,6 +95,30 @@ def judge(sample, answer, question="", siblings=False):
     return None
 
 
+def append_lines(path, lines):
+    """Append whole lines; a torn last line left by a kill is cut off first (its chunk is redone)."""
+    if os.path.isfile(path) and os.path.getsize(path):
+        with open(path, "rb+") as f:
+            data = f.read()
+            if not data.endswith(b"\n"):
+                f.truncate(data.rfind(b"\n") + 1)
+    with writing(path), open(path, "a") as f:
+        f.write("".join(line + "\n" for line in lines))
+
+
+def read_jsonl(path):
+    """The records of a JSON-lines file (none when it does not exist); a torn line (a kill in the
+    middle of a write) is skipped."""
+    out = []
+    if os.path.isfile(path):
+        for line in open(path):
+            try:
+                out.append(json.loads(line))
+            except json.JSONDecodeError:
+                continue
+    return out
+
+
 def read_done(state_path):
     """Problems already finished, by index, from the state file (a torn last line after a kill is ignored)."""
     return {r["index"]: r for r in read_jsonl(state_path) if "index" in r}
@@ -102,7 +126,7 @@ def read_done(state_path):
 
 def distill_chunk(sampler, tok, items, cfg, instruction, seed):
     """items: [(index, problem)] -> (accepted rows, state rows). Rounds of tries until solved."""
-    prompts = {i: chat_prompt(tok, p["question"], instruction) for i, p in items}
+    prompts = {i: npr.chat_prompt(tok, p["question"], instruction) for i, p in items}
     probs = dict(items)
     tries, reasons, kept = Counter(), {i: Counter() for i, _ in items}, {}
     params = SamplingParams(mode=cfg.mode, temperature=cfg.temperature, top_p=cfg.top_p,
@@ -116,7 +140,7 @@ def distill_chunk(sampler, tok, items, cfg, instruction, seed):
         per_call = max(1, cfg.batch_size // n)
         seeds = [(seed * 1000 + rnd * 100 + c) * 1000003 + j for c in range(0, len(todo), per_call)
                  for j in range(len(todo[c:c + per_call]) * n)]
-        out, _ = sampler.generate_many([prompts[i] for i in todo], n, params, cfg.batch_size, seeds=seeds)
+        out, _ = sampler.generate_many([prompts[i] for i in todo], n, params, seeds=seeds, batch_rows=cfg.batch_size)
         for i, samples in zip(todo, out):
             for s in samples:
                 if i in kept or tries[i] >= cfg.max_tries:
@@ -165,7 +189,7 @@ def main(cfg: Config):
     problems = read_problems(cfg.data, cfg.question_field, cfg.answer_field)[:cfg.n_problems or None]
     model, tok = load_checkpoint(cfg.model, dev, cfg.dtype, cfg.bf16)
     sampler = Sampler(model, tok)
-    instruction = instruction_for(cfg.model, cfg.instruction_file)
+    instruction = npr.instruction_for(cfg.model, cfg.instruction_file)
     check_context(problems, tok, instruction, cfg.max_new_tokens, model)
     os.makedirs(os.path.dirname(cfg.out) or ".", exist_ok=True)
     shard = cfg.out if world == 1 else f"{cfg.out}.rank{rank}"

@@ -38,7 +38,7 @@ import torch
 
 import npr
 from checkpoint import load_checkpoint
-from cli import atomic_write, chat_prompt, check_context, instruction_for, parse_cli, print_config, read_problems
+from runs import atomic_write, check_context, parse_cli, print_config, read_problems
 from sampler import Sampler, SamplingParams
 
 
@@ -113,7 +113,7 @@ def main(cfg: Config):
     dev = cfg.device or ("cuda" if torch.cuda.is_available() else "cpu")
     model, tok = load_checkpoint(cfg.model, dev, cfg.dtype, cfg.bf16)
     problems = read_problems(cfg.data, cfg.question_field, cfg.answer_field)[:cfg.n_problems or None]
-    instruction = instruction_for(cfg.model, cfg.instruction_file)
+    instruction = npr.instruction_for(cfg.model, cfg.instruction_file)
     check_context(problems, tok, instruction, cfg.max_new_tokens, model)
     sampler = Sampler(model, tok)
     report = dict(model=cfg.model, data=cfg.data, k=cfg.k, problems=len(problems))
@@ -128,8 +128,8 @@ def main(cfg: Config):
                                 max_new_tokens=cfg.max_new_tokens, budget=cfg.budget,
                                 max_total_tokens=cfg.max_total_tokens, max_branches=cfg.max_branches,
                                 fork_min_tokens=cfg.fork_min_tokens, repetition_penalty=rp, seed=cfg.seed)
-        prompts = [chat_prompt(tok, p["question"], instruction) for p in problems]
-        got, wall = sampler.generate_many(prompts, cfg.k, params, cfg.batch_size, progress=True)
+        prompts = [npr.chat_prompt(tok, p["question"], instruction) for p in problems]
+        got, wall = sampler.generate_many(prompts, cfg.k, params, progress=True, batch_rows=cfg.batch_size)
         report[mode] = npr.sample_metrics([(s, p["answer"]) for p, ss in zip(problems, got) for s in ss], wall)
         report[mode].update(standard_error(problems, got))
         report[mode].update(settings)

@@ -14,10 +14,11 @@ NPR.md section 4; rewards, advantages and the loss are written out below (reward
 policy_loss). Both modes train on the exact sampled ids with the sampler's layout; forced tokens get
 no loss unless --train-forced. --ratio importance: the later mini-batches of a rollout batch use the
 true ratio exp(logp - logp_sampler) with the clip (exact where the sampler's log-probs are the
-trainer's: see cli.rollout_model); --ratio onpolicy (PAPO) sets it to 1. --repetition-penalty is off
+trainer's: see rollout_model); --ratio onpolicy (PAPO) sets it to 1. --repetition-penalty is off
 by default (NPR.md section 5): on the built-in task a branch must repeat its answer's digits.
 Logs one line per step, JSON lines in out_dir/metrics.jsonl, periodic eval, resumable checkpoints.
 """
+import copy
 import math
 import os
 import random
@@ -28,9 +29,9 @@ import torch
 from tqdm import tqdm
 
 import npr
-from checkpoint import save_final, save_resume_point
-from cli import (accumulating, all_gather, all_reduce, autocast, chat_prompt, check_context, instruction_for, parse_cli,
-                 read_problems, resume_training, rollout_model, start_training, sync_rollout_model, wrap_distributed)
+from checkpoint import resume_training, save_final, save_resume_point, start_training
+from runs import (accumulating, all_gather, all_reduce, autocast, check_context, parse_cli, read_problems,
+                  wrap_distributed)
 from parallel_attention import Layout
 from sampler import Sampler, SamplingParams
 
@@ -173,7 +174,27 @@ def lr_at(step, cfg):
 
 
 # -----------------------------------------------------------------------------
-# Rollouts -> padded training batches
+# Rollouts: the weights they decode with, their samples -> padded training batches
+
+def rollout_model(model, cfg, dev, world):
+    """-> (the model the rollouts decode with, whether under bf16 autocast). CUDA --bf16 --rollout-copy:
+    a bf16 copy for the CUDA graphs (log-probs then differ by bf16 rounding: --ratio importance is
+    close, not exact); FSDP2: a full copy of the weights, made before they are sharded; elsewhere the
+    model itself."""
+    to_bf16 = cfg.rollout_copy and cfg.bf16 and torch.device(dev).type == "cuda"
+    if not (to_bf16 or (world > 1 and cfg.fsdp)):
+        return model, cfg.bf16
+    copy_ = copy.deepcopy(model).eval().requires_grad_(False)
+    return (copy_.to(torch.bfloat16) if to_bf16 else copy_), cfg.bf16 and not to_bf16
+
+
+@torch.no_grad()
+def sync_rollout_model(roll_model, model):
+    """Copy the trained weights into the rollout copy (FSDP2: each shard gathered; every rank takes part)."""
+    if roll_model is not model:
+        for a, b in zip(roll_model.parameters(), model.parameters()):
+            a.copy_(b.full_tensor() if hasattr(b, "full_tensor") else b)
+
 
 def to_batch(items, train_forced, dev):
     """items: [(Sample, advantage)] -> ids, pos, Layout, targets, old log-probs, mask, adv (padded)."""
@@ -225,8 +246,8 @@ def rollout(sampler, tok, problems, cfg, step, instruction, rank, world):
         picks = [allpicks[g] for g in slots]
         seeds = [(((cfg.seed * 1_000_003 + step) * 1009 + rounds) * 100_003 + (g if rounds == 0 else rank * n_draw + g))
                  * 1024 + j for g in slots for j in range(cfg.group_size)]
-        prompts = [chat_prompt(tok, problems[i]["question"], instruction) for i in picks]
-        out, w = sampler.generate_many(prompts, cfg.group_size, params, cfg.rollout_rows, seeds=seeds)
+        prompts = [npr.chat_prompt(tok, problems[i]["question"], instruction) for i in picks]
+        out, w = sampler.generate_many(prompts, cfg.group_size, params, seeds=seeds, batch_rows=cfg.rollout_rows)
         wall += w
         for i, samples in zip(picks, out):
             kept = []
@@ -321,9 +342,9 @@ def evaluate(sampler, tok, problems, instruction, cfg, dev, bf16_autocast):
     """Greedy decoding of the eval problems in the training mode -> eval.py's metrics."""
     params = SamplingParams(mode=cfg.mode, temperature=0.0, max_new_tokens=cfg.max_new_tokens,
                             max_branches=cfg.max_branches, fork_min_tokens=cfg.fork_min_tokens)
-    prompts = [chat_prompt(tok, p["question"], instruction) for p in problems]
+    prompts = [npr.chat_prompt(tok, p["question"], instruction) for p in problems]
     with autocast(dev, bf16_autocast):
-        got, wall = sampler.generate_many(prompts, 1, params, cfg.rollout_rows)
+        got, wall = sampler.generate_many(prompts, 1, params, batch_rows=cfg.rollout_rows)
     return npr.sample_metrics([(ss[0], p["answer"]) for p, ss in zip(problems, got)], wall)
 
 
@@ -338,7 +359,7 @@ def main(cfg: Config):
         raise ValueError(f"--prompts-per-step {cfg.prompts_per_step} must be divisible by the {world} ranks")
     roll_model, roll_autocast = rollout_model(model, cfg, dev, world)   # before FSDP2 shards the model
     sampler = Sampler(roll_model, tok)
-    instruction = instruction_for(cfg.model, cfg.instruction_file)
+    instruction = npr.instruction_for(cfg.model, cfg.instruction_file)
     problems = read_problems(cfg.data)
     eval_problems = read_problems(cfg.eval_data)[:cfg.eval_problems] if cfg.eval_every else []
     check_context(problems + eval_problems, tok, instruction, cfg.max_new_tokens, model)

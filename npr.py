@@ -1,5 +1,5 @@
 """
-The NPR output format: tags, forced texts, instruction, THE parser, format score, token layout.
+The NPR output format: tags, forced texts, instruction and prompt, THE parser, format score, token layout.
 
 A response is a sequence of blocks, then the answer (NPR.md section 2):
     <guideline> <plan>1: ...</plan> <plan>2: ...</plan> </guideline>
@@ -35,8 +35,9 @@ TAKEAWAY_HEADER = "<takeaway>\n"   # opens the trunk after the join
 SEPARATOR = "\n"                   # after </guideline> and after each </step> (unless the token ended in whitespace)
 
 # The instruction the prompts end with (build_prompt), kept as the model reads it in its own file; a
-# checkpoint may carry its own file of the same name, and --instruction-file names another (cli.instruction_for).
-with open(os.path.join(os.path.dirname(os.path.abspath(__file__)), "npr_instruction.txt"), encoding="utf-8") as _f:
+# checkpoint may carry its own file of the same name, and --instruction-file names another (instruction_for).
+INSTRUCTION_FILE = "npr_instruction.txt"
+with open(os.path.join(os.path.dirname(os.path.abspath(__file__)), INSTRUCTION_FILE), encoding="utf-8") as _f:
     INSTRUCTION = _f.read().strip()
 
 
@@ -45,6 +46,26 @@ def build_prompt(question: str, instruction: str | None = None) -> str:
     the instruction. `instruction` overrides INSTRUCTION (e.g. the official prompt file's text, or the
     built-in default's short one)."""
     return f"{question.strip()}\n\n{INSTRUCTION if instruction is None else instruction}"
+
+
+def instruction_for(model_dir: str, instruction_file: str = "") -> str:
+    """The instruction to prompt with (stripped): the text of instruction_file when given (e.g. the
+    official release's prompt file), else the checkpoint's own (INSTRUCTION_FILE: the instruction it
+    was trained with travels with it), else INSTRUCTION."""
+    if instruction_file and not os.path.isfile(instruction_file):
+        raise FileNotFoundError(f"instruction file not found: {instruction_file}")
+    path = instruction_file or os.path.join(model_dir, INSTRUCTION_FILE)
+    if os.path.isfile(path):
+        with open(path, encoding="utf-8") as f:
+            return f.read().strip()
+    return INSTRUCTION
+
+
+def chat_prompt(tok, question: str, instruction: str) -> list[int]:
+    """The prompt's token ids: build_prompt as the one user turn of tok's chat template (tok: the
+    tokenizer.Tokenizer). A hybrid Qwen3 runs in non-thinking mode: the format takes the think block's place."""
+    return tok.encode(tok.render_chat([{"role": "user", "content": build_prompt(question, instruction)}],
+                                      enable_thinking=False))
 
 
 def new_tags(text: str, start: int) -> list[tuple[str, int]]:

@@ -76,7 +76,7 @@ class Sample:
     pos: list = field(default_factory=list)       # RoPE positions (the prompt holds 0..P-1)
     sampled: list = field(default_factory=list)   # True: drawn from the model; False: forced by the engine
     logprobs: list = field(default_factory=list)  # log p(token) under the model (0.0 for forced tokens)
-    finish_reason: str = ""                       # "eos" | "budget" | "malformed: <why>" | "cancelled"
+    finish_reason: str = ""                       # "eos" | "budget" | "malformed: <why>" | "cancelled"; "" running
     text: str = ""                                # the response text, without the final stop token
     stats: dict = field(default_factory=dict)
 
@@ -103,8 +103,9 @@ class Stream:
 
 
 class Seq:
-    """One request (one sample): its prompt, params and seed, its streams, and the rules that turn each
-    drawn token into forks, joins and an end. tok (the Tokenizer) is what the rules read tags with."""
+    """One request (one prompt decoded into one Sample): its prompt, params and seed, its streams, and
+    the rules that turn each drawn token into forks, joins and an end. tok (the Tokenizer) is what the
+    rules read tags with."""
 
     def __init__(self, prompt, params, seed, index=0, tok=None):
         if not prompt:
@@ -118,6 +119,7 @@ class Seq:
         self.fork = []                  # the branches of the open fork
         self.forks = []                 # branches per fork
         self.row = None                 # its KV-cache row while running
+        self.too_big_since = None       # the engine step it first needed more room than the cache had (waiting)
         self.next_slot = len(self.prompt)
         self.finish = None              # why it ended, once it has
         self.total = self.crit = 0      # tokens so far: all of them / on the critical path
@@ -126,8 +128,8 @@ class Seq:
         self.unforked = False           # the open block's steps are written serially (budget)
         self.t_start = self.t_end = None
 
-    def slots(self):
-        """KV-cache slots its worst case needs: prompt, all-token budget, forced tokens, scratch slot."""
+    def room(self):
+        """KV-cache slots its worst case needs (a count): prompt, all-token budget, forced tokens, scratch slot."""
         return len(self.prompt) + self.p.max_total_tokens + 16 * (self.p.max_branches + 2) + 1
 
     def to_feed(self):
@@ -251,14 +253,16 @@ class Seq:
         self.total, self.crit = total, crit + longest
 
     def to_sample(self):
+        """Its Sample: at its end, or a snapshot while it runs (finish_reason "", time so far)."""
         toks = [t for st in self.streams for t in st.tokens]
         col = lambda name: [getattr(t, name) for t in toks]
         s = Sample(prompt_ids=self.prompt, ids=col("id"), sampled=col("sampled"), logprobs=col("logprob"),
-                   block=col("block"), branch=col("branch"), pos=col("pos"), finish_reason=self.finish)
+                   block=col("block"), branch=col("branch"), pos=col("pos"), finish_reason=self.finish or "")
         s.text = self.tok.decode(s.ids[:-1] if self.finish == "eos" else s.ids)   # without the stop token
+        end = self.t_end if self.t_end is not None else time.perf_counter()     # running: the time so far
         s.stats = dict(mode=self.p.mode, total_tokens=len(toks), critical_path_tokens=self.crit, forks=len(self.forks),
                        branches_per_fork=list(self.forks),
-                       time_s=(self.t_end - self.t_start) if self.t_start is not None else 0.0)
+                       time_s=(end - self.t_start) if self.t_start is not None else 0.0)
         return s
 
 

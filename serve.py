@@ -29,7 +29,7 @@ import torch
 
 import npr
 from checkpoint import load_checkpoint
-from cli import instruction_for, parse_cli, print_config
+from runs import parse_cli, print_config
 from http_guard import ApiError, GuardedHandler, GuardedServer, check_budget, check_request, is_loopback, is_loopback_host
 from sampler import Sampler, SamplingParams
 
@@ -153,7 +153,7 @@ class Engine:
         self.sampler.steer, self.sampler.max_rows = steer, self.cfg.max_batch_rows
         # rows sized once for the largest request the limits let in: an arriving one never waits for a new cache
         largest = min(self.context or float("inf"), self.cfg.max_prompt_tokens + self.cfg.max_tokens_limit)
-        self.sampler.min_slots = largest + 16 * (self.cfg.max_branches + 2) + 1
+        self.sampler.min_capacity = largest + 16 * (self.cfg.max_branches + 2) + 1
         self.jobs = []                           # requests not done: their rows wait or run in the sampler
         # on the sampler's queue lock: HTTP threads add while the worker steps (it holds it between steps, never in one)
         self.cond = threading.Condition(self.sampler.lock)
@@ -420,7 +420,7 @@ def main(cfg: Config):
     dev = cfg.device or ("cuda" if torch.cuda.is_available() else "cpu")
     print(f"== loading {path} on {dev} ==", flush=True)
     model, tok = load_checkpoint(path, dev, bf16=cfg.bf16)
-    engine = Engine(model, tok, cfg, instruction=instruction_for(path, cfg.instruction_file),
+    engine = Engine(model, tok, cfg, instruction=npr.instruction_for(path, cfg.instruction_file),
                     name=cfg.name or os.path.basename(os.path.abspath(path)))
     if cfg.compile_step and model.output_weight.is_cuda:
         model.attn_impl = "sdpa"                  # traceable attention (the Triton kernels are not)

@@ -26,9 +26,8 @@ import torch.nn.functional as F
 from tqdm import tqdm
 
 import npr
-from checkpoint import save_final, save_resume_point
-from cli import (accumulating, all_reduce, autocast, instruction_for, parse_cli, read_problems, resume_training,
-                 start_training, wrap_distributed)
+from checkpoint import resume_training, save_final, save_resume_point, start_training
+from runs import accumulating, all_reduce, autocast, parse_cli, read_problems, wrap_distributed
 from model import add_tag_tokens
 from parallel_attention import Layout
 
@@ -148,7 +147,7 @@ def main(cfg: Config):
     n_params = model.num_params()
 
     log("== data: layouts, drops, packing ==")
-    instruction = instruction_for(cfg.model, cfg.instruction_file)
+    instruction = npr.instruction_for(cfg.model, cfg.instruction_file)
     examples, dropped = [], {}
     for r in read_problems(cfg.data, answer_field="answer", needs=("trajectory",), may=("prompt",)):
         ex, why = encode_example(tok, r, instruction, cfg.max_branches, cfg.layout)

@@ -35,7 +35,7 @@ import sys
 import time
 from dataclasses import dataclass, field
 
-from cli import atomic_write, parse_cli, print_config
+from runs import atomic_write, parse_cli, print_config
 
 ROOT = os.path.dirname(os.path.abspath(__file__))
 ARMS = {  # name: (label, decoding, what it trains from; "=" + arm: that arm's model itself, only decoded otherwise)

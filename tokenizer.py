@@ -157,7 +157,7 @@ class Tokenizer:
         checkpoint's template under apply_chat_template(tokenize=False). `enable_thinking` only
         matters for the Qwen3 hybrid template: None renders what the template does without the
         variable (no think block), False pre-fills an empty think block (the non-thinking mode the
-        stages run in, cli.chat_prompt), True is the same as None.
+        stages run in, npr.chat_prompt), True is the same as None.
         The flavour comes from `self.chat_variant` (and `self.default_system` for "qwen2"), both
         detected from the template and free to be overridden."""
         v = self.chat_variant

@@ -54,9 +54,8 @@ import torch
 from tqdm import tqdm
 
 import npr
-from checkpoint import INSTRUCTION_FILE
-from cli import atomic_write, lock_output, parse_cli, print_config
 from model import Qwen, QwenConfig
+from runs import atomic_write, lock_output, parse_cli, print_config
 from sampler import Sampler, SamplingParams
 from tokenizer import Tokenizer
 
@@ -286,7 +285,7 @@ def evaluate(model, tok, problems, mode, cfg):
     t0 = time.perf_counter()
     params = SamplingParams(mode=mode, temperature=0.0, max_new_tokens=cfg.eval_max_new_tokens)
     prompts = [prompt_ids(tok, p["question"]) for p in problems]
-    got = [s for (s,) in Sampler(model, tok).generate_many(prompts, 1, params, cfg.eval_batch)[0]]
+    got = [s for (s,) in Sampler(model, tok).generate_many(prompts, 1, params, batch_rows=cfg.eval_batch)[0]]
     texts = [tok.decode([t for t in s.ids if t not in tok.stop_ids]) for s in got]
     n = max(1, len(problems))
     return dict(mode=mode, tagged=True, n=len(problems),
@@ -360,7 +359,7 @@ def main(cfg: Config):
     model.eval()
     model.save_pretrained(cfg.out_dir)
     tok.save_pretrained(cfg.out_dir)
-    atomic_write(os.path.join(cfg.out_dir, INSTRUCTION_FILE), INSTRUCTION + "\n")   # later stages prompt with it
+    atomic_write(os.path.join(cfg.out_dir, npr.INSTRUCTION_FILE), INSTRUCTION + "\n")   # later stages prompt with it
     atomic_write(os.path.join(cfg.out_dir, "train_config.json"), json.dumps(asdict(cfg), indent=2))
     metrics_path = os.path.join(cfg.out_dir, "metrics.jsonl")
     atomic_write(metrics_path, (json.dumps(m) + "\n" for m in metrics))

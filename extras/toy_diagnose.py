@@ -18,7 +18,7 @@ import torch
 
 import npr
 from checkpoint import load_checkpoint
-from cli import chat_prompt, instruction_for, parse_cli, read_problems
+from runs import parse_cli, read_problems
 from sampler import Sampler, SamplingParams
 
 KINDS = ("right", "step", "copy", "add")
@@ -59,10 +59,10 @@ def answer_error(text, terms):
 
 def main(cfg: Config):
     model, tok = load_checkpoint(cfg.model, "cuda" if torch.cuda.is_available() else "cpu", "", True)
-    probs, ins = read_problems(cfg.data)[:cfg.n], instruction_for(cfg.model, "")
+    probs, ins = read_problems(cfg.data)[:cfg.n], npr.instruction_for(cfg.model, "")
     params = SamplingParams(mode="parallel", temperature=1.0, top_p=0.7, max_new_tokens=cfg.max_new_tokens)
-    prompts = [chat_prompt(tok, q["question"], ins) for q in probs]          # as eval.py prompts
-    got, _ = Sampler(model, tok).generate_many(prompts, cfg.k, params, 256, progress=True)
+    prompts = [npr.chat_prompt(tok, q["question"], ins) for q in probs]      # as eval.py prompts
+    got, _ = Sampler(model, tok).generate_many(prompts, cfg.k, params, progress=True, batch_rows=256)
     kinds = [answer_error(s.text, parse_terms(q["question"])) for q, ss in zip(probs, got) for s in ss]
     out = {k: kinds.count(k) for k in KINDS}
     print(f"{cfg.model}: {len(kinds)} parallel answers: "

@@ -48,7 +48,7 @@ class FakeSampler:
     def __init__(self, script, fail_after=None):
         self.script, self.fail_after, self.calls, self.params, self.drawn = script, fail_after, 0, [], {}
 
-    def generate(self, prompts, n=1, params=None, seeds=None):
+    def generate(self, prompts, n=1, params=None, *, seeds=None):
         self.calls += 1
         self.params.append(params)
         if self.fail_after is not None and self.calls > self.fail_after:
@@ -64,8 +64,8 @@ class FakeSampler:
                 out[-1].append(sample(text, *finish_crit[:1], crit=finish_crit[1] if len(finish_crit) > 1 else None))
         return out
 
-    def generate_many(self, prompts, n, params, batch_rows=256, seeds=None):
-        return self.generate(prompts, n, params, seeds), 1.0
+    def generate_many(self, prompts, n=1, params=None, *, seeds=None, batch_rows=256):
+        return self.generate(prompts, n, params, seeds=seeds), 1.0
 
     def release(self):
         pass
@@ -178,8 +178,8 @@ class Script:
     def __init__(self, trunk=None, branches=None):
         self.trunk, self.branches = trunk or {}, branches or {}
 
-    def __call__(self, requests, logits):
-        for i, (seq, st) in enumerate(requests):
+    def __call__(self, drawing, logits):
+        for i, (seq, st) in enumerate(drawing):
             if st.branch:
                 script, done = self.branches.get((seq.index, st.block, st.branch)), len(st.tokens)
             else:
@@ -195,13 +195,13 @@ class Script:
 def generate_naive(model, prompt, max_new_tokens, stop_ids, temperature=0.0, top_p=1.0, top_k=0, seed=0):
     """The test oracle: serial decoding without a cache, one full forward per token. -> (ids, logprobs)"""
     from request import row_generator
-    from sampler import pick
+    from sampler import draw_tokens
     dev = model.output_weight.device
     gen = row_generator(seed * 1000003)                   # row 0's stream in generate()
     ids, lps = list(prompt), []
     for _ in range(max_new_tokens):
         logits = model(torch.tensor([ids], device=dev))[:, -1].float()
-        t = pick(logits, temperature, top_p, top_k, torch.rand(1, generator=gen).to(dev))
+        t = draw_tokens(logits, temperature, top_p, top_k, torch.rand(1, generator=gen).to(dev))
         lps.append(torch.log_softmax(logits, -1)[0, t].item())
         ids.append(t.item())
         if ids[-1] in stop_ids:

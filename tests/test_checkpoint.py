@@ -115,7 +115,6 @@ def test_a_kill_during_a_resume_save_keeps_the_previous_one(tmp_path, monkeypatc
 
 def test_tokenizer_with_more_ids_than_embedding_rows_is_refused_at_load(tmp_path):
     """By the one loader, for the decoding scripts and for a training start alike."""
-    import cli
     import sft
     from helpers import make_tokenizer
     V = make_tokenizer(tmp_path / "ok")
@@ -128,7 +127,7 @@ def test_tokenizer_with_more_ids_than_embedding_rows_is_refused_at_load(tmp_path
     with pytest.raises(ValueError, match=refused):
         checkpoint.load_checkpoint(str(tmp_path / "bad"), "cpu")
     with pytest.raises(ValueError, match=refused):
-        cli.start_training(sft.Config(model=str(tmp_path / "bad"), out_dir=str(tmp_path / "run"), threads=0))
+        checkpoint.start_training(sft.Config(model=str(tmp_path / "bad"), out_dir=str(tmp_path / "run"), threads=0))
 
 
 def test_the_loader_dtypes(tmp_path):

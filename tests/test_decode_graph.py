@@ -97,7 +97,7 @@ def test_in_step_draw_of_a_wide_grid(ck):
     the hidden states it returns without drawing, cell by cell (row-major cells, one uniform each)."""
     import copy
     from sampler import KVCache
-    from sampler import pick
+    from sampler import draw_tokens
     model, tok = ck
     model = copy.deepcopy(model)
     with torch.no_grad():
@@ -105,13 +105,13 @@ def test_in_step_draw_of_a_wide_grid(ck):
     grid = torch.tensor([[[5 + r + j, j, 0, 1, j + 1, j] for j in range(4)] for r in range(2)])
     grid[1, 3] = torch.tensor([0, 0, -1, 0, 0, 255])                   # a padding cell
     u = torch.rand(2, 4, generator=torch.Generator().manual_seed(0))
-    for draw in ((1.0, 1.0, 0), (0.8, 0.9, 5)):
-        fast = StaticStep(model, KVCache(model.config, 2, 256), graphs=False, pick=pick)
-        toks, lps = fast(grid, 4, u, draw)
+    for settings in ((1.0, 1.0, 0), (0.8, 0.9, 5)):
+        fast = StaticStep(model, KVCache(model.config, 2, 256), graphs=False, draw_tokens=draw_tokens)
+        toks, lps = fast(grid, 4, u, settings)
         fast.reset()
         h = fast(grid, 4).flatten(0, 1)
         logits = torch.nn.functional.linear(h, model.output_weight).float()
-        want = pick(logits, *draw, u.flatten())
+        want = draw_tokens(logits, *settings, u.flatten())
         assert toks.long().tolist() == want.tolist() and len(set(want.tolist())) > 4
         assert torch.allclose(lps.float(), logits.log_softmax(-1).gather(1, want[:, None])[:, 0], atol=1e-6)
 
@@ -122,13 +122,13 @@ def sampler_run(sampler, mode, prompts, p):
 
 
 def test_in_step_draw_only_when_nothing_edits_the_logits():
-    from decode_graph import in_step_draw
+    from decode_graph import in_step_settings
     p = SamplingParams(temperature=0.7, top_p=0.9)
-    assert in_step_draw([p, p], None) == (0.7, 0.9, 0)
-    assert in_step_draw([SamplingParams(temperature=0), SamplingParams(temperature=0, top_p=0.5)], None) == (0.0, 1.0, 0)
-    assert in_step_draw([p], steer=lambda r, x: x) is None                          # steering edits logits
-    assert in_step_draw([SamplingParams(repetition_penalty=1.02)], None) is None     # so does the penalty
-    assert in_step_draw([p, SamplingParams(temperature=1.0)], None) is None          # two settings: two groups
+    assert in_step_settings([p, p], None) == (0.7, 0.9, 0)
+    assert in_step_settings([SamplingParams(temperature=0), SamplingParams(temperature=0, top_p=0.5)], None) == (0.0, 1.0, 0)
+    assert in_step_settings([p], steer=lambda r, x: x) is None                          # steering edits logits
+    assert in_step_settings([SamplingParams(repetition_penalty=1.02)], None) is None     # so does the penalty
+    assert in_step_settings([p, SamplingParams(temperature=1.0)], None) is None          # two settings: two groups
 
 
 def test_buckets():
@@ -205,15 +205,15 @@ def test_rows_bounded_by_the_kv_budget(ck, mode):
         import copy
         model = copy.deepcopy(model).cuda()       # the fixture's model stays on the CPU
     cfg = model.config
-    slots = -(-max(Seq(x, resolved(p), 0).slots() for x in prompts) // 256) * 256
-    row_gb = 2 * cfg.num_hidden_layers * cfg.num_key_value_heads * cfg.head_dim * 4 * slots / 2 ** 30
+    capacity = -(-max(Seq(x, resolved(p), 0).room() for x in prompts) // 256) * 256
+    row_gb = 2 * cfg.num_hidden_layers * cfg.num_key_value_heads * cfg.head_dim * 4 * capacity / 2 ** 30
     roomy, tight = Sampler(model, tok), Sampler(model, tok)
     tight.cache_gb = 2.5 * row_gb
     a = run(model, tok, mode, prompts, p, steer, sampler=roomy)
     b = run(model, tok, mode, prompts, p, steer, sampler=tight)
     same(a, b, 1e-4)     # log-probs: other batch shapes change the last bits (~1e-5 with 2 threads)
     assert (roomy.cache.doc.shape[0], tight.cache.doc.shape[0]) == (3, 2)
-    assert tight.cache.capacity == slots and max(len(s.ids) for s in b) > 400     # more than max_new_tokens in all
+    assert tight.cache.capacity == capacity and max(len(s.ids) for s in b) > 400     # more than max_new_tokens in all
     assert b[1].stats["branches_per_fork"] == [5] and b[1].stats["critical_path_tokens"] <= 400
     tight.cache_gb = 0.5 * row_gb
     with pytest.raises(ValueError, match="more than the budget .* GB \\(Sampler.cache_gb\\)"):

@@ -1,6 +1,6 @@
 """distill.py, self-distillation (stage 2a): a problem keeps its FIRST sample that is both correct and
 format-perfect (and, with --reject-sibling-results, whose steps use no sibling's result); a killed
-run resumes without losing or redoing a finished problem; input errors name the file and line.
+run resumes without losing or redoing a finished problem; a torn line is cut before appending.
 
     OMP_NUM_THREADS=1 .venv/bin/python -m pytest tests/test_distill.py -x -q
 """
@@ -9,9 +9,9 @@ import os
 
 import pytest
 
-import cli
 import distill
-from cli import read_problems
+import npr
+import runs
 from helpers import GOOD, WRONG, FakeSampler, FakeTok, sample
 
 BAD_FORMAT = "2*3=6. 4*5=20. 6+20=26. \\boxed{26}"          # correct, but no blocks
@@ -89,7 +89,7 @@ def test_resume_after_a_kill_loses_nothing(tmp_path, monkeypatch):
     tok = FakeTok()
     scripts = {q: [(GOOD,)] if i % 2 == 0 else [(WRONG,)] for i, q in enumerate(qs)}
     monkeypatch.setattr(distill, "load_checkpoint", lambda *a, **k: (None, tok))
-    monkeypatch.setattr(distill, "instruction_for", lambda *a: "I")
+    monkeypatch.setattr(npr, "instruction_for", lambda *a: "I")
     monkeypatch.setattr(distill, "check_context", lambda *a: None)     # no model, no context to check
     fakes = []
 
@@ -125,36 +125,15 @@ def test_device_flag_picks_the_device(tmp_path, monkeypatch):
     for device in ("cuda:1", ""):
         with pytest.raises(KeyboardInterrupt):
             distill.main(distill.Config(data=str(data), out=str(tmp_path / "d.jsonl"), device=device))
-    assert seen == ["cuda:1", str(cli.init_distributed()[3])]
-
-
-def test_read_problems_layouts_and_errors(tmp_path):
-    orz = tmp_path / "orz.json"
-    orz.write_text(json.dumps([[{"from": "human", "value": "1+1?"}, {"from": "assistant", "ground_truth": {"value": 2}}]]))
-    assert read_problems(str(orz)) == [{"question": "1+1?", "answer": "2"}]
-    custom = tmp_path / "c.jsonl"
-    custom.write_text(json.dumps({"problem": "x", "solution": "3"}) + "\n")
-    assert read_problems(str(custom), "problem", "solution")[0]["answer"] == "3"
-    bad = tmp_path / "bad.jsonl"
-    bad.write_text(json.dumps({"question": "a", "answer": "1"}) + "\n{not json\n")
-    with pytest.raises(ValueError, match=r"bad.jsonl:2: not valid JSON"):
-        read_problems(str(bad))
-    with pytest.raises(ValueError, match=r"c.jsonl:1: expected an object with 'question'"):
-        read_problems(str(custom))
-    with pytest.raises(FileNotFoundError):
-        read_problems(str(tmp_path / "none.jsonl"))
-    binary = tmp_path / "data.parquet"                            # e.g. a parquet file passed as --data
-    binary.write_bytes(b'{"question": "a", "answer": "1"}\nPAR1\x15\x04\x15\xff\xfe\x00')
-    with pytest.raises(ValueError, match=r"data.parquet:2: not UTF-8 text"):
-        read_problems(str(binary))
+    assert seen == ["cuda:1", str(runs.init_distributed()[3])]
 
 
 def test_a_torn_last_line_is_cut_before_appending(tmp_path):
     p = tmp_path / "out.jsonl"
     p.write_text('{"index": 0}\n{"index": 1, "traj')          # killed in the middle of a write
-    cli.append_lines(str(p), ['{"index": 1}', '{"index": 2}'])
+    distill.append_lines(str(p), ['{"index": 1}', '{"index": 2}'])
     assert [json.loads(x)["index"] for x in p.read_text().splitlines()] == [0, 1, 2]
-    assert [r["index"] for r in cli.read_jsonl(str(p))] == [0, 1, 2]
+    assert [r["index"] for r in distill.read_jsonl(str(p))] == [0, 1, 2]
 
 
 def test_the_end_of_run_rewrite_never_loses_the_trajectories(tmp_path, monkeypatch):
@@ -163,7 +142,7 @@ def test_the_end_of_run_rewrite_never_loses_the_trajectories(tmp_path, monkeypat
     out.write_text('{"index": 0}\n{"index": 1}\n{"index": 0}\n')     # a chunk repeated after a kill
     before = out.read_text()
     done = {i: {"index": i, "accepted": True, "tries": 1, "reasons": {}} for i in (0, 1)}
-    monkeypatch.setattr(cli, "open", full_disk_open(), raising=False)   # the disk fills mid-write
+    monkeypatch.setattr(runs, "open", full_disk_open(), raising=False)  # the disk fills mid-write
     monkeypatch.setattr(distill, "open", full_disk_open(), raising=False)
     with pytest.raises(OSError):
         distill.summarize(done, str(out), 1.0)

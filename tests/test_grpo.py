@@ -212,7 +212,7 @@ def test_repetition_penalty_reaches_the_rollouts():
 
 
 def test_save_dtype_is_a_flag():
-    from cli import parse_cli
+    from runs import parse_cli
     assert grpo.Config().save_dtype == ""
     assert parse_cli(grpo.Config, ["--save-dtype", "bfloat16"]).save_dtype == "bfloat16"
 
@@ -239,7 +239,7 @@ def sft_model(tmp_path_factory):
 def accuracy(path, rows, mode):
     """-> (accuracy, accuracy among the samples that finish with end-of-turn) over 4 x 64 samples at
     T=1, the same random streams for every checkpoint."""
-    from cli import chat_prompt
+    from npr import chat_prompt
     from model import Qwen
     from tokenizer import Tokenizer
     from sampler import Sampler, SamplingParams

@@ -1,8 +1,8 @@
 """request.py, NPR's fork/join rules, through the real engine with scripted tokens: forced headers and
 separators where training puts them, a branch decodes as if its siblings were absent, several forks per
 sample and rows forking at different times, every malformed case ends with its reason, the two budget
-rules, no fork near the budget, serial mode treats tags as text. Each sample's layout is the format
-module's and its log-probs the trainer's (check_exact).
+rules, no fork near the budget, serial mode treats tags as text, a running request's snapshot. Each
+sample's layout is the format module's and its log-probs the trainer's (check_exact).
 Run: OMP_NUM_THREADS=1 .venv/bin/python -m pytest tests/test_request.py (~10 s)."""
 import pytest
 
@@ -144,3 +144,23 @@ def test_serial_mode_treats_tags_as_text(ck):
     trunk = block_script(tok, ["1", "2"])
     s = Sampler(model, tok).generate([chat(tok)], params=SamplingParams(mode="serial"), steer=Script({0: trunk}))[0][0]
     assert s.stats["forks"] == 0 and set(s.branch) == {0} and s.ids == trunk and s.finish_reason == "eos"
+
+
+def test_a_running_request_gives_a_snapshot(ck):
+    """to_sample() while a request runs (serve.py's live view, a debugger): its tokens so far, in the
+    layout its end gives, finish_reason "" and the time so far; it does not disturb the request."""
+    model, tok = ck
+    sampler = Sampler(model, tok)
+    sampler.stop_ids, sampler.steer = set(), Script({0: block_script(tok, ["1", "2"])})
+    p = SamplingParams(temperature=1.0, max_new_tokens=60, fork_min_tokens=1, seed=3)
+    seq = sampler.add(chat(tok), p, seed=3)
+    assert seq.to_sample().ids == [] and seq.to_sample().stats["time_s"] == 0.0     # not admitted yet
+    snaps = []
+    while not seq.finish:
+        sampler.step()
+        snaps.append(seq.to_sample())
+    live, end = snaps[-2], snaps[-1]
+    assert live.finish_reason == "" and 0 < len(live.ids) < len(end.ids) and live.stats["time_s"] > 0
+    assert any(s.stats["forks"] == 1 and 2 in s.branch for s in snaps[:-1])        # a snapshot inside the fork
+    assert end.finish_reason == "budget" and end.ids == sampler.generate(
+        [chat(tok)], params=p, seeds=[3], steer=sampler.steer)[0][0].ids

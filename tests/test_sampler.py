@@ -1,7 +1,7 @@
 """sampler.py, the engine: cached == the no-cache oracle (greedy and sampled), a sample does not depend
 on its batch nor on when its branches are scheduled, continuous batching == one request at a time,
-the head's log-probs == the trainer's, step()/cancel(), add() from another thread, params per prompt, a kept
-cache changes nothing.
+the head's log-probs == the trainer's, step()/cancel(), a request too big for the cache is passed for a while,
+add() from another thread, params per prompt, a kept cache changes nothing.
 The fork/join rules are tested in test_request.py.
 Run: OMP_NUM_THREADS=1 .venv/bin/python -m pytest tests/test_sampler.py (~30 s)."""
 import pytest
@@ -9,7 +9,7 @@ import torch
 
 from helpers import (Script, block_script, chat, full_layout, generate_naive, ids_of, make_checkpoint, step_script,
                      teacher_forced)
-from sampler import Sampler, SamplingParams, pick
+from sampler import Sampler, SamplingParams, draw_tokens
 
 
 def test_serial_cached_equals_naive(ck):
@@ -40,31 +40,31 @@ def test_seeded_runs_repeat_and_batch_rows_differ(ck):
     assert len({tuple(s.ids) for s in a}) > 1
 
 
-def test_pick():
+def test_draw_tokens():
     logits = torch.tensor([[0.0, 3.0, 1.0, 2.9]])
     us = [torch.rand(1) for _ in range(200)]
-    assert pick(logits, 0, 1.0, 0, us[0]).item() == 1
-    assert all(pick(logits, 1.0, 1.0, 1, u).item() == 1 for u in us)             # top-k 1
-    assert all(pick(logits, 1.0, 1e-3, 0, u).item() == 1 for u in us)            # tiny top-p
-    assert {pick(logits, 1.0, 1.0, 2, u).item() for u in us} == {1, 3}           # top-k 2
+    assert draw_tokens(logits, 0, 1.0, 0, us[0]).item() == 1
+    assert all(draw_tokens(logits, 1.0, 1.0, 1, u).item() == 1 for u in us)             # top-k 1
+    assert all(draw_tokens(logits, 1.0, 1e-3, 0, u).item() == 1 for u in us)            # tiny top-p
+    assert {draw_tokens(logits, 1.0, 1.0, 2, u).item() for u in us} == {1, 3}           # top-k 2
     # inverse CDF: frequencies follow the softmax
     p = torch.softmax(logits, -1)[0]
-    draws = pick(logits.expand(20000, 4), 1.0, 1.0, 0, torch.rand(20000))
+    draws = draw_tokens(logits.expand(20000, 4), 1.0, 1.0, 0, torch.rand(20000))
     freq = torch.bincount(draws, minlength=4) / 20000
     assert (freq - p).abs().max() < 0.015
-    assert pick(logits, 1.0, 1.0, 0, torch.tensor([0.999999])).item() == 3  # the last token with mass
+    assert draw_tokens(logits, 1.0, 1.0, 0, torch.tensor([0.999999])).item() == 3  # the last token with mass
 
 
 @pytest.mark.parametrize("temperature", [1e-45, 1e-39, 1e-30, 1e-7])
 def test_a_tiny_temperature_is_greedy(ck, temperature):
     """logits / T overflows fp32 at T <= ~1e-38 (softmax NaN, the draw clamped to the last id): below
-    GREEDY_BELOW a temperature is argmax, in pick, in the decode step's draw and so in every caller."""
-    from decode_graph import in_step_draw
+    GREEDY_BELOW a temperature is argmax, in draw_tokens, in the decode step's draw and so in every caller."""
+    from decode_graph import in_step_settings
     from request import GREEDY_BELOW, resolved
     assert temperature < GREEDY_BELOW
     logits = torch.tensor([[-50.0, 30.0, 29.9, 10.0, -3.0]])
-    assert all(pick(logits, temperature, 1.0, 0, u).item() == 1 for u in torch.rand(20, 1))
-    assert in_step_draw([resolved(SamplingParams(temperature=temperature))], None) == (0.0, 1.0, 0)
+    assert all(draw_tokens(logits, temperature, 1.0, 0, u).item() == 1 for u in torch.rand(20, 1))
+    assert in_step_settings([resolved(SamplingParams(temperature=temperature))], None) == (0.0, 1.0, 0)
     model, tok = ck
     p = dict(mode="serial", max_new_tokens=20, seed=5)
     greedy = Sampler(model, tok).generate([chat(tok)], n=2, params=SamplingParams(temperature=0, **p))[0]
@@ -91,7 +91,7 @@ def test_two_stage_argmax_and_logprob(V):
 
 def test_head_logprobs_match_the_trainer_on_a_real_vocabulary():
     """From the same hidden states, over Qwen's 151936-row vocabulary with logits peaked like a
-    trained model's (largest 14-40), the sampler's recorded log-probs (Sampler.sample; the decode
+    trained model's (largest 14-40), the sampler's recorded log-probs (Sampler.draw; the decode
     step's logprob_of) are within 2 fp32 ULPs of the largest logit of the trainer's chunked
     logsumexp (~1e-5; torch's CPU log_softmax is 3x past it). What goes beyond that between a
     sampler and a training forward comes from the hidden states (decode vs prefill attention,
@@ -112,7 +112,7 @@ def test_head_logprobs_match_the_trainer_on_a_real_vocabulary():
     got = {}
     sampler.steer = None
     seqs = [Seq([0], resolved(SamplingParams()), i, i) for i in range(N)]
-    got["toks"], got["lps"] = sampler.sample([(q, q.trunk) for q in seqs], logits)
+    got["toks"], got["lps"] = sampler.draw([(q, q.trunk) for q in seqs], logits)
     tok = torch.tensor(got["toks"])
     ref = chunked_logprobs(h[None], W, tok[None])[0]
     assert (torch.tensor(got["lps"]) - ref).abs().max() <= bound
@@ -130,20 +130,31 @@ def test_a_row_samples_the_same_in_any_batch(ck):
     assert alone.ids == batched.ids and len(set(alone.ids)) > 3
 
 
-def test_branches_sample_the_same_whatever_their_schedule(ck):
-    """Plans 9 and 10: step headers of different token lengths. Batched with another row, a fork's
-    headers go in one token per step, so the two branches start drawing at other steps than alone;
-    each branch draws from its own generator, so its tokens are the same (up to where the budget
-    cuts the fork, which can fall a token apart)."""
+def test_branches_sample_the_same_whatever_their_schedule(ck, monkeypatch):
+    """Each branch draws from its own generator, so its tokens do not depend on the steps at which it
+    and its siblings draw. Once alone on the engine's own schedule; once batched with another row and
+    with branch 2 held back for its first 5 steps (another schedule: branch 1 draws alone meanwhile,
+    then the two draw side by side at other steps than alone). Each branch's tokens are the same, up to
+    where the budget cuts the fork (the hold moves the cut). Branches sharing the row's generator fail it."""
+    from request import Seq
     model, tok = ck
-    assert len(tok.encode("<step>\n9:")) != len(tok.encode("<step>\n10:"))
     p = SamplingParams(temperature=100.0, max_new_tokens=60, fork_min_tokens=1)   # flat: the branches really sample
-    trunk = tok.encode("<guideline>\n<plan>9: a</plan>\n<plan>10: b</plan>\n</guideline>")
+    trunk = tok.encode("<guideline>\n<plan>1: a</plan>\n<plan>2: b</plan>\n</guideline>")
     sampler = Sampler(model, tok)
     sampler.stop_ids = set()
     alone = sampler.generate([chat(tok)], params=p, seeds=[5], steer=Script({0: trunk}))[0][0]
+    held, to_feed = [], Seq.to_feed
+
+    def hold_branch_2(seq):                            # the engine asks each step what a request writes
+        feed = to_feed(seq)
+        if seq.index == 1 and any(st.branch == 2 for _, st in feed) and len(held) < 5:
+            held.append(feed[-1][0].pos)
+            feed = [(t, st) for t, st in feed if st.branch != 2]
+        return feed
+    monkeypatch.setattr(Seq, "to_feed", hold_branch_2)
     batched = sampler.generate([chat(tok, "x"), chat(tok)], params=p, seeds=[6, 5],
                                steer=Script({0: trunk, 1: trunk}))[1][0]
+    assert len(set(held)) == 1 and len(held) == 5      # its first token waited 5 steps
     for s in (alone, batched):
         assert s.stats["forks"] == 1 and s.stats["branches_per_fork"] == [2]
     for b in (1, 2):
@@ -151,6 +162,7 @@ def test_branches_sample_the_same_whatever_their_schedule(ck):
         y = [t for t, br in zip(batched.ids, batched.branch) if br == b]
         n = min(len(x), len(y))
         assert n >= 8 and x[:n] == y[:n], (b, x, y)
+    assert alone.branch.count(1) < batched.branch.count(1)    # branch 1 drew more before the cut: it ran ahead
 
 
 @pytest.mark.cuda
@@ -274,6 +286,39 @@ def test_engine_steps_stream_samples_and_cancel_frees_the_row(ck):
 
 
 
+def test_a_request_too_big_for_the_cache_lets_smaller_ones_pass_for_a_while(ck):
+    """A request that needs more room than the running cache has waits for the rows to drain (a running
+    request keeps its row); meanwhile smaller ones behind it go into the free rows, for overtake_steps
+    steps; then nothing new is admitted, the rows drain, the cache is sized for it and it runs first.
+    Every sample is the one it gets alone."""
+    model, tok = ck
+    sampler = Sampler(model, tok)
+    sampler.stop_ids, sampler.max_rows, sampler.overtake_steps = set(), 3, 4
+    small = lambda n: SamplingParams(mode="serial", temperature=0, max_new_tokens=n)
+    a = sampler.add(chat(tok, "a"), small(30), 1)
+    done = sampler.step()
+    assert sampler.cache.capacity == 256 and a.row is not None
+    big = sampler.add(chat(tok, "big"), small(200), 2)
+    c, d = sampler.add(chat(tok, "c"), small(6), 3), sampler.add(chat(tok, "d"), small(6), 4)
+    done += sampler.step()
+    assert big.room() > 256 and big.row is None and c.row is not None and d.row is not None   # they pass it
+    while not (c.finish and d.finish):
+        done += sampler.step()
+    e = sampler.add(chat(tok, "e"), small(6), 5)
+    for _ in range(3):
+        done += sampler.step()
+    assert e.row is None and big.row is None and len(sampler.free) == 2 and not a.finish   # 4 steps on: a drains
+    while big.row is None:
+        done += sampler.step()
+    assert a.finish and sampler.cache.capacity == 512 and sampler.running == [big, e]
+    while sampler.running:
+        done += sampler.step()
+    assert done == [c, d, a, e, big]
+    for seq, n in zip((a, big, c, d, e), (30, 200, 6, 6, 6)):
+        alone = Sampler(model, tok).generate([seq.prompt], params=small(n), seeds=[seq.seed])[0][0]
+        assert seq.to_sample().ids == alone.ids
+
+
 def test_add_from_another_thread_while_the_engine_looks_at_its_queue(ck, monkeypatch):
     """serve.py's HTTP threads add() while its worker steps: the queue's lock keeps schedule's look at the
     waiting requests whole (an add in the middle of it raised "deque mutated during iteration")."""
@@ -282,15 +327,15 @@ def test_add_from_another_thread_while_the_engine_looks_at_its_queue(ck, monkeyp
     model, tok = ck
     sampler, p = Sampler(model, tok), SamplingParams(mode="serial", temperature=0, max_new_tokens=5)
     sampler.add(chat(tok, "a"), p, 1)
-    added, slots = [], Seq.slots
+    added, room = [], Seq.room
 
-    def slots_while_another_thread_adds(seq):         # the first look at the queue: another thread adds
+    def room_while_another_thread_adds(seq):         # the first look at the queue: another thread adds
         if not added:
             added.append(threading.Thread(target=lambda: added.append(sampler.add(chat(tok, "b"), p, 2))))
             added[0].start()
             added[0].join(0.2)                          # it waits for the lock (without one: it adds now)
-        return slots(seq)
-    monkeypatch.setattr(Seq, "slots", slots_while_another_thread_adds)
+        return room(seq)
+    monkeypatch.setattr(Seq, "room", room_while_another_thread_adds)
     done = sampler.step()
     added[0].join(10)
     monkeypatch.undo()

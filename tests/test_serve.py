@@ -55,11 +55,11 @@ class Shape:
         self.ban = [i for i in range(tok.vocab_size) if i in tok.stop_ids or any(c in tok.decode_piece(i) for c in "<>{}\\")]
         self.delay, self.gate = delay, gate
 
-    def __call__(self, requests, logits):
+    def __call__(self, drawing, logits):
         if self.gate is not None:
             self.gate.wait()
         time.sleep(self.delay)
-        for i, (seq, st) in enumerate(requests):
+        for i, (seq, st) in enumerate(drawing):
             if st.branch:
                 script, done = self.steps.get(st.branch, []), len(st.tokens)
             else:

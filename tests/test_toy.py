@@ -12,9 +12,9 @@ import torch
 
 import npr
 import toy
-from cli import read_problems
 from extras import toy_diagnose
 from model import Qwen
+from runs import read_problems
 from sampler import Sampler, SamplingParams
 from tokenizer import Tokenizer
 

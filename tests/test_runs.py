@@ -1,7 +1,8 @@
-"""cli.py, the plumbing every stage shares: a log rewrite survives a fault at any moment, input errors
-name the file and show as one line. (Checkpoints: test_checkpoint.py.)
+"""runs.py, what every script's run shares: a log rewrite survives a fault at any moment, problem files
+in every layout and input errors that name the file and line and show as one line, the lock on an output,
+a prompt too long for the model's context refused by every stage. (Checkpoints: test_checkpoint.py.)
 
-    OMP_NUM_THREADS=1 .venv/bin/python -m pytest tests/test_cli.py -x -q
+    OMP_NUM_THREADS=1 .venv/bin/python -m pytest tests/test_runs.py -x -q
 """
 import json
 import os
@@ -10,13 +11,14 @@ import time
 
 import pytest
 
-import cli
+import npr
+import runs
 from helpers import full_disk_open
 
 
 @pytest.mark.parametrize("fault", ["disk full mid-write", "replace"])
 def test_truncate_after_survives_a_fault(tmp_path, monkeypatch, fault):
-    log = cli.JsonlLog(str(tmp_path / "metrics.jsonl"))
+    log = runs.JsonlLog(str(tmp_path / "metrics.jsonl"))
     for s in (1, 2, 3):
         log.write(step=s, loss=0.5)
     before = open(log.path).read()
@@ -26,7 +28,7 @@ def test_truncate_after_survives_a_fault(tmp_path, monkeypatch, fault):
     if fault == "replace":
         monkeypatch.setattr(os, "replace", boom)
     else:
-        monkeypatch.setattr(cli, "open", full_disk_open(), raising=False)
+        monkeypatch.setattr(runs, "open", full_disk_open(), raising=False)
     with pytest.raises(OSError):
         log.truncate_after(1)
     monkeypatch.undo()
@@ -82,13 +84,13 @@ def test_problem_fields_of_the_wrong_type_are_refused_with_their_line(tmp_path, 
         path.write_text(text)
         where = f"{path}:3" if name == "p.jsonl" else f"{path}: item 2"
         with pytest.raises(ValueError, match=re.escape(f"{where}: {words}")):
-            cli.read_problems(str(path))
+            runs.read_problems(str(path))
 
 
 def test_problems_keep_numbers_as_answers_and_remember_where_they_are(tmp_path):
     path = tmp_path / "p.jsonl"
     path.write_text('{"question": "2+2?", "answer": 4}\n\n{"question": "1/2?", "answer": 0.5, "id": 9}\n')
-    probs = cli.read_problems(str(path))
+    probs = runs.read_problems(str(path))
     assert probs == [{"question": "2+2?", "answer": "4"}, {"question": "1/2?", "answer": "0.5", "id": 9}]
     assert [p.where for p in probs] == [f"{path}:1", f"{path}:3"]
     assert [p.where for p in probs[1:]] == [f"{path}:3"]                 # kept through a slice
@@ -106,10 +108,31 @@ def test_sft_rows_with_fields_of_the_wrong_type_are_refused_with_their_line(tmp_
     path = tmp_path / "d.jsonl"
     path.write_text(json.dumps(row) + "\n" + json.dumps({**row, field: value}) + "\n")
     with pytest.raises(ValueError, match=re.escape(f"{path}:2: {words}")):
-        cli.read_problems(str(path), needs=("trajectory",), may=("prompt",))
+        runs.read_problems(str(path), needs=("trajectory",), may=("prompt",))
     path.write_text(json.dumps({k: v for k, v in row.items() if k != "trajectory"}) + "\n")
     with pytest.raises(ValueError, match=re.escape(f"{path}:1: 'trajectory' is missing")):
-        cli.read_problems(str(path), needs=("trajectory",), may=("prompt",))
+        runs.read_problems(str(path), needs=("trajectory",), may=("prompt",))
+
+
+def test_read_problems_layouts_and_errors(tmp_path):
+    orz = tmp_path / "orz.json"
+    orz.write_text(json.dumps([[{"from": "human", "value": "1+1?"}, {"from": "assistant", "ground_truth": {"value": 2}}]]))
+    assert runs.read_problems(str(orz)) == [{"question": "1+1?", "answer": "2"}]
+    custom = tmp_path / "c.jsonl"
+    custom.write_text(json.dumps({"problem": "x", "solution": "3"}) + "\n")
+    assert runs.read_problems(str(custom), "problem", "solution")[0]["answer"] == "3"
+    bad = tmp_path / "bad.jsonl"
+    bad.write_text(json.dumps({"question": "a", "answer": "1"}) + "\n{not json\n")
+    with pytest.raises(ValueError, match=r"bad.jsonl:2: not valid JSON"):
+        runs.read_problems(str(bad))
+    with pytest.raises(ValueError, match=r"c.jsonl:1: expected an object with 'question'"):
+        runs.read_problems(str(custom))
+    with pytest.raises(FileNotFoundError):
+        runs.read_problems(str(tmp_path / "none.jsonl"))
+    binary = tmp_path / "data.parquet"                            # e.g. a parquet file passed as --data
+    binary.write_bytes(b'{"question": "a", "answer": "1"}\nPAR1\x15\x04\x15\xff\xfe\x00')
+    with pytest.raises(ValueError, match=r"data.parquet:2: not UTF-8 text"):
+        runs.read_problems(str(binary))
 
 
 def test_a_second_run_on_an_output_in_use_is_refused_naming_the_holder(tmp_path):
@@ -125,7 +148,7 @@ def test_a_second_run_on_an_output_in_use_is_refused_naming_the_holder(tmp_path)
     import toy
     root = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
     run, out = tmp_path / "run", tmp_path / "d" / "train.jsonl"
-    code = "import sys, time, cli; [cli.lock_output(p) for p in sys.argv[1:]]; print('held', flush=True); time.sleep(300)"
+    code = "import sys, time, runs; [runs.lock_output(p) for p in sys.argv[1:]]; print('held', flush=True); time.sleep(300)"
     holder = subprocess.Popen([sys.executable, "-c", code, str(run / ".lock"), f"{out}.lock"], cwd=root,
                               stdout=subprocess.PIPE, env={**os.environ, "OMP_NUM_THREADS": "1"})
     try:
@@ -143,8 +166,8 @@ def test_a_second_run_on_an_output_in_use_is_refused_naming_the_holder(tmp_path)
     finally:
         holder.send_signal(signal.SIGKILL)
         holder.wait()
-    cli.lock_output(str(run / ".lock"))                # the kernel dropped the dead holder's lock
-    cli.lock_output(str(run / ".lock"))                # and this process may take it again (a second main())
+    runs.lock_output(str(run / ".lock"))                # the kernel dropped the dead holder's lock
+    runs.lock_output(str(run / ".lock"))                # and this process may take it again (a second main())
 
 
 def test_a_prompt_that_cannot_fit_the_context_is_refused_by_every_stage_naming_its_line(tmp_path):
@@ -158,11 +181,11 @@ def test_a_prompt_that_cannot_fit_the_context_is_refused_by_every_stage_naming_i
     ck = tmp_path / "ck"
     _, tok = make_checkpoint(ck)
     short, budget = "Compute 2*3 + 4*5.", 8
-    P = len(cli.chat_prompt(tok, short, "Solve."))
+    P = len(npr.chat_prompt(tok, short, "Solve."))
     ctx = P + budget + 4                                        # the short problem fits, the long one does not
     json.dump({**json.load(open(ck / "config.json")), "max_position_embeddings": ctx}, open(ck / "config.json", "w"))
     long_ = short * 3
-    L = len(cli.chat_prompt(tok, long_, "Solve."))
+    L = len(npr.chat_prompt(tok, long_, "Solve."))
     data = tmp_path / "p.jsonl"
     data.write_text("".join(json.dumps({"question": q, "answer": "26"}) + "\n" for q in (short, short, long_, long_)))
     words = re.escape(f"{data}:3: the prompt has {L} tokens; with --max-new-tokens {budget} that is {L + budget} "

@@ -1,8 +1,9 @@
 """
-Shared plumbing of the stage scripts (distill, sft, grpo, eval, serve): dataclass -> command-line
-flags, reading problem files, JSON-lines logs, the start of a training run (checkpoints themselves:
-checkpoint.py), grpo's rollout copy of the weights, torch.distributed. Nothing here knows about the
-method; the method lives in npr.py and the scripts.
+What a script's run needs around its stage, shared by the scripts (distill, sft, grpo, eval, serve,
+toy, table): its flags (a Config dataclass -> --kebab-case flags, errors as one line), the problem
+files it reads (and whether their prompts fit the model's context), what it writes (atomic files,
+JSON-lines logs, the lock on its output) and its processes under torchrun (torch.distributed).
+Checkpoints, and the start of a training run from one, are checkpoint.py's; the prompt is npr.py's.
 """
 import argparse
 import dataclasses
@@ -15,7 +16,7 @@ import sys
 
 import torch
 
-from checkpoint import INSTRUCTION_FILE, load_checkpoint, load_resume_point, resume_point
+import npr
 from hf_files import writing
 
 
@@ -149,27 +150,6 @@ def field_text(where, name, v, number=False):
                      f"got {json.dumps(v)[:80]}")
 
 
-def instruction_for(model_dir, instruction_file=""):
-    """The NPR instruction to prompt with (stripped): the text of instruction_file when given (e.g. the
-    official release's prompt file), else the checkpoint's own (npr_instruction.txt: the instruction it
-    was trained with travels with it), else npr.INSTRUCTION."""
-    import npr
-    if instruction_file and not os.path.isfile(instruction_file):
-        raise FileNotFoundError(f"instruction file not found: {instruction_file}")
-    path = instruction_file or os.path.join(model_dir, INSTRUCTION_FILE)
-    if os.path.isfile(path):
-        with open(path, encoding="utf-8") as f:
-            return f.read().strip()
-    return npr.INSTRUCTION
-
-
-def chat_prompt(tok, question, instruction):
-    import npr
-    # a hybrid Qwen3 runs in non-thinking mode: the NPR format takes the place of the think block
-    return tok.encode(tok.render_chat([{"role": "user", "content": npr.build_prompt(question, instruction)}],
-                                      enable_thinking=False))
-
-
 def check_context(problems, tok, instruction, max_new_tokens, model):
     """Refuse problems whose prompt + max_new_tokens does not fit the model's context (config.json
     max_position_embeddings; none given: no check): positions past it were never trained (serve.py
@@ -192,7 +172,7 @@ def check_context(problems, tok, instruction, max_new_tokens, model):
 
 
 def prompt_length(tok, question, instruction, limit, piece=1 << 16):
-    """-> (len(chat_prompt(...)), True); or, for a question of megabytes that clearly holds more than
+    """-> (len(npr.chat_prompt(...)), True); or, for a question of megabytes that clearly holds more than
     `limit` tokens, (a lower bound past it, False), found early (tokenizing 20 MB whole takes ~20 s and
     5 GB): its pieces are counted one by one, less 16 tokens per piece for what a cut can add."""
     if len(question) > piece:
@@ -201,11 +181,11 @@ def prompt_length(tok, question, instruction, limit, piece=1 << 16):
             n += max(0, len(tok.encode(question[i:i + piece])) - 16)
             if n > limit:
                 return n, False
-    return len(chat_prompt(tok, question, instruction)), True
+    return len(npr.chat_prompt(tok, question, instruction)), True
 
 
 # -----------------------------------------------------------------------------
-# Logs
+# Outputs: files written whole, JSON-lines logs, the output's lock
 
 def atomic_write(path, text):
     """Replace `path` with `text` (a str or an iterable of lines) so that a kill, a full disk or Ctrl-C
@@ -222,30 +202,6 @@ def atomic_write(path, text):
         if os.path.exists(tmp):
             os.remove(tmp)
         raise
-
-
-def append_lines(path, lines):
-    """Append whole lines; a torn last line left by a kill is cut off first (its chunk is redone)."""
-    if os.path.isfile(path) and os.path.getsize(path):
-        with open(path, "rb+") as f:
-            data = f.read()
-            if not data.endswith(b"\n"):
-                f.truncate(data.rfind(b"\n") + 1)
-    with writing(path), open(path, "a") as f:
-        f.write("".join(line + "\n" for line in lines))
-
-
-def read_jsonl(path):
-    """The records of a JSON-lines file (none when it does not exist); a torn line (a kill in the
-    middle of a write) is skipped."""
-    out = []
-    if os.path.isfile(path):
-        for line in open(path):
-            try:
-                out.append(json.loads(line))
-            except json.JSONDecodeError:
-                continue
-    return out
 
 
 class JsonlLog:
@@ -312,59 +268,6 @@ def lock_output(lock_path, rank=0, world=1):
         busy = all_gather(busy, world)[0]
     if busy:
         raise OSError(busy)
-
-
-def start_training(cfg):
-    """What a training stage (sft, grpo) does first: torch.distributed (under torchrun), the out-dir's
-    lock, CPU threads, the seed, the resolved config printed (rank 0), then the model and tokenizer,
-    from the resume point cfg.out_dir/last when one exists (and cfg.resume; one that cannot be used is
-    refused), else from cfg.model; weights in cfg.dtype.
-    -> (rank, world, device, model, tokenizer, resuming)"""
-    rank, world, _, dev = init_distributed()
-    lock_output(os.path.join(cfg.out_dir, ".lock"), rank, world)   # before anything in it is read or written
-    if cfg.threads:
-        torch.set_num_threads(cfg.threads)
-    torch.manual_seed(cfg.seed)
-    if rank == 0:
-        print_config(cfg)
-    last_dir = os.path.join(cfg.out_dir, "last")
-    resuming = cfg.resume and resume_point(last_dir)     # one that exists but cannot be used: refused
-    src = last_dir if resuming else cfg.model
-    model, tok = load_checkpoint(src, dev, cfg.dtype)
-    model.attn_impl, model.gradient_checkpointing = cfg.attn_impl, cfg.grad_checkpointing
-    return rank, world, dev, model, tok, resuming
-
-
-def resume_training(opt, cfg, resuming, rank, world, device):
-    """-> (the step to continue from, the run's JsonlLog out_dir/metrics.jsonl). Resuming: this rank's
-    optimizer state restored from out_dir/last; either way the records past that step are dropped
-    (they are about to be redone)."""
-    step = load_resume_point(opt, os.path.join(cfg.out_dir, "last"), rank, world, device) if resuming else 0
-    metrics = JsonlLog(os.path.join(cfg.out_dir, "metrics.jsonl"))
-    if rank == 0:
-        metrics.truncate_after(step)
-    return step, metrics
-
-
-def rollout_model(model, cfg, dev, world):
-    """-> (the model grpo's rollouts decode with, whether under bf16 autocast). CUDA --bf16 --rollout-copy:
-    a bf16 copy for the CUDA graphs (log-probs then differ by bf16 rounding: --ratio importance is
-    close, not exact); FSDP2: a full copy of the weights, made before they are sharded; elsewhere the
-    model itself."""
-    import copy
-    to_bf16 = cfg.rollout_copy and cfg.bf16 and torch.device(dev).type == "cuda"
-    if not (to_bf16 or (world > 1 and cfg.fsdp)):
-        return model, cfg.bf16
-    copy_ = copy.deepcopy(model).eval().requires_grad_(False)
-    return (copy_.to(torch.bfloat16) if to_bf16 else copy_), cfg.bf16 and not to_bf16
-
-
-@torch.no_grad()
-def sync_rollout_model(roll_model, model):
-    """Copy the trained weights into the rollout copy (FSDP2: each shard gathered; every rank takes part)."""
-    if roll_model is not model:
-        for a, b in zip(roll_model.parameters(), model.parameters()):
-            a.copy_(b.full_tensor() if hasattr(b, "full_tensor") else b)
 
 
 # -----------------------------------------------------------------------------
