@@ -4,7 +4,7 @@ Stage 2b (NPR-Beta): parallel SFT on the self-distilled trajectories, with branc
     python sft.py                                                     # the built-in default
     python sft.py --layout serial --out-dir out/sft_serial            # the same data as one causal sequence (SR-Beta)
     torchrun --nproc-per-node 8 sft.py --model Qwen3-4B-Instruct-2507 --data distill.jsonl \\
-        --out-dir out/sft --lr 1e-6 --batch-size 8 --row-tokens 32768 --rows-per-forward 1 --epochs 1 --fsdp
+        --out-dir out/sft --lr 1e-6 --batch-size 8 --row-tokens 32768 --epochs 1 --fsdp
 
 The method and the paper's settings are in NPR.md section 4, stage 2b: the tags become tokens, each
 trajectory is put into the engine's exact bytes (npr.engine_pieces) with its block, branch and
@@ -22,7 +22,6 @@ import time
 from dataclasses import dataclass
 
 import torch
-import torch.nn.functional as F
 from tqdm import tqdm
 
 import npr
@@ -42,7 +41,6 @@ class Config:
     epochs: float = 8.0
     batch_size: int = 16                      # sequences per optimizer step (global, all ranks)
     row_tokens: int = 512                     # packed row length; the built-in default's documents are < 300 tokens (real runs: --row-tokens 32768)
-    rows_per_forward: int = 16                # packed rows stacked into one forward/backward (real runs: 1)
     lr: float = 2e-3
     min_lr_frac: float = 0.0                  # cosine decays to lr * this
     warmup_frac: float = 0.05
@@ -116,16 +114,6 @@ def to_row(docs):
                 layout=Layout(doc=doc, block=t32("block"), branch=t32("branch")))
 
 
-def stack(rows):
-    """Packed (1, T_i) rows -> one (B, max T_i) batch; the padding is doc -1 (seen by nothing) with no target."""
-    T = max(r["ids"].shape[1] for r in rows)
-    pad = lambda t, v: F.pad(t, (0, T - t.shape[1]), value=v)
-    cat = lambda get, v: torch.cat([pad(get(r), v) for r in rows])
-    return dict(ids=cat(lambda r: r["ids"], 0), targets=cat(lambda r: r["targets"], -100), pos=cat(lambda r: r["pos"], 0),
-                layout=Layout(doc=cat(lambda r: r["layout"].doc, -1), block=cat(lambda r: r["layout"].block, 0),
-                              branch=cat(lambda r: r["layout"].branch, 0)))
-
-
 def lr_at(step, total, cfg):
     warm = max(1, int(cfg.warmup_frac * total))
     if step < warm:
@@ -183,16 +171,15 @@ def main(cfg: Config):
         t0 = time.perf_counter()
         batch = [examples[i] for i in order[step * cfg.batch_size:(step + 1) * cfg.batch_size]]
         rows = pack(batch[rank::world], cfg.row_tokens)
-        parts = [stack(rows[i:i + cfg.rows_per_forward]) for i in range(0, len(rows), cfg.rows_per_forward)]
         n_tok = torch.tensor(float(sum(sum(e["loss"]) for e in batch)), device=dev)   # global loss tokens
         for g in opt.param_groups:
             g["lr"] = lr_at(step, total_steps, cfg)
-        n_parts = int(all_reduce(torch.tensor(len(parts), device=dev), world, "max"))   # the same on every rank
+        n_rows = int(all_reduce(torch.tensor(len(rows), device=dev), world, "max"))   # the same on every rank
         loss_sum = 0.0
-        for i in range(n_parts):
+        for i in range(n_rows):
             # a rank with fewer rows runs an empty one (no loss tokens): the collectives stay in step
-            r = parts[i] if i < len(parts) else to_row([dict(ids=[0], loss=[0], pos=[0], block=[0], branch=[0])])
-            with accumulating(train_model, i == n_parts - 1), autocast(dev, cfg.bf16):
+            r = rows[i] if i < len(rows) else to_row([dict(ids=[0], loss=[0], pos=[0], block=[0], branch=[0])])
+            with accumulating(train_model, i == n_rows - 1), autocast(dev, cfg.bf16):
                 lp = train_model(r["ids"].to(dev), r["pos"].to(dev), r["layout"].to(dev), targets=r["targets"].to(dev))
                 # token mean over the global batch; DDP/FSDP average gradients over ranks, so x world
                 loss = -lp.sum() * world / n_tok
