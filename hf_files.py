@@ -1,5 +1,5 @@
 """
-The files of a Hugging Face checkpoint folder, for model.py: config.json, and model.safetensors or
+The files of a Hugging Face checkpoint folder, for model.py: config.json (its fields checked), and model.safetensors or
 its shards with their index (HF's names), so that transformers, vLLM and SGLang read our outputs as
 they read Qwen's. Every error names the file and what is wrong with it; a failed write (a full disk)
 is one OSError naming what was being written (`writing`, used for the stages' other files too).
@@ -23,7 +23,47 @@ def read_config(path):
     d = read_json(cfg_path)
     if not isinstance(d, dict):
         raise ValueError(f"{cfg_path}: expected a JSON object, got a {type(d).__name__}")
+    try:
+        check_fields(d)
+    except ValueError as e:
+        raise ValueError(f"{cfg_path}: {e}") from None
     return d
+
+
+def check_fields(d):
+    """Types and ranges of the config.json fields the model reads (absent or null: the default), so
+    that a wrong one is one error naming it, not a traceback from deep inside torch."""
+    def bad(name, v, kind):
+        raise ValueError(f"{name} must be {kind}, got {json.dumps(v)[:60]}")
+    count = lambda v: isinstance(v, int) and not isinstance(v, bool) and v > 0
+    for name in ("vocab_size", "hidden_size", "intermediate_size", "num_hidden_layers", "num_attention_heads",
+                 "num_key_value_heads", "head_dim", "max_position_embeddings"):
+        if d.get(name) is not None and not count(d[name]):
+            bad(name, d[name], "a positive integer")
+    rope = d.get("rope_parameters")
+    if rope is not None and not isinstance(rope, dict):
+        bad("rope_parameters", rope, "an object")
+    if d.get("rope_scaling") is not None and not isinstance(d["rope_scaling"], dict):
+        bad("rope_scaling", d["rope_scaling"], "an object")
+    for name, v in (("rms_norm_eps", d.get("rms_norm_eps")), ("rope_theta", d.get("rope_theta")),
+                    ("rope_parameters.rope_theta", (rope or {}).get("rope_theta"))):
+        if v is not None and not (isinstance(v, (int, float)) and not isinstance(v, bool) and 0 < v < float("inf")):
+            bad(name, v, "a positive number")
+    for name in ("tie_word_embeddings", "attention_bias", "use_sliding_window"):
+        if d.get(name) is not None and not isinstance(d[name], bool):
+            bad(name, d[name], "true or false")
+    for name in ("dtype", "torch_dtype"):
+        if d.get(name) is not None and not isinstance(d[name], str):
+            bad(name, d[name], "a string")
+    heads, kv = d.get("num_attention_heads"), d.get("num_key_value_heads")
+    if heads and kv and heads % kv:
+        raise ValueError(f"num_attention_heads ({heads}) must be a multiple of num_key_value_heads ({kv}) (GQA)")
+    if d.get("head_dim") is None and heads and d.get("hidden_size") and d["hidden_size"] % heads:
+        raise ValueError(f"hidden_size ({d['hidden_size']}) must be a multiple of num_attention_heads ({heads}) "
+                         "when head_dim is not given")
+    head_dim = d.get("head_dim") or (d.get("hidden_size") or 0) // (heads or 1)
+    if head_dim % 2:
+        bad("head_dim", head_dim, "even (RoPE rotates halves)")
 
 
 def read_json(path):
