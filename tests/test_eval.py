@@ -75,6 +75,12 @@ def test_pipeline_report(tmp_path):
     assert "| - | 0.750 | 1.000 | 1.000 |" in rows["grpo"] and rows["grpo"].endswith("| 20 |")
     assert "grpo parallel vs base serial: accuracy 0.75 vs 0.5 (1.50x); time-to-answer, 1 request, s 1 vs 2 (0.50x)" in text
     assert "whole run: 30 s of stages" in text
+    assert "accuracy difference" not in text            # no standard errors: no verdict
+    for se, verdict in ((0.05, "+0.250, 2 pooled SE 0.141: grpo higher"), (0.1, "+0.250, 2 pooled SE 0.283: grpo on par")):
+        base["serial"]["accuracy_se"] = grpo["parallel"]["accuracy_se"] = se
+        for stage, rep in (("base", base), ("grpo", grpo)):
+            (tmp_path / stage / "eval.json").write_text(json.dumps(rep))
+        assert f"accuracy difference {verdict}" in report.pipeline_report(str(tmp_path))
 
 
 def test_repetition_penalty_reaches_the_parallel_sampler(tmp_path, monkeypatch):
