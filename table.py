@@ -12,7 +12,7 @@ validity, trigger rate, tokens/s, time-to-answer of one request and total / crit
 the paper's three questions answered with 2 pooled standard errors as the line between "on par" and
 a difference; the paper's speedup TPS(NPR) / TPS(SR).
 
-    python table.py                                   # the whole table (~50 min on a 2-core CPU); rerun = resume
+    python table.py                                   # the whole table (38 min on a 2-core CPU); rerun = resume
     python table.py --seeds 0 --eval-n 200            # a quick look
     python table.py --out-dir out/abl_std --base-dir out/table --arms npr --grpo-args="--adv-std group"
 
@@ -320,8 +320,9 @@ def plot(cfg, order, models):
             recs = [json.loads(line) for line in open(log) if '"accuracy"' in line]
             acc = [r["accuracy"] for r in recs]      # a step's 16 prompts vary: the mean of the last 10 steps
             smooth = [statistics.mean(acc[max(0, i - 9):i + 1]) for i in range(len(acc))]
+            shades = ("#08519c", "#3182bd", "#6baed6") if label == "NPR" else ("#a63603", "#e6550d", "#fd8d3c")
             ax[2].plot([r["step"] for r in recs], smooth, "-" if label == "NPR" else "--",
-                       color="C0" if label == "NPR" else "C1", alpha=0.8, label=f"{label} seed {s}")
+                       color=shades[s % 3], label=f"{label} seed {s}")
     ax[2].set(xlabel="RL step", ylabel="rollout accuracy (last 10 steps)", title="RL: accuracy of the rollouts")
     ax[2].legend(fontsize=7)
     fig.tight_layout()
