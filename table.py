@@ -251,7 +251,8 @@ def write_table(cfg, models, wall):
     ask("Does parallel RL match or beat sequential RL trained the same way?", "NPR", "SR")
     ask("Does parallel RL beat the base?", "NPR", "base")
     ask("Does parallel decoding need SFT with the branch mask? (ablation)", "NPR-Beta", "SR-Beta in parallel")
-    lines += ["", "| question | arms | difference | 2 pooled SE | answer |", "|---|---|---|---|---|"]
+    ask("Does SFT without the branch mask keep the base's accuracy in parallel? (ablation)", "SR-Beta in parallel", "base")
+    lines += ["", "| question | arms | difference | 2 pooled SE | answer |", "|---|---|---|---|---|"] if questions else []
     for q, a, b, c in questions:
         lines.append(f"| {q} | {a} - {b} | {c['diff']:+.3f} | {2 * c['pooled_se']:.3f} | {a} {c['verdict']}"
                      f"{'' if c['verdict'] == 'on par' else ' than ' + b} |")
@@ -324,7 +325,8 @@ def plot(cfg, order, models):
             ax[2].plot([r["step"] for r in recs], smooth, "-" if label == "NPR" else "--",
                        color=shades[s % 3], label=f"{label} seed {s}")
     ax[2].set(xlabel="RL step", ylabel="rollout accuracy (last 10 steps)", title="RL: accuracy of the rollouts")
-    ax[2].legend(fontsize=7)
+    if ax[2].get_legend_handles_labels()[0]:   # an ablation without RL arms draws no curve
+        ax[2].legend(fontsize=7)
     fig.tight_layout()
     path = os.path.join(cfg.out_dir, "table.png")
     fig.savefig(path, dpi=110)
