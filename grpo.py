@@ -8,14 +8,13 @@ Stages 1 and 3: reinforcement learning with group rollouts, decoded serially or 
 
 --mode picks only how rollouts decode; the recipe (advantage std, loss mean, ratio, dynamic sampling,
 overlong penalty, what is dropped) is its own flags, PAPO's by default, so "the same RL, only serial"
-is one flag. The method, the official settings of both stages and where we differ (format reward
-flag, dual-clip, bounded dynamic sampling, dropped rollouts, unbiased stds, no box = wrong) are in
-NPR.md section 4; rewards, advantages and the loss are written out below (reward_of, advantages,
-policy_loss). Both modes train on the exact sampled ids with the sampler's layout; forced tokens get
-no loss unless --train-forced. --ratio importance: the later mini-batches of a rollout batch use the
-true ratio exp(logp - logp_sampler) with the clip (exact where the sampler's log-probs are the
-trainer's: see rollout_model); --ratio onpolicy (PAPO) sets it to 1. --repetition-penalty is off
-by default (NPR.md section 5): on the built-in task a branch must repeat its answer's digits.
+is one flag. The method, both stages' official settings and where we differ (format reward flag,
+dual-clip, bounded dynamic sampling, dropped rollouts, unbiased stds, no box = wrong): NPR.md section 4.
+Both modes train on the exact sampled ids in the sampler's layout; forced tokens get no loss unless
+--train-forced. --ratio importance: the clipped ratio exp(logp - logp_sampler), which moves off 1 in
+a rollout batch's later updates (exact where the sampler's log-probs are the trainer's: see
+rollout_model); --ratio onpolicy (PAPO): always 1. --repetition-penalty is off by default (NPR.md
+section 5): on the built-in task a branch must repeat its answer's digits.
 Logs one line per step, JSON lines in out_dir/metrics.jsonl, periodic eval, resumable checkpoints.
 """
 import copy
@@ -49,8 +48,7 @@ class Config:
     group_size: int = 8                    # rollouts per prompt (paper: 16)
     seqs_per_update: int = 32              # sequences per optimizer step (paper: 16)
     micro_batch: int = 8                   # sequences per forward/backward (gradient accumulation)
-    # the recipe, whatever the decoding (defaults: PAPO); stage 1's DAPO is the flag set
-    # --adv-std group --loss-mean token --ratio importance --dynamic-sampling --overlong-buffer 10 --malformed grade
+    # the recipe, whatever the decoding (defaults: PAPO; stage 1's DAPO: the docstring's third command)
     adv_std: str = "batch"                 # advantage = (r - group mean) / std of: batch (PAPO) | group (GRPO, DAPO)
     loss_mean: str = "seq"                 # seq: mean over sequences of each one's token mean (PAPO) | token: over all tokens (DAPO)
     ratio: str = "onpolicy"                # onpolicy: exp(logp - stopgrad(logp)) (PAPO) | importance: clipped, against the sampler's
