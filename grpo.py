@@ -157,8 +157,7 @@ def policy_loss(logp, old_logp, adv, mask, ratio_kind, clip_low, clip_high, norm
     per_tok = per_tok * mask
     if mean == "token":                                                      # token mean (DAPO)
         return per_tok.sum() / norm
-    seq_mean = per_tok.sum(1) / mask.sum(1).clamp(min=1)                     # sequence mean of token means
-    return seq_mean.sum() / norm
+    return (per_tok.sum(1) / mask.sum(1).clamp(min=1)).sum() / norm         # sum of each sequence's token mean
 
 
 def lr_at(step, cfg):
