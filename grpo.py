@@ -194,32 +194,27 @@ def sync_rollout_model(roll_model, model):
 
 
 def to_batch(items, train_forced, dev):
-    """items: [(Sample, advantage)] -> ids, pos, Layout, targets, old log-probs, mask, adv (padded)."""
-    T = max(len(s.prompt_ids) + len(s.ids) for s, _ in items)
-    B = len(items)
-    ids = torch.zeros(B, T, dtype=torch.long)
-    pos = torch.zeros(B, T, dtype=torch.long)
-    doc = torch.full((B, T), -1, dtype=torch.int32)
-    block = torch.zeros(B, T, dtype=torch.int32)
-    branch = torch.zeros(B, T, dtype=torch.int32)
-    targets = torch.full((B, T), -100, dtype=torch.long)
-    old = torch.zeros(B, T)
-    for b, (s, _) in enumerate(items):
-        P, n = len(s.prompt_ids), len(s.ids)
-        ids[b, :P + n] = torch.tensor(s.prompt_ids + s.ids)
-        pos[b, :P + n] = torch.tensor(list(range(P)) + s.pos)
-        doc[b, :P + n] = 0
-        block[b, P:P + n] = torch.tensor(s.block, dtype=torch.int32)
-        branch[b, P:P + n] = torch.tensor(s.branch, dtype=torch.int32)
+    """items: [(Sample, advantage)] -> ids, pos, Layout, targets, old log-probs (nan: forced), adv;
+    each row the prompt then the response, right-padded."""
+    ids, pos, doc, block, branch, targets, old = ([] for _ in range(7))
+    for s, _ in items:
+        P = len(s.prompt_ids)
+        ids.append(s.prompt_ids + s.ids)
+        pos.append(list(range(P)) + s.pos)
+        doc.append([0] * len(ids[-1]))
+        block.append([0] * P + s.block)
+        branch.append([0] * P + s.branch)
         # response token i is predicted at index P+i-1 (the token before it in canonical order is the
         # previous token of its own stream: every segment starts with a forced token)
-        keep = torch.tensor([bool(x) or train_forced for x in s.sampled])
-        tgt = torch.tensor(s.ids).masked_fill(~keep, -100)
-        targets[b, P - 1:P - 1 + n] = tgt
-        old[b, P - 1:P - 1 + n] = torch.tensor([lp if x else float("nan") for lp, x in zip(s.logprobs, s.sampled)])
-    adv = torch.tensor([a for _, a in items])
-    layout = Layout(doc=doc, block=block, branch=branch)
-    return ids.to(dev), pos.to(dev), layout.to(dev), targets.to(dev), old.to(dev), adv.to(dev)
+        targets.append([-100] * (P - 1) + [t if x or train_forced else -100 for t, x in zip(s.ids, s.sampled)])
+        old.append([0.0] * (P - 1) + [lp if x else float("nan") for lp, x in zip(s.logprobs, s.sampled)])
+    T = max(map(len, ids))
+
+    def pad(rows, fill, dtype=torch.long):   # -> (B, T)
+        return torch.tensor([r + [fill] * (T - len(r)) for r in rows], dtype=dtype, device=dev)
+    layout = Layout(doc=pad(doc, -1, torch.int32), block=pad(block, 0, torch.int32), branch=pad(branch, 0, torch.int32))
+    return (pad(ids, 0), pad(pos, 0), layout, pad(targets, -100), pad(old, 0.0, torch.float32),
+            torch.tensor([a for _, a in items], device=dev))
 
 
 def rollout(sampler, tok, problems, cfg, step, instruction, rank, world):
