@@ -22,6 +22,7 @@ import math
 import os
 import random
 import time
+from collections import Counter
 from dataclasses import dataclass
 
 import torch
@@ -221,14 +222,13 @@ def rollout(sampler, tok, problems, cfg, step, instruction, rank, world):
     """Sample groups for this rank's prompts; dynamic sampling in serial mode. -> (groups, each a
     list of (Sample, reward); every (Sample, answer) drawn; dropped counts by reason; wall seconds)"""
     per_rank = cfg.prompts_per_step // world
-    groups, dropped, seen, wall, rounds = [], {}, [], 0.0, 0
-    need = per_rank
+    groups, seen, dropped, wall, rounds = [], [], Counter(), 0.0, 0
     params = SamplingParams(mode=cfg.mode, temperature=cfg.temperature, top_p=cfg.top_p,
                             max_new_tokens=cfg.max_new_tokens, max_branches=cfg.max_branches,
                             fork_min_tokens=cfg.fork_min_tokens, repetition_penalty=cfg.repetition_penalty,
                             seed=cfg.seed)
     max_rounds = (cfg.max_sampling_rounds or math.inf) if cfg.dynamic_sampling else 1
-    while need > 0 and rounds < max_rounds:
+    while (need := per_rank - len(groups)) > 0 and rounds < max_rounds:
         # round 0: the same prompts on every rank, split by rank, each row's stream named by (step,
         # slot, sample): rollouts do not depend on the rank count. Later rounds draw per rank.
         rng = random.Random((cfg.seed * 1_000_003 + step) * 1009 + rounds * 7919 + (rank if rounds else 0))
@@ -242,23 +242,16 @@ def rollout(sampler, tok, problems, cfg, step, instruction, rank, world):
         out, w = sampler.generate_many(prompts, cfg.group_size, params, seeds=seeds, batch_rows=cfg.rollout_rows)
         wall += w
         for i, samples in zip(picks, out):
-            kept = []
-            for s in samples:
-                seen.append((s, problems[i]["answer"]))
-                r, score, why = reward_of(s, problems[i]["answer"], cfg)
-                if why is None:
-                    kept.append((s, r, score))
-                else:
-                    dropped[why.split(":")[0]] = dropped.get(why.split(":")[0], 0) + 1
-            scores = {score for _, _, score in kept}          # dynamic sampling: on the score, before the overlong penalty
-            why = "group too small" if len(kept) < 2 else \
-                "zero-variance group" if cfg.dynamic_sampling and len(scores) == 1 else None
-            if why:                                              # no learning signal: dropped
-                dropped[why] = dropped.get(why, 0) + len(kept)
-                continue
-            if len(groups) < per_rank:
+            seen += [(s, problems[i]["answer"]) for s in samples]
+            judged = [(s, *reward_of(s, problems[i]["answer"], cfg)) for s in samples]
+            dropped.update(why.split(":")[0] for *_, why in judged if why is not None)
+            kept = [(s, r, score) for s, r, score, why in judged if why is None]
+            # no learning signal: too few left for a baseline, or (dynamic sampling) one score for all,
+            # the score being the reward before the overlong penalty
+            if len(kept) < 2 or cfg.dynamic_sampling and len({score for _, _, score in kept}) == 1:
+                dropped["group too small" if len(kept) < 2 else "zero-variance group"] += len(kept)
+            elif len(groups) < per_rank:
                 groups.append([(s, r) for s, r, _ in kept])
-        need = per_rank - len(groups)
         rounds += 1
     return groups, seen, dropped, wall
 
