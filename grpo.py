@@ -303,9 +303,8 @@ def log_step(step, seen, rewards, dropped, n_items, trained, roll_wall, t_train,
     m, n = (npr.sample_metrics(seen, roll_wall) if seen else {}), len(seen)
     forks = [b for s, _ in seen for b in s.stats["branches_per_fork"]]
     flat = [r for g in rewards for r in g]
-    sums = dict(samples=n, accuracy=m.get("accuracy", 0) * n, format_valid=m.get("format_valid", 0) * n,
-                trigger_rate=m.get("trigger_rate", 0) * n, tokens=m.get("mean_tokens", 0) * n,
-                critical_tokens=m.get("mean_critical_tokens", 0) * n, branches=sum(forks), forks=len(forks),
+    per_sample = ("accuracy", "format_valid", "trigger_rate", "mean_tokens", "mean_critical_tokens")   # x n: sums
+    sums = dict({k: m.get(k, 0) * n for k in per_sample}, samples=n, branches=sum(forks), forks=len(forks),
                 reward=sum(flat), rewards=len(flat), trained_seqs=n_items, loss=sum(losses), roll_wall=roll_wall,
                 entropy=sum(ents), entropies=len(ents))
     if world > 1:
@@ -317,9 +316,9 @@ def log_step(step, seen, rewards, dropped, n_items, trained, roll_wall, t_train,
                 format_valid=mean("format_valid"), trigger_rate=mean("trigger_rate"),
                 branches_per_fork=mean("branches", "forks"), trained_seqs=int(sums["trained_seqs"]),
                 dropped={k: sum(d.get(k, 0) for d in drops) for d in drops for k in d},
-                response_tokens=mean("tokens"), critical_tokens=mean("critical_tokens"),
+                response_tokens=mean("mean_tokens"), critical_tokens=mean("mean_critical_tokens"),
                 entropy=mean("entropy", "entropies"), loss=float(sums["loss"]), grad_norm=max(gnorms, default=0.0),
-                rollout_tok_s=sums["tokens"] / max(sums["roll_wall"] / world, 1e-9),
+                rollout_tok_s=sums["mean_tokens"] / max(sums["roll_wall"] / world, 1e-9),
                 train_tok_s=n_train_tok * world / max(t_train, 1e-9))
 
 
