@@ -257,7 +257,7 @@ def rollout(sampler, tok, problems, cfg, step, instruction, rank, world):
 
 
 # -----------------------------------------------------------------------------
-# The update, the step's log, evaluation
+# The update, the step's log
 
 def update(train_model, model, opt, items, cfg, world, dev):
     """Optimizer steps of seqs_per_update sequences (global) in micro-batches.
@@ -322,16 +322,6 @@ def log_step(step, seen, rewards, dropped, n_items, trained, roll_wall, t_train,
                 train_tok_s=n_train_tok * world / max(t_train, 1e-9))
 
 
-def evaluate(sampler, tok, problems, instruction, cfg, dev, bf16_autocast):
-    """Greedy decoding of the eval problems in the training mode -> eval.py's metrics."""
-    params = SamplingParams(mode=cfg.mode, temperature=0.0, max_new_tokens=cfg.max_new_tokens,
-                            max_branches=cfg.max_branches, fork_min_tokens=cfg.fork_min_tokens)
-    prompts = [npr.chat_prompt(tok, p["question"], instruction) for p in problems]
-    with autocast(dev, bf16_autocast):
-        got, wall = sampler.generate_many(prompts, 1, params, batch_rows=cfg.rollout_rows)
-    return npr.sample_metrics([(ss[0], p["answer"]) for p, ss in zip(problems, got)], wall)
-
-
 # -----------------------------------------------------------------------------
 
 def main(cfg: Config):
@@ -351,10 +341,15 @@ def main(cfg: Config):
     opt = torch.optim.AdamW(model.parameters(), lr=cfg.lr, betas=(0.9, 0.999), weight_decay=cfg.weight_decay)
     step, metrics = resume_training(opt, cfg, resuming, rank, world, dev)
 
-    def maybe_evaluate(at_step):
+    def maybe_evaluate(at_step):   # greedy decoding of the eval problems in the training mode: eval.py's metrics
         if eval_problems and rank == 0 and cfg.eval_every and at_step % cfg.eval_every == 0:
             model.eval()
-            m = evaluate(sampler, tok, eval_problems, instruction, cfg, dev, roll_autocast)
+            params = SamplingParams(mode=cfg.mode, temperature=0.0, max_new_tokens=cfg.max_new_tokens,
+                                    max_branches=cfg.max_branches, fork_min_tokens=cfg.fork_min_tokens)
+            prompts = [npr.chat_prompt(tok, p["question"], instruction) for p in eval_problems]
+            with autocast(dev, roll_autocast):
+                got, wall = sampler.generate_many(prompts, 1, params, batch_rows=cfg.rollout_rows)
+            m = npr.sample_metrics([(ss[0], p["answer"]) for p, ss in zip(eval_problems, got)], wall)
             print(f"eval step {at_step} | greedy {cfg.mode} accuracy {m['accuracy']:.3f} | format "
                   f"{m['format_valid']:.3f} | trigger {m['trigger_rate']:.3f}", flush=True)
             metrics.write(step=at_step, **{f"eval_{k}": v for k, v in m.items() if not isinstance(v, dict)})
