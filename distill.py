@@ -151,15 +151,10 @@ def distill_chunk(sampler, tok, items, cfg, instruction, seed):
                     kept[i] = s
                 else:
                     reasons[i][why] += 1
-    accepted, state = [], []
-    for i, p in items:
-        s = kept.get(i)
-        if s is not None:
-            accepted.append(dict(index=i, question=p["question"], answer=p["answer"],
-                                 prompt=npr.build_prompt(p["question"], instruction), trajectory=s.text,
-                                 tries=tries[i], format_score=0.0))
-        state.append(dict(index=i, accepted=s is not None, tries=tries[i], reasons=dict(reasons[i])))
-    return accepted, state
+    accepted = [dict(index=i, question=p["question"], answer=p["answer"],
+                     prompt=npr.build_prompt(p["question"], instruction), trajectory=kept[i].text, tries=tries[i],
+                     format_score=0.0) for i, p in items if i in kept]
+    return accepted, [dict(index=i, accepted=i in kept, tries=tries[i], reasons=dict(reasons[i])) for i, _ in items]
 
 
 def summarize(done, out_path, wall_s):
