@@ -160,9 +160,7 @@ def distill_chunk(sampler, tok, items, cfg, instruction, seed):
 def summarize(done, out_path, wall_s):
     """Problems tried, accepted, mean tries, rejection reasons (counted over all rejected tries)."""
     acc = [r for r in done.values() if r["accepted"]]
-    reasons = Counter()
-    for r in done.values():
-        reasons.update(r["reasons"])
+    reasons = sum((Counter(r["reasons"]) for r in done.values()), Counter())
     # dedupe the output file (a kill between the two appends may repeat a chunk); the rewrite is
     # atomic: a kill or a full disk in the middle must not empty a file the state calls done
     rows = {}
