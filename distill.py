@@ -209,14 +209,10 @@ def main(cfg: Config):
         dist.barrier()
     if rank == 0:
         if world > 1:   # merge the shards (and their states) into cfg.out, in problem order
-            rows, states = {}, {}
-            for r in range(world):
-                p = f"{cfg.out}.rank{r}"
-                rows.update({x["index"]: x for x in read_jsonl(p)})
-                states.update(read_done(p + ".state.jsonl"))
+            rows = {x["index"]: x for r in range(world) for x in read_jsonl(f"{cfg.out}.rank{r}")}
+            done = {i: x for r in range(world) for i, x in read_done(f"{cfg.out}.rank{r}.state.jsonl").items()}
             atomic_write(cfg.out, (json.dumps(rows[i]) + "\n" for i in sorted(rows)))
-            atomic_write(cfg.out + ".state.jsonl", (json.dumps(states[i]) + "\n" for i in sorted(states)))
-            done = states
+            atomic_write(cfg.out + ".state.jsonl", (json.dumps(done[i]) + "\n" for i in sorted(done)))
         summary = summarize(done, cfg.out, time.perf_counter() - t0)
         print(json.dumps(summary, indent=2))
         atomic_write(os.path.splitext(cfg.out)[0] + ".summary.json", json.dumps(summary, indent=2))
