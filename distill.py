@@ -151,23 +151,16 @@ def distill_chunk(sampler, tok, items, cfg, instruction, seed):
                     kept[i] = s
                 else:
                     reasons[i][why] += 1
-    accepted, state = [], []
-    for i, p in items:
-        s = kept.get(i)
-        if s is not None:
-            accepted.append(dict(index=i, question=p["question"], answer=p["answer"],
-                                 prompt=npr.build_prompt(p["question"], instruction), trajectory=s.text,
-                                 tries=tries[i], format_score=0.0))
-        state.append(dict(index=i, accepted=s is not None, tries=tries[i], reasons=dict(reasons[i])))
-    return accepted, state
+    accepted = [dict(index=i, question=p["question"], answer=p["answer"],
+                     prompt=npr.build_prompt(p["question"], instruction), trajectory=kept[i].text, tries=tries[i],
+                     format_score=0.0) for i, p in items if i in kept]
+    return accepted, [dict(index=i, accepted=i in kept, tries=tries[i], reasons=dict(reasons[i])) for i, _ in items]
 
 
 def summarize(done, out_path, wall_s):
     """Problems tried, accepted, mean tries, rejection reasons (counted over all rejected tries)."""
     acc = [r for r in done.values() if r["accepted"]]
-    reasons = Counter()
-    for r in done.values():
-        reasons.update(r["reasons"])
+    reasons = sum((Counter(r["reasons"]) for r in done.values()), Counter())
     # dedupe the output file (a kill between the two appends may repeat a chunk); the rewrite is
     # atomic: a kill or a full disk in the middle must not empty a file the state calls done
     rows = {}
@@ -216,14 +209,10 @@ def main(cfg: Config):
         dist.barrier()
     if rank == 0:
         if world > 1:   # merge the shards (and their states) into cfg.out, in problem order
-            rows, states = {}, {}
-            for r in range(world):
-                p = f"{cfg.out}.rank{r}"
-                rows.update({x["index"]: x for x in read_jsonl(p)})
-                states.update(read_done(p + ".state.jsonl"))
+            rows = {x["index"]: x for r in range(world) for x in read_jsonl(f"{cfg.out}.rank{r}")}
+            done = {i: x for r in range(world) for i, x in read_done(f"{cfg.out}.rank{r}.state.jsonl").items()}
             atomic_write(cfg.out, (json.dumps(rows[i]) + "\n" for i in sorted(rows)))
-            atomic_write(cfg.out + ".state.jsonl", (json.dumps(states[i]) + "\n" for i in sorted(states)))
-            done = states
+            atomic_write(cfg.out + ".state.jsonl", (json.dumps(done[i]) + "\n" for i in sorted(done)))
         summary = summarize(done, cfg.out, time.perf_counter() - t0)
         print(json.dumps(summary, indent=2))
         atomic_write(os.path.splitext(cfg.out)[0] + ".summary.json", json.dumps(summary, indent=2))

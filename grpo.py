@@ -8,14 +8,13 @@ Stages 1 and 3: reinforcement learning with group rollouts, decoded serially or 
 
 --mode picks only how rollouts decode; the recipe (advantage std, loss mean, ratio, dynamic sampling,
 overlong penalty, what is dropped) is its own flags, PAPO's by default, so "the same RL, only serial"
-is one flag. The method, the official settings of both stages and where we differ (format reward
-flag, dual-clip, bounded dynamic sampling, dropped rollouts, unbiased stds, no box = wrong) are in
-NPR.md section 4; rewards, advantages and the loss are written out below (reward_of, advantages,
-policy_loss). Both modes train on the exact sampled ids with the sampler's layout; forced tokens get
-no loss unless --train-forced. --ratio importance: the later mini-batches of a rollout batch use the
-true ratio exp(logp - logp_sampler) with the clip (exact where the sampler's log-probs are the
-trainer's: see rollout_model); --ratio onpolicy (PAPO) sets it to 1. --repetition-penalty is off
-by default (NPR.md section 5): on the built-in task a branch must repeat its answer's digits.
+is one flag. The method, both stages' official settings and where we differ (format reward flag,
+dual-clip, bounded dynamic sampling, dropped rollouts, unbiased stds, no box = wrong): NPR.md section 4.
+Both modes train on the exact sampled ids in the sampler's layout; forced tokens get no loss unless
+--train-forced. --ratio importance: the clipped ratio exp(logp - logp_sampler), which moves off 1 in
+a rollout batch's later updates (exact where the sampler's log-probs are the trainer's: see
+rollout_model); --ratio onpolicy (PAPO): always 1. --repetition-penalty is off by default (NPR.md
+section 5): on the built-in task a branch must repeat its answer's digits.
 Logs one line per step, JSON lines in out_dir/metrics.jsonl, periodic eval, resumable checkpoints.
 """
 import copy
@@ -23,6 +22,7 @@ import math
 import os
 import random
 import time
+from collections import Counter
 from dataclasses import dataclass
 
 import torch
@@ -49,8 +49,7 @@ class Config:
     group_size: int = 8                    # rollouts per prompt (paper: 16)
     seqs_per_update: int = 32              # sequences per optimizer step (paper: 16)
     micro_batch: int = 8                   # sequences per forward/backward (gradient accumulation)
-    # the recipe, whatever the decoding (defaults: PAPO); stage 1's DAPO is the flag set
-    # --adv-std group --loss-mean token --ratio importance --dynamic-sampling --overlong-buffer 10 --malformed grade
+    # the recipe, whatever the decoding (defaults: PAPO; stage 1's DAPO: the docstring's third command)
     adv_std: str = "batch"                 # advantage = (r - group mean) / std of: batch (PAPO) | group (GRPO, DAPO)
     loss_mean: str = "seq"                 # seq: mean over sequences of each one's token mean (PAPO) | token: over all tokens (DAPO)
     ratio: str = "onpolicy"                # onpolicy: exp(logp - stopgrad(logp)) (PAPO) | importance: clipped, against the sampler's
@@ -159,8 +158,7 @@ def policy_loss(logp, old_logp, adv, mask, ratio_kind, clip_low, clip_high, norm
     per_tok = per_tok * mask
     if mean == "token":                                                      # token mean (DAPO)
         return per_tok.sum() / norm
-    seq_mean = per_tok.sum(1) / mask.sum(1).clamp(min=1)                     # sequence mean of token means
-    return seq_mean.sum() / norm
+    return (per_tok.sum(1) / mask.sum(1).clamp(min=1)).sum() / norm         # sum of each sequence's token mean
 
 
 def lr_at(step, cfg):
@@ -197,46 +195,40 @@ def sync_rollout_model(roll_model, model):
 
 
 def to_batch(items, train_forced, dev):
-    """items: [(Sample, advantage)] -> ids, pos, Layout, targets, old log-probs, mask, adv (padded)."""
-    T = max(len(s.prompt_ids) + len(s.ids) for s, _ in items)
-    B = len(items)
-    ids = torch.zeros(B, T, dtype=torch.long)
-    pos = torch.zeros(B, T, dtype=torch.long)
-    doc = torch.full((B, T), -1, dtype=torch.int32)
-    block = torch.zeros(B, T, dtype=torch.int32)
-    branch = torch.zeros(B, T, dtype=torch.int32)
-    targets = torch.full((B, T), -100, dtype=torch.long)
-    old = torch.zeros(B, T)
-    for b, (s, _) in enumerate(items):
-        P, n = len(s.prompt_ids), len(s.ids)
-        ids[b, :P + n] = torch.tensor(s.prompt_ids + s.ids)
-        pos[b, :P + n] = torch.tensor(list(range(P)) + s.pos)
-        doc[b, :P + n] = 0
-        block[b, P:P + n] = torch.tensor(s.block, dtype=torch.int32)
-        branch[b, P:P + n] = torch.tensor(s.branch, dtype=torch.int32)
+    """items: [(Sample, advantage)] -> ids, pos, Layout, targets, old log-probs (nan: forced), adv;
+    each row the prompt then the response, right-padded."""
+    ids, pos, doc, block, branch, targets, old = ([] for _ in range(7))
+    for s, _ in items:
+        P = len(s.prompt_ids)
+        ids.append(s.prompt_ids + s.ids)
+        pos.append(list(range(P)) + s.pos)
+        doc.append([0] * len(ids[-1]))
+        block.append([0] * P + s.block)
+        branch.append([0] * P + s.branch)
         # response token i is predicted at index P+i-1 (the token before it in canonical order is the
         # previous token of its own stream: every segment starts with a forced token)
-        keep = torch.tensor([bool(x) or train_forced for x in s.sampled])
-        tgt = torch.tensor(s.ids).masked_fill(~keep, -100)
-        targets[b, P - 1:P - 1 + n] = tgt
-        old[b, P - 1:P - 1 + n] = torch.tensor([lp if x else float("nan") for lp, x in zip(s.logprobs, s.sampled)])
-    adv = torch.tensor([a for _, a in items])
-    layout = Layout(doc=doc, block=block, branch=branch)
-    return ids.to(dev), pos.to(dev), layout.to(dev), targets.to(dev), old.to(dev), adv.to(dev)
+        targets.append([-100] * (P - 1) + [t if x or train_forced else -100 for t, x in zip(s.ids, s.sampled)])
+        old.append([0.0] * (P - 1) + [lp if x else float("nan") for lp, x in zip(s.logprobs, s.sampled)])
+    T = max(map(len, ids))
+
+    def pad(rows, fill, dtype=torch.long):   # -> (B, T)
+        return torch.tensor([r + [fill] * (T - len(r)) for r in rows], dtype=dtype, device=dev)
+    layout = Layout(doc=pad(doc, -1, torch.int32), block=pad(block, 0, torch.int32), branch=pad(branch, 0, torch.int32))
+    return (pad(ids, 0), pad(pos, 0), layout, pad(targets, -100), pad(old, 0.0, torch.float32),
+            torch.tensor([a for _, a in items], device=dev))
 
 
 def rollout(sampler, tok, problems, cfg, step, instruction, rank, world):
     """Sample groups for this rank's prompts; dynamic sampling in serial mode. -> (groups, each a
     list of (Sample, reward); every (Sample, answer) drawn; dropped counts by reason; wall seconds)"""
     per_rank = cfg.prompts_per_step // world
-    groups, dropped, seen, wall, rounds = [], {}, [], 0.0, 0
-    need = per_rank
+    groups, seen, dropped, wall, rounds = [], [], Counter(), 0.0, 0
     params = SamplingParams(mode=cfg.mode, temperature=cfg.temperature, top_p=cfg.top_p,
                             max_new_tokens=cfg.max_new_tokens, max_branches=cfg.max_branches,
                             fork_min_tokens=cfg.fork_min_tokens, repetition_penalty=cfg.repetition_penalty,
                             seed=cfg.seed)
     max_rounds = (cfg.max_sampling_rounds or math.inf) if cfg.dynamic_sampling else 1
-    while need > 0 and rounds < max_rounds:
+    while (need := per_rank - len(groups)) > 0 and rounds < max_rounds:
         # round 0: the same prompts on every rank, split by rank, each row's stream named by (step,
         # slot, sample): rollouts do not depend on the rank count. Later rounds draw per rank.
         rng = random.Random((cfg.seed * 1_000_003 + step) * 1009 + rounds * 7919 + (rank if rounds else 0))
@@ -250,29 +242,22 @@ def rollout(sampler, tok, problems, cfg, step, instruction, rank, world):
         out, w = sampler.generate_many(prompts, cfg.group_size, params, seeds=seeds, batch_rows=cfg.rollout_rows)
         wall += w
         for i, samples in zip(picks, out):
-            kept = []
-            for s in samples:
-                seen.append((s, problems[i]["answer"]))
-                r, score, why = reward_of(s, problems[i]["answer"], cfg)
-                if why is None:
-                    kept.append((s, r, score))
-                else:
-                    dropped[why.split(":")[0]] = dropped.get(why.split(":")[0], 0) + 1
-            scores = {score for _, _, score in kept}          # dynamic sampling: on the score, before the overlong penalty
-            why = "group too small" if len(kept) < 2 else \
-                "zero-variance group" if cfg.dynamic_sampling and len(scores) == 1 else None
-            if why:                                              # no learning signal: dropped
-                dropped[why] = dropped.get(why, 0) + len(kept)
-                continue
-            if len(groups) < per_rank:
+            seen += [(s, problems[i]["answer"]) for s in samples]
+            judged = [(s, *reward_of(s, problems[i]["answer"], cfg)) for s in samples]
+            dropped.update(why.split(":")[0] for *_, why in judged if why is not None)
+            kept = [(s, r, score) for s, r, score, why in judged if why is None]
+            # no learning signal: too few left for a baseline, or (dynamic sampling) one score for all,
+            # the score being the reward before the overlong penalty
+            if len(kept) < 2 or cfg.dynamic_sampling and len({score for _, _, score in kept}) == 1:
+                dropped["group too small" if len(kept) < 2 else "zero-variance group"] += len(kept)
+            elif len(groups) < per_rank:
                 groups.append([(s, r) for s, r, _ in kept])
-        need = per_rank - len(groups)
         rounds += 1
     return groups, seen, dropped, wall
 
 
 # -----------------------------------------------------------------------------
-# The update, the step's log, evaluation
+# The update, the step's log
 
 def update(train_model, model, opt, items, cfg, world, dev):
     """Optimizer steps of seqs_per_update sequences (global) in micro-batches.
@@ -318,9 +303,8 @@ def log_step(step, seen, rewards, dropped, n_items, trained, roll_wall, t_train,
     m, n = (npr.sample_metrics(seen, roll_wall) if seen else {}), len(seen)
     forks = [b for s, _ in seen for b in s.stats["branches_per_fork"]]
     flat = [r for g in rewards for r in g]
-    sums = dict(samples=n, accuracy=m.get("accuracy", 0) * n, format_valid=m.get("format_valid", 0) * n,
-                trigger_rate=m.get("trigger_rate", 0) * n, tokens=m.get("mean_tokens", 0) * n,
-                critical_tokens=m.get("mean_critical_tokens", 0) * n, branches=sum(forks), forks=len(forks),
+    per_sample = ("accuracy", "format_valid", "trigger_rate", "mean_tokens", "mean_critical_tokens")   # x n: sums
+    sums = dict({k: m.get(k, 0) * n for k in per_sample}, samples=n, branches=sum(forks), forks=len(forks),
                 reward=sum(flat), rewards=len(flat), trained_seqs=n_items, loss=sum(losses), roll_wall=roll_wall,
                 entropy=sum(ents), entropies=len(ents))
     if world > 1:
@@ -332,20 +316,10 @@ def log_step(step, seen, rewards, dropped, n_items, trained, roll_wall, t_train,
                 format_valid=mean("format_valid"), trigger_rate=mean("trigger_rate"),
                 branches_per_fork=mean("branches", "forks"), trained_seqs=int(sums["trained_seqs"]),
                 dropped={k: sum(d.get(k, 0) for d in drops) for d in drops for k in d},
-                response_tokens=mean("tokens"), critical_tokens=mean("critical_tokens"),
+                response_tokens=mean("mean_tokens"), critical_tokens=mean("mean_critical_tokens"),
                 entropy=mean("entropy", "entropies"), loss=float(sums["loss"]), grad_norm=max(gnorms, default=0.0),
-                rollout_tok_s=sums["tokens"] / max(sums["roll_wall"] / world, 1e-9),
+                rollout_tok_s=sums["mean_tokens"] / max(sums["roll_wall"] / world, 1e-9),
                 train_tok_s=n_train_tok * world / max(t_train, 1e-9))
-
-
-def evaluate(sampler, tok, problems, instruction, cfg, dev, bf16_autocast):
-    """Greedy decoding of the eval problems in the training mode -> eval.py's metrics."""
-    params = SamplingParams(mode=cfg.mode, temperature=0.0, max_new_tokens=cfg.max_new_tokens,
-                            max_branches=cfg.max_branches, fork_min_tokens=cfg.fork_min_tokens)
-    prompts = [npr.chat_prompt(tok, p["question"], instruction) for p in problems]
-    with autocast(dev, bf16_autocast):
-        got, wall = sampler.generate_many(prompts, 1, params, batch_rows=cfg.rollout_rows)
-    return npr.sample_metrics([(ss[0], p["answer"]) for p, ss in zip(problems, got)], wall)
 
 
 # -----------------------------------------------------------------------------
@@ -367,10 +341,15 @@ def main(cfg: Config):
     opt = torch.optim.AdamW(model.parameters(), lr=cfg.lr, betas=(0.9, 0.999), weight_decay=cfg.weight_decay)
     step, metrics = resume_training(opt, cfg, resuming, rank, world, dev)
 
-    def maybe_evaluate(at_step):
+    def maybe_evaluate(at_step):   # greedy decoding of the eval problems in the training mode: eval.py's metrics
         if eval_problems and rank == 0 and cfg.eval_every and at_step % cfg.eval_every == 0:
             model.eval()
-            m = evaluate(sampler, tok, eval_problems, instruction, cfg, dev, roll_autocast)
+            params = SamplingParams(mode=cfg.mode, temperature=0.0, max_new_tokens=cfg.max_new_tokens,
+                                    max_branches=cfg.max_branches, fork_min_tokens=cfg.fork_min_tokens)
+            prompts = [npr.chat_prompt(tok, p["question"], instruction) for p in eval_problems]
+            with autocast(dev, roll_autocast):
+                got, wall = sampler.generate_many(prompts, 1, params, batch_rows=cfg.rollout_rows)
+            m = npr.sample_metrics([(ss[0], p["answer"]) for p, ss in zip(eval_problems, got)], wall)
             print(f"eval step {at_step} | greedy {cfg.mode} accuracy {m['accuracy']:.3f} | format "
                   f"{m['format_valid']:.3f} | trigger {m['trigger_rate']:.3f}", flush=True)
             metrics.write(step=at_step, **{f"eval_{k}": v for k, v in m.items() if not isinstance(v, dict)})
