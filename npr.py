@@ -119,13 +119,12 @@ def parse(text: str, max_branches: int = 5, complete: bool = True) -> Parsed:
     bad = problems.append
     state, cur, mark = "out", None, 0   # mark: start of the current content (guideline/takeaway/gap)
 
-    def close_plan(at, end=None):       # end: one past its </plan>; None: cut off at `at`
-        p = cur.plan_spans[-1]
-        p[1], p[3], p[4] = at if end is None else end, at, end is not None
+    def close(span, at, end=None):      # end: one past its closing tag; None: cut off at `at`
+        span[1], span[3], span[4] = at if end is None else end, at, end is not None
 
     def cut_guideline(at):
         if state == "plan":
-            close_plan(at)
+            close(cur.plan_spans[-1], at)
         cur.guide = (mark, at)
         cur.numbers = [m.group(1) for p in cur.plan_spans if (m := HEADER_RE.match(text, p[2], p[3]))]
 
@@ -139,11 +138,10 @@ def parse(text: str, max_branches: int = 5, complete: bool = True) -> Parsed:
             bad(f"block {len(blocks)} has {k} plans, more than the cap {max_branches}")
         state, mark = "steps", at
 
-    def close_step(at, end=None):       # end: one past its </step>; None: cut off at `at`
+    def close_step(at, end=None):
         nonlocal state, mark
-        s = cur.step_spans[-1]
-        s[1], s[3], s[4] = at if end is None else end, at, end is not None
-        state, mark = "steps", s[1]
+        close(cur.step_spans[-1], at, end)
+        state, mark = "steps", cur.step_spans[-1][1]
 
     def end_block(at, framed=False):    # framed: ended by its </takeaway>
         nonlocal state
@@ -169,11 +167,11 @@ def parse(text: str, max_branches: int = 5, complete: bool = True) -> Parsed:
         elif tag == "<plan>" and state in ("guideline", "plan"):
             if state == "plan":
                 bad(f"plan inside a plan at {a}")
-                close_plan(a)
+                close(cur.plan_spans[-1], a)
             cur.plan_spans.append([a, -1, b, -1, False])
             state = "plan"
         elif tag == "</plan>" and state == "plan":
-            close_plan(a, b)
+            close(cur.plan_spans[-1], a, b)
             state = "guideline"
         elif tag in ("<step>", "<takeaway>") and state not in ("out", "takeaway"):
             if state == "step":         # an open step or guideline ends here
