@@ -287,17 +287,13 @@ def format_score(text: str, max_branches: int = 5) -> tuple[float, list[str]]:
             pen(1.0, f"block {n}: {len(steps)} steps for {len(plans)} plans")
         elif len(plans) > max_branches:
             pen(1.0, f"block {n}: {len(plans)} plans, more than {max_branches}")
-        for i, (_, _, lo, hi, _) in enumerate(plans, 1):
-            if hi - lo < 3 or TAG_RE.search(s, lo, hi):
-                pen(0.4, f"block {n}: plan {i} too short or holds a tag")
-            elif not HEADER_RE.match(s, lo, hi):
-                pen(0.4, f"block {n}: plan {i} does not open with 'N:'")
-        for i, (_, _, lo, hi, _) in enumerate(steps, 1):
-            if hi - lo < 6 or TAG_RE.search(s, lo, hi):
-                pen(0.4, f"block {n}: step {i} too short or holds a tag")
-        lo, hi = b.take
-        if hi - lo < 6 or TAG_RE.search(s, lo, hi):
-            pen(0.4, f"block {n}: takeaway too short or holds a tag")
+        parts = ([(f"plan {i}", 3, lo, hi) for i, (_, _, lo, hi, _) in enumerate(plans, 1)]
+                 + [(f"step {i}", 6, lo, hi) for i, (_, _, lo, hi, _) in enumerate(steps, 1)] + [("takeaway", 6, *b.take)])
+        for what, shortest, lo, hi in parts:   # each part's content: long enough, no tag; a plan opens with "N:"
+            if hi - lo < shortest or TAG_RE.search(s, lo, hi):
+                pen(0.4, f"block {n}: {what} too short or holds a tag")
+            elif what.startswith("plan") and not HEADER_RE.match(s, lo, hi):
+                pen(0.4, f"block {n}: {what} does not open with 'N:'")
     if TAG_RE.search(s, prev):
         pen(1.0, "tag after the last block")
     return round(score, 6), problems
