@@ -343,24 +343,20 @@ def token_layout(pieces: list[str], start_pos: int = 0, max_branches: int = 5,
     """
     starts, n = [0, *accumulate(map(len, pieces))][:-1], len(pieces)   # each token's first character
     parsed = parse("".join(pieces), max_branches, complete)
-    problems = parsed.problems
 
     def tok(c):  # the token holding character c (empty pieces never hold a character)
         return bisect_right(starts, c) - 1
 
     block, branch = [0] * n, [0] * n
-    for bid, blk in enumerate(parsed.blocks, 1):
-        if blk.end > blk.start:
-            for t in range(tok(blk.start), tok(blk.end - 1) + 1):
-                block[t] = bid
+    for bid, blk in enumerate(parsed.blocks, 1):   # a block and a step are never empty: end > start
+        for t in range(tok(blk.start), tok(blk.end - 1) + 1):
+            block[t] = bid
     for bid, blk in enumerate(parsed.blocks, 1):
         for i, (a, b, _, _, _) in enumerate(blk.step_spans, 1):
-            if b <= a:
-                continue
             last = tok(b - 1)
             for t in range(tok(a), last + 1):
                 if branch[t] and (block[t], branch[t]) != (bid, i):
-                    problems.append(f"token {t} spans two branches")
+                    parsed.problems.append(f"token {t} spans two branches")
                     continue
                 block[t], branch[t] = bid, i
             t = last + 1
@@ -368,7 +364,7 @@ def token_layout(pieces: list[str], start_pos: int = 0, max_branches: int = 5,
                 block[t], branch[t] = bid, i
                 t += 1
     positions = Positions(start_pos)
-    return TokenLayout(block, branch, [positions(k, i) for k, i in zip(block, branch)], problems)
+    return TokenLayout(block, branch, [positions(k, i) for k, i in zip(block, branch)], parsed.problems)
 
 
 def sample_metrics(samples, wall_s):
