@@ -64,7 +64,8 @@ class KVCache:
     # index_put_, not scatter_: under torch.compile Inductor keeps index_put an in-place write, while
     # scatter becomes a copy of the whole cache per layer plus a copy back.
     def write_layout(self, layout):
-        """Record the new tokens' metadata at their slots; make the k/v write index (once per forward)."""
+        """Record the new tokens' metadata at their slots; make the k/v write index and the keys' Layout
+        (once per forward: one Layout object for all layers, their masks are memoised on it)."""
         s = layout.slots().long()
         rows = (self.rows if self.rows is not None else torch.arange(s.shape[0], device=s.device))[:, None]
         self.doc.index_put_((rows, s), layout.doc)
@@ -72,7 +73,7 @@ class KVCache:
         self.branch.index_put_((rows, s), layout.branch)
         heads = torch.arange(self.k[0].shape[1], device=s.device)
         self.index = (rows[:, :, None], heads[None, :, None], s[:, None, :])   # (B, Hkv, T) -> the D values
-        self.k_layout = self.layout()   # one Layout object for all layers: their masks are memoised on it
+        self.k_layout = Layout(self.view(self.doc), self.view(self.block), self.view(self.branch))
 
     def update(self, layer_idx, k, v):
         """Write k/v (B, Hkv, T, D) at the slots given to write_layout -> the cache views (B, Hkv, limit, D)."""
@@ -84,9 +85,6 @@ class KVCache:
         """What a forward attends of a cache tensor: slots [0, limit) of its rows (a prefill's rows only)."""
         t = t[:, :, :self.limit] if t.dim() == 4 else t[:, :self.limit]
         return t if self.rows is None else t.index_select(0, self.rows)
-
-    def layout(self):
-        return Layout(self.view(self.doc), self.view(self.block), self.view(self.branch))
 
 
 class Sampler:
