@@ -223,12 +223,11 @@ class Sampler:
             doc[b, :len(seq.prompt)] = 0
         z = torch.zeros(B, L, dtype=torch.int32)
         slot = torch.arange(L, dtype=torch.int32).expand(B, L)
-        c = self.cache
-        c.limit, c.rows = L, torch.tensor([seq.row for seq in seqs], device=dev)
+        self.cache.limit, self.cache.rows = L, torch.tensor([seq.row for seq in seqs], device=dev)
         try:
-            h = self.model.hidden_states(ids.to(dev), slot.long().to(dev), Layout(doc, z, z, slot).to(dev), c)
+            h = self.model.hidden_states(ids.to(dev), slot.long().to(dev), Layout(doc, z, z, slot).to(dev), self.cache)
         finally:
-            c.rows = None
+            self.cache.rows = None
         last = torch.tensor([len(seq.prompt) - 1 for seq in seqs], device=dev)
         drawing = [(seq, seq.trunk) for seq in seqs]
         self.postprocess(drawing, *self.draw(drawing, F.linear(h[torch.arange(B, device=dev), last],
@@ -264,9 +263,8 @@ class Sampler:
     def run(self, grid, drawing, cells, limit):
         """One forward over the grid (eager, static or CUDA graph), then the draws -> (tokens, log-probs)."""
         dev, fast = self.model.output_weight.device, self.fast
-        W = grid.shape[1]
         settings = in_step_settings([seq.p for seq in self.running if not seq.finish], self.steer)
-        if fast is not None and settings is not None and fast.can_draw(W):    # the step draws the tokens itself
+        if fast is not None and settings is not None and fast.can_draw(grid.shape[1]):   # the step draws the tokens
             return fast.draw(grid, limit, drawing, cells, settings)
         if fast is not None:
             h = fast(grid, limit)                                        # (R, W, hidden)
