@@ -208,15 +208,14 @@ class Seq:
         if min(p.max_total_tokens - self.total, p.max_new_tokens - self.crit) < p.fork_min_tokens:
             self.unforked = True
             return
-        headers = [self.tok.encode(npr.STEP_HEADER.format(n=n)) for n in numbers]
         if not self.trunk.text[-1:].isspace():   # the separator before the first step is the trunk's,
             self.force(self.trunk, npr.SEPARATOR)  # as in training text ("</guideline>\n<step>")
         self.forks.append(len(numbers))
         self.trunk.closed = True                                    # suspended until the join
         self.fork = [Stream(self.blocks, i, branch_generator(self.seed, self.blocks, i), self.positions)
                      for i in range(1, len(numbers) + 1)]
-        for st, header in zip(self.fork, headers):
-            self.force(st, header)
+        for st, n in zip(self.fork, numbers):
+            self.force(st, npr.STEP_HEADER.format(n=n))
         self.streams += self.fork
         self.live += self.fork
         self.count()
@@ -231,10 +230,9 @@ class Seq:
         self.live.append(trunk)
         self.count()
 
-    def force(self, st, text_or_ids):
-        """Forced tokens (not sampled, log-prob 0): a forced text, or already encoded ids."""
-        ids = self.tok.encode(text_or_ids) if isinstance(text_or_ids, str) else text_or_ids
-        for t in ids:
+    def force(self, st, text):
+        """Forced tokens (not sampled, log-prob 0): a forced text, encoded on its own."""
+        for t in self.tok.encode(text):
             st.push(t, self.tok.decode_piece(t))
 
     def end(self, reason):
