@@ -111,9 +111,8 @@ class Seq:
         if not prompt:
             raise ValueError("every prompt needs at least one token")
         self.prompt, self.p, self.seed, self.index, self.tok = list(prompt), resolved(params), seed, index, tok
-        self.gen = row_generator(seed)  # the trunk's draws (each branch has its own): batch-independent
         self.positions = npr.Positions(len(self.prompt))
-        self.trunk = Stream(0, 0, self.gen, self.positions)
+        self.trunk = Stream(0, 0, row_generator(seed), self.positions)   # each branch has its own generator
         self.streams = [self.trunk]     # every segment, canonical order: trunk, step 1 .. step k, trunk, ...
         self.live = [self.trunk]        # the streams that still sample or feed, in the same order
         self.fork = []                  # the branches of the open fork
@@ -222,7 +221,7 @@ class Seq:
 
     def join(self):
         """All branches closed: the takeaway opens in the trunk at 1 + the largest branch position."""
-        trunk = Stream(self.blocks, 0, self.gen, self.positions)
+        trunk = Stream(self.blocks, 0, self.trunk.gen, self.positions)
         trunk.text = self.trunk.text                                # tag state continues from the old trunk
         self.force(trunk, npr.TAKEAWAY_HEADER)
         self.trunk = trunk
