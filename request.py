@@ -41,9 +41,7 @@ class SamplingParams:
 
 
 def resolved(p):
-    """Checked params with the all-branch cap filled in: max_new_tokens under budget "total";
-    under "critical" max_total_tokens, 0 = max_branches x max_new_tokens; a temperature below
-    GREEDY_BELOW is 0 (greedy)."""
+    """Checked params, with the cap on all tokens (max_total_tokens) filled in and a greedy temperature made 0."""
     if p.mode not in ("serial", "parallel"):
         raise ValueError(f"mode must be 'serial' or 'parallel', not {p.mode!r}")
     if p.budget not in ("total", "critical"):
@@ -202,8 +200,7 @@ class Seq:
     def open_fork(self, numbers):
         """One branch per numbered plan, all at the position after the trunk's last token."""
         p = self.p
-        # too close to a budget (fewer than fork_min_tokens left of it): the steps stay serial in the
-        # trunk, as the official engine does (it forks only while over 1,024 tokens of budget remain)
+        # too close to a budget the steps stay serial in the trunk, as in the official engine (fork_min_tokens)
         if min(p.max_total_tokens - self.total, p.max_new_tokens - self.crit) < p.fork_min_tokens:
             self.unforked = True
             return
