@@ -119,13 +119,12 @@ def parse(text: str, max_branches: int = 5, complete: bool = True) -> Parsed:
     bad = problems.append
     state, cur, mark = "out", None, 0   # mark: start of the current content (guideline/takeaway/gap)
 
-    def close_plan(at, end=None):       # end: one past its </plan>; None: cut off at `at`
-        p = cur.plan_spans[-1]
-        p[1], p[3], p[4] = at if end is None else end, at, end is not None
+    def close(span, at, end=None):      # end: one past its closing tag; None: cut off at `at`
+        span[1], span[3], span[4] = at if end is None else end, at, end is not None
 
     def cut_guideline(at):
         if state == "plan":
-            close_plan(at)
+            close(cur.plan_spans[-1], at)
         cur.guide = (mark, at)
         cur.numbers = [m.group(1) for p in cur.plan_spans if (m := HEADER_RE.match(text, p[2], p[3]))]
 
@@ -139,11 +138,10 @@ def parse(text: str, max_branches: int = 5, complete: bool = True) -> Parsed:
             bad(f"block {len(blocks)} has {k} plans, more than the cap {max_branches}")
         state, mark = "steps", at
 
-    def close_step(at, end=None):       # end: one past its </step>; None: cut off at `at`
+    def close_step(at, end=None):
         nonlocal state, mark
-        s = cur.step_spans[-1]
-        s[1], s[3], s[4] = at if end is None else end, at, end is not None
-        state, mark = "steps", s[1]
+        close(cur.step_spans[-1], at, end)
+        state, mark = "steps", cur.step_spans[-1][1]
 
     def end_block(at, framed=False):    # framed: ended by its </takeaway>
         nonlocal state
@@ -169,11 +167,11 @@ def parse(text: str, max_branches: int = 5, complete: bool = True) -> Parsed:
         elif tag == "<plan>" and state in ("guideline", "plan"):
             if state == "plan":
                 bad(f"plan inside a plan at {a}")
-                close_plan(a)
+                close(cur.plan_spans[-1], a)
             cur.plan_spans.append([a, -1, b, -1, False])
             state = "plan"
         elif tag == "</plan>" and state == "plan":
-            close_plan(a, b)
+            close(cur.plan_spans[-1], a, b)
             state = "guideline"
         elif tag in ("<step>", "<takeaway>") and state not in ("out", "takeaway"):
             if state == "step":         # an open step or guideline ends here
@@ -289,17 +287,13 @@ def format_score(text: str, max_branches: int = 5) -> tuple[float, list[str]]:
             pen(1.0, f"block {n}: {len(steps)} steps for {len(plans)} plans")
         elif len(plans) > max_branches:
             pen(1.0, f"block {n}: {len(plans)} plans, more than {max_branches}")
-        for i, (_, _, lo, hi, _) in enumerate(plans, 1):
-            if hi - lo < 3 or TAG_RE.search(s, lo, hi):
-                pen(0.4, f"block {n}: plan {i} too short or holds a tag")
-            elif not HEADER_RE.match(s, lo, hi):
-                pen(0.4, f"block {n}: plan {i} does not open with 'N:'")
-        for i, (_, _, lo, hi, _) in enumerate(steps, 1):
-            if hi - lo < 6 or TAG_RE.search(s, lo, hi):
-                pen(0.4, f"block {n}: step {i} too short or holds a tag")
-        lo, hi = b.take
-        if hi - lo < 6 or TAG_RE.search(s, lo, hi):
-            pen(0.4, f"block {n}: takeaway too short or holds a tag")
+        parts = ([(f"plan {i}", 3, lo, hi) for i, (_, _, lo, hi, _) in enumerate(plans, 1)]
+                 + [(f"step {i}", 6, lo, hi) for i, (_, _, lo, hi, _) in enumerate(steps, 1)] + [("takeaway", 6, *b.take)])
+        for what, shortest, lo, hi in parts:   # each part's content: long enough, no tag; a plan opens with "N:"
+            if hi - lo < shortest or TAG_RE.search(s, lo, hi):
+                pen(0.4, f"block {n}: {what} too short or holds a tag")
+            elif what.startswith("plan") and not HEADER_RE.match(s, lo, hi):
+                pen(0.4, f"block {n}: {what} does not open with 'N:'")
     if TAG_RE.search(s, prev):
         pen(1.0, "tag after the last block")
     return round(score, 6), problems
@@ -349,24 +343,20 @@ def token_layout(pieces: list[str], start_pos: int = 0, max_branches: int = 5,
     """
     starts, n = [0, *accumulate(map(len, pieces))][:-1], len(pieces)   # each token's first character
     parsed = parse("".join(pieces), max_branches, complete)
-    problems = parsed.problems
 
     def tok(c):  # the token holding character c (empty pieces never hold a character)
         return bisect_right(starts, c) - 1
 
     block, branch = [0] * n, [0] * n
-    for bid, blk in enumerate(parsed.blocks, 1):
-        if blk.end > blk.start:
-            for t in range(tok(blk.start), tok(blk.end - 1) + 1):
-                block[t] = bid
+    for bid, blk in enumerate(parsed.blocks, 1):   # a block and a step are never empty: end > start
+        for t in range(tok(blk.start), tok(blk.end - 1) + 1):
+            block[t] = bid
     for bid, blk in enumerate(parsed.blocks, 1):
         for i, (a, b, _, _, _) in enumerate(blk.step_spans, 1):
-            if b <= a:
-                continue
             last = tok(b - 1)
             for t in range(tok(a), last + 1):
                 if branch[t] and (block[t], branch[t]) != (bid, i):
-                    problems.append(f"token {t} spans two branches")
+                    parsed.problems.append(f"token {t} spans two branches")
                     continue
                 block[t], branch[t] = bid, i
             t = last + 1
@@ -374,7 +364,7 @@ def token_layout(pieces: list[str], start_pos: int = 0, max_branches: int = 5,
                 block[t], branch[t] = bid, i
                 t += 1
     positions = Positions(start_pos)
-    return TokenLayout(block, branch, [positions(k, i) for k, i in zip(block, branch)], problems)
+    return TokenLayout(block, branch, [positions(k, i) for k, i in zip(block, branch)], parsed.problems)
 
 
 def sample_metrics(samples, wall_s):

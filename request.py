@@ -41,9 +41,7 @@ class SamplingParams:
 
 
 def resolved(p):
-    """Checked params with the all-branch cap filled in: max_new_tokens under budget "total";
-    under "critical" max_total_tokens, 0 = max_branches x max_new_tokens; a temperature below
-    GREEDY_BELOW is 0 (greedy)."""
+    """Checked params, with the cap on all tokens (max_total_tokens) filled in and a greedy temperature made 0."""
     if p.mode not in ("serial", "parallel"):
         raise ValueError(f"mode must be 'serial' or 'parallel', not {p.mode!r}")
     if p.budget not in ("total", "critical"):
@@ -111,9 +109,8 @@ class Seq:
         if not prompt:
             raise ValueError("every prompt needs at least one token")
         self.prompt, self.p, self.seed, self.index, self.tok = list(prompt), resolved(params), seed, index, tok
-        self.gen = row_generator(seed)  # the trunk's draws (each branch has its own): batch-independent
         self.positions = npr.Positions(len(self.prompt))
-        self.trunk = Stream(0, 0, self.gen, self.positions)
+        self.trunk = Stream(0, 0, row_generator(seed), self.positions)   # each branch has its own generator
         self.streams = [self.trunk]     # every segment, canonical order: trunk, step 1 .. step k, trunk, ...
         self.live = [self.trunk]        # the streams that still sample or feed, in the same order
         self.fork = []                  # the branches of the open fork
@@ -203,27 +200,25 @@ class Seq:
     def open_fork(self, numbers):
         """One branch per numbered plan, all at the position after the trunk's last token."""
         p = self.p
-        # too close to a budget (fewer than fork_min_tokens left of it): the steps stay serial in the
-        # trunk, as the official engine does (it forks only while over 1,024 tokens of budget remain)
+        # too close to a budget the steps stay serial in the trunk, as in the official engine (fork_min_tokens)
         if min(p.max_total_tokens - self.total, p.max_new_tokens - self.crit) < p.fork_min_tokens:
             self.unforked = True
             return
-        headers = [self.tok.encode(npr.STEP_HEADER.format(n=n)) for n in numbers]
         if not self.trunk.text[-1:].isspace():   # the separator before the first step is the trunk's,
             self.force(self.trunk, npr.SEPARATOR)  # as in training text ("</guideline>\n<step>")
         self.forks.append(len(numbers))
         self.trunk.closed = True                                    # suspended until the join
         self.fork = [Stream(self.blocks, i, branch_generator(self.seed, self.blocks, i), self.positions)
                      for i in range(1, len(numbers) + 1)]
-        for st, header in zip(self.fork, headers):
-            self.force(st, header)
+        for st, n in zip(self.fork, numbers):
+            self.force(st, npr.STEP_HEADER.format(n=n))
         self.streams += self.fork
         self.live += self.fork
         self.count()
 
     def join(self):
         """All branches closed: the takeaway opens in the trunk at 1 + the largest branch position."""
-        trunk = Stream(self.blocks, 0, self.gen, self.positions)
+        trunk = Stream(self.blocks, 0, self.trunk.gen, self.positions)
         trunk.text = self.trunk.text                                # tag state continues from the old trunk
         self.force(trunk, npr.TAKEAWAY_HEADER)
         self.trunk = trunk
@@ -231,10 +226,9 @@ class Seq:
         self.live.append(trunk)
         self.count()
 
-    def force(self, st, text_or_ids):
-        """Forced tokens (not sampled, log-prob 0): a forced text, or already encoded ids."""
-        ids = self.tok.encode(text_or_ids) if isinstance(text_or_ids, str) else text_or_ids
-        for t in ids:
+    def force(self, st, text):
+        """Forced tokens (not sampled, log-prob 0): a forced text, encoded on its own."""
+        for t in self.tok.encode(text):
             st.push(t, self.tok.decode_piece(t))
 
     def end(self, reason):

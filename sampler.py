@@ -64,7 +64,8 @@ class KVCache:
     # index_put_, not scatter_: under torch.compile Inductor keeps index_put an in-place write, while
     # scatter becomes a copy of the whole cache per layer plus a copy back.
     def write_layout(self, layout):
-        """Record the new tokens' metadata at their slots; make the k/v write index (once per forward)."""
+        """Record the new tokens' metadata at their slots; make the k/v write index and the keys' Layout
+        (once per forward: one Layout object for all layers, their masks are memoised on it)."""
         s = layout.slots().long()
         rows = (self.rows if self.rows is not None else torch.arange(s.shape[0], device=s.device))[:, None]
         self.doc.index_put_((rows, s), layout.doc)
@@ -72,7 +73,7 @@ class KVCache:
         self.branch.index_put_((rows, s), layout.branch)
         heads = torch.arange(self.k[0].shape[1], device=s.device)
         self.index = (rows[:, :, None], heads[None, :, None], s[:, None, :])   # (B, Hkv, T) -> the D values
-        self.k_layout = self.layout()   # one Layout object for all layers: their masks are memoised on it
+        self.k_layout = Layout(self.view(self.doc), self.view(self.block), self.view(self.branch))
 
     def update(self, layer_idx, k, v):
         """Write k/v (B, Hkv, T, D) at the slots given to write_layout -> the cache views (B, Hkv, limit, D)."""
@@ -84,9 +85,6 @@ class KVCache:
         """What a forward attends of a cache tensor: slots [0, limit) of its rows (a prefill's rows only)."""
         t = t[:, :, :self.limit] if t.dim() == 4 else t[:, :self.limit]
         return t if self.rows is None else t.index_select(0, self.rows)
-
-    def layout(self):
-        return Layout(self.view(self.doc), self.view(self.block), self.view(self.branch))
 
 
 class Sampler:
@@ -225,12 +223,11 @@ class Sampler:
             doc[b, :len(seq.prompt)] = 0
         z = torch.zeros(B, L, dtype=torch.int32)
         slot = torch.arange(L, dtype=torch.int32).expand(B, L)
-        c = self.cache
-        c.limit, c.rows = L, torch.tensor([seq.row for seq in seqs], device=dev)
+        self.cache.limit, self.cache.rows = L, torch.tensor([seq.row for seq in seqs], device=dev)
         try:
-            h = self.model.hidden_states(ids.to(dev), slot.long().to(dev), Layout(doc, z, z, slot).to(dev), c)
+            h = self.model.hidden_states(ids.to(dev), slot.long().to(dev), Layout(doc, z, z, slot).to(dev), self.cache)
         finally:
-            c.rows = None
+            self.cache.rows = None
         last = torch.tensor([len(seq.prompt) - 1 for seq in seqs], device=dev)
         drawing = [(seq, seq.trunk) for seq in seqs]
         self.postprocess(drawing, *self.draw(drawing, F.linear(h[torch.arange(B, device=dev), last],
@@ -266,9 +263,8 @@ class Sampler:
     def run(self, grid, drawing, cells, limit):
         """One forward over the grid (eager, static or CUDA graph), then the draws -> (tokens, log-probs)."""
         dev, fast = self.model.output_weight.device, self.fast
-        W = grid.shape[1]
         settings = in_step_settings([seq.p for seq in self.running if not seq.finish], self.steer)
-        if fast is not None and settings is not None and fast.can_draw(W):    # the step draws the tokens itself
+        if fast is not None and settings is not None and fast.can_draw(grid.shape[1]):   # the step draws the tokens
             return fast.draw(grid, limit, drawing, cells, settings)
         if fast is not None:
             h = fast(grid, limit)                                        # (R, W, hidden)
