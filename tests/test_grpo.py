@@ -253,14 +253,15 @@ def accuracy(path, rows, mode):
 @pytest.mark.parametrize("mode, steps, min_gain", [("parallel", 24, 0.0), ("serial", 12, 0.05)])
 def test_a_few_steps_raise_what_the_default_algorithm_optimizes(sft_model, tmp_path, mode, steps, min_gain):
     """A few steps with the default settings raise the accuracy of the rollouts the algorithm scores:
-    serial, all of them; parallel, those that finish (malformed and over-budget rollouts are dropped
-    before scoring, the paper's rule, so their share is free to grow: the overall parallel accuracy
-    is not what it optimizes, and it is not asserted).
+    serial, all of them; parallel, those that finish (malformed rollouts and those cut off inside a
+    block are dropped before scoring, the official rule, so their share is free to grow: the overall
+    parallel accuracy is not what it optimizes, and it is not asserted).
     False failures (a correct change that only reshuffles the random streams), measured over grpo
-    seeds 0-9 with evaluation seeds of their own, OMP_NUM_THREADS=1: parallel gain among finished
-    samples -0.005 to +0.149 (mean 0.093, sd 0.043; 1 of 10 seeds fails, a normal fit says 1.6%);
-    serial gain +0.137 to +0.297 (mean 0.211, sd 0.052; 0 of 10, a normal fit says 0.1%). The
-    test's own seed 0 passes by +0.13 and +0.30; the loss with its sign flipped fails both by far."""
+    seeds 0-9 with evaluation seeds of their own (1000 + seed), OMP_NUM_THREADS=1, 2026-12-07: parallel
+    gain among finished samples +0.009 to +0.089 (mean 0.039, sd 0.022; 0 of 10 fail, a normal fit
+    says 4%); serial gain +0.168 to +0.297 (mean 0.224, sd 0.042; 0 of 10, a normal fit says <0.1%).
+    The test's own seed 0 passes by +0.063 and +0.238; the loss with its sign flipped fails both by far
+    (-0.890 and -0.344)."""
     d, rows = sft_model
     before = accuracy(d / "sft", rows, mode)
     (d / "test.jsonl").write_text((d / "train.jsonl").read_text())
