@@ -12,6 +12,9 @@ import json
 import os
 import sys
 
+sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))  # the repository's modules
+from table import compare   # noqa: E402  (the one rule for "on par")
+
 
 def pipeline_report(root, stages=("base", "zero", "sft", "grpo")):
     """One markdown table over the stages of a speedrun.sh run (eval.json of each + times.txt)."""
@@ -50,10 +53,9 @@ def pipeline_report(root, stages=("base", "zero", "sft", "grpo")):
                       f"time-to-answer, 1 request, s {ratio('time_to_answer_1_s')}; in batch {ratio('time_to_answer_s')}; "
                       f"tokens/s {ratio('tokens_per_s')}"]
             if "accuracy_se" in f and "accuracy_se" in b:   # a difference only beyond 2 pooled standard errors
-                d, two = f["accuracy"] - b["accuracy"], 2 * (f["accuracy_se"] ** 2 + b["accuracy_se"] ** 2) ** 0.5
-                verdict = "on par" if abs(d) <= two else ("higher" if d > 0 else "lower")
-                lines += [f"accuracy difference {d:+.3f}, 2 pooled SE {two:.3f}: {done[-1]} {verdict} "
-                          "(one seed: the seeds' spread is table.py's)"]
+                c = compare(*(dict(accuracy=x["accuracy"], se=x["accuracy_se"]) for x in (f, b)))
+                lines += [f"accuracy difference {c['diff']:+.3f}, 2 pooled SE {2 * c['pooled_se']:.3f}: {done[-1]} "
+                          f"{c['verdict']} (one seed: the seeds' spread is table.py's)"]
     total = sum(times.values())
     text = "\n".join(lines) + f"\n\nwhole run: {total:.0f} s of stages ({', '.join(f'{k} {v:.0f}' for k, v in times.items())})\n"
     with open(os.path.join(root, "report.md"), "w") as f:
