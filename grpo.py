@@ -18,6 +18,7 @@ section 5): on the built-in task a branch must repeat its answer's digits.
 Logs one line per step, JSON lines in out_dir/metrics.jsonl, periodic eval, resumable checkpoints.
 """
 import copy
+import gc
 import math
 import os
 import random
@@ -397,3 +398,5 @@ def main(cfg: Config):
 
 if __name__ == "__main__":
     main(parse_cli(Config))
+    gc.collect()   # free what still holds the process group while the interpreter lives: without it a gloo
+    #                rank sometimes aborted at exit (~5% of 2-rank runs; 0 of 72 with it: BENCHMARKS.md 7)

@@ -15,6 +15,7 @@ than a row are dropped and counted. torchrun: DDP, or FSDP2 with --fsdp. The fin
 --out-dir, resumable ones to --out-dir/last (rerunning resumes). The defaults are the built-in
 default's (a 0.4M-parameter model: higher lr, more epochs than the paper's).
 """
+import gc
 import math
 import os
 import random
@@ -209,3 +210,5 @@ def main(cfg: Config):
 
 if __name__ == "__main__":
     main(parse_cli(Config))
+    gc.collect()   # free what still holds the process group while the interpreter lives: without it a gloo
+    #                rank sometimes aborted at exit (~5% of 2-rank runs; 0 of 72 with it: BENCHMARKS.md 7)
