@@ -295,8 +295,11 @@ def test_two_gloo_processes_match_one(sft_model, tmp_path, fsdp):
     cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc-per-node", "2",
            os.path.join(root, "grpo.py"), "--out-dir", str(tmp_path / "two"), "--threads", "1"] + flags + (
                ["--fsdp"] if fsdp else [])
-    p = subprocess.run(cmd, capture_output=True, text=True, timeout=300, env={**os.environ, "OMP_NUM_THREADS": "1"})
-    assert p.returncode == 0, p.stderr[-3000:]
+    p = subprocess.run(cmd, capture_output=True, text=True, timeout=300, env={**os.environ, "OMP_NUM_THREADS": "1",
+                                                                                "PYTHONFAULTHANDLER": "1"})
+    # faulthandler: a rank that aborts shows its Python stacks (the abort at exit that gc.collect() in the
+    # script's __main__ removed showed none: it was in the interpreter's teardown; BENCHMARKS.md section 7)
+    assert p.returncode == 0, p.stderr[-8000:]
     one = [json.loads(x) for x in open(tmp_path / "one" / "metrics.jsonl")]
     two = [json.loads(x) for x in open(tmp_path / "two" / "metrics.jsonl")]
     assert [r["trained_seqs"] for r in two] == [r["trained_seqs"] for r in one] and one[0]["trained_seqs"] > 0
