@@ -27,7 +27,7 @@ import torch.nn.functional as F
 
 if __name__ == "__main__" and not torch.cuda.is_available():
     os.environ.setdefault("TRITON_INTERPRET", "1")  # read when the kernels are defined: before the imports below
-from parallel_attention import Layout, attention, attention_ref, attention_sdpa, has_triton, visible, visible_mask
+from parallel_attention import Layout, attention, attention_ref, attention_sdpa, triton_kernels, visible, visible_mask
 
 PEAK_BF16 = 989e12   # H100 / H200 SXM dense bf16 FLOP/s, for MFU
 ERROR_BOUND = dict(o=0.0078, dq=0.0076, dk=0.0119, dv=0.0200)  # bf16 max errors vs fp32 allowed at T=4096
@@ -313,10 +313,10 @@ if __name__ == "__main__":
     ap.add_argument("--deadline", type=float, default=400, help="seconds for all GPU parts")
     args = ap.parse_args()
     res = {"torch": torch.__version__, "triton": None}
-    if has_triton():
+    if triton_kernels():
         import triton
         res["triton"] = triton.__version__
-    if (torch.cuda.is_available() or args.dry_run) and has_triton():
+    if (torch.cuda.is_available() or args.dry_run) and triton_kernels():
         run_gpu_parts(res, args.out, args.deadline, args.dry_run)
     else:
         bench_cpu(res)

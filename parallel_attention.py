@@ -7,7 +7,7 @@ its block) and `slot` (its index in the key sequence, i.e. its KV-cache slot). R
 NOT part of the mask: they are baked into q and k before this function is called.
 
 Query q may attend key k iff (`visible`, the one place an ablation of the rule changes; the Triton
-kernels' own copy is checked against it before they run, see `kernels_hold_rule`)
+kernels' own copy is checked against it before they run: triton_attention.kernels_hold_rule)
     k.doc >= 0  and  q.doc == k.doc  and  k.slot <= q.slot
     and NOT (q.block == k.block and q.branch > 0 and k.branch > 0 and q.branch != k.branch)
 
@@ -33,7 +33,6 @@ Contents: Layout -> visible (the rule) -> visible_mask / attention_ref (the spec
 The Triton kernels (the GPU fast path, optional reading) are in triton_attention.py, imported only
 when chosen; their benchmark is bench_attention.py.
 """
-import warnings
 from dataclasses import dataclass
 from functools import cache
 
@@ -161,32 +160,14 @@ def attention_sdpa(q, k, v, q_layout, k_layout=None, scale=None):
 # The dispatcher
 
 @cache
-def has_triton():
-    """Whether the Triton path can run (triton importable); asked only on CUDA, never at import."""
+def triton_kernels():
+    """The Triton path's module (triton_attention.py, optional reading), or None where triton does not
+    import; imported at its first use on CUDA, never at import."""
     try:
-        import triton_attention  # noqa: F401
-        return True
+        import triton_attention
+        return triton_attention
     except Exception:
-        return False
-
-
-_WARNED = set()   # the mismatch messages "auto" has already printed
-
-
-def kernels_hold_rule(device):
-    """Whether the Triton kernels' element mask (their own copy of the rule) equals `visible`, checked
-    once per version of `visible` on a small random layout (triton_attention.rule_mismatch). When it
-    does not (an ablation edited `visible` only), impl="auto" runs SDPA instead and says so once:
-    the edited rule then holds on every device, eval/distill/serve (which have no attention flag)
-    keep running, and the warning names the slower path. An explicit impl="triton" refuses instead
-    (attention_triton raises): a kernel test or benchmark must not time SDPA under the kernels' name."""
-    from triton_attention import rule_mismatch   # the GPU fast path (optional reading)
-    why = rule_mismatch(device)
-    if why is not None and why not in _WARNED:
-        _WARNED.add(why)
-        warnings.warn(f"{why}; impl='auto' runs SDPA with the dense mask instead (slower)", RuntimeWarning,
-                      stacklevel=3)
-    return why is None
+        return None
 
 
 def attention(q, k, v, q_layout, k_layout=None, scale=None, impl="auto"):
@@ -196,15 +177,14 @@ def attention(q, k, v, q_layout, k_layout=None, scale=None, impl="auto"):
     if torch.is_autocast_enabled(dev):   # like SDPA under autocast: one low-precision dtype for q, k, v
         dt = torch.get_autocast_dtype(dev)
         q, k, v = q.to(dt), k.to(dt), v.to(dt)
-    if impl == "auto":
-        impl = "triton" if q.is_cuda and has_triton() and kernels_hold_rule(q.device) else "sdpa"
+    if impl == "auto":   # a kernel mask that differs from `visible` (an ablation): SDPA, said once
+        impl = "triton" if q.is_cuda and triton_kernels() and triton_kernels().kernels_hold_rule(q.device) else "sdpa"
     if impl == "ref":
         return attention_ref(q, k, v, q_layout, k_layout, scale)
     if impl == "sdpa":
         return attention_sdpa(q, k, v, q_layout, k_layout, scale)
     if impl == "triton":
-        if not has_triton():
+        if triton_kernels() is None:
             raise RuntimeError("impl='triton' but triton_attention.py cannot import triton")
-        from triton_attention import attention_triton   # the GPU fast path (optional reading)
-        return attention_triton(q, k, v, q_layout, k_layout, scale)   # refuses if its mask differs from `visible`
+        return triton_kernels().attention_triton(q, k, v, q_layout, k_layout, scale)   # refuses if its mask differs
     raise ValueError(f"unknown attention impl {impl!r}: use auto, triton, sdpa or ref")

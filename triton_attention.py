@@ -37,6 +37,7 @@ and length (rounded up to a power of two) on first use: a few seconds per new ke
 Under the interpreter (tests) there is one configuration and no timing.
 """
 import os
+import warnings
 
 import torch
 import torch.nn.functional as F
@@ -608,6 +609,23 @@ def rule_mismatch(device):
         RULE_CHECKS[key] = why
     return RULE_CHECKS[key]
 
+
+_WARNED = set()   # the mismatch messages kernels_hold_rule has printed
+
+
+def kernels_hold_rule(device):
+    """Whether impl="auto" may run the kernels: their element mask (the rule's copy) equals `visible`
+    (rule_mismatch). Where it does not (an ablation edited `visible` only), "auto" runs SDPA instead and
+    this says so once: the edited rule then holds on every device, eval/distill/serve (which have no
+    attention flag) keep running, and the warning names the slower path. An explicit impl="triton"
+    refuses instead (attention_triton raises): a kernel test or benchmark must not time SDPA under
+    the kernels' name."""
+    why = rule_mismatch(device)
+    if why is not None and why not in _WARNED:
+        _WARNED.add(why)
+        warnings.warn(f"{why}; impl='auto' runs SDPA with the dense mask instead (slower)", RuntimeWarning,
+                      stacklevel=3)
+    return why is None
 
 def attention_triton(q, k, v, q_layout, k_layout=None, scale=None):
     """The Triton path: the decode kernel for a few queries per row when no gradient is needed,

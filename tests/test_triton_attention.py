@@ -111,31 +111,31 @@ def test_the_rule_check_passes_the_rule_once(monkeypatch):
     for _ in range(2):
         out = attention(q, k, v, L, impl="triton")
         torch.testing.assert_close(out, attention_ref(q, k, v, L), atol=1e-4, rtol=1e-4)
-    assert len(calls) == 1 and pa.kernels_hold_rule(q.device) and len(calls) == 1
+    assert len(calls) == 1 and ta.kernels_hold_rule(q.device) and len(calls) == 1
 
 
 @pytest.mark.parametrize("ablation", [siblings_see_each_other, trunk_blind_to_steps])
 def test_an_ablation_of_the_rule_is_refused_by_the_kernels_and_auto_falls_back(monkeypatch, ablation):
     """Edit parallel_attention.visible alone: the Triton path (tile lists from the new rule, element
     mask from its old copy) refuses loudly instead of mixing them; "auto", which picks Triton on CUDA,
-    runs SDPA instead and warns once (kernels_hold_rule decides it there); SDPA and the reference follow
+    runs SDPA instead and warns once (ta.kernels_hold_rule decides it there); SDPA and the reference follow
     the new rule. The rule restored, the kernels run again."""
     L = random_layout(2, 40, seed=4)
     q, k, v = qkv(2, 2, 1, 40, 40, grad=False)
     before = visible_mask(L)
-    monkeypatch.setattr(pa, "_WARNED", set())
+    monkeypatch.setattr(ta, "_WARNED", set())
     monkeypatch.setattr(pa, "visible", ablation)
     assert not torch.equal(visible_mask(L), before)           # the ablation matters on this layout
     with pytest.raises(RuntimeError, match=r"applies another rule than parallel_attention\.visible.*impl='sdpa'"):
         attention(q, k, v, L, impl="triton")
     with pytest.warns(RuntimeWarning, match="impl='auto' runs SDPA"):
-        assert not pa.kernels_hold_rule(q.device)
+        assert not ta.kernels_hold_rule(q.device)
     with warnings.catch_warnings():
         warnings.simplefilter("error")       # said once, not on every layer of every step
-        assert not pa.kernels_hold_rule(q.device)
+        assert not ta.kernels_hold_rule(q.device)
     torch.testing.assert_close(attention(q, k, v, L, impl="sdpa"), attention_ref(q, k, v, L), atol=1e-5, rtol=1e-5)
     monkeypatch.setattr(pa, "visible", RULE)
-    assert pa.kernels_hold_rule(q.device)
+    assert ta.kernels_hold_rule(q.device)
     torch.testing.assert_close(attention(q, k, v, L, impl="triton"), attention_ref(q, k, v, L), atol=1e-4, rtol=1e-4)
 
 
