@@ -1,8 +1,9 @@
 """
-The files of a Hugging Face checkpoint folder, for model.py: config.json (its fields checked), and model.safetensors or
-its shards with their index (HF's names), so that transformers, vLLM and SGLang read our outputs as
-they read Qwen's. Every error names the file and what is wrong with it; a failed write (a full disk)
-is one OSError naming what was being written (`writing`, used for the stages' other files too).
+The files of a Hugging Face checkpoint folder, for model.py: config.json (its fields checked against
+what model.py supports), and model.safetensors or its shards with their index (HF's names, checked
+against the model's), so that transformers, vLLM and SGLang read our outputs as they read Qwen's.
+Every error names the file and what is wrong with it; a failed write (a full disk) is one OSError
+naming what was being written (`writing`, used for the stages' other files too).
 """
 import contextlib
 import errno
@@ -10,8 +11,13 @@ import json
 import os
 import re
 
+import torch
 from safetensors import SafetensorError, safe_open
 from safetensors.torch import save_file
+
+SUPPORTED = {"Qwen2ForCausalLM": "qwen2", "Qwen3ForCausalLM": "qwen3"}   # architecture -> model.py's arch
+DTYPES = {"float32": torch.float32, "float16": torch.float16, "bfloat16": torch.bfloat16}
+REQUIRED = ("vocab_size", "hidden_size", "intermediate_size", "num_hidden_layers", "num_attention_heads")
 
 
 def read_config(path):
@@ -31,10 +37,16 @@ def read_config(path):
 
 
 def check_fields(d):
-    """Types and ranges of the config.json fields the model reads (absent or null: the default), so
-    that a wrong one is one error naming it, not a traceback from deep inside torch."""
+    """What model.py supports, and the types and ranges of the config.json fields it reads (absent or
+    null: the default), so that a wrong one is one error naming it, not a traceback from deep inside torch."""
     def bad(name, v, kind):
         raise ValueError(f"{name} must be {kind}, got {json.dumps(v)[:60]}")
+    archs = d.get("architectures") or []
+    if not any(a in SUPPORTED for a in archs) and d.get("model_type") not in SUPPORTED.values():
+        raise ValueError(f"unsupported architecture {archs or d.get('model_type')!r}: "
+                         f"supported are {', '.join(SUPPORTED)} (dense Qwen2/2.5/3)")
+    if missing := [name for name in REQUIRED if d.get(name) is None]:
+        raise ValueError(f"required field {missing[0]!r} is missing")
     count = lambda v: isinstance(v, int) and not isinstance(v, bool) and v > 0
     for name in ("vocab_size", "hidden_size", "intermediate_size", "num_hidden_layers", "num_attention_heads",
                  "num_key_value_heads", "head_dim", "max_position_embeddings"):
@@ -64,6 +76,13 @@ def check_fields(d):
     head_dim = d.get("head_dim") or (d.get("hidden_size") or 0) // (heads or 1)
     if head_dim % 2:
         bad("head_dim", head_dim, "even (RoPE rotates halves)")
+    scaling = d.get("rope_scaling") or ({} if "rope_type" not in (rope or {}) else {"rope_type": rope["rope_type"]})
+    if (kind := scaling.get("rope_type", scaling.get("type", "default"))) not in ("default", None):
+        raise ValueError(f"unsupported RoPE scaling {kind!r}: only plain RoPE is implemented")
+    if d.get("use_sliding_window"):
+        raise ValueError("unsupported: use_sliding_window=true (sliding-window attention)")
+    if (name := d.get("dtype") or d.get("torch_dtype") or "float32") not in DTYPES:
+        raise ValueError(f"unsupported dtype {name!r} in config.json: {', '.join(DTYPES)}")
 
 
 def read_json(path):
@@ -74,8 +93,10 @@ def read_json(path):
         raise ValueError(f"{path}: not valid JSON ({e})") from None
 
 
-def load_safetensors(path, dtype, device):
-    """All tensors of a single-file or sharded checkpoint, each cast to dtype on device as it is read."""
+def load_safetensors(path, dtype, device, expected=None):
+    """All tensors of a single-file or sharded checkpoint, each cast to dtype on device as it is read;
+    checked against `expected` (name -> shape, the model's): an error lists missing and unexpected names
+    and wrong shapes. A tied embedding's lm_head.weight, when the file has one, is a duplicate: dropped."""
     index = os.path.join(path, "model.safetensors.index.json")
     if os.path.isfile(index):
         files = sorted(set(read_json(index)["weight_map"].values()))
@@ -95,6 +116,18 @@ def load_safetensors(path, dtype, device):
                 state.update({k: f.get_tensor(k).to(dtype) for k in f.keys()})
         except SafetensorError as e:
             raise ValueError(f"{fp}: not a complete safetensors file ({e}): an interrupted download or save?") from None
+    if expected is None:
+        return state
+    if "lm_head.weight" not in expected:
+        state.pop("lm_head.weight", None)
+    missing, unexpected = sorted(set(expected) - set(state)), sorted(set(state) - set(expected))
+    if missing or unexpected:
+        few = lambda names: f"{names[:20]}{' ...' if len(names) > 20 else ''}"
+        raise ValueError(f"checkpoint {path} does not match its config.json: "
+                         f"missing tensors {few(missing)}, unexpected tensors {few(unexpected)}")
+    bad = [f"{k}: file {tuple(state[k].shape)} vs config {s}" for k, s in expected.items() if tuple(state[k].shape) != s]
+    if bad:
+        raise ValueError(f"checkpoint {path}: shape mismatch: " + "; ".join(bad[:20]))
     return state
 
 

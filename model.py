@@ -21,11 +21,8 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
-from hf_files import load_safetensors, read_config, write_safetensors
+from hf_files import DTYPES, SUPPORTED, load_safetensors, read_config, write_safetensors
 from parallel_attention import attention
-
-SUPPORTED = {"Qwen2ForCausalLM": "qwen2", "Qwen3ForCausalLM": "qwen3"}
-DTYPES = {"float32": torch.float32, "float16": torch.float16, "bfloat16": torch.bfloat16}
 
 
 @dataclass
@@ -48,25 +45,14 @@ class QwenConfig:
 
     @staticmethod
     def from_dict(d):
-        archs = d.get("architectures") or []
-        arch = next((SUPPORTED[a] for a in archs if a in SUPPORTED), None)
-        if arch is None and d.get("model_type") in SUPPORTED.values():
-            arch = d["model_type"]
-        if arch is None:
-            raise ValueError(f"unsupported architecture {archs or d.get('model_type')!r}: "
+        """From config.json's fields, as hf_files.read_config checked them (types, and what is supported:
+        plain RoPE, no sliding window). transformers 5 writes rope_parameters.rope_theta and dtype; 4.x
+        rope_theta and torch_dtype."""
+        arch = next((SUPPORTED[a] for a in d.get("architectures") or [] if a in SUPPORTED), d.get("model_type"))
+        if arch not in SUPPORTED.values():
+            raise ValueError(f"unsupported architecture {d.get('architectures') or arch!r}: "
                              f"supported are {', '.join(SUPPORTED)} (dense Qwen2/2.5/3)")
-        # transformers 5 writes rope_parameters.rope_theta and dtype; 4.x rope_theta and torch_dtype
-        rope = d.get("rope_parameters") or {}
-        theta = rope.get("rope_theta", d.get("rope_theta", 10000.0))
-        scaling = d.get("rope_scaling") or ({} if "rope_type" not in rope else {"rope_type": rope["rope_type"]})
-        kind = scaling.get("rope_type", scaling.get("type", "default"))
-        if kind not in ("default", None):
-            raise ValueError(f"unsupported RoPE scaling {kind!r}: only plain RoPE is implemented")
-        if d.get("use_sliding_window"):
-            raise ValueError("unsupported: use_sliding_window=true (sliding-window attention)")
-        dtype_name = d.get("dtype") or d.get("torch_dtype") or "float32"
-        if dtype_name not in DTYPES:
-            raise ValueError(f"unsupported dtype {dtype_name!r} in config.json: {', '.join(DTYPES)}")
+        theta = (d.get("rope_parameters") or {}).get("rope_theta", d.get("rope_theta", 10000.0))
         heads = d["num_attention_heads"]
         return QwenConfig(
             arch=arch, vocab_size=d["vocab_size"], hidden_size=d["hidden_size"],
@@ -76,7 +62,7 @@ class QwenConfig:
             rms_norm_eps=d.get("rms_norm_eps", 1e-6), rope_theta=float(theta),
             tie_word_embeddings=d.get("tie_word_embeddings", False),
             qkv_bias=True if arch == "qwen2" else bool(d.get("attention_bias", False)),
-            qk_norm=arch == "qwen3", dtype=DTYPES[dtype_name], raw=dict(d))
+            qk_norm=arch == "qwen3", dtype=DTYPES[d.get("dtype") or d.get("torch_dtype") or "float32"], raw=dict(d))
 
     def to_dict(self):
         """config.json content: the original keys, updated with what may have changed."""
@@ -229,29 +215,12 @@ class Qwen(nn.Module):
     # ---- loading and saving (the HF layout) ---------------------------------------------------
     @staticmethod
     def from_pretrained(path, device="cpu", dtype=None):
-        where = os.path.join(path, "config.json")
-        try:
-            cfg = QwenConfig.from_dict(read_config(path))
-        except KeyError as e:
-            raise ValueError(f"{where}: required field {e.args[0]!r} is missing") from None
-        except ValueError as e:          # a field of the wrong type or range: name the file
-            raise ValueError(str(e) if str(e).startswith(where) else f"{where}: {e}") from None
+        cfg = QwenConfig.from_dict(read_config(path))      # read_config names the file of a bad field
         cfg.dtype = dtype or cfg.dtype
         with torch.device("meta"):
             model = Qwen(cfg)
         expected = {k: tuple(v.shape) for k, v in model.state_dict().items()}
-        state = load_safetensors(path, cfg.dtype, device)
-        if cfg.tie_word_embeddings:
-            state.pop("lm_head.weight", None)   # a harmless duplicate of the embedding
-        missing, unexpected = sorted(set(expected) - set(state)), sorted(set(state) - set(expected))
-        if missing or unexpected:
-            few = lambda names: f"{names[:20]}{' ...' if len(names) > 20 else ''}"
-            raise ValueError(f"checkpoint {path} does not match the {cfg.arch} config: "
-                             f"missing tensors {few(missing)}, unexpected tensors {few(unexpected)}")
-        bad = [f"{k}: file {tuple(state[k].shape)} vs config {s}"
-               for k, s in expected.items() if tuple(state[k].shape) != s]
-        if bad:
-            raise ValueError(f"checkpoint {path}: shape mismatch: " + "; ".join(bad[:20]))
+        state = load_safetensors(path, cfg.dtype, device, expected)
         model.load_state_dict(state, strict=True, assign=True)
         return model.eval()
 

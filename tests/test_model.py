@@ -163,6 +163,11 @@ BAD_CONFIGS = [  # (change to a valid config.json, the words of the error): each
     (dict(max_position_embeddings="4096"), 'max_position_embeddings must be a positive integer, got "4096"'),
     (dict(tie_word_embeddings="yes"), 'tie_word_embeddings must be true or false, got "yes"'),
     (dict(torch_dtype=["bfloat16"]), 'torch_dtype must be a string, got ["bfloat16"]'),
+    (dict(torch_dtype="int8", dtype=None), "unsupported dtype 'int8' in config.json: float32, float16, bfloat16"),
+    (dict(rope_scaling={"rope_type": "yarn", "factor": 4.0}), "unsupported RoPE scaling 'yarn'"),
+    (dict(rope_parameters={"rope_type": "linear", "rope_theta": 1e6}), "unsupported RoPE scaling 'linear'"),
+    (dict(use_sliding_window=True), "unsupported: use_sliding_window=true"),
+    (dict(intermediate_size=None), "required field 'intermediate_size' is missing"),
 ]
 
 
