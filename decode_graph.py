@@ -29,6 +29,8 @@ key) before capture: norms, RoPE and SwiGLU fuse into a few kernels; it needs mo
 (the Triton kernels are not traced). Not under autocast (capture needs autocast's weight cache off):
 the sampler uses the eager step there.
 """
+import math
+
 import torch
 import torch.nn.functional as F
 
@@ -72,9 +74,27 @@ def fused_hidden_states(model, fused, input_ids, positions, layout=None, kv_cach
     return model.model.norm(x)
 
 
+def argmax_rows(logits):
+    """logits.argmax(-1) in two stages (the max of each chunk of the row, then the best chunk): the
+    same first maximal index, but a GPU spreads one row over many blocks, not one."""
+    N, V = logits.shape
+    C = math.gcd(V, 128)                                                # chunks: a divisor of V
+    m, i = logits.view(N, C, V // C).max(-1)                            # (N, C): first max of each chunk
+    best = m.argmax(-1)                                                 # the first chunk holding the max
+    return best * (V // C) + i.gather(1, best[:, None]).squeeze(1)
+
+
 def weights_version(model):
     """Changes whenever a parameter is written in place (an optimizer step) or replaced."""
     return tuple((id(p), p.data_ptr(), p._version) for p in model.parameters())
+
+
+def free_gpu_bytes(device, cache=None):
+    """GPU memory a KV cache may take on `device`: what is free, plus what `cache` (a kept KVCache, which
+    is replaced) holds."""
+    kept = sum(t.numel() * t.element_size() for t in (cache.k + cache.v if cache else []))
+    return (torch.cuda.mem_get_info(device)[0] + torch.cuda.memory_reserved(device)
+            - torch.cuda.memory_allocated(device) + kept)
 
 
 def in_step_settings(plist, steer):
@@ -90,10 +110,11 @@ def in_step_settings(plist, steer):
 class StaticStep:
     """hidden_states of one decode step on a fixed (R, S) KV cache, padded to static shapes."""
 
-    def __init__(self, model, cache, graphs=True, compiled=False, draw_tokens=None, fuse=False, logprob=None):
+    def __init__(self, model, cache, graphs=True, compiled=False, draw_tokens=None, fuse=None, logprob=None):
         self.model, self.cache = model, cache
         self.compiled = compiled
-        # fuse: True, or the fused weights of the StaticStep this one replaces (a grown cache)
+        # fuse: True, or the fused weights of the StaticStep this one replaces (a grown cache); None: with graphs
+        fuse = graphs if fuse is None else fuse
         self.fused = (fuse if isinstance(fuse, list) else fused_projections(model)) if fuse else None
         self.version = weights_version(model) if fuse else None
         self.draw_tokens = draw_tokens   # (logits, temperature, top_p, top_k, u) -> tokens: the sampler's rule
@@ -143,7 +164,8 @@ class StaticStep:
         if settings is None:
             return h
         logits = F.linear(h.flatten(0, 1), self.model.output_weight).float()     # (R*W, V)
-        tok = self.draw_tokens(logits, *settings, u.flatten())
+        # greedy (a resolved temperature of 0): the argmax, in two stages; else the sampler's draw
+        tok = argmax_rows(logits) if settings[0] == 0 else self.draw_tokens(logits, *settings, u.flatten())
         return torch.stack((tok.double(), self.logprob(logits, tok).double()))
 
     @torch.no_grad()

@@ -26,6 +26,7 @@ branch is what decodes a `<step>`, and a step is one engine step):
   capacity  the slots of every cache row (KVCache.capacity, a count); size_cache makes the cache
   room      the capacity a request's worst case needs (Seq.room(), a count)
 """
+import math
 import threading
 import time
 from collections import deque
@@ -34,7 +35,7 @@ import torch
 import torch.nn.functional as F
 from tqdm import tqdm
 
-from decode_graph import StaticStep, in_step_settings
+from decode_graph import StaticStep, free_gpu_bytes, in_step_settings
 from model import Qwen
 from parallel_attention import Layout
 from request import GREEDY_BELOW, SamplingParams, Seq, resolved
@@ -188,27 +189,20 @@ class Sampler:
         if mode not in ("eager", "static", "graph"):
             raise ValueError(f"step_mode must be auto, eager, static or graph, not {self.step_mode!r}")
         per_row = 2 * cfg.num_hidden_layers * cfg.num_key_value_heads * cfg.head_dim * capacity * dtype.itemsize
-        if self.cache_gb:
-            budget = self.cache_gb * 2 ** 30
-        elif w.is_cuda:      # a kept cache counts as free: it is replaced
-            budget = 0.5 * (torch.cuda.mem_get_info(w.device)[0] + torch.cuda.memory_reserved(w.device)
-                            - torch.cuda.memory_allocated(w.device)
-                            + sum(t.numel() * t.element_size() for t in (self.cache.k + self.cache.v if self.cache else [])))
-        else:
-            budget = 4 * 2 ** 30
+        budget = (self.cache_gb * 2 ** 30 if self.cache_gb else       # else half the GPU's free memory, or 4 GB
+                  0.5 * free_gpu_bytes(w.device, self.cache) if w.is_cuda else 4 * 2 ** 30)
         if budget < per_row:
             raise ValueError(f"one KV-cache row of {capacity} slots needs {per_row / 2 ** 30:.3f} GB, more than "
                              f"the budget of {budget / 2 ** 30:.3f} GB (Sampler.cache_gb)")
         R = min(self.max_rows, int(budget // per_row))
-        fuse = mode == "graph" if self.fuse_step is None else self.fuse_step
-        key = (R, dtype, w.device, mode, self.compile_step, fuse)
+        key = (R, dtype, w.device, mode, self.compile_step, self.fuse_step)
         if self.cache is None or self.cache.key != key or self.cache.capacity < capacity:
             self.cache = self.fast = None                          # free the old one before allocating
             self.cache = KVCache(cfg, R, capacity, device=w.device, dtype=dtype)
             self.cache.key = key
             if mode != "eager":
                 self.fast = StaticStep(self.model, self.cache, mode == "graph", self.compile_step, draw_tokens,
-                                       fuse, logprob_of)
+                                       self.fuse_step, logprob_of)
         elif self.fast is not None:
             self.fast.reset()        # fused weights refreshed after an update
         self.free = list(range(R))
@@ -311,19 +305,19 @@ class Sampler:
                 seq.on_token(st, t, lp, t in self.stop_ids)
 
     # ---- callers: a batch of requests in, samples out --------------------------------------------
-    def generate(self, prompts, n=1, params=None, *, seeds=None, steer=None, progress=False, on_sample=None):
-        """prompts: token-id lists (chat already rendered) -> one list of n Samples per prompt.
-        params: one SamplingParams, or one per prompt (requests with different settings share a batch).
-        seeds: one per request (prompt-major); default params.seed * 1000003 + request index.
-        steer(drawing, logits) -> logits: edits what a token is drawn from (tests force a structure
-        with it); the log-probs stay the model's. on_sample(prompt index, sample index, Sample): as each ends."""
-        return self.generate_many(prompts, n, params, seeds=seeds, steer=steer, progress=progress,
-                                  on_sample=on_sample, batch_rows=0)[0]
+    def generate(self, prompts, n=1, params=None, **kw):
+        """generate_many() over every request at once (as the KV-cache budget allows) -> its samples only."""
+        return self.generate_many(prompts, n, params, batch_rows=0, **kw)[0]
 
     def generate_many(self, prompts, n=1, params=None, *, seeds=None, steer=None, progress=False, on_sample=None,
                       batch_rows=256):
-        """generate() with continuous batching over at most batch_rows rows (0 = all requests at once,
-        as the KV-cache budget allows). -> (one list of n Samples per prompt, wall seconds)."""
+        """prompts: token-id lists (chat already rendered) -> (one list of n Samples per prompt, wall seconds),
+        decoded with continuous batching over at most batch_rows rows (0 = all requests at once, as the
+        KV-cache budget allows). params: one SamplingParams, or one per prompt (requests with different
+        settings share a batch). seeds: one per request (prompt-major); default params.seed * 1000003 +
+        request index. steer(drawing, logits) -> logits: edits what a token is drawn from (tests force a
+        structure with it); the log-probs stay the model's. on_sample(prompt index, sample index, Sample):
+        as each ends."""
         if not prompts:
             raise ValueError("no prompts")
         plist = params if isinstance(params, (list, tuple)) else [params or SamplingParams()] * len(prompts)
@@ -363,7 +357,7 @@ def draw_tokens(logits, temperature, top_p, top_k, u):
     """(N, V) float logits, (N,) uniforms in [0, 1) -> (N,) token ids, by inverse CDF (one uniform
     per row, so rows never share a random stream). temperature 0 (or below GREEDY_BELOW) = argmax."""
     if temperature < GREEDY_BELOW:
-        return argmax_rows(logits)
+        return logits.argmax(-1)
     logits = logits / temperature
     if top_k and top_k < logits.shape[-1]:
         kth = logits.topk(top_k, dim=-1).values[:, -1:]
@@ -378,25 +372,11 @@ def draw_tokens(logits, temperature, top_p, top_k, u):
     return tok.clamp(max=logits.shape[-1] - 1)
 
 
-def chunks(V):
-    """How many chunks a vocabulary row splits into for two-stage reductions (a divisor of V)."""
-    return next(c for c in (128, 64, 32, 16, 8, 4, 2, 1) if V % c == 0)
-
-
-def argmax_rows(logits):
-    """logits.argmax(-1) in two stages (the max of each chunk of the row, then the best chunk): the
-    same first maximal index, but a GPU spreads one row over many blocks, not one."""
-    N, V = logits.shape
-    C = chunks(V)
-    m, i = logits.view(N, C, V // C).max(-1)                            # (N, C): first max of each chunk
-    best = m.argmax(-1)                                                 # the first chunk holding the max
-    return best * (V // C) + i.gather(1, best[:, None]).squeeze(1)
-
-
 def logprob_of(logits, tok):
-    """log_softmax(logits)[tok] per row, with a two-stage logsumexp (see argmax_rows)."""
+    """log_softmax(logits)[tok] per row, by a two-stage logsumexp (over chunks of the row, then over the
+    chunks): the decode step's head on a GPU computes it so too (one row over many blocks)."""
     N, V = logits.shape
-    x = logits.view(N, chunks(V), -1)
+    x = logits.view(N, math.gcd(V, 128), -1)                            # (N, C, V / C)
     mx = x.amax(-1).amax(-1)                                            # (N,)
     lse = mx + (x - mx[:, None, None]).exp().sum(-1).sum(-1).log()
     return logits.gather(1, tok[:, None]).squeeze(1) - lse

@@ -74,9 +74,10 @@ def test_a_tiny_temperature_is_greedy(ck, temperature):
 
 @pytest.mark.parametrize("V", [151936, 300, 97])
 def test_two_stage_argmax_and_logprob(V):
-    """argmax_rows / logprob_of (the decode step's head) equal argmax (first maximal index on ties)
-    and log_softmax, for vocabularies that split into 128 chunks, fewer, or none (97 is prime)."""
-    from sampler import argmax_rows, logprob_of
+    """decode_graph.argmax_rows / logprob_of (the decode step's head) equal argmax (first maximal index
+    on ties) and log_softmax, for vocabularies that split into 128 chunks, fewer, or none (97 is prime)."""
+    from decode_graph import argmax_rows
+    from sampler import logprob_of
     g = torch.Generator().manual_seed(V)
     logits = torch.randn(5, V, generator=g) * 4
     logits[1, [7, V // 2, V - 1]] = 100.0                      # ties: the first one wins
