@@ -7,8 +7,8 @@ Stage 2a: self-distillation by rejection sampling (NPR.md section 4, stage 2a).
     torchrun --nproc-per-node 8 distill.py --model ... --data ...      # each rank samples a shard
 
 Per problem, up to --max-tries serial samples; keep the FIRST one that is correct and format-perfect
-(--reject-sibling-results: see sibling_numbers). Tries are drawn in rounds of --tries-per-round
-per still-unsolved problem.
+(--reject-sibling-results, not in the paper: metrics.sibling_numbers). Tries are drawn in rounds of
+--tries-per-round per still-unsolved problem.
 
 Output: SFT-ready JSONL (index, question, answer, prompt, trajectory, tries, format_score), plus
 <out>.state.jsonl with one line per finished problem (accepted or not, tries, reasons). Rerunning
@@ -18,7 +18,6 @@ after a kill skips every finished problem: nothing written is lost. Data: JSONL 
 import itertools
 import json
 import os
-import re
 import time
 from collections import Counter
 from dataclasses import dataclass
@@ -29,8 +28,9 @@ from tqdm import tqdm
 
 import npr
 from checkpoint import load_checkpoint
-from hf_files import writing
-from runs import atomic_write, check_context, init_distributed, lock_output, parse_cli, print_config, read_problems
+from metrics import sibling_numbers
+from runs import (append_lines, atomic_write, check_context, init_distributed, lock_output, parse_cli, print_config,
+                  read_jsonl, read_problems)
 from sampler import Sampler, SamplingParams
 
 
@@ -59,28 +59,6 @@ class Config:
     dtype: str = ""
 
 
-_NUMBER_RE = re.compile(r"\d+(?:\.\d+)?")
-
-
-def sibling_numbers(text: str, question: str = "") -> list[tuple[int, int, str]]:
-    """Results a step can only have read in an earlier sibling step: (block, step, number), from 1. A
-    step's result is the last number it writes; a later step of the block that writes it too is
-    flagged unless the question or the text before the block's first <step> holds it ("2: 17*6=102.
-    92+102=194" takes 92, step 1's result). Results of one digit are ignored (too common to tell)."""
-    found = []
-    for bi, blk in enumerate(npr.parse(text).blocks, 1):
-        if not blk.step_spans:
-            continue
-        seen = set(_NUMBER_RE.findall(question)) | set(_NUMBER_RE.findall(text, 0, blk.step_spans[0][0]))
-        results = set()                               # the earlier steps' results
-        for si, (_, _, a, b, _) in enumerate(blk.step_spans, 1):
-            header = npr.HEADER_RE.match(text, a, b)
-            nums = _NUMBER_RE.findall(text, header.end() if header else a, b)
-            found += [(bi, si, n) for n in dict.fromkeys(nums) if n in results and n not in seen]
-            results |= {n for n in nums[-1:] if len(n) > 1}     # single digits are everywhere: not evidence
-    return found
-
-
 def judge(sample, answer, question="", siblings=False):
     """-> None when the sample is kept, else why not; siblings: apply sibling_numbers too."""
     if sample.finish_reason != "eos":
@@ -93,30 +71,6 @@ def judge(sample, answer, question="", siblings=False):
     if siblings and sibling_numbers(sample.text, question):
         return "a step uses an earlier step's result"
     return None
-
-
-def append_lines(path, lines):
-    """Append whole lines; a torn last line left by a kill is cut off first (its chunk is redone)."""
-    if os.path.isfile(path) and os.path.getsize(path):
-        with open(path, "rb+") as f:
-            data = f.read()
-            if not data.endswith(b"\n"):
-                f.truncate(data.rfind(b"\n") + 1)
-    with writing(path), open(path, "a") as f:
-        f.write("".join(line + "\n" for line in lines))
-
-
-def read_jsonl(path):
-    """The records of a JSON-lines file (none when it does not exist); a torn line (a kill in the
-    middle of a write) is skipped."""
-    out = []
-    if os.path.isfile(path):
-        for line in open(path):
-            try:
-                out.append(json.loads(line))
-            except json.JSONDecodeError:
-                continue
-    return out
 
 
 def read_done(state_path):

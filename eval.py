@@ -38,6 +38,7 @@ import torch
 
 import npr
 from checkpoint import load_checkpoint
+from metrics import evaluate
 from runs import atomic_write, check_context, parse_cli, print_config, read_problems
 from sampler import Sampler, SamplingParams
 
@@ -128,13 +129,12 @@ def main(cfg: Config):
                                 max_new_tokens=cfg.max_new_tokens, budget=cfg.budget,
                                 max_total_tokens=cfg.max_total_tokens, max_branches=cfg.max_branches,
                                 fork_min_tokens=cfg.fork_min_tokens, repetition_penalty=rp, seed=cfg.seed)
-        prompts = [npr.chat_prompt(tok, p["question"], instruction) for p in problems]
-        got, wall = sampler.generate_many(prompts, cfg.k, params, progress=True, batch_rows=cfg.batch_size)
-        report[mode] = npr.sample_metrics([(s, p["answer"]) for p, ss in zip(problems, got) for s in ss], wall)
+        report[mode], got = evaluate(sampler, tok, problems, instruction, params, cfg.k, cfg.batch_size, progress=True)
         report[mode].update(standard_error(problems, got))
         report[mode].update(settings)
         if cfg.latency_n:
-            report[mode].update(one_request_latency(sampler, prompts[:cfg.latency_n], params, cfg.k))
+            prompts = [npr.chat_prompt(tok, p["question"], instruction) for p in problems[:cfg.latency_n]]
+            report[mode].update(one_request_latency(sampler, prompts, params, cfg.k))
     if len(modes) == 2:
         s, p = report["serial"], report["parallel"]
         report["speedup"] = {c: p[c] / max(s[c], 1e-9) for c in ("tokens_per_s", "time_to_answer_1_s", "time_to_answer_s")

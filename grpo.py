@@ -31,8 +31,9 @@ from tqdm import tqdm
 
 import npr
 from checkpoint import resume_training, save_final, save_resume_point, start_training
-from runs import (accumulating, all_gather, all_reduce, autocast, check_context, parse_cli, read_problems,
-                  wrap_distributed)
+from metrics import evaluate, sample_metrics
+from runs import (accumulating, all_gather, all_reduce, autocast, check_choices, check_context, parse_cli,
+                  read_problems, warmup_cosine, wrap_distributed)
 from parallel_attention import Layout
 from sampler import Sampler, SamplingParams
 
@@ -166,10 +167,7 @@ def lr_at(step, cfg):
     """The learning rate of rollout batch `step`: constant, or linear warm-up then cosine to lr x min_lr_ratio."""
     if cfg.lr_schedule == "constant":
         return cfg.lr
-    if step < cfg.warmup_steps:
-        return cfg.lr * (step + 1) / cfg.warmup_steps
-    t = (step - cfg.warmup_steps) / max(1, cfg.steps - cfg.warmup_steps)
-    return cfg.lr * (cfg.min_lr_ratio + (1 - cfg.min_lr_ratio) * 0.5 * (1 + math.cos(math.pi * t)))
+    return warmup_cosine(step, cfg.steps, cfg.warmup_steps, cfg.lr, cfg.min_lr_ratio)
 
 
 # -----------------------------------------------------------------------------
@@ -301,7 +299,7 @@ def update(train_model, model, opt, items, cfg, world, dev):
 def log_step(step, seen, rewards, dropped, n_items, trained, roll_wall, t_train, world, dev):
     """The step's record over every rank's rollouts: sums and counts added over the ranks, then the means."""
     losses, gnorms, ents, n_train_tok = trained
-    m, n = (npr.sample_metrics(seen, roll_wall) if seen else {}), len(seen)
+    m, n = (sample_metrics(seen, roll_wall) if seen else {}), len(seen)
     forks = [b for s, _ in seen for b in s.stats["branches_per_fork"]]
     flat = [r for g in rewards for r in g]
     per_sample = ("accuracy", "format_valid", "trigger_rate", "mean_tokens", "mean_critical_tokens")   # x n: sums
@@ -326,9 +324,7 @@ def log_step(step, seen, rewards, dropped, n_items, trained, roll_wall, t_train,
 # -----------------------------------------------------------------------------
 
 def main(cfg: Config):
-    for name, allowed in CHOICES.items():
-        if getattr(cfg, name) not in allowed:
-            raise ValueError(f"--{name.replace('_', '-')} must be one of {', '.join(allowed)}, not {getattr(cfg, name)!r}")
+    check_choices(cfg, CHOICES)
     rank, world, dev, model, tok, resuming = start_training(cfg)
     if cfg.prompts_per_step % world:
         raise ValueError(f"--prompts-per-step {cfg.prompts_per_step} must be divisible by the {world} ranks")
@@ -347,10 +343,8 @@ def main(cfg: Config):
             model.eval()
             params = SamplingParams(mode=cfg.mode, temperature=0.0, max_new_tokens=cfg.max_new_tokens,
                                     max_branches=cfg.max_branches, fork_min_tokens=cfg.fork_min_tokens)
-            prompts = [npr.chat_prompt(tok, p["question"], instruction) for p in eval_problems]
             with autocast(dev, roll_autocast):
-                got, wall = sampler.generate_many(prompts, 1, params, batch_rows=cfg.rollout_rows)
-            m = npr.sample_metrics([(ss[0], p["answer"]) for p, ss in zip(eval_problems, got)], wall)
+                m, _ = evaluate(sampler, tok, eval_problems, instruction, params, batch_rows=cfg.rollout_rows)
             print(f"eval step {at_step} | greedy {cfg.mode} accuracy {m['accuracy']:.3f} | format "
                   f"{m['format_valid']:.3f} | trigger {m['trigger_rate']:.3f}", flush=True)
             metrics.write(step=at_step, **{f"eval_{k}": v for k, v in m.items() if not isinstance(v, dict)})

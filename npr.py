@@ -211,12 +211,6 @@ def parse(text: str, max_branches: int = 5, complete: bool = True) -> Parsed:
     return Parsed(blocks, extract_boxed(text), final.strip(), problems)
 
 
-def is_parallel(text_or_parsed) -> bool:
-    """Parallel trigger: at least one block with >= 2 steps (a block that forked into >= 2 branches)."""
-    p = parse(text_or_parsed) if isinstance(text_or_parsed, str) else text_or_parsed
-    return any(len(b.steps) >= 2 for b in p.blocks)
-
-
 def open_block(text: str) -> bool:
     """Whether the text ends inside a block before its <takeaway> (a guideline or a step still open, or
     steps not yet joined): a layout a trainer cannot build, so RL drops such a rollout (NPR.md section 4)."""
@@ -366,26 +360,3 @@ def token_layout(pieces: list[str], start_pos: int = 0, max_branches: int = 5,
     positions = Positions(start_pos)
     return TokenLayout(block, branch, [positions(k, i) for k, i in zip(block, branch)], parsed.problems)
 
-
-def sample_metrics(samples, wall_s):
-    """samples: [(Sample, gold answer)]; wall_s: generation wall time -> the metrics of NPR.md section 6,
-    plus finish reasons. A serial-mode sample triggers when its text holds a block with >= 2 steps."""
-    n = max(len(samples), 1)
-    forks = [b for s, _ in samples for b in s.stats["branches_per_fork"]]
-    total = sum(s.stats["total_tokens"] for s, _ in samples)
-    crit = sum(s.stats["critical_path_tokens"] for s, _ in samples)
-    triggered = [is_parallel(s.text) if s.stats.get("mode") == "serial"
-                 else any(b >= 2 for b in s.stats["branches_per_fork"]) for s, _ in samples]
-    valid = [s.finish_reason == "eos" and format_score(s.text)[0] == 0.0 for s, _ in samples]
-    return dict(
-        samples=len(samples),
-        accuracy=sum(grade(s.text, a) for s, a in samples) / n,
-        format_valid=sum(valid) / n, trigger_rate=sum(triggered) / n,
-        branches_per_fork=sum(forks) / len(forks) if forks else 0.0,
-        tokens_per_s=total / wall_s if wall_s else 0.0,
-        time_to_answer_s=sum(s.stats["time_s"] for s, _ in samples) / n,
-        total_over_critical=total / crit if crit else 0.0,
-        mean_tokens=total / n, mean_critical_tokens=crit / n,
-        finish={r: sum(s.finish_reason == r for s, _ in samples) / n
-                for r in sorted({s.finish_reason for s, _ in samples})},
-    )

@@ -2,7 +2,7 @@
 What a script's run needs around its stage, shared by the scripts (distill, sft, grpo, eval, serve,
 toy, table): its flags (a Config dataclass -> --kebab-case flags, errors as one line), the problem
 files it reads (and whether their prompts fit the model's context), what it writes (atomic files,
-JSON-lines logs, the lock on its output) and its processes under torchrun (torch.distributed).
+JSON-lines files and logs, the lock on its output) and its processes under torchrun (torch.distributed).
 Checkpoints, and the start of a training run from one, are checkpoint.py's; the prompt is npr.py's.
 """
 import argparse
@@ -54,6 +54,13 @@ def parse_cli(cls, argv=None):
         sys.excepthook = one_line_errors
     return cls(**args)
 
+
+
+def check_choices(cfg, choices):
+    """Refuse a field outside its choices (choices: field name -> the values it may take), naming its flag."""
+    for name, allowed in choices.items():
+        if getattr(cfg, name) not in allowed:
+            raise ValueError(f"--{name.replace('_', '-')} must be one of {', '.join(allowed)}, not {getattr(cfg, name)!r}")
 
 def one_line_errors(typ, err, tb):
     """Errors about the user's inputs print as one line and exit 1: ValueError (a bad value, file
@@ -223,16 +230,33 @@ class JsonlLog:
 
     def truncate_after(self, step):
         """Keep the records of steps <= step (a resumed run redoes the later ones); drop torn lines."""
-        if not os.path.isfile(self.path):
-            return
-        keep = []
-        for line in open(self.path):
+        if os.path.isfile(self.path):
+            atomic_write(self.path, (json.dumps(x) + "\n" for x in read_jsonl(self.path) if x.get("step", 0) <= step))
+
+
+def append_lines(path, lines):
+    """Append whole lines (distill.py's outputs); a torn last line left by a kill is cut off first (its
+    chunk is redone)."""
+    if os.path.isfile(path) and os.path.getsize(path):
+        with open(path, "rb+") as f:
+            data = f.read()
+            if not data.endswith(b"\n"):
+                f.truncate(data.rfind(b"\n") + 1)
+    with writing(path), open(path, "a") as f:
+        f.write("".join(line + "\n" for line in lines))
+
+
+def read_jsonl(path):
+    """The records of a JSON-lines file (none when it does not exist); a torn line (a kill in the
+    middle of a write) is skipped."""
+    out = []
+    if os.path.isfile(path):
+        for line in open(path):
             try:
-                if json.loads(line).get("step", 0) <= step:
-                    keep.append(line if line.endswith("\n") else line + "\n")
+                out.append(json.loads(line))
             except json.JSONDecodeError:
                 continue
-        atomic_write(self.path, keep)
+    return out
 
 
 _LOCKS = {}   # the lock files this process holds (real path -> open file), until it ends
@@ -314,6 +338,15 @@ def all_gather(obj, world):
     dist.all_gather_object(out, obj)
     return out
 
+
+
+def warmup_cosine(step, total, warmup, lr, floor):
+    """The learning rate of optimizer step `step` (from 0): linear warm-up over `warmup` steps, then
+    cosine from lr down to lr x floor at step `total` (sft.py's schedule; grpo.py's --lr-schedule cosine)."""
+    if step < warmup:
+        return lr * (step + 1) / warmup
+    t = (step - warmup) / max(1, total - warmup)
+    return lr * (floor + (1 - floor) * 0.5 * (1 + math.cos(math.pi * t)))
 
 def autocast(device, bf16):
     """bf16 matmuls on CUDA while weights and optimizer state stay fp32: with the paper's learning

@@ -27,7 +27,8 @@ from tqdm import tqdm
 
 import npr
 from checkpoint import resume_training, save_final, save_resume_point, start_training
-from runs import accumulating, all_reduce, autocast, parse_cli, read_problems, wrap_distributed
+from runs import (accumulating, all_reduce, autocast, check_choices, parse_cli, read_problems, warmup_cosine,
+                  wrap_distributed)
 from model import add_tag_tokens
 from parallel_attention import Layout
 
@@ -79,9 +80,8 @@ def encode_example(tok, row, instruction, max_branches, layout="parallel"):
     if lay.problems:
         return None, lay.problems[0]
     P, n = len(prompt), len(resp)
-    if layout == "serial":
-        return dict(ids=prompt + resp, pos=list(range(P + n)), block=[0] * (P + n), branch=[0] * (P + n),
-                    loss=[0] * P + [1] * n), None
+    if layout == "serial":                      # one causal sequence: no blocks, positions P..P+n-1
+        lay = npr.TokenLayout([0] * n, [0] * n, list(range(P, P + n)), [])
     return dict(ids=prompt + resp, pos=list(range(P)) + lay.pos, block=[0] * P + lay.block,
                 branch=[0] * P + lay.branch, loss=[0] * P + [1] * n), None
 
@@ -115,19 +115,14 @@ def to_row(docs):
                 layout=Layout(doc=doc, block=t32("block"), branch=t32("branch")))
 
 
-def lr_at(step, total, cfg):
-    warm = max(1, int(cfg.warmup_frac * total))
-    if step < warm:
-        return cfg.lr * (step + 1) / warm
-    t = (step - warm) / max(1, total - warm)
-    return cfg.lr * (cfg.min_lr_frac + (1 - cfg.min_lr_frac) * 0.5 * (1 + math.cos(math.pi * t)))
+def lr_at(step, total, cfg):   # linear warm-up over warmup_frac of the steps, then cosine to lr x min_lr_frac
+    return warmup_cosine(step, total, max(1, int(cfg.warmup_frac * total)), cfg.lr, cfg.min_lr_frac)
 
 
 # -----------------------------------------------------------------------------
 
 def main(cfg: Config):
-    if cfg.layout not in ("parallel", "serial"):
-        raise ValueError(f"--layout must be parallel or serial, not {cfg.layout!r}")
+    check_choices(cfg, dict(layout=("parallel", "serial")))
     rank, world, dev, model, tok, resuming = start_training(cfg)
     log = print if rank == 0 else (lambda *a, **k: None)
     if not resuming:                          # a resume point has the tag tokens already

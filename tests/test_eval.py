@@ -12,7 +12,7 @@ import pytest
 
 import eval as ev
 from eval import table
-from npr import sample_metrics
+from metrics import sample_metrics
 from helpers import GOOD, make_checkpoint, sample
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))

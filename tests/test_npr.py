@@ -11,6 +11,7 @@ import re
 
 import pytest
 
+import metrics
 import npr
 
 
@@ -78,12 +79,12 @@ def test_parse_good_sample():
     assert b.plans == [("1", "Compute directly."), ("2", "Use symmetry.")]
     assert b.steps == ["1: Directly, 2+2 = 4.", "2: By symmetry, 4."]
     assert b.takeaway == "Both agree, so we conclude."
-    assert npr.is_parallel(GOOD) and npr.is_parallel(p)
+    assert metrics.is_parallel(GOOD) and metrics.is_parallel(p)
 
 
 def test_parse_serial_and_unclosed():
     one = block_text(["1: Only way."], ["1: Do it fully."]) + " \\boxed{1}"
-    assert not npr.is_parallel(one) and npr.parse(one).problems == []
+    assert not metrics.is_parallel(one) and npr.parse(one).problems == []
     p = npr.parse("<guideline><plan>1: a</plan><plan>first</plan></guideline><step>1: half")
     assert p.blocks[0].plans == [("1", "a"), ("", "first")] and p.blocks[0].steps == ["1: half"]
     assert p.blocks[0].takeaway is None and p.answer is None and p.final_text == ""

@@ -6,6 +6,7 @@ sample's layout is the format module's and its log-probs the trainer's (check_ex
 Run: OMP_NUM_THREADS=1 .venv/bin/python -m pytest tests/test_request.py (~10 s)."""
 import pytest
 
+import metrics
 import npr
 from helpers import Script, block_script, chat, check_exact, generate_naive, ids_of, step_script
 from sampler import Sampler, SamplingParams
@@ -123,7 +124,7 @@ def test_no_fork_near_the_budget(ck):
     p = SamplingParams(max_new_tokens=len(trunk) + len(serial_steps) + 5, fork_min_tokens=len(serial_steps) + 10)
     s = Sampler(model, tok).generate([chat(tok)], params=p, steer=Script({0: trunk + serial_steps}))[0][0]
     assert s.stats["forks"] == 0 and set(s.branch) == {0} and s.finish_reason == "budget"
-    assert npr.is_parallel(s.text) and npr.sample_metrics([(s, "1")], 1.0)["trigger_rate"] == 0.0
+    assert metrics.is_parallel(s.text) and metrics.sample_metrics([(s, "1")], 1.0)["trigger_rate"] == 0.0
 
 
 @pytest.mark.parametrize("budget", ["total", "critical"])

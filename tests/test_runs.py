@@ -208,3 +208,14 @@ def test_a_prompt_that_cannot_fit_the_context_is_refused_by_every_stage_naming_i
     assert time.perf_counter() - t0 < 10
     data.write_text("".join(json.dumps({"question": q, "answer": "26"}) + "\n" for q in (short, short)))
     ev.main(ev.Config(k=1, latency_n=0, mode="serial", out=str(tmp_path / "e.json"), **common))   # those that fit run
+
+
+def test_a_value_outside_its_choices_is_refused_naming_its_flag():
+    """grpo's recipe flags and sft's --layout: one error naming the flag, its choices and the value."""
+    import grpo
+    import sft
+    runs.check_choices(grpo.Config(), grpo.CHOICES)                      # the defaults are among them
+    with pytest.raises(ValueError, match=r"--adv-std must be one of batch, group, not 'groups'"):
+        grpo.main(grpo.Config(adv_std="groups"))
+    with pytest.raises(ValueError, match=r"--layout must be one of parallel, serial, not 'causal'"):
+        sft.main(sft.Config(layout="causal"))
