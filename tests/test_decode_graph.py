@@ -270,3 +270,17 @@ def test_fused_static_step_equals_eager_and_follows_weight_updates(ck):
     assert sampler.fast is fast and sampler.fast.fused[0][0][0] is qkv      # same tensors, rewritten
     same(run(model, tok, "eager", prompts, p, steer), again, 1e-4)
     assert any(a.logprobs != b.logprobs for a, b in zip(fused, again))
+
+
+def test_the_kv_budget_on_a_gpu_counts_free_memory_and_the_kept_cache(monkeypatch):
+    """free_gpu_bytes (half of it is the sampler's default budget on CUDA): the memory free on the
+    device, what the caching allocator holds but does not use, and the kept cache (it is replaced)."""
+    from decode_graph import free_gpu_bytes
+    from sampler import KVCache
+    monkeypatch.setattr(torch.cuda, "mem_get_info", lambda d: (1000, 5000))
+    monkeypatch.setattr(torch.cuda, "memory_reserved", lambda d: 300)
+    monkeypatch.setattr(torch.cuda, "memory_allocated", lambda d: 200)
+    assert free_gpu_bytes("cuda:0") == 1100
+    cfg = type("Cfg", (), dict(dtype=torch.float32, num_key_value_heads=2, head_dim=4, num_hidden_layers=3))
+    cache = KVCache(cfg, rows=2, capacity=8)                 # 2 x 3 layers x (2 x 2 x 8 x 4) fp32 values
+    assert free_gpu_bytes("cuda:0", cache) == 1100 + 2 * 3 * 2 * 2 * 8 * 4 * 4
