@@ -13,8 +13,8 @@ import shutil
 
 import torch
 
-from hf_files import read_config, writing
-from model import DTYPES, Qwen
+from hf_files import DTYPES, dtype_name, read_config, writing
+from model import Qwen
 from npr import INSTRUCTION_FILE   # a checkpoint's own instruction (the built-in default has one)
 from runs import JsonlLog, init_distributed, lock_output, print_config
 from tokenizer import Tokenizer
@@ -22,7 +22,7 @@ from tokenizer import Tokenizer
 
 def load_checkpoint(path, device, dtype="", bf16=False):
     """-> (model, tokenizer) of the checkpoint folder `path`, the weights on `device` in `dtype` (a
-    model.DTYPES name; "": the file's, or bf16 on CUDA with `bf16`: the decoding scripts ask for that,
+    hf_files.DTYPES name; "": the file's, or bf16 on CUDA with `bf16`: the decoding scripts ask for that,
     since the sampler's CUDA-graph fast path does not run under autocast, fp32 sft/grpo outputs too).
     A tokenizer with more ids than the model has embedding rows is refused."""
     if dtype and dtype not in DTYPES:
@@ -89,7 +89,7 @@ def save_dtype(cfg, src_dir):
     name = getattr(cfg, "save_dtype", "")
     if not name and src_dir and os.path.isfile(os.path.join(src_dir, "config.json")):
         d = read_config(src_dir)
-        name = d.get("dtype") or d.get("torch_dtype") or ""
+        name = dtype_name(d) or ""
     if name and name not in DTYPES:
         raise ValueError(f"unknown save dtype {name!r}: one of {', '.join(DTYPES)}")
     return DTYPES[name] if name else None

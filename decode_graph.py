@@ -1,5 +1,7 @@
 """
-Optional reading: the sampler's GPU fast path, one decode step with static shapes replayed as a CUDA graph.
+Optional reading: the sampler's GPU side. Its fast path, one decode step with static shapes replayed
+as a CUDA graph (StaticStep), whose in-step greedy draw takes the argmax in two stages (argmax_rows);
+and the free GPU memory the KV-cache budget is half of (free_gpu_bytes).
 
 Eager decoding of a 0.6B model on an H100 is launch-bound (~1,700 small kernels per token, ~25 ms),
 whatever the batch. A CUDA graph replays the same kernels without the Python and launch cost, but
@@ -110,14 +112,13 @@ def in_step_settings(plist, steer):
 class StaticStep:
     """hidden_states of one decode step on a fixed (R, S) KV cache, padded to static shapes."""
 
-    def __init__(self, model, cache, graphs=True, compiled=False, draw_tokens=None, fuse=None, logprob=None):
+    def __init__(self, model, cache, graphs=True, compiled=False, draw_tokens=None, fuse=False, logprob=None):
         self.model, self.cache = model, cache
         self.compiled = compiled
-        # fuse: True, or the fused weights of the StaticStep this one replaces (a grown cache); None: with graphs
-        fuse = graphs if fuse is None else fuse
+        # fuse: True, or the fused weights of the StaticStep this one replaces (a grown cache)
         self.fused = (fuse if isinstance(fuse, list) else fused_projections(model)) if fuse else None
         self.version = weights_version(model) if fuse else None
-        self.draw_tokens = draw_tokens   # (logits, temperature, top_p, top_k, u) -> tokens: the sampler's rule
+        self.draw_tokens = draw_tokens   # (logits, temperature, top_p, top_k, u, argmax) -> tokens: the sampler's rule
         self.logprob = logprob or (lambda logits, tok: logits.log_softmax(-1).gather(1, tok[:, None]).squeeze(1))
         if compiled:        # one compile per graph key: (W bucket, span, settings) keys outnumber dynamo's default 8
             cfg = torch._dynamo.config
@@ -164,8 +165,7 @@ class StaticStep:
         if settings is None:
             return h
         logits = F.linear(h.flatten(0, 1), self.model.output_weight).float()     # (R*W, V)
-        # greedy (a resolved temperature of 0): the argmax, in two stages; else the sampler's draw
-        tok = argmax_rows(logits) if settings[0] == 0 else self.draw_tokens(logits, *settings, u.flatten())
+        tok = self.draw_tokens(logits, *settings, u.flatten(), argmax=argmax_rows)   # greedy: in two stages
         return torch.stack((tok.double(), self.logprob(logits, tok).double()))
 
     @torch.no_grad()

@@ -7,8 +7,8 @@ Stage 2a: self-distillation by rejection sampling (NPR.md section 4, stage 2a).
     torchrun --nproc-per-node 8 distill.py --model ... --data ...      # each rank samples a shard
 
 Per problem, up to --max-tries serial samples; keep the FIRST one that is correct and format-perfect
-(--reject-sibling-results, not in the paper: metrics.sibling_numbers). Tries are drawn in rounds of
---tries-per-round per still-unsolved problem.
+(--reject-sibling-results: see sibling_numbers). Tries are drawn in rounds of --tries-per-round
+per still-unsolved problem.
 
 Output: SFT-ready JSONL (index, question, answer, prompt, trajectory, tries, format_score), plus
 <out>.state.jsonl with one line per finished problem (accepted or not, tries, reasons). Rerunning
@@ -18,6 +18,7 @@ after a kill skips every finished problem: nothing written is lost. Data: JSONL 
 import itertools
 import json
 import os
+import re
 import time
 from collections import Counter
 from dataclasses import dataclass
@@ -28,7 +29,6 @@ from tqdm import tqdm
 
 import npr
 from checkpoint import load_checkpoint
-from metrics import sibling_numbers
 from runs import (append_lines, atomic_write, check_context, init_distributed, lock_output, parse_cli, print_config,
                   read_jsonl, read_problems)
 from sampler import Sampler, SamplingParams
@@ -57,6 +57,28 @@ class Config:
     device: str = ""                        # "" = cuda when available (under torchrun: the rank's GPU)
     bf16: bool = True                       # on CUDA: bf16 weights for decoding (fp32 checkpoints of sft/grpo too)
     dtype: str = ""
+
+
+_NUMBER_RE = re.compile(r"\d+(?:\.\d+)?")
+
+
+def sibling_numbers(text: str, question: str = "") -> list[tuple[int, int, str]]:
+    """Results a step can only have read in an earlier sibling step: (block, step, number), from 1. A
+    step's result is the last number it writes; a later step of the block that writes it too is
+    flagged unless the question or the text before the block's first <step> holds it ("2: 17*6=102.
+    92+102=194" takes 92, step 1's result). Results of one digit are ignored (too common to tell)."""
+    found = []
+    for bi, blk in enumerate(npr.parse(text).blocks, 1):
+        if not blk.step_spans:
+            continue
+        seen = set(_NUMBER_RE.findall(question)) | set(_NUMBER_RE.findall(text, 0, blk.step_spans[0][0]))
+        results = set()                               # the earlier steps' results
+        for si, (_, _, a, b, _) in enumerate(blk.step_spans, 1):
+            header = npr.HEADER_RE.match(text, a, b)
+            nums = _NUMBER_RE.findall(text, header.end() if header else a, b)
+            found += [(bi, si, n) for n in dict.fromkeys(nums) if n in results and n not in seen]
+            results |= {n for n in nums[-1:] if len(n) > 1}     # single digits are everywhere: not evidence
+    return found
 
 
 def judge(sample, answer, question="", siblings=False):

@@ -336,9 +336,9 @@ def main(cfg: Config):
     check_context(problems + eval_problems, tok, instruction, cfg.max_new_tokens, model)
     train_model = wrap_distributed(model, world, cfg.fsdp)
     opt = torch.optim.AdamW(model.parameters(), lr=cfg.lr, betas=(0.9, 0.999), weight_decay=cfg.weight_decay)
-    step, metrics = resume_training(opt, cfg, resuming, rank, world, dev)
+    step, records = resume_training(opt, cfg, resuming, rank, world, dev)
 
-    def maybe_evaluate(at_step):   # greedy decoding of the eval problems in the training mode: eval.py's metrics
+    def maybe_evaluate(at_step):   # greedy decoding of the eval problems in the training mode: metrics.py's metrics
         if eval_problems and rank == 0 and cfg.eval_every and at_step % cfg.eval_every == 0:
             model.eval()
             params = SamplingParams(mode=cfg.mode, temperature=0.0, max_new_tokens=cfg.max_new_tokens,
@@ -347,7 +347,7 @@ def main(cfg: Config):
                 m, _ = evaluate(sampler, tok, eval_problems, instruction, params, batch_rows=cfg.rollout_rows)
             print(f"eval step {at_step} | greedy {cfg.mode} accuracy {m['accuracy']:.3f} | format "
                   f"{m['format_valid']:.3f} | trigger {m['trigger_rate']:.3f}", flush=True)
-            metrics.write(step=at_step, **{f"eval_{k}": v for k, v in m.items() if not isinstance(v, dict)})
+            records.write(step=at_step, **{f"eval_{k}": v for k, v in m.items() if not isinstance(v, dict)})
 
     if step == 0:
         maybe_evaluate(0)
@@ -381,7 +381,7 @@ def main(cfg: Config):
         rec.update(lr=opt.param_groups[0]["lr"], step_s=time.perf_counter() - t0)
         bar.update(1)
         if rank == 0:
-            metrics.log(**rec)
+            records.log(**rec)
         maybe_evaluate(step)
         if cfg.save_every and step % cfg.save_every == 0 and step < cfg.steps:
             save_resume_point(model, tok, opt, os.path.join(cfg.out_dir, "last"), cfg, cfg.model, step, rank, world)

@@ -81,8 +81,13 @@ def check_fields(d):
         raise ValueError(f"unsupported RoPE scaling {kind!r}: only plain RoPE is implemented")
     if d.get("use_sliding_window"):
         raise ValueError("unsupported: use_sliding_window=true (sliding-window attention)")
-    if (name := d.get("dtype") or d.get("torch_dtype") or "float32") not in DTYPES:
+    if (name := dtype_name(d) or "float32") not in DTYPES:
         raise ValueError(f"unsupported dtype {name!r} in config.json: {', '.join(DTYPES)}")
+
+
+def dtype_name(d):
+    """The weights' dtype name in config.json, or None: transformers 5 writes `dtype`, 4.x `torch_dtype`."""
+    return d.get("dtype") or d.get("torch_dtype")
 
 
 def read_json(path):

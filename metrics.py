@@ -4,8 +4,6 @@ parallel trigger rate, branches per fork, tokens/s, time-to-answer and total / c
 eval.py reports them, grpo.py logs them for its rollouts and its periodic evaluation, table.py reads
 eval.py's reports. `evaluate` is the decoding both scripts evaluate with.
 """
-import re
-
 import npr
 
 
@@ -45,25 +43,3 @@ def evaluate(sampler, tok, problems, instruction, params, k=1, batch_rows=256, p
     prompts = [npr.chat_prompt(tok, p["question"], instruction) for p in problems]
     got, wall = sampler.generate_many(prompts, k, params, progress=progress, batch_rows=batch_rows)
     return sample_metrics([(s, p["answer"]) for p, ss in zip(problems, got) for s in ss], wall), got
-
-
-_NUMBER_RE = re.compile(r"\d+(?:\.\d+)?")
-
-
-def sibling_numbers(text: str, question: str = "") -> list[tuple[int, int, str]]:
-    """Results a step can only have read in an earlier sibling step: (block, step, number), from 1. A
-    step's result is the last number it writes; a later step of the block that writes it too is
-    flagged unless the question or the text before the block's first <step> holds it ("2: 17*6=102.
-    92+102=194" takes 92, step 1's result). Results of one digit are ignored (too common to tell)."""
-    found = []
-    for bi, blk in enumerate(npr.parse(text).blocks, 1):
-        if not blk.step_spans:
-            continue
-        seen = set(_NUMBER_RE.findall(question)) | set(_NUMBER_RE.findall(text, 0, blk.step_spans[0][0]))
-        results = set()                               # the earlier steps' results
-        for si, (_, _, a, b, _) in enumerate(blk.step_spans, 1):
-            header = npr.HEADER_RE.match(text, a, b)
-            nums = _NUMBER_RE.findall(text, header.end() if header else a, b)
-            found += [(bi, si, n) for n in dict.fromkeys(nums) if n in results and n not in seen]
-            results |= {n for n in nums[-1:] if len(n) > 1}     # single digits are everywhere: not evidence
-    return found

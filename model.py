@@ -21,7 +21,7 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
-from hf_files import DTYPES, SUPPORTED, load_safetensors, read_config, write_safetensors
+from hf_files import DTYPES, SUPPORTED, check_fields, dtype_name, load_safetensors, read_config, write_safetensors
 from parallel_attention import attention
 
 
@@ -45,13 +45,10 @@ class QwenConfig:
 
     @staticmethod
     def from_dict(d):
-        """From config.json's fields, as hf_files.read_config checked them (types, and what is supported:
-        plain RoPE, no sliding window). transformers 5 writes rope_parameters.rope_theta and dtype; 4.x
-        rope_theta and torch_dtype."""
+        """From config.json's fields, checked first (hf_files.check_fields: types, and what is supported).
+        transformers 5 writes rope_parameters.rope_theta and dtype; 4.x rope_theta and torch_dtype."""
+        check_fields(d)
         arch = next((SUPPORTED[a] for a in d.get("architectures") or [] if a in SUPPORTED), d.get("model_type"))
-        if arch not in SUPPORTED.values():
-            raise ValueError(f"unsupported architecture {d.get('architectures') or arch!r}: "
-                             f"supported are {', '.join(SUPPORTED)} (dense Qwen2/2.5/3)")
         theta = (d.get("rope_parameters") or {}).get("rope_theta", d.get("rope_theta", 10000.0))
         heads = d["num_attention_heads"]
         return QwenConfig(
@@ -62,7 +59,7 @@ class QwenConfig:
             rms_norm_eps=d.get("rms_norm_eps", 1e-6), rope_theta=float(theta),
             tie_word_embeddings=d.get("tie_word_embeddings", False),
             qkv_bias=True if arch == "qwen2" else bool(d.get("attention_bias", False)),
-            qk_norm=arch == "qwen3", dtype=DTYPES[d.get("dtype") or d.get("torch_dtype") or "float32"], raw=dict(d))
+            qk_norm=arch == "qwen3", dtype=DTYPES[dtype_name(d) or "float32"], raw=dict(d))
 
     def to_dict(self):
         """config.json content: the original keys, updated with what may have changed."""

@@ -1,8 +1,9 @@
 """
 What a script's run needs around its stage, shared by the scripts (distill, sft, grpo, eval, serve,
-toy, table): its flags (a Config dataclass -> --kebab-case flags, errors as one line), the problem
-files it reads (and whether their prompts fit the model's context), what it writes (atomic files,
-JSON-lines files and logs, the lock on its output) and its processes under torchrun (torch.distributed).
+toy, table): its flags (a Config dataclass -> --kebab-case flags, a value outside its choices and
+other errors as one line), the learning-rate schedule of sft and grpo, the problem files it reads
+(and whether their prompts fit the model's context), what it writes (atomic files, JSON-lines files
+and logs, the lock on its output) and its processes under torchrun (torch.distributed).
 Checkpoints, and the start of a training run from one, are checkpoint.py's; the prompt is npr.py's.
 """
 import argparse
@@ -75,6 +76,19 @@ def one_line_errors(typ, err, tb):
 
 def print_config(cfg):
     print("config | " + " | ".join(f"{k}={v}" for k, v in dataclasses.asdict(cfg).items()), flush=True)
+
+
+# -----------------------------------------------------------------------------
+# The learning-rate schedule of sft.py and grpo.py
+
+def warmup_cosine(step, total, warmup, lr, floor):
+    """The learning rate at `step` (from 0; sft.py: an optimizer step, grpo.py: a rollout batch): linear
+    warm-up over `warmup` steps, then cosine from lr down to lr x floor at step `total` (sft.py's
+    schedule; grpo.py's --lr-schedule cosine; toy.py's base model has its own)."""
+    if step < warmup:
+        return lr * (step + 1) / warmup
+    t = (step - warmup) / max(1, total - warmup)
+    return lr * (floor + (1 - floor) * 0.5 * (1 + math.cos(math.pi * t)))
 
 
 # -----------------------------------------------------------------------------
@@ -192,7 +206,7 @@ def prompt_length(tok, question, instruction, limit, piece=1 << 16):
 
 
 # -----------------------------------------------------------------------------
-# Outputs: files written whole, JSON-lines logs, the output's lock
+# Outputs: files written whole, JSON-lines files and logs, the output's lock
 
 def atomic_write(path, text):
     """Replace `path` with `text` (a str or an iterable of lines) so that a kill, a full disk or Ctrl-C
@@ -339,14 +353,6 @@ def all_gather(obj, world):
     return out
 
 
-
-def warmup_cosine(step, total, warmup, lr, floor):
-    """The learning rate of optimizer step `step` (from 0): linear warm-up over `warmup` steps, then
-    cosine from lr down to lr x floor at step `total` (sft.py's schedule; grpo.py's --lr-schedule cosine)."""
-    if step < warmup:
-        return lr * (step + 1) / warmup
-    t = (step - warmup) / max(1, total - warmup)
-    return lr * (floor + (1 - floor) * 0.5 * (1 + math.cos(math.pi * t)))
 
 def autocast(device, bf16):
     """bf16 matmuls on CUDA while weights and optimizer state stay fp32: with the paper's learning

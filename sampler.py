@@ -8,7 +8,7 @@ Sampler.step() is the engine, in three parts (as nano-vllm's step):
                that waits for a bigger cache, for a while); prefill their prompts
   run          build_grid: the next token of every live stream of every running request; one forward
                over that (R, W) grid, eager or decode_graph.StaticStep (CUDA graphs); the draws
-  postprocess  each drawn token goes to its request (Seq.on_token: tags, fork, join, end); generate() loops
+  postprocess  each drawn token goes to its request (Seq.on_token: tags, fork, join, end); generate_many() loops
 A request owns one cache row; branch tokens go into it interleaved, masked by per-slot metadata
 (parallel_attention.py). Output (request.Sample) is in the trainer's layout, with the model's
 log-prob of every token.
@@ -195,14 +195,15 @@ class Sampler:
             raise ValueError(f"one KV-cache row of {capacity} slots needs {per_row / 2 ** 30:.3f} GB, more than "
                              f"the budget of {budget / 2 ** 30:.3f} GB (Sampler.cache_gb)")
         R = min(self.max_rows, int(budget // per_row))
-        key = (R, dtype, w.device, mode, self.compile_step, self.fuse_step)
+        fuse = mode == "graph" if self.fuse_step is None else self.fuse_step
+        key = (R, dtype, w.device, mode, self.compile_step, fuse)
         if self.cache is None or self.cache.key != key or self.cache.capacity < capacity:
             self.cache = self.fast = None                          # free the old one before allocating
             self.cache = KVCache(cfg, R, capacity, device=w.device, dtype=dtype)
             self.cache.key = key
             if mode != "eager":
                 self.fast = StaticStep(self.model, self.cache, mode == "graph", self.compile_step, draw_tokens,
-                                       self.fuse_step, logprob_of)
+                                       fuse, logprob_of)
         elif self.fast is not None:
             self.fast.reset()        # fused weights refreshed after an update
         self.free = list(range(R))
@@ -210,11 +211,9 @@ class Sampler:
     def prefill(self, seqs):
         """Newly admitted prompts, right-padded, in one forward into their cache rows; draw their first tokens."""
         dev, L, B = self.model.output_weight.device, max(len(s.prompt) for s in seqs), len(seqs)
-        ids = torch.zeros(B, L, dtype=torch.long)
-        doc = torch.full((B, L), -1, dtype=torch.int32)     # padding: invisible, in slots written later
-        for b, seq in enumerate(seqs):
-            ids[b, :len(seq.prompt)] = torch.tensor(seq.prompt)
-            doc[b, :len(seq.prompt)] = 0
+        # padding: doc -1, invisible, in slots written later
+        ids = torch.tensor([seq.prompt + [0] * (L - len(seq.prompt)) for seq in seqs])
+        doc = torch.tensor([[0] * len(seq.prompt) + [-1] * (L - len(seq.prompt)) for seq in seqs], dtype=torch.int32)
         z = torch.zeros(B, L, dtype=torch.int32)
         slot = torch.arange(L, dtype=torch.int32).expand(B, L)
         self.cache.limit, self.cache.rows = L, torch.tensor([seq.row for seq in seqs], device=dev)
@@ -305,9 +304,10 @@ class Sampler:
                 seq.on_token(st, t, lp, t in self.stop_ids)
 
     # ---- callers: a batch of requests in, samples out --------------------------------------------
-    def generate(self, prompts, n=1, params=None, **kw):
+    def generate(self, prompts, n=1, params=None, *, seeds=None, steer=None, progress=False, on_sample=None):
         """generate_many() over every request at once (as the KV-cache budget allows) -> its samples only."""
-        return self.generate_many(prompts, n, params, batch_rows=0, **kw)[0]
+        return self.generate_many(prompts, n, params, seeds=seeds, steer=steer, progress=progress,
+                                  on_sample=on_sample, batch_rows=0)[0]
 
     def generate_many(self, prompts, n=1, params=None, *, seeds=None, steer=None, progress=False, on_sample=None,
                       batch_rows=256):
@@ -353,11 +353,12 @@ class Sampler:
         return [out[i * n:(i + 1) * n] for i in range(len(prompts))], time.perf_counter() - t0
 
 
-def draw_tokens(logits, temperature, top_p, top_k, u):
+def draw_tokens(logits, temperature, top_p, top_k, u, argmax=None):
     """(N, V) float logits, (N,) uniforms in [0, 1) -> (N,) token ids, by inverse CDF (one uniform
-    per row, so rows never share a random stream). temperature 0 (or below GREEDY_BELOW) = argmax."""
+    per row, so rows never share a random stream). temperature 0 (or below GREEDY_BELOW) = the first
+    maximal index: logits.argmax(-1), or `argmax` (the GPU step's two-stage one, decode_graph.argmax_rows)."""
     if temperature < GREEDY_BELOW:
-        return logits.argmax(-1)
+        return logits.argmax(-1) if argmax is None else argmax(logits)
     logits = logits / temperature
     if top_k and top_k < logits.shape[-1]:
         kth = logits.topk(top_k, dim=-1).values[:, -1:]

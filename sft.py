@@ -80,7 +80,7 @@ def encode_example(tok, row, instruction, max_branches, layout="parallel"):
     if lay.problems:
         return None, lay.problems[0]
     P, n = len(prompt), len(resp)
-    if layout == "serial":                      # one causal sequence: no blocks, positions P..P+n-1
+    if layout == "serial":                      # one causal sequence: no blocks, positions on from the prompt's
         lay = npr.TokenLayout([0] * n, [0] * n, list(range(P, P + n)), [])
     return dict(ids=prompt + resp, pos=list(range(P)) + lay.pos, block=[0] * P + lay.block,
                 branch=[0] * P + lay.branch, loss=[0] * P + [1] * n), None
@@ -153,7 +153,7 @@ def main(cfg: Config):
     opt = torch.optim.AdamW([{"params": decay, "weight_decay": cfg.weight_decay},
                              {"params": no_decay, "weight_decay": 0.0}],
                             lr=cfg.lr, betas=(cfg.beta1, cfg.beta2), foreach=dev.type == "cuda")
-    step, metrics = resume_training(opt, cfg, resuming, rank, world, dev)
+    step, records = resume_training(opt, cfg, resuming, rank, world, dev)
 
     log("== train ==")
     order = []
@@ -195,7 +195,7 @@ def main(cfg: Config):
             rec["mfu"] = 6 * n_params * tok_s / 989e12
         bar.update(1)
         if rank == 0:
-            metrics.log(**rec)
+            records.log(**rec)
         if cfg.save_every and step % cfg.save_every == 0 and step < total_steps:
             save_resume_point(model, tok, opt, os.path.join(cfg.out_dir, "last"), cfg, cfg.model, step, rank, world)
     bar.close()

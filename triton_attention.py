@@ -1,6 +1,7 @@
 """
 Triton kernels for branch-isolated attention (optional reading: parallel_attention.py states the rule
-and holds the reference; this file only makes it fast on a GPU).
+and holds the reference; this file makes it fast on a GPU, and checks that its kernels apply that
+rule before impl="auto" runs them).
 
 The rule (parallel_attention.visible) is applied at two granularities:
 - per tile pair, once per batch on the host (`tile_classes`, plain torch, no GPU->CPU sync): a
@@ -30,7 +31,8 @@ attention tutorial: exp2 with the softmax scale folded in, fp32 accumulators):
     _attn_bwd_dq               dq of a query tile over the forward's key tiles
     _attn_decode               few queries per row vs a long KV cache (flash-decoding splits)
     _mask                      the element mask alone (the rule check's probe)
--> the autotune sets -> launchers, the autograd Function -> the rule check -> `attention_triton`.
+-> the autotune sets -> launchers, the autograd Function -> the rule check (`rule_mismatch`, and
+`kernels_hold_rule`: where impl="auto" falls back to SDPA, saying so once) -> `attention_triton`.
 
 On CUDA the autotuner times a few (BLOCK_M, BLOCK_N, warps, stages) per head dim, GQA group, dtype
 and length (rounded up to a power of two) on first use: a few seconds per new key, then cached.

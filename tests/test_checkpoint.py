@@ -131,7 +131,7 @@ def test_tokenizer_with_more_ids_than_embedding_rows_is_refused_at_load(tmp_path
 
 
 def test_the_loader_dtypes(tmp_path):
-    """One dtype table (model.DTYPES): "" keeps the file's dtype (fp32 here), bf16=True asks for bf16
+    """One dtype table (hf_files.DTYPES): "" keeps the file's dtype (fp32 here), bf16=True asks for bf16
     on CUDA only (the decoding scripts' default), a name is that dtype, an unknown name one error."""
     make_checkpoint(tmp_path / "ck")
     load = lambda *a, **k: checkpoint.load_checkpoint(str(tmp_path / "ck"), "cpu", *a, **k)[0].output_weight.dtype

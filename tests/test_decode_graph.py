@@ -284,3 +284,19 @@ def test_the_kv_budget_on_a_gpu_counts_free_memory_and_the_kept_cache(monkeypatc
     cfg = type("Cfg", (), dict(dtype=torch.float32, num_key_value_heads=2, head_dim=4, num_hidden_layers=3))
     cache = KVCache(cfg, rows=2, capacity=8)                 # 2 x 3 layers x (2 x 2 x 8 x 4) fp32 values
     assert free_gpu_bytes("cuda:0", cache) == 1100 + 2 * 3 * 2 * 2 * 8 * 4 * 4
+
+
+@pytest.mark.parametrize("V", [151936, 300, 97])
+def test_two_stage_argmax_is_the_first_maximal_index(V):
+    """argmax_rows (the in-step greedy draw) equals argmax, the first maximal index on ties, for
+    vocabularies that split into 128 chunks, fewer, or none (97 is prime); draw_tokens takes it as its
+    greedy argmax."""
+    from decode_graph import argmax_rows
+    from sampler import draw_tokens
+    logits = torch.randn(5, V, generator=torch.Generator().manual_seed(V)) * 4
+    logits[1, [7, V // 2, V - 1]] = 100.0                      # ties: the first one wins
+    logits[2, V - 1] = 100.0                                    # the max in the last chunk
+    logits[3] = 0.0                                             # all equal
+    want = logits.argmax(-1)
+    assert argmax_rows(logits).tolist() == want.tolist() and want[1] == 7 and want[3] == 0
+    assert draw_tokens(logits, 0.0, 1.0, 0, None, argmax=argmax_rows).tolist() == want.tolist()

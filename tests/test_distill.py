@@ -10,7 +10,6 @@ import os
 import pytest
 
 import distill
-import metrics
 import npr
 import runs
 from helpers import GOOD, WRONG, FakeSampler, FakeTok, sample
@@ -42,18 +41,18 @@ def test_sibling_numbers():
     head = "<guideline>\n<plan>1: 23*4</plan>\n<plan>2: 17*6</plan>\n<plan>3: 2*1</plan>\n</guideline>\n"
     tail = "<takeaway>\n92+102=194.\n</takeaway>\n\\boxed{194}"
     q = "Compute 23*4 + 17*6 + 2*1."
-    assert metrics.sibling_numbers(head + steps("1: 23*4=92", "2: 17*6=102", "3: 2*1=2") + tail, q) == []
+    assert distill.sibling_numbers(head + steps("1: 23*4=92", "2: 17*6=102", "3: 2*1=2") + tail, q) == []
     reads = head + steps("1: 23*4=92", "2: 17*6=102. 92+102=194", "3: 2*1=2. 194+2=196") + tail
-    assert metrics.sibling_numbers(reads, q) == [(1, 2, "92"), (1, 3, "194")]
-    assert metrics.sibling_numbers(reads, q + " Hint: 92.") == [(1, 3, "194")]         # 92 is in the question
-    assert metrics.sibling_numbers(head + steps("1: 23*4=92", "2: 1*2=2") + tail, q) == []   # "2:" is a header
+    assert distill.sibling_numbers(reads, q) == [(1, 2, "92"), (1, 3, "194")]
+    assert distill.sibling_numbers(reads, q + " Hint: 92.") == [(1, 3, "194")]         # 92 is in the question
+    assert distill.sibling_numbers(head + steps("1: 23*4=92", "2: 1*2=2") + tail, q) == []   # "2:" is a header
     # an earlier block's results are visible to the next block's steps; only siblings count
     two = reads.replace("\\boxed{194}", "") + "<guideline>\n<plan>1: x</plan>\n<plan>2: y</plan>\n</guideline>\n" + \
         steps("1: 92*2=184", "2: 184+1=185") + "<takeaway>\n185.\n</takeaway>\n\\boxed{185}"
-    assert metrics.sibling_numbers(two, q) == [(1, 2, "92"), (1, 3, "194"), (2, 2, "184")]
-    assert metrics.sibling_numbers("no blocks at all 92 92", q) == []
+    assert distill.sibling_numbers(two, q) == [(1, 2, "92"), (1, 3, "194"), (2, 2, "184")]
+    assert distill.sibling_numbers("no blocks at all 92 92", q) == []
     one_digit = head + steps("1: 2*1=2", "2: 17*6=102. 2+102=104") + tail                # a 1-digit result: not evidence
-    assert metrics.sibling_numbers(one_digit, "Compute 17*6 + 2*1.") == []
+    assert distill.sibling_numbers(one_digit, "Compute 17*6 + 2*1.") == []
 
 
 def test_first_correct_and_well_formed_sample_is_kept():
